@@ -1,0 +1,68 @@
+"""Shared plumbing for the fused kernels: lazy triton import, block sizes, op registration.
+
+Registration: every fused op is a ``torch.library.custom_op`` with a ``register_fake``
+implementation, in the ``longcat_native`` namespace. Why not ``triton_op``/``wrap_triton``:
+with torch 2.13 and triton 3.9 under ``TRITON_INTERPRET=1`` (our CPU test setting) a
+``triton_op`` fails inside ``torch.compile`` because the interpreter reads data pointers of
+fake tensors, while ``custom_op`` + ``register_fake`` compiles with zero graph breaks and
+matches eager, on CPU and on CUDA alike. One registration path for both.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+LIBRARY_NAMESPACE = "longcat_native"
+
+
+def triton_interpreting() -> bool:
+    """True when triton runs kernels with its CPU interpreter (set before triton is imported)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def import_triton():
+    """Import triton lazily with a clear message; returns ``(triton, triton.language)``."""
+    try:
+        import triton
+        import triton.language as tl
+    except ImportError as e:  # pragma: no cover - triton is a hard dependency
+        raise ImportError(
+            "the fused kernels need triton: `pip install triton` (it is a dependency of longcat-native)"
+        ) from e
+    return triton, tl
+
+
+def triton_usable_on(device: torch.device) -> bool:
+    """Fused kernels run on CUDA tensors, or on CPU tensors under the triton interpreter."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and triton_interpreting()
+
+
+def check_triton_device(*tensors: torch.Tensor) -> None:
+    for t in tensors:
+        if t is not None and not triton_usable_on(t.device):
+            raise RuntimeError(
+                f"the fused triton kernels run on CUDA tensors (or on CPU with TRITON_INTERPRET=1 set "
+                f"before triton is imported); got a tensor on {t.device}. Use kernels='reference' instead."
+            )
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def needs_int64_offsets(*tensors: torch.Tensor) -> bool:
+    """Whether element offsets into any of these tensors can pass 2**31 - 1."""
+    for t in tensors:
+        if t is None:
+            continue
+        span = 1 + sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride()) if s > 0)
+        if span >= 2**31:
+            return True
+    return False
