@@ -1,0 +1,389 @@
+"""``LongCatDiT``: the public model, a drop-in for the official ``LongCatVideoTransformer3DModel``.
+
+This file holds construction (from a checkpoint or random weights), input checking and the
+official call signature; the network itself is ``LongCatTransformer`` in model.py. Code written
+for the official module reads ``dit.config.<official key>``, ``dit.dtype``, ``dit.cp_split_hw``,
+``dit.lora_dict``, calls ``dit.to(...)``, ``from_pretrained(root, subfolder="dit",
+torch_dtype=..., cp_split_hw=...)`` and ``torch.compile(dit)``; all of these work here.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Dict, Mapping, Optional, Tuple, Union
+
+import torch
+import torch.nn as nn
+
+from ..kernels import KERNEL_PATHS, get_ops
+from .attention import resolve_attention_backend
+from .config import LongCatConfig, resolve_config
+from .model import LongCatTransformer
+from .weights import find_dit_dir, list_weight_files, load_official_weights
+
+__all__ = ["LongCatDiT", "resolve_dtype"]
+
+KERNEL_CHOICES = KERNEL_PATHS + ("auto",)
+
+_DTYPE_NAMES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+}
+
+
+def resolve_dtype(dtype: Union[None, str, torch.dtype], device: torch.device) -> torch.dtype:
+    """None -> bfloat16 on CUDA (what the model was trained for), float32 elsewhere."""
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, str):
+        key = dtype.replace("torch.", "").lower()
+        if key not in _DTYPE_NAMES:
+            raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPE_NAMES)}")
+        dtype = _DTYPE_NAMES[key]
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
+    return dtype
+
+
+def _resolve_device(device) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _merge_alias(ours, theirs, our_name: str, their_name: str):
+    """Accept the official (diffusers) spelling of an argument as an alias of ours."""
+    if theirs is None:
+        return ours
+    if ours is not None and ours != theirs:
+        raise ValueError(f"{our_name}={ours!r} and {their_name}={theirs!r} disagree; pass one of them")
+    return theirs
+
+
+class _DeviceKVCache:
+    """The caller's ``kv_cache_dict`` seen block by block as ``[B, Nc, heads, D]`` tensors.
+
+    A block's cache is moved to the model's device and dtype only when that block needs it, so
+    with ``offload_kv_cache`` at most one block's cache sits in device memory at a time. A batch-1
+    cache is shared by every item of the call (an expanded view, no copy).
+    """
+
+    def __init__(self, cache: Mapping[int, Tuple[torch.Tensor, torch.Tensor]], batch: int, device, dtype):
+        self.cache, self.batch, self.device, self.dtype = cache, batch, device, dtype
+
+    def __getitem__(self, i: int):
+        k, v = self.cache[i]
+        out = []
+        for t in (k, v):
+            t = t.to(device=self.device, dtype=self.dtype, non_blocking=True).transpose(1, 2)
+            out.append(t.expand(self.batch, *t.shape[1:]))
+        return tuple(out)
+
+
+class LongCatDiT(LongCatTransformer):
+    """The LongCat-Video DiT with the official call signature.
+
+    Build it with :meth:`from_pretrained` (an official checkpoint) or :meth:`from_config`
+    (random weights of a preset or config). ``kernels`` picks the op implementations
+    ("reference": plain PyTorch, the oracle; "triton": fused kernels; "auto": triton on CUDA,
+    reference elsewhere) and ``attention`` the attention backend; both are resolved on each call
+    against the device the weights are on, so ``dit.to("cuda")`` after construction does the
+    right thing.
+    """
+
+    def __init__(self, config: LongCatConfig, kernels: str = "auto", attention: str = "auto"):
+        super().__init__(config)
+        if kernels not in KERNEL_CHOICES:
+            raise ValueError(f"kernels must be one of {KERNEL_CHOICES}, got {kernels!r}")
+        if kernels == "triton":
+            get_ops("triton")  # fail at construction, not on the first call, if unavailable
+        resolve_attention_backend(attention, torch.device("cpu"))  # validate the name early
+        self.kernels = kernels
+        self.attention = attention
+        # Filled by the LoRA loader (official attribute name; the official pipeline reads it).
+        self.lora_dict: Dict[str, Any] = {}
+
+    # -- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(
+        cls,
+        path=None,
+        *,
+        dtype=None,
+        device=None,
+        kernels: str = "auto",
+        attention: str = "auto",
+        cp_size: int = 1,
+        subfolder: Optional[str] = None,
+        torch_dtype=None,
+        pretrained_model_name_or_path=None,
+        **config_overrides,
+    ) -> "LongCatDiT":
+        """Load an official checkpoint: ``path`` is a ``dit/`` folder or a root that has one.
+
+        ``torch_dtype``, ``pretrained_model_name_or_path`` and ``subfolder`` are the official
+        (diffusers) spellings; other keyword arguments name ``config.json`` keys and override them
+        (e.g. ``text_tokens_zero_pad=False``, ``cp_split_hw=[1, 1]``).
+        """
+        path = _merge_alias(path, pretrained_model_name_or_path, "path", "pretrained_model_name_or_path")
+        if path is None:
+            raise TypeError("from_pretrained() needs a checkpoint path")
+        dtype = _merge_alias(dtype, torch_dtype, "dtype", "torch_dtype")
+        _check_cp_size(cp_size)
+        dit_dir = find_dit_dir(path, subfolder)
+        cfg = LongCatConfig.from_json_file(str(dit_dir / "config.json"), config_overrides)
+        files = list_weight_files(dit_dir)
+        device = _resolve_device(device)
+        model = cls._allocate(cfg, resolve_dtype(dtype, device), device, kernels, attention)
+        load_official_weights(model, files, cfg)
+        model.checkpoint_path = str(dit_dir)
+        return model.eval()
+
+    @classmethod
+    def from_config(
+        cls,
+        config_or_name: Union[str, Dict[str, Any], LongCatConfig] = "tiny",
+        *,
+        dtype=None,
+        device=None,
+        seed: int = 0,
+        kernels: str = "auto",
+        attention: str = "auto",
+        cp_size: int = 1,
+        torch_dtype=None,
+        **config_overrides,
+    ) -> "LongCatDiT":
+        """Random weights of a preset ("tiny", "longcat-video"), a config dict or a config.json.
+
+        Parameters are allocated directly on ``device`` in ``dtype`` and filled there by a
+        generator on that device, so the 13.6B config never exists in float32 on the host.
+        ``device="meta"`` builds shapes only (parameter counting, planning). The values are for
+        tests and benchmarks, not training: every weight, adaLN and the final layer included, is
+        random so each path does real work (the official init zeroes adaLN, making the output 0).
+        """
+        dtype = _merge_alias(dtype, torch_dtype, "dtype", "torch_dtype")
+        _check_cp_size(cp_size)
+        cfg = resolve_config(config_or_name, config_overrides)
+        device = _resolve_device(device)
+        model = cls._allocate(cfg, resolve_dtype(dtype, device), device, kernels, attention)
+        if device.type != "meta":
+            model._init_random(seed)
+        return model.eval()
+
+    @classmethod
+    def _allocate(cls, cfg, dtype, device, kernels, attention) -> "LongCatDiT":
+        # Built on the meta device, then given uninitialized storage on the target device in the
+        # target dtype: no default init pass, no host copy.
+        with torch.device("meta"):
+            model = cls(cfg, kernels=kernels, attention=attention)
+        # An inference runtime: no autograd state (the fused kernels have no backward).
+        model = model.requires_grad_(False).to(dtype=dtype)
+        if device.type != "meta":
+            model = model.to_empty(device=device)
+        return model
+
+    @torch.no_grad()
+    def _init_random(self, seed: int) -> None:
+        gen = torch.Generator(device=self.device).manual_seed(seed)
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):  # RMSNorm and LayerNorm gains
+                p.normal_(1.0, 0.1, generator=gen)
+            elif p.dim() == 1:
+                p.normal_(0.0, 0.02, generator=gen)
+            else:
+                # fan-in scaling keeps activations O(1) through depth, like nn.Linear's default.
+                p.uniform_(-1.0, 1.0, generator=gen).mul_(math.sqrt(3.0 / p.shape[1]))
+
+    # -- official attributes ------------------------------------------------------------------
+    @property
+    def config(self) -> LongCatConfig:
+        return self.cfg
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def cp_split_hw(self):
+        return self.cfg.cp_split_hw
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def resolved_kernels(self) -> str:
+        if self.kernels != "auto":
+            return self.kernels
+        return "triton" if self.device.type == "cuda" else "reference"
+
+    def resolved_attention(self) -> str:
+        return resolve_attention_backend(self.attention, self.device)
+
+    def extra_repr(self) -> str:
+        c = self.cfg
+        return (f"hidden_size={c.hidden_size}, depth={c.depth}, num_heads={c.num_heads}, "
+                f"kernels={self.kernels!r}, attention={self.attention!r}")
+
+    # -- forward ------------------------------------------------------------------------------
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: Optional[torch.Tensor],
+        encoder_attention_mask: Optional[torch.Tensor] = None,
+        num_cond_latents: int = 0,
+        return_kv: bool = False,
+        kv_cache_dict: Optional[Mapping[int, Tuple[torch.Tensor, torch.Tensor]]] = None,
+        skip_crs_attn: bool = False,
+        offload_kv_cache: bool = False,
+    ):
+        """The official call. ``hidden_states`` [B, C_in, T, H, W]; ``timestep`` [B] or [B, T];
+        ``encoder_hidden_states`` [B, 1, L, C_cap] or [B, L, C_cap] (may be None with
+        ``skip_crs_attn``); ``encoder_attention_mask`` [B, L] or [B, 1, 1, L], nonzero = valid.
+
+        Returns float32 [B, C_out, T, H, W]; with ``return_kv`` also ``{block: (k, v)}`` with k, v
+        [B, heads, N, D] (k after RMSNorm, before RoPE) of this call's tokens, on the host when
+        ``offload_kv_cache``. With ``kv_cache_dict`` (from a ``return_kv`` call on the m clean
+        conditioning frames; batch 1 or B) the call's frames are the last T of an (m + T)-frame
+        grid; ``num_cond_latents`` may be 0 (inferred from the cache) or must equal m.
+        """
+        cfg = self.cfg
+        x, B, T = self._check_latents(hidden_states)
+        t = self._check_timestep(timestep, B, T, x.device)
+        text = mask = None
+        if not skip_crs_attn:
+            text, mask = self._check_text(encoder_hidden_states, encoder_attention_mask, B, x.device)
+        cache = None
+        cache_frames = 0
+        if kv_cache_dict:  # the official default is {} (no cache)
+            cache_frames = self._check_kv_cache(kv_cache_dict, B, hidden_states.shape, num_cond_latents)
+            cache = _DeviceKVCache(kv_cache_dict, B, x.device, self.dtype)
+            num_cond_latents = 0  # conditioning lives in the cache; every token here is noisy
+        else:
+            num_cond_latents = _check_int("num_cond_latents", num_cond_latents)
+            if not 0 <= num_cond_latents <= T:
+                raise ValueError(f"num_cond_latents must be in [0, {T}] (the latent frames), got {num_cond_latents}")
+
+        out, kv = self.run(
+            x, t, text, mask, num_cond_latents, cache, cache_frames, bool(return_kv), bool(skip_crs_attn),
+            attention_backend=self.resolved_attention(), kernels=self.resolved_kernels(),
+        )
+        if not return_kv:
+            return out
+        kv_out = {}
+        for i, (k, v) in kv.items():
+            k, v = k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous()  # [B, heads, N, D]
+            if offload_kv_cache:
+                k, v = k.to("cpu"), v.to("cpu")
+            kv_out[i] = (k, v)
+        return out, kv_out
+
+    # -- input checking: every malformed input is a ValueError naming what is wrong -------------
+    def _check_latents(self, hs):
+        cfg = self.cfg
+        if not isinstance(hs, torch.Tensor) or hs.dim() != 5:
+            raise ValueError(f"hidden_states must be a 5-D tensor [B, {cfg.in_channels}, T, H, W], got "
+                             f"{tuple(hs.shape) if isinstance(hs, torch.Tensor) else type(hs).__name__}")
+        B, Cin, T, H, W = hs.shape
+        if Cin != cfg.in_channels:
+            raise ValueError(f"hidden_states has {Cin} channels, the model takes {cfg.in_channels}")
+        if not hs.is_floating_point():
+            raise ValueError(f"hidden_states must be floating point, got {hs.dtype}")
+        if min(B, T, H, W) == 0:
+            raise ValueError(f"hidden_states has an empty dimension: {tuple(hs.shape)}")
+        pt, ph, pw = cfg.patch_size
+        if H % ph or W % pw or T % pt:
+            raise ValueError(
+                f"latent T x H x W = {T} x {H} x {W} must be divisible by the patch size {cfg.patch_size} "
+                "(odd H or W cannot be patchified; the official model fails on them too)"
+            )
+        return hs.to(device=self.device, dtype=self.dtype), B, T // pt
+
+    def _check_timestep(self, timestep, B, T, device):
+        if not isinstance(timestep, torch.Tensor):
+            raise ValueError(f"timestep must be a tensor [B] or [B, T], got {type(timestep).__name__}")
+        if timestep.dim() == 1 and timestep.shape[0] == B:
+            timestep = timestep[:, None].expand(B, T)
+        elif timestep.dim() != 2 or tuple(timestep.shape) != (B, T):
+            raise ValueError(f"timestep must be [B]=[{B}] or [B, T]=[{B}, {T}], got {tuple(timestep.shape)}")
+        # The official model casts the timestep to its dtype before the float32 embedding.
+        return timestep.to(device=device, dtype=self.dtype).float()
+
+    def _check_text(self, text, mask, B, device):
+        cfg = self.cfg
+        if text is None:
+            raise ValueError("encoder_hidden_states is required unless skip_crs_attn=True")
+        if text.dim() == 4 and text.shape[1] == 1:
+            text = text[:, 0]
+        if text.dim() != 3 or text.shape[-1] != cfg.caption_channels:
+            raise ValueError(f"encoder_hidden_states must be [B, 1, L, {cfg.caption_channels}] or "
+                             f"[B, L, {cfg.caption_channels}], got {tuple(text.shape)}")
+        if text.shape[0] != B:
+            raise ValueError(f"encoder_hidden_states has batch {text.shape[0]}, hidden_states has batch {B}")
+        if text.shape[1] == 0:
+            raise ValueError("encoder_hidden_states has no tokens (L = 0)")
+        L = text.shape[1]
+        if mask is not None:
+            if mask.dim() == 4 and mask.shape[1] == 1 and mask.shape[2] == 1:
+                mask = mask[:, 0, 0]
+            if mask.dim() != 2 or tuple(mask.shape) != (B, L):
+                raise ValueError(f"encoder_attention_mask must be [B, L]=[{B}, {L}] (or [B, 1, 1, L]), "
+                                 f"got {tuple(mask.shape)}")
+            mask = mask.to(device) != 0
+        return text.to(device=device, dtype=self.dtype), mask
+
+    def _check_kv_cache(self, cache, B, latent_shape, num_cond_latents) -> int:
+        cfg = self.cfg
+        depth, heads, D = cfg.depth, cfg.num_heads, cfg.head_dim
+        keys = set(cache.keys())
+        if keys != set(range(depth)):
+            raise ValueError(f"kv_cache_dict must have one (k, v) per block 0..{depth - 1}, got keys {sorted(keys, key=str)}")
+        tokens_per_frame = (latent_shape[3] // cfg.patch_size[1]) * (latent_shape[4] // cfg.patch_size[2])
+        shape0 = None
+        for i in range(depth):
+            entry = cache[i]
+            if not (isinstance(entry, (tuple, list)) and len(entry) == 2):
+                raise ValueError(f"kv_cache_dict[{i}] must be a (k, v) pair")
+            k, v = entry
+            if k.dim() != 4 or k.shape != v.shape:
+                raise ValueError(f"kv_cache_dict[{i}]: k and v must both be [B, heads, N, D], got "
+                                 f"{tuple(k.shape)} and {tuple(v.shape)}")
+            if shape0 is None:
+                shape0 = tuple(k.shape)
+            elif tuple(k.shape) != shape0:
+                raise ValueError(f"kv_cache_dict[{i}] has shape {tuple(k.shape)}, block 0 has {shape0}")
+        Bc, Hc, Nc, Dc = shape0
+        if (Hc, Dc) != (heads, D):
+            raise ValueError(f"kv cache has {Hc} heads of dim {Dc}; the model has {heads} of dim {D}")
+        if Bc not in (1, B):
+            raise ValueError(f"kv cache batch {Bc} must be 1 or the call's batch {B}")
+        if Nc == 0 or Nc % tokens_per_frame:
+            raise ValueError(
+                f"kv cache holds {Nc} tokens, not a whole number of frames of {tokens_per_frame} tokens "
+                f"(H x W = {latent_shape[3]} x {latent_shape[4]}): was it made for a different resolution?"
+            )
+        m = Nc // tokens_per_frame
+        num_cond_latents = _check_int("num_cond_latents", num_cond_latents)
+        if num_cond_latents not in (0, m):
+            raise ValueError(f"num_cond_latents={num_cond_latents} but the kv cache holds {m} frames")
+        return m
+
+
+def _check_int(name: str, v) -> int:
+    if isinstance(v, torch.Tensor) and v.numel() == 1:
+        v = int(v.item())
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ValueError(f"{name} must be an int, got {v!r}")
+    return v
+
+
+def _check_cp_size(cp_size) -> None:
+    if cp_size != 1:
+        raise NotImplementedError(
+            f"cp_size={cp_size}: context parallelism is not available in this version of longcat-native; use cp_size=1"
+        )

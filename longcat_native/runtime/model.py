@@ -1,0 +1,333 @@
+"""The LongCat-Video DiT: one model definition for every kernel path.
+
+Read top to bottom: embedders, the block, the model's forward. The math mirrors the official
+``LongCatVideoTransformer3DModel`` (SPEC section 2); float32 islands (timestep embedding,
+adaLN modulation, gated residuals, final projection) run in float32 with the weights upcast,
+exactly as the official autocast-to-float32 regions do.
+
+Internal layout differs from the official module tree only where it buys speed:
+``x_embedder.proj`` is a Linear over flattened 1x2x2 patches (same numbers as the Conv3d), and
+``ffn.w13`` holds ``w1`` and ``w3`` stacked so the FFN's first GEMM is one launch.
+The call sites ``self.ops.<op>`` pick the plain-PyTorch reference or the fused kernels.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..kernels import get_ops
+from .attention import attention
+from .config import LongCatConfig
+
+__all__ = ["LongCatTransformer", "timestep_features", "patchify", "unpatchify"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Embedders
+# ---------------------------------------------------------------------------------------------
+
+
+def timestep_features(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal features of a 1-D float tensor: cosines first, then sines (official order)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half).to(t.device)
+    args = t[:, None].float() * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+    return emb
+
+
+def patchify(x: torch.Tensor, patch: Tuple[int, int, int]) -> torch.Tensor:
+    """[B, Cin, T, H, W] -> [B, N, Cin*pt*ph*pw], tokens t-major then h then w; the feature order
+    (cin, pt, ph, pw) is the flattening order of the official Conv3d weight."""
+    B, C, T, H, W = x.shape
+    pt, ph, pw = patch
+    x = x.view(B, C, T // pt, pt, H // ph, ph, W // pw, pw)
+    x = x.permute(0, 2, 4, 6, 1, 3, 5, 7)
+    return x.reshape(B, (T // pt) * (H // ph) * (W // pw), C * pt * ph * pw)
+
+
+def unpatchify(x: torch.Tensor, grid: Tuple[int, int, int], patch: Tuple[int, int, int], c_out: int) -> torch.Tensor:
+    """[B, N, pt*ph*pw*c_out] (c_out fastest) -> [B, c_out, T, H, W]."""
+    B = x.shape[0]
+    nt, nh, nw = grid
+    pt, ph, pw = patch
+    x = x.view(B, nt, nh, nw, pt, ph, pw, c_out)
+    x = x.permute(0, 7, 1, 4, 2, 5, 3, 6)
+    return x.reshape(B, c_out, nt * pt, nh * ph, nw * pw)
+
+
+def linear_fp32(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
+    """A Linear in float32 with the weights upcast: the official autocast(float32) regions."""
+    bias = None if layer.bias is None else layer.bias.float()
+    return F.linear(x.float(), layer.weight.float(), bias)
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, cfg: LongCatConfig):
+        super().__init__()
+        self.patch_size = cfg.patch_size
+        self.proj = nn.Linear(cfg.in_channels * cfg.patch_volume, cfg.hidden_size)
+
+    def forward(self, x):
+        return self.proj(patchify(x, self.patch_size))
+
+
+class TimestepEmbedder(nn.Module):
+    def __init__(self, cfg: LongCatConfig):
+        super().__init__()
+        self.frequency_embedding_size = cfg.frequency_embedding_size
+        self.mlp = nn.Sequential(
+            nn.Linear(cfg.frequency_embedding_size, cfg.adaln_tembed_dim),
+            nn.SiLU(),
+            nn.Linear(cfg.adaln_tembed_dim, cfg.adaln_tembed_dim),
+        )
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        """t: float32 [M] -> float32 [M, adaln_tembed_dim]."""
+        h = F.silu(linear_fp32(timestep_features(t, self.frequency_embedding_size), self.mlp[0]))
+        return linear_fp32(h, self.mlp[2])
+
+
+class CaptionEmbedder(nn.Module):
+    def __init__(self, cfg: LongCatConfig):
+        super().__init__()
+        self.y_proj = nn.Sequential(
+            nn.Linear(cfg.caption_channels, cfg.hidden_size),
+            nn.GELU(approximate="tanh"),
+            nn.Linear(cfg.hidden_size, cfg.hidden_size),
+        )
+
+    def forward(self, y):
+        return self.y_proj(y)
+
+
+# ---------------------------------------------------------------------------------------------
+# The block
+# ---------------------------------------------------------------------------------------------
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg: LongCatConfig):
+        super().__init__()
+        C, D = cfg.hidden_size, cfg.head_dim
+        self.num_heads, self.head_dim = cfg.num_heads, D
+        self.qkv = nn.Linear(C, 3 * C)
+        self.q_norm = RMSNormWeight(D)
+        self.k_norm = RMSNormWeight(D)
+        self.proj = nn.Linear(C, C)
+
+
+class CrossAttention(nn.Module):
+    def __init__(self, cfg: LongCatConfig):
+        super().__init__()
+        C, D = cfg.hidden_size, cfg.head_dim
+        self.num_heads, self.head_dim = cfg.num_heads, D
+        self.q_linear = nn.Linear(C, C)
+        self.kv_linear = nn.Linear(C, 2 * C)
+        self.q_norm = RMSNormWeight(D)
+        self.k_norm = RMSNormWeight(D)
+        self.proj = nn.Linear(C, C)
+
+
+class RMSNormWeight(nn.Module):
+    """Holds the learned [D] weight of a per-head RMSNorm; the math lives in the kernels."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+
+
+class AffineNormWeights(nn.Module):
+    """Weight and bias of the pre-cross-attention LayerNorm (eps 1e-6, float32 math)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: LongCatConfig):
+        super().__init__()
+        C, Fh = cfg.hidden_size, cfg.ffn_hidden_size
+        self.hidden_size = Fh
+        self.w13 = nn.Linear(C, 2 * Fh, bias=False)  # rows [w1; w3]
+        self.w2 = nn.Linear(Fh, C, bias=False)
+
+
+class LongCatBlock(nn.Module):
+    """One single-stream block. ``forward`` takes the residual stream ``x`` and its already
+    normalized+modulated copy ``h`` and returns ``(x, ffn_out, gate_mlp)``: the last gated
+    residual is left to the caller, which fuses it with the next block's norm."""
+
+    def __init__(self, cfg: LongCatConfig):
+        super().__init__()
+        C = cfg.hidden_size
+        self.adaLN_modulation = nn.Linear(cfg.adaln_tembed_dim, 6 * C)
+        self.attn = SelfAttention(cfg)
+        self.cross_attn = CrossAttention(cfg)
+        self.pre_crs_attn_norm = AffineNormWeights(C)
+        self.ffn = FeedForward(cfg)
+
+    def modulation(self, t: torch.Tensor):
+        """float32 [B, T, 6C] -> six [B, T, C] views: shift/scale/gate for attention, then FFN."""
+        return linear_fp32(F.silu(t), self.adaLN_modulation).chunk(6, dim=-1)
+
+    def forward(self, x, h, mod, ctx: "ForwardContext", ops, kv_cache=None):
+        _, _, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod
+        attn_out, new_kv = self._self_attention(h, ctx, ops, kv_cache)
+        if ctx.skip_crs_attn:
+            x, h = ops.residual_layernorm_modulate(x, attn_out, gate_msa, shift_mlp, scale_mlp)
+        else:
+            norm = self.pre_crs_attn_norm
+            x, h = ops.residual_layernorm_modulate(x, attn_out, gate_msa, weight=norm.weight, bias=norm.bias)
+            x, h = ops.residual_layernorm_modulate(x, self._cross_attention(h, ctx, ops), None, shift_mlp, scale_mlp)
+        ffn_out = F.linear(ops.swiglu(F.linear(h, self.ffn.w13.weight)), self.ffn.w2.weight)
+        return x, ffn_out, gate_mlp, new_kv
+
+    def _self_attention(self, h, ctx, ops, kv_cache):
+        a = self.attn
+        B, N, C = h.shape
+        q, k, v = a.qkv(h).view(B, N, 3, a.num_heads, a.head_dim).unbind(2)
+        q, k, k_unroped = ops.qk_rmsnorm_rope3d(
+            q, k, a.q_norm.weight, a.k_norm.weight, ctx.grid, t_offset=ctx.cache_frames, return_k_unroped=True
+        )
+        new_kv = (k_unroped, v) if ctx.return_kv else None
+        nc = ctx.num_cond_tokens
+        if kv_cache is not None:
+            # Cached keys are normalized, un-rotated; they take the first frames of the grid.
+            k_cache, v_cache = kv_cache
+            _, k_cache = ops.qk_rmsnorm_rope3d(None, k_cache, None, None, ctx.cache_grid)
+            out = attention(q, torch.cat([k_cache, k], 1), torch.cat([v_cache, v], 1), ctx.attention)
+        elif nc > 0:
+            # Conditioning tokens attend among themselves; noisy tokens attend to everything.
+            out = torch.empty_like(q)
+            out[:, :nc] = attention(q[:, :nc], k[:, :nc], v[:, :nc], ctx.attention)
+            out[:, nc:] = attention(q[:, nc:], k, v, ctx.attention)
+        else:
+            out = attention(q, k, v, ctx.attention)
+        return a.proj(out.reshape(B, N, C)), new_kv
+
+    def _cross_attention(self, h, ctx, ops):
+        a = self.cross_attn
+        B, N, C = h.shape
+        nc = ctx.num_cond_tokens  # only noisy tokens take part (0 on the KV-cache path)
+        hq = h[:, nc:]
+        q = a.q_linear(hq).view(B, N - nc, a.num_heads, a.head_dim)
+        k, v = a.kv_linear(ctx.text).view(B, -1, 2, a.num_heads, a.head_dim).unbind(2)
+        q, k = ops.qk_rmsnorm_rope3d(q, k, a.q_norm.weight, k_weight=a.k_norm.weight)
+        out = a.proj(attention(q, k, v, ctx.attention, key_valid=ctx.text_valid).reshape(B, N - nc, C))
+        if nc:
+            out = torch.cat([out.new_zeros(B, nc, C), out], dim=1)
+        return out
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, cfg: LongCatConfig):
+        super().__init__()
+        self.adaLN_modulation = nn.Linear(cfg.adaln_tembed_dim, 2 * cfg.hidden_size)
+        self.linear = nn.Linear(cfg.hidden_size, cfg.patch_volume * cfg.out_channels)
+
+    def modulation(self, t):
+        return linear_fp32(F.silu(t), self.adaLN_modulation).chunk(2, dim=-1)  # shift, scale
+
+
+# ---------------------------------------------------------------------------------------------
+# The model
+# ---------------------------------------------------------------------------------------------
+
+
+class ForwardContext:
+    """Per-call facts every block reads (shapes, text, conditioning)."""
+
+    __slots__ = ("grid", "cache_grid", "cache_frames", "num_cond_tokens", "text", "text_valid",
+                 "skip_crs_attn", "return_kv", "attention")
+
+    def __init__(self, **kw):
+        for k in self.__slots__:
+            setattr(self, k, kw.get(k))
+
+
+class LongCatTransformer(nn.Module):
+    """The network. Input checking and the public API live in ``LongCatDiT`` (runtime/dit.py)."""
+
+    def __init__(self, cfg: LongCatConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.x_embedder = PatchEmbed(cfg)
+        self.t_embedder = TimestepEmbedder(cfg)
+        self.y_embedder = CaptionEmbedder(cfg)
+        self.blocks = nn.ModuleList([LongCatBlock(cfg) for _ in range(cfg.depth)])
+        self.final_layer = FinalLayer(cfg)
+
+    def run(
+        self,
+        hidden_states: torch.Tensor,  # [B, Cin, T, H, W], model dtype
+        timestep: torch.Tensor,  # [B, T] float32 (already rounded through the model dtype)
+        text: Optional[torch.Tensor],  # [B, L, caption_channels], model dtype (unused with skip_crs_attn)
+        text_mask: Optional[torch.Tensor],  # bool [B, L] (True = valid) or None
+        num_cond_latents: int,
+        kv_cache: Optional[Dict[int, Tuple[torch.Tensor, torch.Tensor]]],  # [B, Nc, H, D] views
+        cache_frames: int,
+        return_kv: bool,
+        skip_crs_attn: bool,
+        attention_backend: str,
+        kernels: str,
+    ):
+        cfg, ops = self.cfg, get_ops(kernels)
+        B, _, T, H, W = hidden_states.shape
+        pt, ph, pw = cfg.patch_size
+        grid = (T // pt, H // ph, W // pw)
+        tokens_per_frame = grid[1] * grid[2]
+
+        x = self.x_embedder(hidden_states)  # [B, N, C]
+        t = self.t_embedder(timestep.flatten()).view(B, grid[0], -1)  # float32 [B, T, C_t]
+
+        y = text_valid = None
+        if not skip_crs_attn:
+            y = self.y_embedder(text)  # [B, L, C]
+        if y is not None and text_mask is not None:
+            if cfg.text_tokens_zero_pad:
+                # Padded tokens are zeroed, then every token is attended (official setting).
+                y = y * text_mask[:, :, None].to(y.dtype)
+            else:
+                text_valid = text_mask
+
+        ctx = ForwardContext(
+            grid=grid,
+            cache_grid=(cache_frames, grid[1], grid[2]),
+            cache_frames=cache_frames,
+            num_cond_tokens=num_cond_latents * tokens_per_frame,
+            text=y,
+            text_valid=text_valid,
+            skip_crs_attn=skip_crs_attn,
+            return_kv=return_kv,
+            attention=attention_backend,
+        )
+
+        kv_out = {}
+        mod = self.blocks[0].modulation(t)
+        h = ops.layernorm_modulate(x, mod[0], mod[1])
+        for i, block in enumerate(self.blocks):
+            x, ffn_out, gate_mlp, new_kv = block(x, h, mod, ctx, ops, None if kv_cache is None else kv_cache[i])
+            if new_kv is not None:
+                kv_out[i] = new_kv
+            # The last gated residual of block i is fused with the next norm: block i+1's
+            # attention norm, or the final layer's.
+            if i + 1 < len(self.blocks):
+                mod = self.blocks[i + 1].modulation(t)
+                shift, scale = mod[0], mod[1]
+            else:
+                shift, scale = self.final_layer.modulation(t)
+            x, h = ops.residual_layernorm_modulate(x, ffn_out, gate_mlp, shift, scale)
+
+        out = linear_fp32(h, self.final_layer.linear)  # [B, N, pt*ph*pw*C_out] float32
+        out = unpatchify(out, grid, cfg.patch_size, cfg.out_channels)
+        return out, kv_out

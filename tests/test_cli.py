@@ -1,0 +1,85 @@
+"""The longcat-native command line: info and forward, in process and as the console script."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+from cases import FIXTURE_ROOT
+
+from longcat_native.cli import activation_bytes, latent_shape, main
+from longcat_native.runtime.config import resolve_config
+
+
+def _json_out(capsys, argv):
+    assert main(argv) == 0
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_info_real_config(capsys):
+    info = _json_out(capsys, ["info", "--config", "longcat-video", "--json"])
+    assert abs(info["parameters"] - 13.6e9) / 13.6e9 < 0.01
+    assert info["weight_bytes_in_dtype"] == 2 * info["parameters"]  # bf16 by default
+    assert info["latent_thw"] == [24, 60, 104] and info["tokens"] == 37440  # SPEC section 7, 480p
+    assert info["peak_activation_bytes"] > 37440 * 4096 * 2
+
+
+def test_info_checkpoint_path(capsys):
+    info = _json_out(capsys, ["info", str(FIXTURE_ROOT), "--frames", "13", "--height", "64", "--width", "96",
+                              "--dtype", "float32", "--kv-frames", "2", "--json"])
+    assert info["parameters"] == 768000 and info["weight_bytes_in_dtype"] == 4 * 768000
+    assert info["weight_file_bytes"] > 4 * 768000 * 0.99
+    assert info["latent_thw"] == [4, 8, 12] and info["tokens"] == 96
+    assert info["kv_cache_bytes"] == 2 * 2 * 2 * 24 * 128 * 4  # k and v, 2 blocks, 2 frames of 24 tokens
+
+
+def test_info_human_readable(capsys):
+    assert main(["info", "--config", "tiny"]) == 0
+    out = capsys.readouterr().out
+    assert "parameters" in out and "768,000" in out and "peak activations" in out
+
+
+def test_activation_estimate_scales_with_tokens():
+    cfg = resolve_config("longcat-video")
+    a = activation_bytes(cfg, (24, 60, 104), 1, 2)
+    b = activation_bytes(cfg, (48, 88, 160), 1, 2)
+    assert b["tokens"] == 168960 and b["peak_activation_bytes"] / a["peak_activation_bytes"] == pytest.approx(168960 / 37440)
+
+
+def test_latent_shape_rules():
+    assert latent_shape(93, 480, 832) == (24, 60, 104)
+    assert latent_shape(1, 16, 16) == (1, 2, 2)
+    with pytest.raises(ValueError, match="1 \\+ 4k"):
+        latent_shape(92, 480, 832)
+    with pytest.raises(ValueError, match="multiples of 16"):
+        latent_shape(93, 480, 840)
+
+
+def test_forward_tiny(capsys):
+    stats = _json_out(capsys, ["forward", "--config", "tiny", "--json"])
+    assert stats["output_shape"] == [1, 16, 3, 8, 12] and stats["output_finite"]
+    assert stats["kernels"] == "reference" and stats["forward_ms"] > 0 and stats["output_std"] > 0
+
+
+def test_forward_checkpoint_and_options(capsys):
+    stats = _json_out(capsys, ["forward", "--path", str(FIXTURE_ROOT), "--latent", "2", "4", "6", "--batch", "2",
+                               "--attention", "reference", "--kernels", "reference", "--json"])
+    assert stats["output_shape"] == [2, 16, 2, 4, 6] and stats["attention"] == "reference"
+
+
+def test_errors_exit_2(capsys):
+    assert main(["info", "/no/such/checkpoint"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["forward", "--latent", "2", "5", "6"]) == 2
+    assert "odd H or W" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["info"])  # a path or --config is required
+
+
+def test_console_script_or_module_runs():
+    exe = shutil.which("longcat-native")
+    cmd = [exe] if exe else [sys.executable, "-m", "longcat_native.cli"]
+    r = subprocess.run(cmd + ["forward", "--config", "tiny", "--json"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout.strip().splitlines()[-1])["output_finite"]
