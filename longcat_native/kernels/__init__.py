@@ -1,37 +1,45 @@
 """Fused ops, one per file: the plain-PyTorch reference (the oracle) and the fused Triton kernel.
 
 ``get_ops("reference" | "triton")`` returns the namespace of implementations a model's call
-sites use, so there is one model definition whatever the kernel path.
+sites use, so there is one model definition whatever the kernel path. Both namespaces have the
+same functions with the same signatures and semantics.
 """
 
 from __future__ import annotations
 
 from types import SimpleNamespace
 
-from .layernorm_modulate import layernorm_modulate_reference
-from .qk_rmsnorm_rope3d import qk_rmsnorm_rope3d_reference, rope3d_reference, rmsnorm_reference
-from .residual_layernorm_modulate import gated_residual_reference, residual_layernorm_modulate_reference
-from .swiglu import swiglu_reference
+# Modules, not functions, are bound here: each op's function has its module's name, and
+# binding it would shadow the submodule (``import longcat_native.kernels.swiglu`` must stay a module).
+from . import layernorm_modulate as _layernorm_modulate
+from . import qk_rmsnorm_rope3d as _qk_rmsnorm_rope3d
+from . import residual_layernorm_modulate as _residual_layernorm_modulate
+from . import swiglu as _swiglu
 
 __all__ = ["get_ops", "KERNEL_PATHS"]
 
 KERNEL_PATHS = ("reference", "triton")
 
-_REFERENCE_OPS = SimpleNamespace(
-    name="reference",
-    layernorm_modulate=layernorm_modulate_reference,
-    residual_layernorm_modulate=residual_layernorm_modulate_reference,
-    qk_rmsnorm_rope3d=qk_rmsnorm_rope3d_reference,
-    swiglu=swiglu_reference,
-)
+_OPS = {
+    "reference": SimpleNamespace(
+        name="reference",
+        layernorm_modulate=_layernorm_modulate.layernorm_modulate_reference,
+        residual_layernorm_modulate=_residual_layernorm_modulate.residual_layernorm_modulate_reference,
+        qk_rmsnorm_rope3d=_qk_rmsnorm_rope3d.qk_rmsnorm_rope3d_reference,
+        swiglu=_swiglu.swiglu_reference,
+    ),
+    "triton": SimpleNamespace(
+        name="triton",
+        layernorm_modulate=_layernorm_modulate.layernorm_modulate,
+        residual_layernorm_modulate=_residual_layernorm_modulate.residual_layernorm_modulate,
+        qk_rmsnorm_rope3d=_qk_rmsnorm_rope3d.qk_rmsnorm_rope3d,
+        swiglu=_swiglu.swiglu,
+    ),
+}
 
 
 def get_ops(kernels: str) -> SimpleNamespace:
-    if kernels == "reference":
-        return _REFERENCE_OPS
-    if kernels == "triton":
-        raise NotImplementedError(
-            "kernels='triton' (the fused Triton path) is not available in this version yet; "
-            "use kernels='reference'"
-        )
-    raise ValueError(f"unknown kernel path {kernels!r}; choose one of {KERNEL_PATHS} or 'auto'")
+    try:
+        return _OPS[kernels]
+    except KeyError:
+        raise ValueError(f"unknown kernel path {kernels!r}; choose one of {KERNEL_PATHS} or 'auto'") from None

@@ -16,7 +16,8 @@ from typing import Any, Dict, Mapping, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 
-from ..kernels import KERNEL_PATHS, get_ops
+from ..kernels import KERNEL_PATHS
+from ..kernels._common import triton_usable_on
 from .attention import resolve_attention_backend
 from .config import LongCatConfig, resolve_config
 from .model import LongCatTransformer
@@ -97,8 +98,6 @@ class LongCatDiT(LongCatTransformer):
         super().__init__(config)
         if kernels not in KERNEL_CHOICES:
             raise ValueError(f"kernels must be one of {KERNEL_CHOICES}, got {kernels!r}")
-        if kernels == "triton":
-            get_ops("triton")  # fail at construction, not on the first call, if unavailable
         resolve_attention_backend(attention, torch.device("cpu"))  # validate the name early
         self.kernels = kernels
         self.attention = attention
@@ -217,9 +216,15 @@ class LongCatDiT(LongCatTransformer):
         return sum(p.numel() for p in self.parameters())
 
     def resolved_kernels(self) -> str:
-        if self.kernels != "auto":
-            return self.kernels
-        return "triton" if self.device.type == "cuda" else "reference"
+        """The kernel path a call uses: "auto" is the fused path on CUDA, the reference elsewhere."""
+        if self.kernels == "auto":
+            return "triton" if self.device.type == "cuda" else "reference"
+        if self.kernels == "triton" and not triton_usable_on(self.device):
+            raise ValueError(
+                f"kernels='triton' needs the model on a CUDA device (or TRITON_INTERPRET=1 set before triton "
+                f"is imported, for testing on CPU); the weights are on {self.device}. Use kernels='reference' or 'auto'."
+            )
+        return self.kernels
 
     def resolved_attention(self) -> str:
         return resolve_attention_backend(self.attention, self.device)
