@@ -1,0 +1,166 @@
+"""CPU-sized benchmark suite (pytest-benchmark) and smoke tests of the benchmark scripts.
+
+    python -m pytest -q bench                          # timings of each fused op and its reference
+    python -m pytest -q bench --benchmark-disable      # run each benchmarked call once (a smoke test)
+
+Sizes are tiny: on CPU the fused ops run under the triton interpreter (bench/conftest.py sets
+TRITON_INTERPRET=1 when there is no CUDA), so these timings check plumbing, not performance.
+The smoke tests run ``bench/kernels.py`` and ``bench/block.py`` as subprocesses and check the
+final JSON line.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from _harness import DispatchCounter, count_ops, load_ops, tensor_bytes
+
+BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
+REPO_ROOT = os.path.dirname(BENCH_DIR)
+
+REF_OPS, FUSED_OPS, _ = load_ops()
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+# Tiny shapes: batch 1, grid 2 x 2 x 4 = 16 tokens, C 128, 4 heads of 32, FFN 256.
+B, GRID, C, H, FFN = 1, (2, 2, 4), 128, 4, 256
+N = GRID[0] * GRID[1] * GRID[2]
+D = C // H
+
+
+def _inputs():
+    g = torch.Generator(device="cpu").manual_seed(0)
+
+    def rnd(*s, dt=torch.bfloat16, scale=1.0):
+        return (torch.randn(*s, generator=g) * scale).to(device=DEVICE, dtype=dt)
+
+    x, y = rnd(B, N, C), rnd(B, N, C)
+    mod = rnd(B, GRID[0], 6 * C, dt=torch.float32, scale=0.1).chunk(6, dim=-1)
+    w, b = rnd(C, scale=0.1) + 1, rnd(C, scale=0.1)
+    q, k, _ = rnd(B, N, 3 * C).view(B, N, 3, H, D).unbind(2)
+    qw, kw = rnd(D, scale=0.1) + 1, rnd(D, scale=0.1) + 1
+    ab = rnd(B, N, 2 * FFN)
+    return {
+        "layernorm_modulate": ("layernorm_modulate", (x, mod[0], mod[1]), {}),
+        "layernorm_affine": ("layernorm_modulate", (x,), dict(weight=w, bias=b)),
+        "residual_layernorm_modulate": ("residual_layernorm_modulate", (x, y, mod[2], mod[0], mod[1]), {}),
+        "qk_rmsnorm_rope3d": ("qk_rmsnorm_rope3d", (q, k, qw, kw, GRID), dict(return_k_unroped=True)),
+        "swiglu": ("swiglu", (ab,), {}),
+    }
+
+
+CASES = _inputs()
+
+
+@pytest.mark.parametrize("path", ["fused", "reference"])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_kernel_benchmark(benchmark, case, path):
+    op_name, args, kwargs = CASES[case]
+    fn = getattr(FUSED_OPS if path == "fused" else REF_OPS, op_name)
+    benchmark.group = case
+    benchmark.extra_info.update(tokens=N, hidden=C, dtype="bfloat16", device=DEVICE)
+    with torch.no_grad():
+        out = benchmark.pedantic(fn, args=args, kwargs=kwargs, rounds=3, iterations=1, warmup_rounds=1)
+    ref = getattr(REF_OPS, op_name)(*args, **kwargs)
+    outs = out if isinstance(out, tuple) else (out,)
+    refs = ref if isinstance(ref, tuple) else (ref,)
+    for o, r in zip(outs, refs):
+        assert o.shape == r.shape
+        assert torch.allclose(o.float(), r.float(), atol=0.1, rtol=0.05)
+
+
+def test_fused_ops_count_one_launch_each():
+    """A fused custom op is one launch; its bytes are inputs + outputs (the counting model)."""
+    for case, (op_name, args, kwargs) in CASES.items():
+        c = count_ops(lambda: getattr(FUSED_OPS, op_name)(*args, **kwargs))
+        assert c.launches == 1, (case, dict(c.by_op))
+        out = getattr(FUSED_OPS, op_name)(*args, **kwargs)
+        outs = out if isinstance(out, tuple) else (out,)
+        flat_in = [t for a in list(args) + list(kwargs.values()) if isinstance(a, torch.Tensor) for t in [a]]
+        expected = sum(tensor_bytes(t) for t in flat_in) + sum(o.numel() * o.element_size() for o in outs)
+        assert c.bytes == expected, case
+
+
+def test_dispatch_counter_model():
+    x = torch.randn(4, 8)
+    w = torch.randn(8, 8)
+    with torch.no_grad(), DispatchCounter() as c:
+        y = x.view(8, 4).t()  # views: not counted
+        z = x @ w  # GEMM: a launch, no bytes
+        u = torch.relu(x) + 1  # 2 launches: relu (read 128 B + write 128 B), add (256 B)
+        x.add_(1.0)  # in place: read + write 128 B each
+    assert y.shape == (4, 8) and z.shape == (4, 8) and u.shape == (4, 8)
+    assert c.launches == 4
+    assert c.launches_by_category["gemm"] == 1
+    assert c.bytes == 256 + 256 + 256
+
+
+def _run_script(*argv, timeout=240):
+    env = dict(os.environ)
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    proc = subprocess.run([sys.executable, *argv], cwd=REPO_ROOT, capture_output=True, text=True,
+                          timeout=timeout, env=env)
+    assert proc.returncode == 0, f"{argv} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    lines = [ln for ln in proc.stdout.strip().splitlines() if ln.strip()]
+    assert lines, "no output"
+    return json.loads(lines[-1]), proc.stdout
+
+
+def _check_positive(record, keys):
+    missing = [k for k in keys if k not in record]
+    assert not missing, f"missing keys {missing}"
+    for k in keys:
+        v = record[k]
+        assert isinstance(v, (int, float)) and not isinstance(v, bool), (k, v)
+        assert math.isfinite(v) and v > 0, (k, v)
+
+
+def test_kernels_script_smoke():
+    record, _ = _run_script("bench/kernels.py", "--size", "small", "--repeats", "1")
+    assert record["bench"] == "kernels"
+    assert isinstance(record["device"], str) and record["device"]
+    keys = ["copy_bandwidth_gbps"]
+    for k in ("layernorm_modulate", "layernorm_affine", "residual_layernorm_modulate", "qk_rmsnorm_rope3d",
+              "swiglu"):
+        keys += [f"{k}_us", f"{k}_gbps", f"{k}_pct_of_copy_bw", f"{k}_eager_us", f"{k}_vs_eager_speedup"]
+        # The torch.compile column is a number, or null with the reason in compile_error.
+        if record.get(f"{k}_vs_compile_speedup") is None:
+            assert "compile_error" in record, k
+        else:
+            keys += [f"{k}_compile_us", f"{k}_vs_compile_speedup"]
+    _check_positive(record, keys)
+
+
+def test_block_script_smoke():
+    record, stdout = _run_script("bench/block.py", "--size", "small", "--repeats", "1")
+    assert record["bench"] == "block"
+    keys = ["reference_ms", "fused_ms", "reference_tflops", "fused_tflops", "flops_per_block",
+            "reference_bytes_per_block", "fused_bytes_per_block", "fused_vs_reference_bytes_ratio",
+            "launches_per_block_reference", "launches_per_block_fused", "fused_vs_eager_speedup"]
+    if record.get("compile_ms") is None:
+        assert "compile_error" in record
+    else:
+        keys += ["compile_ms", "compile_tflops", "fused_vs_compile_speedup"]
+    _check_positive(record, keys)
+    assert isinstance(record["bytes_target_met"], bool) and isinstance(record["launches_target_met"], bool)
+    assert record["fused_bytes_per_block"] < record["reference_bytes_per_block"]
+    assert record["launches_per_block_fused"] < record["launches_per_block_reference"]
+    assert "target fused bytes" in stdout
+
+
+def test_block_count_only_real_size():
+    """Real-width 480p counts with fake tensors (no data, no kernels run): the fused path must move
+    fewer bytes and launch fewer ops than the reference; the numbers are reported, not asserted
+    against the issue's targets (bench/block.py prints whether those are met)."""
+    record, _ = _run_script("bench/block.py", "--count-only", "--size", "480p")
+    assert record["count_only"] is True and record["tokens"] == 37440 and record["hidden_size"] == 4096
+    _check_positive(record, ["reference_bytes_per_block", "fused_bytes_per_block", "fused_vs_reference_bytes_ratio",
+                             "launches_per_block_reference", "launches_per_block_fused", "flops_per_block"])
+    assert record["fused_vs_reference_bytes_ratio"] < 1
+    assert record["launches_per_block_fused"] < record["launches_per_block_reference"]
