@@ -66,21 +66,76 @@ def _merge_alias(ours, theirs, our_name: str, their_name: str):
 class _DeviceKVCache:
     """The caller's ``kv_cache_dict`` seen block by block as ``[B, Nc, heads, D]`` tensors.
 
-    A block's cache is moved to the model's device and dtype only when that block needs it, so
-    with ``offload_kv_cache`` at most one block's cache sits in device memory at a time. A batch-1
-    cache is shared by every item of the call (an expanded view, no copy).
+    A block's cache is moved to the model's device and dtype only when that block needs it. When
+    the cache lives in host memory and the model on CUDA (``offload_kv_cache``), block i+1's copy
+    is issued on a side stream while block i computes, so at most two blocks' caches sit in device
+    memory and the transfer hides behind compute (pinned host memory makes it a true async DMA).
+    A batch-1 cache is shared by every item of the call (an expanded view, no copy).
     """
 
     def __init__(self, cache: Mapping[int, Tuple[torch.Tensor, torch.Tensor]], batch: int, device, dtype):
         self.cache, self.batch, self.device, self.dtype = cache, batch, device, dtype
+        self.stream = None
+        if device.type == "cuda" and any(k.device.type == "cpu" for k, _ in cache.values()):
+            self.stream = torch.cuda.Stream(device=device)
+        self.pending: Dict[int, Any] = {}
+
+    def _load(self, i: int):
+        return tuple(t.to(device=self.device, dtype=self.dtype, non_blocking=True) for t in self.cache[i])
+
+    def _prefetch(self, i: int) -> None:
+        if self.stream is None or i not in self.cache or i in self.pending:
+            return
+        with torch.cuda.stream(self.stream):
+            kv = self._load(i)
+            ready = torch.cuda.Event()
+            ready.record(self.stream)
+        self.pending[i] = (kv, ready)
 
     def __getitem__(self, i: int):
-        k, v = self.cache[i]
-        out = []
-        for t in (k, v):
-            t = t.to(device=self.device, dtype=self.dtype, non_blocking=True).transpose(1, 2)
-            out.append(t.expand(self.batch, *t.shape[1:]))
-        return tuple(out)
+        if i in self.pending:
+            kv, ready = self.pending.pop(i)
+            compute = torch.cuda.current_stream(self.device)
+            compute.wait_event(ready)
+            for t in kv:  # allocated on the side stream, used on the compute stream
+                t.record_stream(compute)
+        else:
+            kv = self._load(i)
+        self._prefetch(i + 1)
+        return tuple(t.transpose(1, 2).expand(self.batch, -1, -1, -1) for t in kv)
+
+
+class _KVSink:
+    """Receives each block's (k, v) [B, N, heads, D] as the forward produces it and keeps it in the
+    returned layout [B, heads, N, D]. With ``offload`` on CUDA, each block's copy to pinned host
+    memory runs on a side stream right away (overlapping later blocks, freeing device memory
+    early); ``finish`` waits for the copies once, at the end of the forward."""
+
+    def __init__(self, device: torch.device, offload: bool):
+        self.offload = offload
+        self.stream = torch.cuda.Stream(device=device) if offload and device.type == "cuda" else None
+        self.out: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __setitem__(self, i: int, kv) -> None:
+        kv = tuple(t.transpose(1, 2).contiguous() for t in kv)
+        if self.stream is not None:
+            self.stream.wait_stream(torch.cuda.current_stream(kv[0].device))
+            host = []
+            with torch.cuda.stream(self.stream):
+                for t in kv:
+                    h = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+                    h.copy_(t, non_blocking=True)
+                    t.record_stream(self.stream)  # keep t's memory until the copy is done
+                    host.append(h)
+            kv = tuple(host)
+        elif self.offload:
+            kv = tuple(t.to("cpu") for t in kv)
+        self.out[i] = kv
+
+    def finish(self) -> Dict[int, Tuple[torch.Tensor, torch.Tensor]]:
+        if self.stream is not None:
+            self.stream.synchronize()  # host tensors are complete before the caller sees them
+        return self.out
 
 
 class LongCatDiT(LongCatTransformer):
@@ -274,19 +329,12 @@ class LongCatDiT(LongCatTransformer):
             if not 0 <= num_cond_latents <= T:
                 raise ValueError(f"num_cond_latents must be in [0, {T}] (the latent frames), got {num_cond_latents}")
 
-        out, kv = self.run(
-            x, t, text, mask, num_cond_latents, cache, cache_frames, bool(return_kv), bool(skip_crs_attn),
+        sink = _KVSink(x.device, bool(offload_kv_cache)) if return_kv else None
+        out = self.run(
+            x, t, text, mask, num_cond_latents, cache, cache_frames, sink, bool(skip_crs_attn),
             attention_backend=self.resolved_attention(), kernels=self.resolved_kernels(),
         )
-        if not return_kv:
-            return out
-        kv_out = {}
-        for i, (k, v) in kv.items():
-            k, v = k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous()  # [B, heads, N, D]
-            if offload_kv_cache:
-                k, v = k.to("cpu"), v.to("cpu")
-            kv_out[i] = (k, v)
-        return out, kv_out
+        return (out, sink.finish()) if return_kv else out
 
     # -- input checking: every malformed input is a ValueError naming what is wrong -------------
     def _check_latents(self, hs):

@@ -276,7 +276,7 @@ class LongCatTransformer(nn.Module):
         num_cond_latents: int,
         kv_cache: Optional[Dict[int, Tuple[torch.Tensor, torch.Tensor]]],  # [B, Nc, H, D] views
         cache_frames: int,
-        return_kv: bool,
+        kv_sink,  # None, or a mapping that receives each block's (k, v) [B, N, heads, D]
         skip_crs_attn: bool,
         attention_backend: str,
         kernels: str,
@@ -308,17 +308,16 @@ class LongCatTransformer(nn.Module):
             text=y,
             text_valid=text_valid,
             skip_crs_attn=skip_crs_attn,
-            return_kv=return_kv,
+            return_kv=kv_sink is not None,
             attention=attention_backend,
         )
 
-        kv_out = {}
         mod = self.blocks[0].modulation(t)
         h = ops.layernorm_modulate(x, mod[0], mod[1])
         for i, block in enumerate(self.blocks):
             x, ffn_out, gate_mlp, new_kv = block(x, h, mod, ctx, ops, None if kv_cache is None else kv_cache[i])
             if new_kv is not None:
-                kv_out[i] = new_kv
+                kv_sink[i] = new_kv
             # The last gated residual of block i is fused with the next norm: block i+1's
             # attention norm, or the final layer's.
             if i + 1 < len(self.blocks):
@@ -330,4 +329,4 @@ class LongCatTransformer(nn.Module):
 
         out = linear_fp32(h, self.final_layer.linear)  # [B, N, pt*ph*pw*C_out] float32
         out = unpatchify(out, grid, cfg.patch_size, cfg.out_channels)
-        return out, kv_out
+        return out
