@@ -10,7 +10,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from .layernorm_modulate import check_layernorm_modulate_args, layernorm_modulate_reference
+from .layernorm_modulate import layernorm_modulate_reference
 
 __all__ = ["residual_layernorm_modulate_reference", "gated_residual_reference"]
 

@@ -10,11 +10,9 @@ torch_dtype=..., cp_split_hw=...)`` and ``torch.compile(dit)``; all of these wor
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 import torch
-import torch.nn as nn
 
 from ..kernels import KERNEL_PATHS
 from ..kernels._common import triton_usable_on
@@ -158,6 +156,7 @@ class LongCatDiT(LongCatTransformer):
         self.attention = attention
         # Filled by the LoRA loader (official attribute name; the official pipeline reads it).
         self.lora_dict: Dict[str, Any] = {}
+        self.checkpoint_path: Optional[str] = None  # the dit/ folder, for from_pretrained models
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
@@ -312,7 +311,6 @@ class LongCatDiT(LongCatTransformer):
         conditioning frames; batch 1 or B) the call's frames are the last T of an (m + T)-frame
         grid; ``num_cond_latents`` may be 0 (inferred from the cache) or must equal m.
         """
-        cfg = self.cfg
         x, B, T = self._check_latents(hidden_states)
         t = self._check_timestep(timestep, B, T, x.device)
         text = mask = None
