@@ -63,10 +63,33 @@ def unpatchify(x: torch.Tensor, grid: Tuple[int, int, int], patch: Tuple[int, in
     return x.reshape(B, c_out, nt * pt, nh * ph, nw * pw)
 
 
+def linear(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
+    """``layer(x)``, plus the low-rank branches of any unmerged LoRA on it (runtime/lora.py)."""
+    out = F.linear(x, layer.weight, layer.bias)
+    branches = layer.__dict__.get("lora_branches")
+    return _add_lora(out, x, branches, out.dtype) if branches else out
+
+
 def linear_fp32(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
     """A Linear in float32 with the weights upcast: the official autocast(float32) regions."""
     bias = None if layer.bias is None else layer.bias.float()
-    return F.linear(x.float(), layer.weight.float(), bias)
+    out = F.linear(x.float(), layer.weight.float(), bias)
+    branches = layer.__dict__.get("lora_branches")
+    return _add_lora(out, x.float(), branches, torch.float32) if branches else out
+
+
+def _add_lora(out, x, branches, dtype):
+    """``out[..., rows] += scale * up(down(x))`` per branch ``(down [r, in], up [rows, r], scale,
+    first_row)``: a branch may cover a slice of the output rows (one of q|k|v of the fused qkv,
+    w1 or w3 of the fused w13)."""
+    out = out.clone() if any(up.shape[0] != out.shape[-1] for _, up, _, _ in branches) else out
+    for down, up, scale, row0 in branches:
+        delta = F.linear(F.linear(x, down.to(dtype)), up.to(dtype)) * scale
+        if up.shape[0] == out.shape[-1]:
+            out = out + delta
+        else:
+            out[..., row0 : row0 + up.shape[0]] += delta
+    return out
 
 
 class PatchEmbed(nn.Module):
@@ -76,7 +99,7 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Linear(cfg.in_channels * cfg.patch_volume, cfg.hidden_size)
 
     def forward(self, x):
-        return self.proj(patchify(x, self.patch_size))
+        return linear(patchify(x, self.patch_size), self.proj)
 
 
 class TimestepEmbedder(nn.Module):
@@ -105,7 +128,7 @@ class CaptionEmbedder(nn.Module):
         )
 
     def forward(self, y):
-        return self.y_proj(y)
+        return linear(F.gelu(linear(y, self.y_proj[0]), approximate="tanh"), self.y_proj[2])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -189,13 +212,13 @@ class LongCatBlock(nn.Module):
             norm = self.pre_crs_attn_norm
             x, h = ops.residual_layernorm_modulate(x, attn_out, gate_msa, weight=norm.weight, bias=norm.bias)
             x, h = ops.residual_layernorm_modulate(x, self._cross_attention(h, ctx, ops), None, shift_mlp, scale_mlp)
-        ffn_out = F.linear(ops.swiglu(F.linear(h, self.ffn.w13.weight)), self.ffn.w2.weight)
+        ffn_out = linear(ops.swiglu(linear(h, self.ffn.w13)), self.ffn.w2)
         return x, ffn_out, gate_mlp, new_kv
 
     def _self_attention(self, h, ctx, ops, kv_cache):
         a = self.attn
         B, N, C = h.shape
-        q, k, v = a.qkv(h).view(B, N, 3, a.num_heads, a.head_dim).unbind(2)
+        q, k, v = linear(h, a.qkv).view(B, N, 3, a.num_heads, a.head_dim).unbind(2)
         q, k, k_unroped = ops.qk_rmsnorm_rope3d(
             q, k, a.q_norm.weight, a.k_norm.weight, ctx.grid, t_offset=ctx.cache_frames, return_k_unroped=True
         )
@@ -213,17 +236,17 @@ class LongCatBlock(nn.Module):
             out[:, nc:] = attention(q[:, nc:], k, v, ctx.attention)
         else:
             out = attention(q, k, v, ctx.attention)
-        return a.proj(out.reshape(B, N, C)), new_kv
+        return linear(out.reshape(B, N, C), a.proj), new_kv
 
     def _cross_attention(self, h, ctx, ops):
         a = self.cross_attn
         B, N, C = h.shape
         nc = ctx.num_cond_tokens  # only noisy tokens take part (0 on the KV-cache path)
         hq = h[:, nc:]
-        q = a.q_linear(hq).view(B, N - nc, a.num_heads, a.head_dim)
-        k, v = a.kv_linear(ctx.text).view(B, -1, 2, a.num_heads, a.head_dim).unbind(2)
+        q = linear(hq, a.q_linear).view(B, N - nc, a.num_heads, a.head_dim)
+        k, v = linear(ctx.text, a.kv_linear).view(B, -1, 2, a.num_heads, a.head_dim).unbind(2)
         q, k = ops.qk_rmsnorm_rope3d(q, k, a.q_norm.weight, k_weight=a.k_norm.weight)
-        out = a.proj(attention(q, k, v, ctx.attention, key_valid=ctx.text_valid).reshape(B, N - nc, C))
+        out = linear(attention(q, k, v, ctx.attention, key_valid=ctx.text_valid).reshape(B, N - nc, C), a.proj)
         if nc:
             out = torch.cat([out.new_zeros(B, nc, C), out], dim=1)
         return out
