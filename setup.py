@@ -22,6 +22,8 @@ setup(
     extras_require={
         "cuda": ["flash-attn", "nvtx"],
         "dev": ["pytest", "pytest-benchmark", "hypothesis"],
+        # Prompt strings (umT5 text encoder) and decoded video (Wan VAE) in the pipelines.
+        "pipelines": ["transformers", "diffusers", "sentencepiece"],
     },
     entry_points={"console_scripts": ["longcat-native = longcat_native.cli:main"]},
     license="MIT",

@@ -164,3 +164,85 @@ def test_block_count_only_real_size():
                              "launches_per_block_reference", "launches_per_block_fused", "flops_per_block"])
     assert record["fused_vs_reference_bytes_ratio"] < 1
     assert record["launches_per_block_fused"] < record["launches_per_block_reference"]
+
+
+def test_attention_script_smoke():
+    record, stdout = _run_script("bench/attention.py", "--size", "small", "--repeats", "1", "--warmup", "0")
+    assert record["bench"] == "attention" and record["tokens"] == 256 and record["text_tokens"] == 512
+    assert record["auto_backend"] in record["backends"] and "sdpa" in record["backends"]
+    keys = ["matmul_peak_tflops", "valid_text_tokens"]
+    for b in record["backends"]:
+        for case in ("self", "cross", "cross_varlen"):
+            keys += [f"{b}_{case}_ms", f"{b}_{case}_tflops", f"{b}_{case}_pct_of_peak"]
+    _check_positive(record, keys)
+    assert record["sdpa_self_max_abs_diff"] < 1e-3  # vs the reference backend, float32 on CPU
+    if DEVICE == "cpu":
+        assert record["self_target_met"] is None and "n/a" in stdout
+    else:
+        assert isinstance(record["self_target_met"], bool)
+
+
+def test_attention_bench_flash_rows_with_a_fake_flash_attn(monkeypatch, capsys):
+    """The flash2 rows of bench/attention.py, on CPU, with a fake ``flash_attn`` (float64 math)."""
+    import importlib.util
+    import types
+
+    from longcat_native.runtime import attention as attn_mod
+
+    def dense(q, k, v, softmax_scale=None, causal=False, **kw):
+        s = torch.einsum("bqhd,bkhd->bhqk", q.double(), k.double()) * softmax_scale
+        return torch.einsum("bhqk,bkhd->bqhd", torch.softmax(s, -1), v.double()).to(q.dtype)
+
+    def varlen(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale=None, causal=False, **kw):
+        seg_q = torch.searchsorted(cu_q[1:].long(), torch.arange(q.shape[0], device=q.device), right=True)
+        seg_k = torch.searchsorted(cu_k[1:].long(), torch.arange(k.shape[0], device=q.device), right=True)
+        s = torch.einsum("qhd,khd->hqk", q.double(), k.double()) * softmax_scale
+        s = s.masked_fill(~(seg_q[:, None] == seg_k[None, :])[None], float("-inf"))
+        p = torch.nan_to_num(torch.softmax(s, -1), nan=0.0)
+        return torch.einsum("hqk,khd->qhd", p, v.double()).to(q.dtype)
+
+    fake = types.ModuleType("flash_attn")
+    fake.flash_attn_func, fake.flash_attn_varlen_func = dense, varlen
+    monkeypatch.setitem(sys.modules, "flash_attn", fake)
+    monkeypatch.setitem(sys.modules, "flash_attn_interface", None)
+    monkeypatch.setattr(attn_mod, "_ALLOW_CPU_FOR_TESTS", True)
+    attn_mod._flash_module.cache_clear()
+    try:
+        spec = importlib.util.spec_from_file_location("bench_attention", os.path.join(BENCH_DIR, "attention.py"))
+        bench_attention = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(bench_attention)
+        assert bench_attention.main(["--size", "small", "--tokens", "48", "--heads", "2", "--batch", "2",
+                                     "--dtype", "float16", "--repeats", "1", "--warmup", "0", "--mm-size", "256",
+                                     "--backends", "flash2,sdpa,reference"]) == 0
+    finally:
+        attn_mod._flash_module.cache_clear()
+    record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert record["backends"] == ["flash2", "sdpa", "reference"] and record["auto_backend"] == "flash2"
+    for case in ("self", "cross", "cross_varlen"):
+        assert record[f"flash2_{case}_tflops"] > 0
+        assert record[f"flash2_{case}_max_abs_diff"] < 2e-3  # fp16 output vs the float32 oracle
+
+
+def test_lora_script_smoke():
+    record, stdout = _run_script("bench/lora.py", "--size", "small", "--repeats", "1")
+    assert record["bench"] == "lora"
+    _check_positive(record, ["load_ms", "first_merge_ms", "merge_ms", "restore_ms", "switch_ms", "merge_two_ms",
+                             "unmerged_enable_ms", "unmerged_disable_ms", "base_step_ms", "merged_step_ms",
+                             "unmerged_step_ms", "lora_params", "touched_params", "base_copy_bytes"])
+    assert math.isfinite(record["unmerged_vs_merged_step_overhead"])
+    assert record["merged_vs_unmerged_max_rel_diff"] < 0.05  # bf16 merged vs unmerged agree
+    assert record["lora_modules"] == 2 * 8 and "unmerged vs merged per-step overhead" in stdout
+
+
+def test_bsa_script_smoke():
+    record, stdout = _run_script("bench/bsa.py", "--size", "small", "--repeats", "1", "--warmup", "0")
+    assert record["bench"] == "bsa" and record["tokens"] == 512 and record["chunk_tokens"] == 16
+    keys = ["dense_ms", "dense_tflops", "dense_flops"]
+    for s in ("s0875", "s09375"):
+        keys += [f"{s}_select_ms", f"{s}_sparse_ms", f"{s}_sparse_chunk_order_ms", f"{s}_sparse_tflops",
+                 f"{s}_computed_fraction", f"{s}_flop_reduction", f"{s}_speedup_vs_dense"]
+    _check_positive(record, keys)
+    assert record["s0875_flop_reduction"] == 8 and record["s09375_flop_reduction"] == 16
+    for s in ("s0875", "s09375"):  # the small shape is checked against the float32 oracle
+        assert record[f"{s}_max_rel_err_vs_reference"] < (1e-4 if record["dtype"] == "float32" else 1e-2)
+    assert "FLOP reduction" in stdout

@@ -1,4 +1,4 @@
-"""The ``longcat-native`` command: ``info`` and ``forward`` (later: generate, bench, profile)."""
+"""The ``longcat-native`` command: ``info``, ``forward`` and ``generate`` (later: bench, profile)."""
 
 from __future__ import annotations
 
@@ -150,6 +150,274 @@ def cmd_forward(args) -> int:
     return 0 if stats["output_finite"] else 1
 
 
+# -- generate ------------------------------------------------------------------------------------
+
+# The embedded default of `generate` (no --checkpoint): the tiny preset with random weights, on a
+# latent small enough for any CPU: 4 latent frames (13 video frames) of 8 x 12 (64 x 96 pixels).
+TINY_DEFAULT_LATENT = (4, 8, 12)
+TINY_TEXT_TOKENS = 16
+REAL_TEXT_TOKENS = 512
+PIPELINES_EXTRA = "pip install 'longcat-native[pipelines]'"
+
+
+def _random_text(prompt: str, tokens: int, channels: int):
+    """Deterministic stand-in embeddings for a prompt string when no text encoder exists (only for
+    the random-weights default): normal values seeded by the prompt's SHA-256; the mask marks one
+    token per word plus one (an end token), like a padded tokenizer output."""
+    import hashlib
+
+    import torch
+
+    seed = int.from_bytes(hashlib.sha256(prompt.encode("utf-8")).digest()[:8], "little")
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    embeds = torch.randn(1, 1, tokens, channels, generator=g)
+    valid = min(tokens, 1 + len(prompt.split()))
+    mask = torch.zeros(1, tokens, dtype=torch.long)
+    mask[:, :valid] = 1
+    return embeds, mask
+
+
+def _read_safetensors(path: str, flag: str) -> dict:
+    import os
+
+    from safetensors.torch import load_file
+
+    if not path.endswith(".safetensors") or not os.path.isfile(path):
+        raise ValueError(f"{flag} must name an existing .safetensors file, got {path}")
+    try:
+        return load_file(path)
+    except Exception as e:  # a corrupt or foreign file: say which flag it came from
+        raise ValueError(f"{flag} {path}: not a readable safetensors file ({e})") from None
+
+
+def _load_latents_file(path: str, flag: str):
+    tensors = _read_safetensors(path, flag)
+    if "latents" in tensors:
+        lat = tensors["latents"]
+    elif len(tensors) == 1:
+        lat = next(iter(tensors.values()))
+    else:
+        raise ValueError(f"{flag} {path} holds {sorted(tensors)}; name the latents tensor 'latents'")
+    if lat.dim() == 4:
+        lat = lat.unsqueeze(0)
+    if lat.dim() != 5 or not lat.is_floating_point():
+        raise ValueError(f"{flag} {path}: latents must be a float tensor [B, C, T, H, W], got "
+                         f"{tuple(lat.shape)} {lat.dtype}")
+    return lat
+
+
+def _load_prompt_embeds(path: str):
+    t = _read_safetensors(path, "--prompt-embeds")
+    if "prompt_embeds" not in t:
+        raise ValueError(f"--prompt-embeds {path} must hold 'prompt_embeds' (and optionally 'prompt_mask', "
+                         "'negative_embeds', 'negative_mask')")
+    return t["prompt_embeds"], t.get("prompt_mask"), t.get("negative_embeds"), t.get("negative_mask")
+
+
+def _generate_plan(args) -> dict:
+    """Every check that needs no model: flags, sizes, files. Errors here come before any loading."""
+    from .runtime import pipelines as P
+
+    random_weights = args.checkpoint is None
+    task = args.task
+    out = args.out or f"longcat_{task}_seed{args.seed}.safetensors"
+    if not out.endswith(".safetensors"):
+        if out.rsplit(".", 1)[-1].lower() in ("mp4", "gif", "webm", "mkv", "avi", "mov", "png"):
+            raise NotImplementedError(
+                f"--out {out}: writing video needs the Wan VAE to decode latents, which this version does not "
+                f"load (it will come with `{PIPELINES_EXTRA}`); write latents to a .safetensors file")
+        raise ValueError(f"--out must end in .safetensors (latents), got {out}")
+    if args.image is not None and task != "i2v":
+        raise ValueError(f"--image is for task i2v; task {task!r} takes no image")
+    if args.video is not None and task not in ("vc", "refine"):
+        raise ValueError(f"--video is for tasks vc and refine; task {task!r} takes no video")
+    if args.image is not None or args.video is not None:
+        raise NotImplementedError(
+            "--image/--video take pixels, which need the Wan VAE to encode, not loaded by this version "
+            f"(it will come with `{PIPELINES_EXTRA}`); pass their latents with --cond-latents FILE.safetensors")
+    if args.cond_latents is not None and task in ("t2v", "long"):
+        raise ValueError(f"--cond-latents is for tasks i2v, vc and refine; task {task!r} takes none")
+    if args.latent is not None and (args.resolution is not None or args.frames is not None):
+        raise ValueError("--latent T H W replaces --resolution and --frames; give one or the other")
+    if args.latent is not None:
+        latent = tuple(args.latent)
+        if min(latent) <= 0 or latent[1] % 2 or latent[2] % 2:
+            raise ValueError(f"--latent T H W needs positive sizes with even H and W, got {latent}")
+    elif random_weights and args.resolution is None:
+        T = TINY_DEFAULT_LATENT[0] if args.frames is None else P.frames_to_latents(args.frames)
+        latent = (T,) + TINY_DEFAULT_LATENT[1:]
+    else:
+        height, width = P.RESOLUTIONS[args.resolution or "480p"]
+        latent = P.latent_size(93 if args.frames is None else args.frames, height, width)
+    frames = (latent[0] - 1) * P.VAE_TIME_STRIDE + 1
+    cond_frames = args.cond_frames if args.cond_frames is not None else (13 if not random_weights else 5)
+    m = 1 + (cond_frames - 1) // P.VAE_TIME_STRIDE
+    if task in ("vc", "long") and latent[0] <= m:
+        raise ValueError(f"task {task}: {latent[0]} latent frames leave nothing to generate after the {m} "
+                         f"conditioning latents of --cond-frames {cond_frames}")
+    if task == "i2v" and latent[0] < 2:
+        raise ValueError("task i2v needs at least 2 latent frames (5 video frames)")
+    steps = args.steps if args.steps is not None else (16 if args.distill else 50)
+    guidance = args.guidance if args.guidance is not None else (1.0 if args.distill else 4.0)
+    if steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {steps}")
+    text_source = "random"
+    if args.prompt_embeds is not None:
+        text_source = "file"
+    elif not random_weights:
+        raise NotImplementedError(
+            "prompt strings need the umT5 text encoder and tokenizer, which this version does not load "
+            f"(they will come with `{PIPELINES_EXTRA}`); pass precomputed embeddings with "
+            "--prompt-embeds FILE.safetensors (prompt_embeds, prompt_mask, negative_embeds, negative_mask)")
+    if task in ("i2v", "vc") and args.cond_latents is None and not random_weights:
+        raise ValueError(f"task {task} needs conditioning latents: --cond-latents FILE.safetensors "
+                         f"(--image/--video need the VAE: `{PIPELINES_EXTRA}`)")
+    if task == "refine" and args.cond_latents is None and not random_weights:
+        raise ValueError("task refine needs the stage-1 latents: --cond-latents FILE.safetensors")
+    text = _load_prompt_embeds(args.prompt_embeds) if args.prompt_embeds is not None else None
+    if text is not None and guidance > 1 and text[2] is None:
+        raise ValueError(f"--guidance {guidance} > 1 needs 'negative_embeds' in --prompt-embeds {args.prompt_embeds} "
+                         "(or --guidance 1 for no guidance)")
+    cond = _load_latents_file(args.cond_latents, "--cond-latents") if args.cond_latents is not None else None
+    return dict(random_weights=random_weights, out=out, latent=latent, frames=frames, steps=steps,
+                guidance=guidance, cond_frames=cond_frames, text_source=text_source, text=text, cond=cond)
+
+
+def cmd_generate(args) -> int:
+    """Generate latents with a LongCat-Video pipeline and write them to a .safetensors file."""
+    import torch
+    from safetensors.torch import save_file
+
+    from .runtime import pipelines as P
+    from .runtime.dit import LongCatDiT
+
+    plan = _generate_plan(args)
+    random_weights, latent = plan["random_weights"], plan["latent"]
+    task, steps, guidance = args.task, plan["steps"], plan["guidance"]
+    notes = []
+
+    t_load = time.perf_counter()
+    if random_weights:
+        dit = LongCatDiT.from_config("tiny", dtype=args.dtype, device=args.device, seed=0,
+                                     kernels=args.kernels, attention=args.attention)
+        source = "embedded tiny preset, RANDOM WEIGHTS"
+        notes.insert(0, "RANDOM WEIGHTS: the tiny preset with seed-0 random parameters, not a trained model; "
+                        "the latents are a smoke test, not a video")
+    else:
+        dit = LongCatDiT.from_pretrained(args.checkpoint, dtype=args.dtype, device=args.device,
+                                         kernels=args.kernels, attention=args.attention)
+        source = str(dit.checkpoint_path or args.checkpoint)
+    load_s = time.perf_counter() - t_load
+    cfg, device = dit.config, dit.device
+
+    if plan["text_source"] == "file":
+        pe, pm, ne, nm = plan["text"]
+        text_note = f"prompt embeddings from {args.prompt_embeds}"
+    else:
+        pe, pm = _random_text(args.prompt, TINY_TEXT_TOKENS, cfg.caption_channels)
+        ne, nm = _random_text(args.negative_prompt, TINY_TEXT_TOKENS, cfg.caption_channels)
+        text_note = "RANDOM text embeddings derived from the prompt strings (no text encoder)"
+    if guidance <= 1:
+        ne = nm = None
+
+    g = torch.Generator(device="cpu").manual_seed(args.seed)
+    cond = plan["cond"]
+    if cond is None and random_weights and task in ("i2v", "vc"):
+        frames = 1 if task == "i2v" else 1 + (plan["cond_frames"] - 1) // P.VAE_TIME_STRIDE
+        cond = torch.randn(1, cfg.in_channels, frames, latent[1], latent[2],
+                           generator=torch.Generator(device="cpu").manual_seed(args.seed + 1))
+        notes.append(f"conditioning latents: RANDOM ({frames} frame(s), no VAE)")
+
+    peak = None
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    step_times: List[float] = []
+    clock = {"last": time.perf_counter()}
+
+    def on_step(i, t, latents):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        now = time.perf_counter()
+        step_times.append(now - clock["last"])
+        clock["last"] = now
+
+    lora_kwargs = {k: v for k, v in (("lora_network_dim", args.lora_network_dim),
+                                     ("lora_network_alpha", args.lora_network_alpha)) if v is not None}
+    common = dict(num_steps=steps, generator=g, progress=True, callback=on_step, lora_kwargs=lora_kwargs)
+    guided = dict(common, guidance_scale=guidance, distill=args.distill)
+    lora_key = None
+    if args.distill and not random_weights:
+        if hasattr(dit, "enable_loras") and P._find_lora_file(dit, "cfg_step_lora"):
+            lora_key = "cfg_step_lora"
+            notes.append("distilled schedule with the cfg_step LoRA")
+        else:
+            notes.append("distilled schedule WITHOUT the cfg_step LoRA (not found or not supported)")
+    t0 = time.perf_counter()
+    clock["last"] = t0
+    with torch.inference_mode():
+        if task == "t2v":
+            out = P.generate_t2v(dit, pe, pm, ne, nm, latent=latent, lora=lora_key, **guided)
+        elif task == "i2v":
+            out = P.generate_i2v(dit, cond, pe, pm, ne, nm, num_frames=plan["frames"], lora=lora_key, **guided)
+        elif task == "vc":
+            out = P.generate_vc(dit, cond, pe, pm, ne, nm, num_frames=plan["frames"], lora=lora_key,
+                                num_cond_frames=plan["cond_frames"], use_kv_cache=not args.no_kv_cache, **guided)
+        elif task == "long":
+            out = P.generate_long(dit, pe, pm, ne, nm, latent=latent, num_segments=args.segments, lora=lora_key,
+                                  num_cond_frames=plan["cond_frames"], use_kv_cache=not args.no_kv_cache, **guided)
+        else:  # refine
+            if cond is None:
+                notes.append(f"stage 1: t2v ({steps} steps) on the random-weights model")
+                cond = P.generate_t2v(dit, pe, pm, ne, nm, latent=latent, **guided)
+            kw = {}
+            if not random_weights:
+                if hasattr(dit, "enable_loras") and P._find_lora_file(dit, "refinement_lora"):
+                    kw["lora"] = "refinement_lora"
+                if hasattr(dit, "enable_bsa"):
+                    kw["enable_bsa"] = True
+                notes.append(f"refinement LoRA {'on' if 'lora' in kw else 'OFF (not found or not supported)'}, "
+                             f"BSA {'on' if kw.get('enable_bsa') else 'OFF (not supported)'}")
+            out = P.generate_refine(dit, cond, pe, pm, t_thresh=args.t_thresh,
+                                    **dict(common, num_steps=50), **kw)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device)
+    total = time.perf_counter() - t0
+
+    meta = {"task": task, "seed": str(args.seed), "steps": str(steps), "guidance": str(guidance),
+            "distill": str(bool(args.distill)), "random_weights": str(random_weights), "source": source,
+            "text": text_note, "shape": json.dumps(list(out.shape))}
+    save_file({"latents": out.detach().float().cpu().contiguous()}, plan["out"], metadata=meta)
+    n = len(step_times)
+    summary = {
+        "task": task, "source": source, "random_weights": random_weights, "text": text_note, "notes": notes,
+        "device": str(device), "dtype": str(dit.dtype).replace("torch.", ""),
+        "kernels": dit.resolved_kernels(), "attention": dit.resolved_attention(),
+        "latent_shape": list(out.shape), "steps": n, "guidance": guidance, "distill": bool(args.distill),
+        "seed": args.seed, "load_s": load_s, "total_s": total, "step_times_s": step_times,
+        "mean_step_s": (sum(step_times) / n) if n else None,
+        "peak_memory_bytes": peak, "output": plan["out"],
+        "output_finite": bool(torch.isfinite(out).all()),
+    }
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(f"LongCatDiT {cfg.hidden_size}x{cfg.depth} from {source} on {device}, {summary['dtype']}, "
+              f"kernels={summary['kernels']}, attention={summary['attention']}")
+        print(f"text     {text_note}")
+        for note in notes:
+            print(f"note     {note}")
+        print(f"task     {task}: latents {tuple(out.shape)}, {n} denoising steps, guidance {guidance}"
+              f"{', distilled schedule' if args.distill else ''}, seed {args.seed}")
+        if n:
+            print(f"time     {summary['mean_step_s']:.3f} s/step (mean of {n}), {total:.2f} s in all, "
+                  f"model load {load_s:.2f} s")
+        if peak is not None:
+            print(f"memory   peak {_fmt_bytes(peak)} allocated on {device}")
+        print(f"output   {plan['out']}")
+    return 0 if summary["output_finite"] else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="longcat-native", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -183,6 +451,45 @@ def build_parser() -> argparse.ArgumentParser:
     fwd.add_argument("--seed", type=int, default=0)
     fwd.add_argument("--json", action="store_true", help="print one JSON object")
     fwd.set_defaults(func=cmd_forward)
+
+    gen = sub.add_parser(
+        "generate", help="run a pipeline (t2v, i2v, vc, refine, long) and write latents",
+        description="Run a LongCat-Video pipeline and write the latents to a .safetensors file. Without "
+                    "--checkpoint it runs the embedded tiny preset with RANDOM WEIGHTS (a smoke test, not a "
+                    "model) on a small latent, with random stand-in text embeddings.")
+    gen.add_argument("--checkpoint", help="checkpoint root or dit/ folder (default: tiny random weights)")
+    gen.add_argument("--task", default="t2v", choices=["t2v", "i2v", "vc", "refine", "long"])
+    gen.add_argument("--prompt", default="a cat walking on grass", help="prompt string (needs a text encoder)")
+    gen.add_argument("--negative-prompt", default="", help="negative prompt string (default empty, as officially)")
+    gen.add_argument("--prompt-embeds", help="a .safetensors file with prompt_embeds [B, 1, L, C], prompt_mask, "
+                                             "negative_embeds, negative_mask (instead of prompt strings)")
+    gen.add_argument("--image", help="conditioning image for i2v (needs the VAE extra)")
+    gen.add_argument("--video", help="conditioning video for vc / stage-1 video for refine (needs the VAE extra)")
+    gen.add_argument("--cond-latents", help="a .safetensors file with conditioning latents 'latents' "
+                                            "[B, 16, T, H, W]: the image latent (i2v), the video latents (vc) "
+                                            "or the stage-1 latents (refine)")
+    gen.add_argument("--resolution", choices=sorted(["480p", "720p"]), default=None,
+                     help="480p = 480x832, 720p = 704x1280 (default 480p with a checkpoint)")
+    gen.add_argument("--latent", type=int, nargs=3, metavar=("T", "H", "W"),
+                     help="latent frames, height, width (for small runs; replaces --resolution/--frames)")
+    gen.add_argument("--frames", type=int, help="video frames, 4k + 1 (default 93; 13 for the tiny default)")
+    gen.add_argument("--cond-frames", type=int, help="conditioning video frames of vc/long (default 13; 5 tiny)")
+    gen.add_argument("--segments", type=int, default=1, help="continuation segments of task long (default 1)")
+    gen.add_argument("--steps", type=int, help="denoising steps (default 50; 16 with --distill)")
+    gen.add_argument("--guidance", type=float, help="CFG scale (default 4.0; 1.0 with --distill); <= 1: no CFG")
+    gen.add_argument("--distill", action="store_true", help="the distilled 16-step schedule (cfg_step LoRA)")
+    gen.add_argument("--t-thresh", type=float, default=0.5, help="refinement noise level (default 0.5)")
+    gen.add_argument("--lora-network-dim", type=int, help="rank passed to load_lora (default: the loader's, 128)")
+    gen.add_argument("--lora-network-alpha", type=float, help="alpha passed to load_lora (default: the loader's)")
+    gen.add_argument("--no-kv-cache", action="store_true", help="vc/long: run conditioning frames every step")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--out", help="output .safetensors (default longcat_<task>_seed<seed>.safetensors)")
+    gen.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    gen.add_argument("--dtype", default=None, help="default: bfloat16 on cuda, float32 on cpu")
+    gen.add_argument("--kernels", default="auto", choices=["auto", "reference", "triton"])
+    gen.add_argument("--attention", default="auto")
+    gen.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    gen.set_defaults(func=cmd_generate)
     return p
 
 

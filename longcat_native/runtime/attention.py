@@ -3,46 +3,169 @@
 Tensors are token-major ``[B, N, heads, D]`` (what the qkv GEMM and the fused RoPE kernel
 write); backends that want ``[B, heads, N, D]`` get transposed views, never copies.
 
-Backends:
+Backends (``attention=`` of the model; resolved by :func:`resolve_attention_backend`):
+
+- ``flash3``: FlashAttention-3 (package ``flash_attn_interface``, the Hopper build of
+  flash-attention), CUDA devices of compute capability 9.x, fp16/bf16 only.
+- ``flash2``: FlashAttention-2 (package ``flash_attn``), CUDA, fp16/bf16 only.
 - ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention`` (every device; on CUDA it
   dispatches to its flash/memory-efficient kernels).
 - ``reference``: explicit float32 softmax attention, the oracle; memory is bounded by
   processing queries in chunks.
-FlashAttention-2/3 backends arrive with the attention issue; asking for them now is a clear error.
+- ``auto``: flash3 where usable, else flash2 where usable, else sdpa.
+
+The flash packages are imported lazily, the first time a flash backend is resolved (never at
+module import), and nothing here queries CUDA at import time.
+
+No device -> host synchronization
+---------------------------------
+No backend but ``reference`` may copy a device tensor to the host (no ``.item()``,
+``.tolist()``, ``int(t)``, ``bool(t)``, Python ``max`` over a tensor): that stalls the GPU
+and breaks CUDA-graph capture. Everything shape-like is taken from Python ints (``.shape``).
+(The reference backend does not sync either; it loops over Python-int chunk bounds only.)
+
+Variable-length text on flash (``key_valid`` given)
+---------------------------------------------------
+``flash_attn_varlen_func`` takes packed sequences: queries ``[total_q, H, D]``, keys/values
+``[total_k, H, D]`` and int32 cumulative lengths ``cu_seqlens_q/k`` of ``B + 1`` entries;
+item ``i`` uses rows ``[cu[i], cu[i+1])``. We build everything on the device:
+
+- queries: every query token of each item takes part, so ``q`` is reshaped to ``[B*Nq, H, D]``
+  and ``cu_seqlens_q = arange(B + 1) * Nq`` (``max_seqlen_q = Nq``);
+- keys/values: ``cu_seqlens_k = [0, cumsum(key_valid.sum(1))]`` (int32). The valid keys are
+  packed by ONE stable device-side argsort of the flattened ``~key_valid``: it is a permutation
+  of the ``B*Nk`` (item, position) pairs that puts every valid pair first, in (item, position)
+  order, which is exactly the packed layout (it also handles masks that are not prefixes). The
+  gathered buffers keep the fixed size ``B*Nk``; rows past ``cu_seqlens_k[-1]`` are padding the
+  kernel never reads. ``max_seqlen_k = Nk`` (the padded length) is an upper bound of every
+  item's key count, known without a sync, and valid for flash-attn (it only sizes the grid);
+- items with no valid key get a zero output: recent flash-attn already writes zeros for an
+  empty key range, and a ``torch.where`` on the device bool ``key_valid.any(1)`` makes sure.
 """
 
 from __future__ import annotations
 
-import importlib.util
-from typing import Optional
+import functools
+import importlib
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ATTENTION_BACKENDS", "resolve_attention_backend", "attention"]
+__all__ = ["ATTENTION_BACKENDS", "ATTENTION_CHOICES", "check_attention_name", "resolve_attention_backend",
+           "attention"]
 
-ATTENTION_BACKENDS = ("sdpa", "reference")
-_PLANNED_BACKENDS = {"flash3": "flash_attn_interface", "flash2": "flash_attn"}
+ATTENTION_BACKENDS = ("flash3", "flash2", "sdpa", "reference")
+ATTENTION_CHOICES = ("auto",) + ATTENTION_BACKENDS
+_FLASH_DTYPES = (torch.float16, torch.bfloat16)
+
+# Package that provides each flash backend, and how to get it.
+_FLASH_PACKAGES = {"flash3": "flash_attn_interface", "flash2": "flash_attn"}
+_INSTALL_HINT = {
+    "flash2": "install FlashAttention-2: pip install 'longcat-native[cuda]' (or: pip install flash-attn "
+              "--no-build-isolation)",
+    "flash3": "install the FlashAttention-3 Hopper build, which provides `flash_attn_interface`: "
+              "git clone https://github.com/Dao-AILab/flash-attention && cd flash-attention/hopper && "
+              "python setup.py install",
+}
+
+# Test hook: lets tests resolve the flash backends on a CPU device (with a fake flash module
+# installed in sys.modules). Never set outside tests.
+_ALLOW_CPU_FOR_TESTS = False
 
 # The reference backend materializes [B, heads, q_chunk, Nk] float32 scores; chunking the
 # queries keeps that near 256 MiB whatever the sequence length.
 _REFERENCE_SCORE_BYTES = 256 * 2**20
 
 
-def resolve_attention_backend(name: str, device: torch.device) -> str:
+# ---------------------------------------------------------------------------------------------
+# Resolution
+# ---------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=None)
+def _flash_module(backend: str) -> Tuple[Optional[object], Optional[str]]:
+    """``(module, None)`` when the package of a flash backend imports, else ``(None, reason)``.
+
+    Cached: the import is tried once per process (tests call ``_flash_module.cache_clear()``)."""
+    pkg = _FLASH_PACKAGES[backend]
+    try:
+        return importlib.import_module(pkg), None
+    except ImportError as e:  # not installed, or a build that does not match this torch / CUDA
+        return None, f"{type(e).__name__}: {e}"
+    except OSError as e:  # e.g. a missing CUDA shared library
+        return None, f"{type(e).__name__}: {e}"
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_capability(index: Optional[int]) -> Tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def _capability(device: torch.device) -> Tuple[int, int]:
+    return _cuda_capability(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def check_attention_name(name: str) -> None:
+    """Validate an ``attention=`` choice without looking at a device (model construction)."""
+    if name not in ATTENTION_CHOICES:
+        raise ValueError(f"unknown attention backend {name!r}; choose one of {', '.join(map(repr, ATTENTION_CHOICES))}")
+
+
+def _flash_problems(backend: str, device: torch.device, dtype: Optional[torch.dtype]) -> list:
+    """Why ``backend`` cannot run here (empty list: it can)."""
+    problems = []
+    on_cuda = device.type == "cuda"
+    if not on_cuda and not _ALLOW_CPU_FOR_TESTS:
+        problems.append(f"it needs a CUDA device and the model is on {device}")
+    if dtype is not None and dtype not in _FLASH_DTYPES:
+        problems.append(f"flash-attn computes in float16/bfloat16 only and the model dtype is {dtype} "
+                        "(load the model in bfloat16, or use attention='sdpa')")
+    if backend == "flash3" and on_cuda:
+        major, minor = _capability(device)
+        if major != 9:
+            problems.append(f"FlashAttention-3 needs a Hopper GPU (compute capability 9.x) and {device} is "
+                            f"sm_{major}{minor} (use attention='flash2' or 'auto')")
+    module, err = _flash_module(backend)
+    if module is None:
+        problems.append(f"the `{_FLASH_PACKAGES[backend]}` package is not importable ({err}); {_INSTALL_HINT[backend]}")
+    return problems
+
+
+def _flash_usable(backend: str, device: torch.device, dtype: Optional[torch.dtype]) -> bool:
+    if device.type != "cuda" and not _ALLOW_CPU_FOR_TESTS:
+        return False  # decided before any CUDA query or import attempt
+    if dtype is not None and dtype not in _FLASH_DTYPES:
+        return False
+    return not _flash_problems(backend, device, dtype)
+
+
+def resolve_attention_backend(name: str, device, dtype: Optional[torch.dtype] = None) -> str:
+    """The backend a model with ``attention=name`` uses on ``device`` with activations ``dtype``.
+
+    ``auto``: flash3 (CUDA capability 9.x with ``flash_attn_interface`` importable), else flash2
+    (CUDA with ``flash_attn`` importable), else sdpa; the flash backends only when ``dtype`` is
+    float16/bfloat16 (``dtype=None``: not known, not checked). An explicitly requested backend
+    that cannot run raises ``ValueError`` saying why and what to install. Cheap after the first
+    call (importability and device capability are cached)."""
+    check_attention_name(name)
+    device = torch.device(device)
     if name == "auto":
+        for backend in ("flash3", "flash2"):
+            if _flash_usable(backend, device, dtype):
+                return backend
         return "sdpa"
-    if name in ATTENTION_BACKENDS:
-        return name
-    if name in _PLANNED_BACKENDS:
-        pkg = _PLANNED_BACKENDS[name]
-        have = importlib.util.find_spec(pkg) is not None
-        raise ValueError(
-            f"attention={name!r} is not supported by this version of longcat-native yet"
-            + ("" if have else f" (it would also need the `{pkg}` package: pip install 'longcat-native[cuda]')")
-            + "; use attention='sdpa' or 'auto'"
-        )
-    raise ValueError(f"unknown attention backend {name!r}; choose 'auto', {', '.join(map(repr, ATTENTION_BACKENDS))}")
+    if name in _FLASH_PACKAGES:
+        problems = _flash_problems(name, device, dtype)
+        if problems:
+            raise ValueError(f"attention={name!r} cannot be used: " + "; ".join(problems)
+                             + ". attention='sdpa' works everywhere; attention='auto' picks the fastest available.")
+    return name
+
+
+# ---------------------------------------------------------------------------------------------
+# Dispatch
+# ---------------------------------------------------------------------------------------------
 
 
 def attention(
@@ -54,13 +177,16 @@ def attention(
 ) -> torch.Tensor:
     """Softmax attention with scale D**-0.5. q [B, Nq, H, D], k/v [B, Nk, H, D] -> [B, Nq, H, D].
 
-    key_valid: optional bool [B, Nk]; each batch item attends only to its valid keys. An item
-    with no valid key gets a zero output (what flash-attn's varlen kernels return).
+    ``backend`` is a resolved backend (:func:`resolve_attention_backend`). key_valid: optional
+    bool [B, Nk]; each batch item attends only to its valid keys. An item with no valid key gets
+    a zero output (what flash-attn's varlen kernels return).
     """
     if q.shape[1] == 0:
         return q.new_empty(q.shape)
     if backend == "sdpa":
         return _attention_sdpa(q, k, v, key_valid)
+    if backend == "flash3" or backend == "flash2":
+        return _attention_flash(q, k, v, key_valid, backend)
     if backend == "reference":
         return _attention_reference(q, k, v, key_valid)
     raise ValueError(f"unknown attention backend {backend!r}")
@@ -74,6 +200,57 @@ def _attention_sdpa(q, k, v, key_valid):
         # Rows with every key masked come out NaN from SDPA; flash-attn varlen returns 0.
         out = torch.where(key_valid.any(dim=1)[:, None, None, None], out, out.new_zeros(()))
     return out
+
+
+def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    # flash-attn requires stride(-1) == 1 and takes any other strides as they are (the strided
+    # q/k/v views of the fused qkv output, an expanded batch-1 K/V cache): copy only when needed.
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _first(out):
+    # Some flash_attn_interface (FA3) versions return (out, softmax_lse); FA2 returns out.
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _attention_flash2(q, k, v, key_valid=None):
+    return _attention_flash(q, k, v, key_valid, "flash2")
+
+
+def _attention_flash3(q, k, v, key_valid=None):
+    return _attention_flash(q, k, v, key_valid, "flash3")
+
+
+def _attention_flash(q, k, v, key_valid, backend):
+    module, err = _flash_module(backend)
+    if module is None:
+        raise ValueError(f"attention={backend!r}: the `{_FLASH_PACKAGES[backend]}` package is not importable "
+                         f"({err}); {_INSTALL_HINT[backend]}")
+    B, Nq, H, D = q.shape
+    Nk = k.shape[1]
+    scale = D**-0.5
+    q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
+    if key_valid is None:
+        # [B, N, H, D] is flash-attn's native layout: no transposes.
+        return _first(module.flash_attn_func(q, k, v, softmax_scale=scale, causal=False))
+    if Nk == 0:
+        return q.new_zeros(q.shape)
+    device = q.device
+    # Packed queries: every query token of every item (a view when q's batch stride allows).
+    q_packed = q.reshape(B * Nq, H, D)
+    cu_q = torch.arange(0, (B + 1) * Nq, Nq, dtype=torch.int32, device=device)
+    # Packed keys/values: the stable argsort of ~valid lists the valid (item, position) pairs
+    # first, in order (module docstring); the tail rows are never read by the kernel.
+    valid = key_valid.to(device=device, dtype=torch.bool)
+    perm = torch.argsort((~valid).reshape(-1).to(torch.int8), stable=True)
+    b_idx, j_idx = perm // Nk, perm % Nk
+    # Advanced indexing gathers from expanded (stride-0 batch) K/V without materializing them.
+    k_packed, v_packed = k[b_idx, j_idx], v[b_idx, j_idx]  # [B*Nk, H, D], contiguous
+    cu_k = F.pad(torch.cumsum(valid.sum(dim=1, dtype=torch.int32), dim=0, dtype=torch.int32), (1, 0))
+    out = _first(module.flash_attn_varlen_func(q_packed, k_packed, v_packed, cu_q, cu_k, Nq, Nk,
+                                               softmax_scale=scale, causal=False))
+    out = out.view(B, Nq, H, D)
+    return torch.where(valid.any(dim=1)[:, None, None, None], out, out.new_zeros(()))
 
 
 def _attention_reference(q, k, v, key_valid):

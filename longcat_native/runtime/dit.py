@@ -16,7 +16,7 @@ import torch
 
 from ..kernels import KERNEL_PATHS
 from ..kernels._common import triton_usable_on
-from .attention import resolve_attention_backend
+from .attention import check_attention_name, resolve_attention_backend
 from .config import LongCatConfig, resolve_config
 from .model import LongCatTransformer
 from .weights import find_dit_dir, list_weight_files, load_official_weights
@@ -151,12 +151,17 @@ class LongCatDiT(LongCatTransformer):
         super().__init__(config)
         if kernels not in KERNEL_CHOICES:
             raise ValueError(f"kernels must be one of {KERNEL_CHOICES}, got {kernels!r}")
-        resolve_attention_backend(attention, torch.device("cpu"))  # validate the name early
+        check_attention_name(attention)  # the device and dtype are checked on each call
         self.kernels = kernels
         self.attention = attention
         # Filled by the LoRA loader (official attribute name; the official pipeline reads it).
         self.lora_dict: Dict[str, Any] = {}
         self.checkpoint_path: Optional[str] = None  # the dit/ folder, for from_pretrained models
+        # Every Linear carries its (empty) list of unmerged LoRA branches from the start, so a
+        # model compiled before any LoRA is loaded still sees branches added later.
+        for m in self.modules():
+            if isinstance(m, torch.nn.Linear):
+                m.__dict__["lora_branches"] = []
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
@@ -281,12 +286,66 @@ class LongCatDiT(LongCatTransformer):
         return self.kernels
 
     def resolved_attention(self) -> str:
-        return resolve_attention_backend(self.attention, self.device)
+        return resolve_attention_backend(self.attention, self.device, self.dtype)
 
     def extra_repr(self) -> str:
         c = self.cfg
         return (f"hidden_size={c.hidden_size}, depth={c.depth}, num_heads={c.num_heads}, "
-                f"kernels={self.kernels!r}, attention={self.attention!r}")
+                f"kernels={self._describe(self.kernels, self.resolved_kernels)}, "
+                f"attention={self._describe(self.attention, self.resolved_attention)}")
+
+    def _describe(self, choice: str, resolve) -> str:
+        """``'auto' (-> 'sdpa')``: the choice and, for "auto", what it resolves to here."""
+        if choice != "auto" or next(self.parameters()).is_meta:
+            return repr(choice)
+        try:
+            return f"'auto' (-> {resolve()!r})"
+        except ValueError as e:  # repr must not raise
+            return f"'auto' (unavailable: {e})"
+
+    # -- LoRA (the official API; the work is in runtime/lora.py) -------------------------------
+    def load_lora(self, lora_path=None, lora_key=None, multiplier=1.0, lora_network_dim=128,
+                  lora_network_alpha=64, *, path=None, key=None):
+        """Read an official LoRA safetensors file into ``self.lora_dict[lora_key]`` (nothing is
+        applied until :meth:`enable_loras`). Scale per module: ``multiplier * alpha_scale`` (the
+        file's); ``lora_network_dim`` must be the file's rank. Reloading a key replaces it."""
+        from . import lora as _lora
+
+        return _lora.load_lora(self, lora_path, lora_key, multiplier, lora_network_dim, lora_network_alpha,
+                               path=path, key=key)
+
+    def enable_loras(self, lora_key_list=()):
+        """Make exactly these loaded LoRAs active (replaces the active set), in ``self.lora_mode``."""
+        from . import lora as _lora
+
+        _lora.enable_loras(self, lora_key_list)
+
+    def disable_all_loras(self):
+        """Back to the base weights (bit-exact) with no LoRA branches."""
+        from . import lora as _lora
+
+        _lora.disable_all_loras(self)
+
+    @property
+    def lora_mode(self) -> str:
+        """"merged" (default: deltas folded into the weights) or "unmerged" (low-rank branches);
+        setting it re-applies the active LoRAs in the new mode."""
+        from . import lora as _lora
+
+        return _lora.get_lora_mode(self)
+
+    @lora_mode.setter
+    def lora_mode(self, mode: str) -> None:
+        from . import lora as _lora
+
+        _lora.set_lora_mode(self, mode)
+
+    @property
+    def active_loras(self):
+        """Keys of the active LoRAs, in the order given to :meth:`enable_loras` (a copy)."""
+        from . import lora as _lora
+
+        return _lora.active_loras(self)
 
     # -- forward ------------------------------------------------------------------------------
     def forward(

@@ -1,0 +1,426 @@
+"""Flow-matching Euler sampling with the official LongCat-Video schedules and CFG-zero guidance.
+
+The official pipeline (``LongCatVideoPipeline`` + its copy of diffusers'
+``FlowMatchEulerDiscreteScheduler`` with ``shift=12``, no dynamic shifting) does, per step:
+
+    v   = dit(x, t)                                  # negative prompt first when guiding
+    v   = CFG-zero(v_uncond, v_cond, g)              # only when g > 1
+    x  <- x + (sigma_next - sigma) * (-v)            # "negate for scheduler compatibility"
+
+with float32 latents and the model input cast to the DiT's dtype. This module reproduces that
+bit for bit in float32 (the fixtures' ``schedules.json`` is matched exactly):
+
+* :func:`base_sigmas` / :func:`distill_sigmas`: the unshifted sigmas (``linspace(1, 0.001, n)``;
+  the 16-step distilled grid), :func:`shift_sigmas` the scheduler's shift,
+  :func:`flow_schedule` = the scheduler's ``set_timesteps`` (timesteps = shifted sigma * 1000,
+  sigmas with a trailing 0);
+* :func:`truncate_schedule`: refinement's ``t_thresh`` truncation (t_thresh*1000 followed by the
+  schedule's timesteps below it; sigmas = timesteps / 1000);
+* :func:`enhance_hf_schedule`: video continuation's tail (timesteps above 500 kept, the rest
+  replaced by 10 uniform timesteps from 500 towards 0, 0 excluded; sigmas = timesteps / 1000);
+* :func:`cfg_zero`: CFG-zero's optimized scale, on the device, no host synchronization;
+* :func:`denoise`: the loop on latents (SPEC section 6), with conditioning frames (timestep 0,
+  kept bit-exact) and the video-continuation KV cache.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, Mapping, Optional, Tuple
+
+import torch
+
+__all__ = [
+    "NUM_TRAIN_TIMESTEPS", "NUM_DISTILL_STEPS", "DEFAULT_SHIFT", "Schedule",
+    "base_sigmas", "distill_sigmas", "shift_sigmas", "flow_schedule", "truncate_schedule",
+    "enhance_hf_schedule", "get_schedule", "cfg_zero", "euler_step", "compute_kv_cache", "denoise",
+]
+
+NUM_TRAIN_TIMESTEPS = 1000   # scheduler config num_train_timesteps
+NUM_DISTILL_STEPS = 50       # the distilled (cfg_step LoRA) model was trained on a 50-point grid
+DEFAULT_SHIFT = 12.0         # scheduler config shift (use_dynamic_shifting: false)
+ENHANCE_HF_START = 500       # video continuation: tail of uniform timesteps from here towards 0
+ENHANCE_HF_STEPS = 10
+CFG_ZERO_EPS = 1e-8
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """``timesteps`` [n] float32 (what the DiT is given) and ``sigmas`` [n + 1] float32 (what the
+    Euler step uses; the last is 0). Both on the CPU; :func:`denoise` moves them once."""
+
+    timesteps: torch.Tensor
+    sigmas: torch.Tensor
+
+    def __post_init__(self):
+        if self.timesteps.dim() != 1 or self.sigmas.shape != (self.timesteps.shape[0] + 1,):
+            raise ValueError(f"a schedule needs timesteps [n] and sigmas [n + 1], got "
+                             f"{tuple(self.timesteps.shape)} and {tuple(self.sigmas.shape)}")
+
+    def __len__(self) -> int:
+        return int(self.timesteps.shape[0])
+
+
+def _check_steps(num_steps) -> int:
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+        raise ValueError(f"num_steps must be a positive int, got {num_steps!r}")
+    return num_steps
+
+
+def base_sigmas(num_steps: int) -> torch.Tensor:
+    """Unshifted sigmas of the base model: ``linspace(1, 0.001, num_steps)`` in float32."""
+    return torch.linspace(1.0, 0.001, _check_steps(num_steps), dtype=torch.float32)
+
+
+def distill_sigmas(num_steps: int = 16) -> torch.Tensor:
+    """Unshifted sigmas of the distilled (cfg_step LoRA) model: the grid 20/1000 ... 1000/1000
+    walked from high to low noise, subsampled at ``floor(linspace(0, 50, num_steps, endpoint=False))``."""
+    num_steps = _check_steps(num_steps)
+    if num_steps > NUM_DISTILL_STEPS:
+        raise ValueError(f"the distilled schedule has at most {NUM_DISTILL_STEPS} steps, got {num_steps}")
+    stride = NUM_TRAIN_TIMESTEPS // NUM_DISTILL_STEPS
+    grid = (torch.arange(1, NUM_DISTILL_STEPS + 1, dtype=torch.float32) * stride).round().long()
+    # floor(i * 50 / n) for i < n: numpy's linspace(0, 50, n, endpoint=False) then floor. Exact in
+    # float64 for these small integers, so plain Python arithmetic gives the same indices.
+    idx = torch.tensor([math.floor(i * (NUM_DISTILL_STEPS / num_steps)) for i in range(num_steps)], dtype=torch.long)
+    return (torch.flip(grid, [0])[idx].float() / NUM_TRAIN_TIMESTEPS).to(torch.float32)
+
+
+def shift_sigmas(sigmas: torch.Tensor, shift: float = DEFAULT_SHIFT) -> torch.Tensor:
+    """The scheduler's static shift, in float32: ``shift * s / (1 + (shift - 1) * s)``."""
+    shift = float(shift)
+    if not shift > 0:
+        raise ValueError(f"shift must be > 0, got {shift}")
+    s = sigmas.to(torch.float32)
+    return shift * s / (1 + (shift - 1) * s)
+
+
+def flow_schedule(num_steps: int = 50, distill: bool = False, shift: float = DEFAULT_SHIFT) -> Schedule:
+    """The official ``scheduler.set_timesteps(n, sigmas=pipeline.get_timesteps_sigmas(n, distill))``."""
+    sig = distill_sigmas(num_steps) if distill else base_sigmas(num_steps)
+    sig = shift_sigmas(sig, shift)
+    timesteps = sig * NUM_TRAIN_TIMESTEPS
+    return Schedule(timesteps, torch.cat([sig, torch.zeros(1, dtype=torch.float32)]))
+
+
+def _from_timesteps(timesteps: torch.Tensor) -> Schedule:
+    # The official pipeline overwrites scheduler.timesteps and sets sigmas = timesteps / 1000 + [0].
+    timesteps = timesteps.to(torch.float32)
+    return Schedule(timesteps, torch.cat([timesteps / NUM_TRAIN_TIMESTEPS, torch.zeros(1, dtype=torch.float32)]))
+
+
+def truncate_schedule(schedule: Schedule, t_thresh: float = 0.5) -> Schedule:
+    """Refinement: start at ``t_thresh * 1000`` and continue with the schedule's timesteps below it
+    (50 steps, shift 12, t_thresh 0.5: 500, 443.0, 343.5, 207.8, 11.9)."""
+    t_thresh = float(t_thresh)
+    if not 0 < t_thresh <= 1:
+        raise ValueError(f"t_thresh must be in (0, 1], got {t_thresh}")
+    thresh = torch.tensor(t_thresh * NUM_TRAIN_TIMESTEPS, dtype=torch.float32)
+    ts = schedule.timesteps
+    return _from_timesteps(torch.cat([thresh[None], ts[ts < thresh]]))
+
+
+def enhance_hf_schedule(schedule: Schedule, start: float = ENHANCE_HF_START,
+                        num_tail_steps: int = ENHANCE_HF_STEPS) -> Schedule:
+    """Video continuation's ``enhance_hf``: keep the timesteps above ``start`` and replace the rest
+    by ``num_tail_steps`` uniform timesteps from ``start`` towards 0 (0 excluded)."""
+    ts = schedule.timesteps
+    # np.linspace(500, 0, 10, endpoint=False, dtype=float32): 500 - 50 i, exact.
+    tail = torch.tensor([start - start * i / num_tail_steps for i in range(num_tail_steps)], dtype=torch.float32)
+    return _from_timesteps(torch.cat([ts[ts > start], tail]))
+
+
+def get_schedule(num_steps: int = 50, distill: bool = False, shift: float = DEFAULT_SHIFT,
+                 t_thresh: Optional[float] = None, enhance_hf: bool = False) -> Schedule:
+    """One place for every official schedule. ``t_thresh`` (refinement) truncates the base
+    schedule; ``enhance_hf`` (video continuation) replaces its tail. They exclude each other and
+    ``distill`` (the official pipeline asserts ``not (use_distill and enhance_hf)``)."""
+    if enhance_hf and distill:
+        raise ValueError("enhance_hf and distill cannot both be set (the official pipeline forbids it)")
+    if t_thresh is not None and (distill or enhance_hf):
+        raise ValueError("t_thresh (refinement) runs the base schedule; do not combine it with distill or enhance_hf")
+    sched = flow_schedule(num_steps, distill=distill, shift=shift)
+    if t_thresh is not None:
+        sched = truncate_schedule(sched, t_thresh)
+    if enhance_hf:
+        sched = enhance_hf_schedule(sched)
+    return sched
+
+
+def cfg_zero(v_uncond: torch.Tensor, v_cond: torch.Tensor, guidance_scale: float,
+             eps: float = CFG_ZERO_EPS) -> torch.Tensor:
+    """CFG-zero's optimized scale, per sample over all elements, on the device (no host sync):
+    ``s* = <v_cond, v_uncond> / (||v_uncond||^2 + eps)``, ``v = v_uncond s* + g (v_cond - v_uncond s*)``.
+
+    (The official code reshapes s* to [B, 1, 1, 1] against 5-D outputs, which broadcasts right
+    only for B = 1; here s* is [B, 1, ..., 1], the intended per-sample scale.)
+    """
+    B = v_cond.shape[0]
+    pos = v_cond.reshape(B, -1)
+    neg = v_uncond.reshape(B, -1)
+    dot = torch.sum(pos * neg, dim=1, keepdim=True)
+    sq = torch.sum(neg ** 2, dim=1, keepdim=True) + eps
+    st = (dot / sq).view((B,) + (1,) * (v_cond.dim() - 1))
+    return v_uncond * st + guidance_scale * (v_cond - v_uncond * st)
+
+
+def euler_step(x: torch.Tensor, v: torch.Tensor, dt: torch.Tensor) -> torch.Tensor:
+    """The scheduler's step on the *negated* model output: ``x + (sigma_next - sigma) * (-v)``,
+    float32 (``dt = sigma_next - sigma``, a 0-dim tensor on x's device)."""
+    return x.float() + dt * (-v.float())
+
+
+# -- the loop ------------------------------------------------------------------------------------
+
+def _as_text(embeds, name: str, B: int, caption_channels: Optional[int]) -> torch.Tensor:
+    if isinstance(embeds, str):
+        raise NotImplementedError(
+            f"{name} is a prompt string; encoding it needs the umT5 text encoder, which this version of "
+            "longcat-native does not load (it will come with `pip install 'longcat-native[pipelines]'`). "
+            "Pass precomputed embeddings [B, 1, L, caption_channels] instead."
+        )
+    if not isinstance(embeds, torch.Tensor):
+        raise ValueError(f"{name} must be a tensor [B, 1, L, C], got {type(embeds).__name__}")
+    if embeds.dim() == 3:
+        embeds = embeds[:, None]
+    if embeds.dim() != 4 or embeds.shape[1] != 1:
+        raise ValueError(f"{name} must be [B, 1, L, C] (or [B, L, C]), got {tuple(embeds.shape)}")
+    if caption_channels is not None and embeds.shape[-1] != caption_channels:
+        raise ValueError(f"{name} has {embeds.shape[-1]} channels, the model's caption_channels is {caption_channels}")
+    if embeds.shape[0] not in (1, B):
+        raise ValueError(f"{name} has batch {embeds.shape[0]}, the latents have batch {B} (use 1 or {B})")
+    return embeds.expand(B, -1, -1, -1) if embeds.shape[0] != B else embeds
+
+
+def _as_mask(mask, name: str, embeds: torch.Tensor) -> Optional[torch.Tensor]:
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor):
+        raise ValueError(f"{name} must be a tensor [B, L], got {type(mask).__name__}")
+    B, L = embeds.shape[0], embeds.shape[2]
+    if mask.dim() != 2 or mask.shape[1] != L or mask.shape[0] not in (1, B):
+        raise ValueError(f"{name} must be [B, L] = [{B}, {L}], got {tuple(mask.shape)}")
+    return mask.expand(B, -1) if mask.shape[0] != B else mask
+
+
+def _dit_config(dit):
+    return getattr(dit, "config", None)
+
+
+def check_latent_inputs(dit, noise, cond_latents=None) -> Tuple[int, int]:
+    """Validate the latents against the model: returns (batch, conditioning frames)."""
+    cfg = _dit_config(dit)
+    if not isinstance(noise, torch.Tensor) or noise.dim() != 5:
+        raise ValueError(f"noise must be a 5-D tensor [B, C, T, H, W], got "
+                         f"{tuple(noise.shape) if isinstance(noise, torch.Tensor) else type(noise).__name__}")
+    if not noise.is_floating_point():
+        raise ValueError(f"noise must be floating point, got {noise.dtype}")
+    B, C, T, H, W = noise.shape
+    if cfg is not None:
+        if C != cfg.in_channels:
+            raise ValueError(f"noise has {C} channels, the model takes {cfg.in_channels}")
+        ph, pw = cfg.patch_size[1], cfg.patch_size[2]
+        if H % ph or W % pw:
+            raise ValueError(f"latent H x W = {H} x {W} must be divisible by the patch size {ph} x {pw}")
+    if min(B, T, H, W) == 0:
+        raise ValueError(f"noise has an empty dimension: {tuple(noise.shape)}")
+    m = 0
+    if cond_latents is not None:
+        if not isinstance(cond_latents, torch.Tensor) or cond_latents.dim() != 5:
+            raise ValueError("cond_latents must be a 5-D tensor [B, C, m, H, W]")
+        Bc, Cc, m, Hc, Wc = cond_latents.shape
+        if (Cc, Hc, Wc) != (C, H, W) or Bc not in (1, B):
+            raise ValueError(f"cond_latents {tuple(cond_latents.shape)} do not fit the latents {tuple(noise.shape)}: "
+                             f"need [{B} or 1, {C}, m, {H}, {W}]")
+        if not 0 < m < T:
+            raise ValueError(f"cond_latents has {m} frames; it must have at least 1 and fewer than the "
+                             f"{T} latent frames (at least one frame must be generated)")
+    return B, m
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def compute_kv_cache(dit, cond_latents: torch.Tensor, text_like: Optional[torch.Tensor] = None,
+                     offload_kv_cache: bool = False) -> Dict[int, Tuple[torch.Tensor, torch.Tensor]]:
+    """The official ``_cache_clean_latents``: one forward on the clean conditioning latents alone,
+    timestep 0 on every frame, no cross-attention, ``return_kv=True``."""
+    B, _, m = cond_latents.shape[:3]
+    dtype = getattr(dit, "dtype", cond_latents.dtype)
+    timestep = torch.zeros(B, m, device=cond_latents.device, dtype=dtype)
+    # The official code passes zero text of the prompt's shape (unused under skip_crs_attn).
+    empty = None if text_like is None else torch.zeros_like(text_like[:1]).expand(B, -1, -1, -1)
+    with torch.no_grad():
+        _, kv = dit(cond_latents, timestep, empty, return_kv=True, skip_crs_attn=True,
+                    offload_kv_cache=offload_kv_cache)
+    return kv
+
+
+def _expand_cache(kv: Mapping[int, Tuple[torch.Tensor, torch.Tensor]], batch: int):
+    """A cache of batch 1 serves any batch (the DiT expands it); a cache of batch B serves a call
+    of batch B only, so the CFG call (2B: negative then positive) gets it twice."""
+    first = next(iter(kv.values()))[0]
+    if first.shape[0] in (1, batch):
+        return kv
+    reps = batch // first.shape[0]
+    if reps * first.shape[0] != batch:
+        raise ValueError(f"kv cache batch {first.shape[0]} does not divide the call's batch {batch}")
+    return {i: (k.repeat(reps, 1, 1, 1), v.repeat(reps, 1, 1, 1)) for i, (k, v) in kv.items()}
+
+
+def denoise(
+    dit,
+    noise: torch.Tensor,
+    prompt_embeds: torch.Tensor,
+    prompt_mask: Optional[torch.Tensor] = None,
+    negative_embeds: Optional[torch.Tensor] = None,
+    negative_mask: Optional[torch.Tensor] = None,
+    num_steps: int = 50,
+    guidance_scale: float = 4.0,
+    distill: bool = False,
+    cond_latents: Optional[torch.Tensor] = None,
+    shift: float = DEFAULT_SHIFT,
+    progress: bool = True,
+    *,
+    schedule: Optional[Schedule] = None,
+    t_thresh: Optional[float] = None,
+    enhance_hf: bool = False,
+    use_kv_cache: bool = False,
+    kv_cache: Optional[Mapping[int, Tuple[torch.Tensor, torch.Tensor]]] = None,
+    offload_kv_cache: bool = False,
+    cfg_zero_cond_frames: bool = True,
+    callback: Optional[Callable[[int, float, torch.Tensor], None]] = None,
+) -> torch.Tensor:
+    """Run the official flow-matching Euler loop on latents; returns float32 latents like ``noise``.
+
+    ``noise`` [B, C, T, H, W] is the starting point (pure noise, or for refinement latents already
+    noised to ``t_thresh``). ``prompt_embeds`` [B, 1, L, C_cap] (batch 1 is broadcast) with
+    ``prompt_mask`` [B, L]. ``guidance_scale > 1`` runs negative and positive prompts as one batch
+    (negative first, as the official pipeline) and combines them with CFG-zero; ``<= 1`` runs the
+    positive prompt only, with no negative branch at all. ``distill`` picks the distilled schedule.
+
+    ``cond_latents`` [B or 1, C, m, H, W] replace the first m latent frames; those frames get
+    timestep 0, ``num_cond_latents = m`` is passed to the DiT and they are returned bit-exact.
+    By default the DiT sees all T frames each step (image-to-video, the official ``generate_i2v``;
+    CFG-zero's scale then includes the conditioning frames' outputs, as there). With
+    ``use_kv_cache`` (video continuation, the official default there) the clean conditioning frames
+    run once through the DiT (``return_kv=True, skip_crs_attn=True``, timestep 0) and every step
+    passes only the T - m noisy frames plus that cache via ``kv_cache_dict``; ``kv_cache`` passes a
+    cache computed elsewhere. ``cfg_zero_cond_frames=False`` leaves the conditioning frames'
+    outputs out of CFG-zero's scale when running without the cache, which then equals the cached
+    path up to float rounding (the official no-cache path includes them).
+
+    Keyword-only extras: ``schedule`` (a :class:`Schedule`, overriding num_steps/distill/shift),
+    ``t_thresh`` (refinement's truncated base schedule), ``enhance_hf`` (continuation's tail),
+    ``offload_kv_cache``, ``callback(step, timestep, latents)`` after each step (``timestep`` a
+    Python float; ``latents`` the tensor being denoised, the noisy frames only on the cached
+    path; the callback must not modify it). ``progress``
+    prints one line per step to stderr with seconds per step; it synchronizes the device once per
+    step to time it. With ``progress=False`` the loop makes no host synchronization of its own.
+    """
+    B, m = check_latent_inputs(dit, noise, cond_latents)
+    cfg = _dit_config(dit)
+    caption = getattr(cfg, "caption_channels", None)
+    guidance_scale = float(guidance_scale)
+    do_cfg = guidance_scale > 1.0
+    if (use_kv_cache or kv_cache is not None) and m == 0:
+        raise ValueError("use_kv_cache / kv_cache need cond_latents (the frames the cache holds)")
+    if schedule is None:
+        schedule = get_schedule(num_steps, distill=distill, shift=shift, t_thresh=t_thresh, enhance_hf=enhance_hf)
+    elif not isinstance(schedule, Schedule):
+        raise ValueError(f"schedule must be a Schedule, got {type(schedule).__name__}")
+
+    pos = _as_text(prompt_embeds, "prompt_embeds", B, caption)
+    pos_mask = _as_mask(prompt_mask, "prompt_mask", pos)
+    if do_cfg:
+        if negative_embeds is None:
+            raise ValueError(
+                f"guidance_scale={guidance_scale} > 1 needs negative_embeds (the official pipeline encodes the "
+                "negative prompt, or the empty string); pass them, or guidance_scale <= 1 for no guidance"
+            )
+        neg = _as_text(negative_embeds, "negative_embeds", B, caption)
+        neg_mask = _as_mask(negative_mask, "negative_mask", neg)
+        if neg.shape[2] != pos.shape[2]:
+            raise ValueError(f"negative_embeds has {neg.shape[2]} tokens and prompt_embeds {pos.shape[2]}; "
+                             "they run as one batch and must be padded to the same length")
+        text = torch.cat([neg, pos], dim=0)
+        if pos_mask is None and neg_mask is None:
+            mask = None
+        else:
+            ones = lambda e: torch.ones(e.shape[0], e.shape[2], dtype=torch.long, device=e.device)  # noqa: E731
+            mask = torch.cat([(neg_mask if neg_mask is not None else ones(neg)).to(pos.device),
+                              (pos_mask if pos_mask is not None else ones(pos)).to(pos.device)], dim=0)
+    else:
+        text, mask = pos, pos_mask
+
+    device = getattr(dit, "device", noise.device)
+    text = text.to(device)
+    mask = None if mask is None else mask.to(device)
+    n = len(schedule)
+    ts_host = schedule.timesteps.tolist()  # for progress lines only (computed before the loop)
+    timesteps = schedule.timesteps.to(device)
+    dts = (schedule.sigmas[1:] - schedule.sigmas[:-1]).to(device)  # sigma_next - sigma, float32
+
+    latents = noise.to(device=device, dtype=torch.float32).clone()
+    cond = cond_src = None
+    if m:
+        cond_src = cond_latents.to(device=device, dtype=torch.float32)
+        cond = cond_src.expand(B, -1, -1, -1, -1)
+        latents[:, :, :m] = cond
+
+    cached = use_kv_cache or kv_cache is not None
+    kv = None
+    if cached:
+        kv = kv_cache if kv_cache is not None else compute_kv_cache(dit, cond_src, text, offload_kv_cache)
+        kv = _expand_cache(kv, 2 * B if do_cfg else B)
+        latents = latents[:, :, m:].contiguous()  # only the noisy frames are carried
+    frames = latents.shape[2]
+    batch = 2 * B if do_cfg else B
+    first_noisy = 0 if cached else m
+
+    start = time.perf_counter()
+    with torch.no_grad():
+        for i in range(n):
+            t = timesteps[i]
+            model_in = torch.cat([latents, latents], dim=0) if do_cfg else latents
+            timestep = t.expand(batch, frames)
+            if first_noisy:
+                timestep = timestep.clone()
+                timestep[:, :first_noisy] = 0
+            kwargs = {}
+            if cached:
+                kwargs = dict(num_cond_latents=m, kv_cache_dict=kv)
+            elif m:
+                kwargs = dict(num_cond_latents=m)
+            v = dit(model_in, timestep, text, mask, **kwargs)
+            if isinstance(v, tuple):
+                v = v[0]
+            if do_cfg:
+                v_uncond, v_cond = v.chunk(2)
+                if first_noisy and not cfg_zero_cond_frames:
+                    v_uncond, v_cond = v_uncond[:, :, first_noisy:], v_cond[:, :, first_noisy:]
+                    v = cfg_zero(v_uncond, v_cond, guidance_scale)
+                else:
+                    v = cfg_zero(v_uncond, v_cond, guidance_scale)[:, :, first_noisy:]
+            else:
+                v = v[:, :, first_noisy:]
+            if first_noisy:
+                latents[:, :, first_noisy:] = euler_step(latents[:, :, first_noisy:], v, dts[i])
+            else:
+                latents = euler_step(latents, v, dts[i])
+            if progress:
+                _sync(device)
+                now = time.perf_counter()
+                print(f"denoise step {i + 1}/{n}  t={ts_host[i]:7.2f}  {now - start:.3f} s/step",
+                      file=sys.stderr, flush=True)
+                start = now
+            if callback is not None:
+                callback(i, ts_host[i], latents)
+    if cached:
+        latents = torch.cat([cond, latents], dim=2)
+    return latents

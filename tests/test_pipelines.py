@@ -1,0 +1,255 @@
+"""The pipelines end to end on the tiny config (random weights, reference path, CPU): shapes,
+determinism, conditioning frames untouched, video continuation with and without the KV cache,
+refinement's schedule and padding, LoRA/BSA switching, errors before any model work."""
+
+import pytest
+import torch
+from helpers import assert_close_rel
+
+from longcat_native.runtime import pipelines as P
+from longcat_native.runtime.dit import LongCatDiT
+from longcat_native.runtime.sampler import get_schedule
+
+
+class Spy:
+    def __init__(self, dit):
+        self.dit, self.calls = dit, []
+
+    def __getattr__(self, name):
+        return getattr(self.dit, name)
+
+    def __call__(self, *args, **kwargs):
+        self.calls.append((args, kwargs))
+        return self.dit(*args, **kwargs)
+
+
+class ExtrasSpy(Spy):
+    """A model that offers the LoRA / BSA switches (recording them)."""
+
+    def __init__(self, dit):
+        super().__init__(dit)
+        self.events, self.lora_dict = [], {}
+
+    def load_lora(self, path, key, **kw):
+        self.events.append(("load", key))
+        self.lora_dict[key] = path
+
+    def enable_loras(self, keys):
+        self.events.append(("enable", tuple(keys)))
+
+    def disable_all_loras(self):
+        self.events.append(("disable_loras",))
+
+    def enable_bsa(self):
+        self.events.append(("bsa", True))
+
+    def disable_bsa(self):
+        self.events.append(("bsa", False))
+
+
+class Bare:
+    """A model with no LoRA / BSA methods at all."""
+
+    def __init__(self, dit):
+        self.dit = dit
+        self.config, self.device, self.dtype = dit.config, dit.device, dit.dtype
+
+    def __call__(self, *a, **k):
+        return self.dit(*a, **k)
+
+
+@pytest.fixture(scope="module")
+def dit():
+    return LongCatDiT.from_config("tiny", kernels="reference", device="cpu", dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def text():
+    g = torch.Generator().manual_seed(0)
+    pe, ne = torch.randn(1, 1, 8, 64, generator=g), torch.randn(1, 1, 8, 64, generator=g)
+    pm = torch.ones(1, 8, dtype=torch.long)
+    pm[:, 5:] = 0
+    nm = torch.ones(1, 8, dtype=torch.long)
+    nm[:, 2:] = 0
+    return pe, pm, ne, nm
+
+
+def _lat(*shape, seed=5):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+SMALL = dict(num_steps=3, progress=False)
+
+
+def test_t2v(dit, text):
+    a = P.generate_t2v(dit, *text, num_frames=9, height=64, width=96, seed=1, **SMALL)
+    assert a.shape == (1, 16, 3, 8, 12) and a.dtype == torch.float32 and torch.isfinite(a).all()
+    b = P.generate_t2v(dit, *text, latent=(3, 8, 12), seed=1, **SMALL)
+    c = P.generate_t2v(dit, *text, latent=(3, 8, 12), seed=2, **SMALL)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    # seed -> noise -> denoise, nothing else random
+    noise = P.make_noise((1, 16, 3, 8, 12), seed=1)
+    d = P.generate_t2v(dit, *text, latent=(3, 8, 12), noise=noise, **SMALL)
+    assert torch.equal(a, d)
+
+
+def test_t2v_distill_no_cfg(dit, text):
+    spy = Spy(dit)
+    pe, pm, _, _ = text
+    out = P.generate_t2v(spy, pe, pm, latent=(2, 8, 12), distill=True, guidance_scale=1.0, num_steps=4,
+                         progress=False)
+    assert out.shape == (1, 16, 2, 8, 12) and len(spy.calls) == 4
+    assert all(a[0].shape[0] == 1 for a, _ in spy.calls)
+    assert [float(a[1][0, 0]) for a, _ in spy.calls] == pytest.approx(get_schedule(4, distill=True).timesteps.tolist())
+
+
+def test_i2v(dit, text):
+    img = _lat(1, 16, 1, 8, 12)
+    a = P.generate_i2v(dit, img, *text, num_frames=9, seed=3, **SMALL)
+    b = P.generate_i2v(dit, img[:, :, 0], *text, num_frames=9, seed=3, **SMALL)  # [B, C, H, W] accepted
+    assert a.shape == (1, 16, 3, 8, 12) and torch.equal(a, b)
+    assert torch.equal(a[:, :, :1], img)  # the image latent is untouched
+
+
+@pytest.mark.parametrize("guidance", [4.0, 1.0])
+def test_vc_kv_cache_matches_no_cache(dit, text, guidance):
+    video = _lat(1, 16, 5, 8, 12)
+    kw = dict(num_frames=13, num_cond_frames=5, num_steps=4, guidance_scale=guidance, seed=7, progress=False)
+    spy = Spy(dit)
+    cached = P.generate_vc(spy, video, *text, use_kv_cache=True, **kw)
+    full = P.generate_vc(dit, video, *text, use_kv_cache=False, **kw)
+    assert cached.shape == (1, 16, 4, 8, 12)
+    assert torch.equal(cached[:, :, :2], video[:, :, -2:]) and torch.equal(full[:, :, :2], video[:, :, -2:])
+    assert_close_rel(cached, full, 1e-5, "vc cached vs not")
+    # one prefill, then every step reuses the same cache over the 2 noisy frames (enhance_hf schedule)
+    n = len(get_schedule(4, enhance_hf=True))
+    assert len(spy.calls) == 1 + n and spy.calls[0][1]["return_kv"]
+    caches = {id(k["kv_cache_dict"]) for _, k in spy.calls[1:]}
+    assert len(caches) == 1 and all(a[0].shape[2] == 2 for a, _ in spy.calls[1:])
+
+
+def test_vc_official_no_cache_scale_differs(dit, text):
+    video = _lat(1, 16, 5, 8, 12)
+    kw = dict(num_frames=13, num_cond_frames=5, num_steps=4, seed=7, progress=False, use_kv_cache=False)
+    a = P.generate_vc(dit, video, *text, **kw)
+    b = P.generate_vc(dit, video, *text, cfg_zero_cond_frames=True, **kw)
+    assert not torch.equal(a, b) and torch.equal(b[:, :, :2], video[:, :, -2:])
+
+
+def test_long_video(dit, text):
+    kw = dict(latent=(3, 8, 12), num_cond_frames=5, num_steps=2, seed=11, progress=False)
+    out = P.generate_long(dit, *text, num_segments=2, **kw)
+    assert out.shape == (1, 16, 3 + 2 * 1, 8, 12) and torch.isfinite(out).all()
+    again = P.generate_long(dit, *text, num_segments=2, **kw)
+    assert torch.equal(out, again)
+    # the first segment is the text-to-video of the same seed
+    first = P.generate_t2v(dit, *text, latent=(3, 8, 12), num_steps=2, seed=11, progress=False)
+    assert torch.equal(out[:, :, :3], first)
+    # continuing given latents keeps them untouched
+    cont = P.generate_long(dit, *text, num_segments=1, first_latents=first, **kw)
+    assert cont.shape == (1, 16, 4, 8, 12) and torch.equal(cont[:, :, :3], first)
+
+
+def test_refine(dit, text):
+    pe, pm, _, _ = text
+    stage1 = _lat(1, 16, 3, 8, 12)
+    spy = Spy(dit)
+    out = P.generate_refine(spy, stage1, pe, pm, seed=1, progress=False)
+    assert out.shape == (1, 16, 3, 16, 24) and torch.isfinite(out).all()
+    # official: t = 500 then the 50-step schedule below it (5 steps), no guidance, padded to 4 frames
+    ts = [float(a[1][0, 0]) for a, _ in spy.calls]
+    assert ts == pytest.approx(get_schedule(50, t_thresh=0.5).timesteps.tolist())
+    assert all(a[0].shape == (1, 16, 4, 16, 24) for a, _ in spy.calls)
+    assert torch.equal(out, P.generate_refine(dit, stage1, pe, pm, seed=1, progress=False))
+    # with refined conditioning latents and temporal doubling
+    cond = _lat(1, 16, 2, 16, 24, seed=9)
+    spy = Spy(dit)
+    out2 = P.generate_refine(spy, stage1, pe, pm, cond_latents=cond, temporal_upsample=True, seed=1, progress=False)
+    assert out2.shape == (1, 16, 5, 16, 24) and torch.equal(out2[:, :, :2], cond)
+    a, k = spy.calls[0]
+    assert a[0].shape[2] == 4 + 4 and k["num_cond_latents"] == 4 and torch.all(a[1][:, :4] == 0)
+
+
+def test_refine_lora_and_bsa_switching(dit, text, tmp_path):
+    pe, pm, _, _ = text
+    stage1 = _lat(1, 16, 2, 8, 12)
+    lora_file = tmp_path / "refinement_lora.safetensors"
+    lora_file.write_bytes(b"")
+    m = ExtrasSpy(dit)
+    P.generate_refine(m, stage1, pe, pm, lora="refinement_lora", lora_path=str(lora_file), enable_bsa=True,
+                      num_steps=50, progress=False)
+    assert m.events == [("load", "refinement_lora"), ("enable", ("refinement_lora",)), ("bsa", True),
+                        ("bsa", False), ("disable_loras",)]
+    m.events.clear()
+    P.generate_refine(m, stage1, pe, pm, progress=False)  # not asked: nothing switched
+    assert m.events == []
+    with pytest.raises(NotImplementedError, match="enable_bsa"):
+        P.generate_refine(Bare(dit), stage1, pe, pm, enable_bsa=True, progress=False)
+    with pytest.raises(NotImplementedError, match="enable_loras"):
+        P.generate_refine(Bare(dit), stage1, pe, pm, lora="refinement_lora", progress=False)
+    with pytest.raises(ValueError, match="not loaded"):
+        P.generate_refine(ExtrasSpy(dit), stage1, pe, pm, lora="refinement_lora", progress=False)
+
+
+def test_generate_dispatch(dit, text):
+    img = _lat(1, 16, 1, 8, 12)
+    a = P.generate(dit, "i2v", *text, image_latents=img, num_frames=5, seed=0, **SMALL)
+    b = P.generate_i2v(dit, img, *text, num_frames=5, seed=0, **SMALL)
+    assert torch.equal(a, b)
+
+
+def test_bad_inputs_fail_before_model_work(dit, text):
+    spy = Spy(dit)
+    pe, pm, ne, nm = text
+    img = _lat(1, 16, 1, 8, 12)
+    with pytest.raises(ValueError, match="unknown task"):
+        P.generate(spy, "v2v", pe, pm)
+    with pytest.raises(ValueError, match="takes no image_latents"):
+        P.generate(spy, "t2v", pe, pm, ne, nm, image_latents=img)
+    with pytest.raises(ValueError, match="needs image_latents"):
+        P.generate(spy, "i2v", pe, pm, ne, nm)
+    with pytest.raises(ValueError, match="4k \\+ 1"):
+        P.generate_t2v(spy, pe, pm, ne, nm, num_frames=10, height=64, width=96)
+    with pytest.raises(ValueError, match="4k \\+ 1"):
+        P.generate_i2v(spy, img, pe, pm, ne, nm, num_frames=8)
+    with pytest.raises(ValueError, match="4k \\+ 1"):
+        P.generate_vc(spy, _lat(1, 16, 3, 8, 12), pe, pm, ne, nm, num_frames=12)
+    with pytest.raises(ValueError, match="multiples of 16"):
+        P.generate_t2v(spy, pe, pm, ne, nm, num_frames=9, height=64, width=100)
+    with pytest.raises(ValueError, match="1 latent frame"):
+        P.generate_i2v(spy, _lat(1, 16, 2, 8, 12), pe, pm, ne, nm, num_frames=9)
+    with pytest.raises(ValueError, match="channels"):
+        P.generate_i2v(spy, _lat(1, 8, 1, 8, 12), pe, pm, ne, nm, num_frames=9)
+    with pytest.raises(ValueError, match="needs the last"):
+        P.generate_vc(spy, _lat(1, 16, 1, 8, 12), pe, pm, ne, nm, num_frames=13, num_cond_frames=5)
+    with pytest.raises(ValueError, match="nothing to generate"):
+        P.generate_vc(spy, _lat(1, 16, 3, 8, 12), pe, pm, ne, nm, num_frames=5, num_cond_frames=5)
+    with pytest.raises(ValueError, match="refined size"):
+        P.generate_refine(spy, _lat(1, 16, 2, 8, 12), pe, pm, cond_latents=_lat(1, 16, 1, 8, 12))
+    with pytest.raises(ValueError, match="negative_embeds"):
+        P.generate_t2v(spy, pe, pm, latent=(2, 8, 12), guidance_scale=4.0)
+    with pytest.raises(ValueError, match="enhance_hf and distill"):
+        P.generate_vc(spy, _lat(1, 16, 3, 8, 12), pe, pm, num_frames=13, num_cond_frames=5, distill=True,
+                      enhance_hf=True, guidance_scale=1.0)
+    with pytest.raises(NotImplementedError, match=r"longcat-native\[pipelines\]"):
+        P.generate_t2v(spy, "a cat", latent=(2, 8, 12), guidance_scale=1.0)
+    with pytest.raises(NotImplementedError, match=r"longcat-native\[pipelines\]"):
+        P.generate_t2v(spy, pe, pm, ne, nm, latent=(2, 8, 12), output_type="np")
+    with pytest.raises(NotImplementedError, match=r"longcat-native\[pipelines\]"):
+        P.generate_i2v(spy, img, pe, pm, ne, nm, num_frames=9, image=object())
+    assert spy.calls == []
+
+
+@pytest.mark.skipif(not hasattr(LongCatDiT, "enable_loras"), reason="the model has no LoRA support yet")
+def test_refine_with_the_checkpoint_lora(text):
+    from cases import FIXTURE_ROOT
+
+    ckpt = LongCatDiT.from_pretrained(FIXTURE_ROOT, kernels="reference")
+    pe, pm, _, _ = text
+    stage1 = _lat(1, 16, 2, 8, 12)
+    plain = P.generate_refine(ckpt, stage1, pe, pm, seed=0, progress=False)
+    lora = P.generate_refine(ckpt, stage1, pe, pm, seed=0, progress=False, lora="refinement_lora",
+                             lora_kwargs=dict(lora_network_dim=4, lora_network_alpha=2.0))
+    assert "refinement_lora" in ckpt.lora_dict and not torch.equal(plain, lora)
+    # switched off again after the call
+    assert torch.equal(plain, P.generate_refine(ckpt, stage1, pe, pm, seed=0, progress=False))
