@@ -347,6 +347,15 @@ class LongCatDiT(LongCatTransformer):
 
         return _lora.active_loras(self)
 
+    # -- block-sparse attention (official API) ------------------------------------------------
+    def enable_bsa(self) -> None:
+        """Self-attention becomes block-sparse (``config.bsa_params``) on latents of more than one
+        frame; grids that do not tile into the chunk shapes fall back to dense with a warning."""
+        self.cfg.enable_bsa = True
+
+    def disable_bsa(self) -> None:
+        self.cfg.enable_bsa = False
+
     # -- forward ------------------------------------------------------------------------------
     def forward(
         self,

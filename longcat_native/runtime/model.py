@@ -14,6 +14,7 @@ The call sites ``self.ops.<op>`` pick the plain-PyTorch reference or the fused k
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -21,6 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..kernels import get_ops
+from ..kernels.block_sparse_attention import block_sparse_attention, bsa_grid_tiles
 from .attention import attention
 from .config import LongCatConfig
 
@@ -224,19 +226,45 @@ class LongCatBlock(nn.Module):
         )
         new_kv = (k_unroped, v) if ctx.return_kv else None
         nc = ctx.num_cond_tokens
+        T, Hh, Ww = ctx.grid
         if kv_cache is not None:
             # Cached keys are normalized, un-rotated; they take the first frames of the grid.
             k_cache, v_cache = kv_cache
             _, k_cache = ops.qk_rmsnorm_rope3d(None, k_cache, None, None, ctx.cache_grid)
-            out = attention(q, torch.cat([k_cache, k], 1), torch.cat([v_cache, v], 1), ctx.attention)
+            out = self._attend(q, torch.cat([k_cache, k], 1), torch.cat([v_cache, v], 1), T,
+                               ctx.cache_frames + T, ctx, ops)
         elif nc > 0:
             # Conditioning tokens attend among themselves; noisy tokens attend to everything.
+            m = nc // (Hh * Ww)
             out = torch.empty_like(q)
-            out[:, :nc] = attention(q[:, :nc], k[:, :nc], v[:, :nc], ctx.attention)
-            out[:, nc:] = attention(q[:, nc:], k, v, ctx.attention)
+            out[:, :nc] = self._attend(q[:, :nc], k[:, :nc], v[:, :nc], m, m, ctx, ops)
+            out[:, nc:] = self._attend(q[:, nc:], k, v, T - m, T, ctx, ops)
         else:
-            out = attention(q, k, v, ctx.attention)
+            out = self._attend(q, k, v, T, T, ctx, ops)
         return linear(out.reshape(B, N, C), a.proj), new_kv
+
+    @staticmethod
+    def _attend(q, k, v, frames_q, frames_k, ctx, ops):
+        """Dense attention, or block-sparse over the (frames, H, W) grids of q and k when BSA is
+        on and the call's latent has more than one frame (the official rule)."""
+        bsa = ctx.bsa
+        if bsa is not None and ctx.grid[0] > 1 and q.shape[1] > 0:
+            _, Hh, Ww = ctx.grid
+            grid_q, grid_k = (frames_q, Hh, Ww), (frames_k, Hh, Ww)
+            if bsa_grid_tiles(grid_q, bsa["chunk_3d_shape_q"]) and bsa_grid_tiles(grid_k, bsa["chunk_3d_shape_k"]):
+                out = block_sparse_attention(
+                    q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), grid_q, grid_k,
+                    bsa["sparsity"], bsa["cdf_threshold"], bsa["chunk_3d_shape_q"], bsa["chunk_3d_shape_k"],
+                    impl="triton" if ops.name == "triton" else "reference",
+                )
+                return out.transpose(1, 2)
+            warnings.warn(
+                f"block-sparse attention: latent grids q {grid_q} / k {grid_k} do not tile into the chunks "
+                f"{bsa['chunk_3d_shape_q']} / {bsa['chunk_3d_shape_k']}; using dense attention for them "
+                "(pad the latent to a multiple of the chunk shape to keep BSA)",
+                stacklevel=2,
+            )
+        return attention(q, k, v, ctx.attention)
 
     def _cross_attention(self, h, ctx, ops):
         a = self.cross_attn
@@ -271,7 +299,7 @@ class ForwardContext:
     """Per-call facts every block reads (shapes, text, conditioning)."""
 
     __slots__ = ("grid", "cache_grid", "cache_frames", "num_cond_tokens", "text", "text_valid",
-                 "skip_crs_attn", "return_kv", "attention")
+                 "skip_crs_attn", "return_kv", "attention", "bsa")
 
     def __init__(self, **kw):
         for k in self.__slots__:
@@ -333,6 +361,7 @@ class LongCatTransformer(nn.Module):
             skip_crs_attn=skip_crs_attn,
             return_kv=kv_sink is not None,
             attention=attention_backend,
+            bsa=cfg.bsa if cfg.enable_bsa else None,
         )
 
         mod = self.blocks[0].modulation(t)
