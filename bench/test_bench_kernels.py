@@ -246,3 +246,21 @@ def test_bsa_script_smoke():
     for s in ("s0875", "s09375"):  # the small shape is checked against the float32 oracle
         assert record[f"{s}_max_rel_err_vs_reference"] < (1e-4 if record["dtype"] == "float32" else 1e-2)
     assert "FLOP reduction" in stdout
+
+
+def test_model_script_smoke(tmp_path):
+    """bench/model.py on the tiny config (CPU) or a shallow real config (CUDA): every column runs or
+    reports its error, the full results land in --out-dir (tmp_path, not bench/results)."""
+    argv = ["bench/model.py", "--size", "small", "--repeats", "1", "--save", "--out-dir", str(tmp_path)]
+    if torch.cuda.is_available():
+        argv = ["bench/model.py", "--size", "480p", "--depth", "2", "--repeats", "1", "--out-dir", str(tmp_path)]
+    record, stdout = _run_script(*argv)
+    assert record["bench"] == "model"
+    size = argv[2]
+    _check_positive(record, ["matmul_peak_tflops", f"{size}_eager_ref_s", f"{size}_eager_ref_mfu",
+                             f"{size}_fused_s", f"{size}_fused_compile_graphs_s"])
+    assert "eager_ref" in stdout and "fused_compile_graphs" in stdout
+    saved = list(tmp_path.glob("model_*.json"))
+    assert len(saved) == 1
+    full = json.loads(saved[0].read_text())
+    assert set(full["sizes"][size]["columns"]) == {"eager_ref", "compile_ref", "fused", "fused_compile_graphs"}

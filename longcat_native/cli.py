@@ -1,4 +1,4 @@
-"""The ``longcat-native`` command: ``info``, ``forward`` and ``generate`` (later: bench, profile)."""
+"""The ``longcat-native`` command: ``info``, ``forward``, ``generate``, ``profile`` and ``bench``."""
 
 from __future__ import annotations
 
@@ -418,6 +418,69 @@ def cmd_generate(args) -> int:
     return 0 if summary["output_finite"] else 1
 
 
+# -- profile / bench -----------------------------------------------------------------------------
+
+
+def cmd_profile(args) -> int:
+    """A few forwards under torch.profiler with NVTX/record_function ranges: writes a Chrome trace,
+    prints the top ops by self time grouped by range, and the nsys command line."""
+    import torch
+
+    from .runtime.dit import LongCatDiT
+    from .runtime.profiling import format_profile_table, nsys_command, profile_forward
+
+    if args.path:
+        dit = LongCatDiT.from_pretrained(args.path, dtype=args.dtype, device=args.device,
+                                         kernels=args.kernels, attention=args.attention)
+    else:
+        dit = LongCatDiT.from_config(args.config, dtype=args.dtype, device=args.device, seed=args.seed,
+                                     kernels=args.kernels, attention=args.attention)
+    if args.bsa:
+        dit.enable_bsa()
+    cfg, device = dit.config, dit.device
+    T, H, W = args.latent
+    g = torch.Generator(device="cpu").manual_seed(args.seed)
+    x = torch.randn(args.batch, cfg.in_channels, T, H, W, generator=g).to(device)
+    t = torch.rand(args.batch, generator=g).mul(1000).to(device)
+    text = torch.randn(args.batch, 1, args.text_len, cfg.caption_channels, generator=g).to(device)
+    fn = dit
+    if args.compile:
+        from .runtime.compiled import compile_model
+
+        fn = compile_model(dit)
+
+    def step():
+        with torch.inference_mode():
+            return fn(x, t, text)
+
+    result = profile_forward(step, steps=args.steps, trace_path=args.trace, warmup=1, top=args.top, device=device)
+    print(f"LongCatDiT {cfg.hidden_size}x{cfg.depth} on {device}, kernels={dit.resolved_kernels()}, "
+          f"attention={dit.resolved_attention()}, latent {T}x{H}x{W}, batch {args.batch}, text {args.text_len}"
+          + (", compiled" if args.compile else ""))
+    print(format_profile_table(result))
+    print(f"\ntrace: {args.trace}  (open in https://ui.perfetto.dev or chrome://tracing)")
+    argv = ["longcat-native", "forward"] + (["--path", args.path] if args.path else ["--config", args.config]) + [
+        "--latent", str(T), str(H), str(W), "--batch", str(args.batch), "--text-len", str(args.text_len),
+        "--kernels", args.kernels, "--attention", args.attention]
+    print("nsys:  " + nsys_command(argv))
+    if args.json:
+        print(json.dumps({"trace": args.trace, "total_self_us": result["total_self_us"], "steps": result["steps"],
+                          "top": result["rows"][:10]}))
+    return 0
+
+
+def cmd_bench(args) -> int:
+    """The full-model benchmark (bench/model.py): eager reference, compiled reference, fused, and
+    fused + compile + CUDA graphs. Without CUDA the fused columns need TRITON_INTERPRET=1 in the
+    environment (triton is imported with the package, too late to set it here); without it they
+    print n/a with the reason."""
+    import os
+
+    from .runtime import benchmark
+
+    return benchmark.run_from_args(args, default_out_dir=os.path.join(os.getcwd(), "bench", "results"))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="longcat-native", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -490,6 +553,35 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--attention", default="auto")
     gen.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     gen.set_defaults(func=cmd_generate)
+
+    prof = sub.add_parser("profile", help="a few forwards under torch.profiler: trace, top ops by range, nsys command",
+                          description=cmd_profile.__doc__)
+    psrc = prof.add_mutually_exclusive_group()
+    psrc.add_argument("--path", help="checkpoint root or dit/ folder (default: random weights of --config)")
+    psrc.add_argument("--config", default="tiny", help="preset or config.json for random weights (default tiny)")
+    prof.add_argument("--latent", type=int, nargs=3, default=(3, 8, 12), metavar=("T", "H", "W"),
+                      help="latent frames, height, width (default 3 8 12)")
+    prof.add_argument("--batch", type=int, default=1)
+    prof.add_argument("--text-len", type=int, default=8)
+    prof.add_argument("--steps", type=int, default=3, help="profiled forwards (after one warm-up)")
+    prof.add_argument("--top", type=int, default=20, help="rows of the table")
+    prof.add_argument("--trace", default="longcat_trace.json", help="Chrome/Perfetto trace output")
+    prof.add_argument("--bsa", action="store_true", help="enable block-sparse attention")
+    prof.add_argument("--compile", action="store_true", help="profile the compiled model (compile_model)")
+    prof.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    prof.add_argument("--dtype", default=None, help="default: bfloat16 on cuda, float32 on cpu")
+    prof.add_argument("--kernels", default="auto", choices=["auto", "reference", "triton"])
+    prof.add_argument("--attention", default="auto")
+    prof.add_argument("--seed", type=int, default=0)
+    prof.add_argument("--json", action="store_true", help="also print a JSON summary line")
+    prof.set_defaults(func=cmd_profile)
+
+    from .runtime.benchmark import add_arguments as _bench_arguments
+
+    bench = sub.add_parser("bench", help="full-model benchmark: eager/compiled reference, fused, fused+compile+graphs",
+                           description=cmd_bench.__doc__)
+    _bench_arguments(bench)
+    bench.set_defaults(func=cmd_bench)
     return p
 
 

@@ -69,3 +69,12 @@ def test_kv_cache_continuation_with_bsa_equals_single_forward():
         _, cache = dit(x[:, :, :m], torch.zeros(1), None, return_kv=True, skip_crs_attn=True)
         cont = dit(x[:, :, m:], t_noisy, text, num_cond_latents=m, kv_cache_dict=cache)
     assert_close_rel(cont, full[:, :, m:], MODEL_RTOL, "BSA continuation")
+
+
+def test_bsa_model_compiles_without_graph_breaks():
+    inputs, _, expected, _ = load_case("bsa_t2v")
+    dit = lcn.LongCatDiT.from_pretrained(FIXTURE_ROOT, kernels="reference")
+    dit.enable_bsa()
+    explanation = torch._dynamo.explain(dit)(**inputs)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert_close_rel(torch.compile(dit, fullgraph=True)(**inputs), expected["output"], MODEL_RTOL, "compiled BSA")

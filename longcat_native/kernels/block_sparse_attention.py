@@ -295,7 +295,7 @@ def bsa_select_reference(
     """Official selection from raster-order q, k: ``(indices, counts)`` as :func:`bsa_select_from_pooled`."""
     grid_q, grid_k, chunk_q, chunk_k = _check_qkv(q, k, None, latent_shape_q, latent_shape_k,
                                                   chunk_3d_shape_q, chunk_3d_shape_k)
-    n_k = math.prod(g // c for g, c in zip(grid_k, chunk_k))
+    n_k = math.prod([g // c for g, c in zip(grid_k, chunk_k)])  # a list: dynamo cannot trace prod(<generator>)
     _check_params(sparsity, cdf_threshold, n_k)
     q_pool = bsa_pool_reference(_to_chunk_order(q, grid_q, chunk_q), math.prod(chunk_q))
     k_pool = bsa_pool_reference(_to_chunk_order(k, grid_k, chunk_k), math.prod(chunk_k))
@@ -329,7 +329,7 @@ def block_sparse_attention_reference(
     returns the bool chunk mask ``[B, H, n_q, n_k]`` (chunks in 3D-chunk order)."""
     grid_q, grid_k, chunk_q, chunk_k = _check_qkv(q, k, v, latent_shape_q, latent_shape_k,
                                                   chunk_3d_shape_q, chunk_3d_shape_k)
-    n_k = math.prod(g // c for g, c in zip(grid_k, chunk_k))
+    n_k = math.prod([g // c for g, c in zip(grid_k, chunk_k)])  # a list: dynamo cannot trace prod(<generator>)
     _check_params(sparsity, cdf_threshold, n_k)
     cs_q, cs_k = math.prod(chunk_q), math.prod(chunk_k)
     qc = _to_chunk_order(q, grid_q, chunk_q)
@@ -635,7 +635,7 @@ def _alloc_like_q(q: torch.Tensor) -> torch.Tensor:
 
 def _select_shapes(q, k, grid_q, grid_k, chunk_q, chunk_k, sparsity, cdf_threshold):
     n_q = math.prod(g // c for g, c in zip(grid_q, chunk_q))
-    n_k = math.prod(g // c for g, c in zip(grid_k, chunk_k))
+    n_k = math.prod([g // c for g, c in zip(grid_k, chunk_k)])  # a list: dynamo cannot trace prod(<generator>)
     _check_params(sparsity, cdf_threshold, n_k)
     B, H = q.shape[:2]
     return (B, H, n_q, _index_width(sparsity, cdf_threshold, n_k)), (B, H, n_q)

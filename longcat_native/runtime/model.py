@@ -25,6 +25,7 @@ from ..kernels import get_ops
 from ..kernels.block_sparse_attention import block_sparse_attention, bsa_grid_tiles
 from .attention import attention
 from .config import LongCatConfig
+from .profiling import nvtx_range
 
 __all__ = ["LongCatTransformer", "timestep_features", "patchify", "unpatchify"]
 
@@ -206,31 +207,48 @@ class LongCatBlock(nn.Module):
         return linear_fp32(F.silu(t), self.adaLN_modulation).chunk(6, dim=-1)
 
     def forward(self, x, h, mod, ctx: "ForwardContext", ops, kv_cache=None):
+        # nvtx_range: NVTX + record_function ranges for profiling (runtime/profiling.py); a shared
+        # null context when profiling is off and always under torch.compile.
         _, _, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod
-        attn_out, new_kv = self._self_attention(h, ctx, ops, kv_cache)
+        with nvtx_range("block.self_attn"):
+            attn_out, new_kv = self._self_attention(h, ctx, ops, kv_cache)
         if ctx.skip_crs_attn:
-            x, h = ops.residual_layernorm_modulate(x, attn_out, gate_msa, shift_mlp, scale_mlp)
+            with nvtx_range("op.residual_layernorm_modulate"):
+                x, h = ops.residual_layernorm_modulate(x, attn_out, gate_msa, shift_mlp, scale_mlp)
         else:
             norm = self.pre_crs_attn_norm
-            x, h = ops.residual_layernorm_modulate(x, attn_out, gate_msa, weight=norm.weight, bias=norm.bias)
-            x, h = ops.residual_layernorm_modulate(x, self._cross_attention(h, ctx, ops), None, shift_mlp, scale_mlp)
-        ffn_out = linear(ops.swiglu(linear(h, self.ffn.w13)), self.ffn.w2)
+            with nvtx_range("op.residual_layernorm_modulate"):
+                x, h = ops.residual_layernorm_modulate(x, attn_out, gate_msa, weight=norm.weight, bias=norm.bias)
+            with nvtx_range("block.cross_attn"):
+                cross_out = self._cross_attention(h, ctx, ops)
+            with nvtx_range("op.residual_layernorm_modulate"):
+                x, h = ops.residual_layernorm_modulate(x, cross_out, None, shift_mlp, scale_mlp)
+        with nvtx_range("block.ffn"):
+            with nvtx_range("op.ffn_w13"):
+                ab = linear(h, self.ffn.w13)
+            with nvtx_range("op.swiglu"):
+                ab = ops.swiglu(ab)
+            with nvtx_range("op.ffn_w2"):
+                ffn_out = linear(ab, self.ffn.w2)
         return x, ffn_out, gate_mlp, new_kv
 
     def _self_attention(self, h, ctx, ops, kv_cache):
         a = self.attn
         B, N, C = h.shape
-        q, k, v = linear(h, a.qkv).view(B, N, 3, a.num_heads, a.head_dim).unbind(2)
-        q, k, k_unroped = ops.qk_rmsnorm_rope3d(
-            q, k, a.q_norm.weight, a.k_norm.weight, ctx.grid, t_offset=ctx.cache_frames, return_k_unroped=True
-        )
+        with nvtx_range("op.qkv"):
+            q, k, v = linear(h, a.qkv).view(B, N, 3, a.num_heads, a.head_dim).unbind(2)
+        with nvtx_range("op.qk_rmsnorm_rope3d"):
+            q, k, k_unroped = ops.qk_rmsnorm_rope3d(
+                q, k, a.q_norm.weight, a.k_norm.weight, ctx.grid, t_offset=ctx.cache_frames, return_k_unroped=True
+            )
         new_kv = (k_unroped, v) if ctx.return_kv else None
         nc = ctx.num_cond_tokens
         T, Hh, Ww = ctx.grid
         if kv_cache is not None:
             # Cached keys are normalized, un-rotated; they take the first frames of the grid.
             k_cache, v_cache = kv_cache
-            _, k_cache = ops.qk_rmsnorm_rope3d(None, k_cache, None, None, ctx.cache_grid)
+            with nvtx_range("op.qk_rmsnorm_rope3d"):
+                _, k_cache = ops.qk_rmsnorm_rope3d(None, k_cache, None, None, ctx.cache_grid)
             out = self._attend(q, torch.cat([k_cache, k], 1), torch.cat([v_cache, v], 1), T,
                                ctx.cache_frames + T, ctx, ops)
         elif nc > 0:
@@ -241,7 +259,9 @@ class LongCatBlock(nn.Module):
             out[:, nc:] = self._attend(q[:, nc:], k, v, T - m, T, ctx, ops)
         else:
             out = self._attend(q, k, v, T, T, ctx, ops)
-        return linear(out.reshape(B, N, C), a.proj), new_kv
+        with nvtx_range("op.proj"):
+            out = linear(out.reshape(B, N, C), a.proj)
+        return out, new_kv
 
     @staticmethod
     def _attend(q, k, v, frames_q, frames_k, ctx, ops):
@@ -252,11 +272,12 @@ class LongCatBlock(nn.Module):
             _, Hh, Ww = ctx.grid
             grid_q, grid_k = (frames_q, Hh, Ww), (frames_k, Hh, Ww)
             if bsa_grid_tiles(grid_q, bsa["chunk_3d_shape_q"]) and bsa_grid_tiles(grid_k, bsa["chunk_3d_shape_k"]):
-                out = block_sparse_attention(
-                    q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), grid_q, grid_k,
-                    bsa["sparsity"], bsa["cdf_threshold"], bsa["chunk_3d_shape_q"], bsa["chunk_3d_shape_k"],
-                    impl="triton" if ops.name == "triton" else "reference",
-                )
+                with nvtx_range("op.block_sparse_attention"):
+                    out = block_sparse_attention(
+                        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), grid_q, grid_k,
+                        bsa["sparsity"], bsa["cdf_threshold"], bsa["chunk_3d_shape_q"], bsa["chunk_3d_shape_k"],
+                        impl="triton" if ops.name == "triton" else "reference",
+                    )
                 return out.transpose(1, 2)
             warnings.warn(
                 f"block-sparse attention: latent grids q {grid_q} / k {grid_k} do not tile into the chunks "
@@ -264,17 +285,23 @@ class LongCatBlock(nn.Module):
                 "(pad the latent to a multiple of the chunk shape to keep BSA)",
                 stacklevel=2,
             )
-        return attention(q, k, v, ctx.attention)
+        with nvtx_range("op.attention"):
+            return attention(q, k, v, ctx.attention)
 
     def _cross_attention(self, h, ctx, ops):
         a = self.cross_attn
         B, N, C = h.shape
         nc = ctx.num_cond_tokens  # only noisy tokens take part (0 on the KV-cache path)
         hq = h[:, nc:]
-        q = linear(hq, a.q_linear).view(B, N - nc, a.num_heads, a.head_dim)
-        k, v = linear(ctx.text, a.kv_linear).view(B, -1, 2, a.num_heads, a.head_dim).unbind(2)
-        q, k = ops.qk_rmsnorm_rope3d(q, k, a.q_norm.weight, k_weight=a.k_norm.weight)
-        out = linear(attention(q, k, v, ctx.attention, key_valid=ctx.text_valid).reshape(B, N - nc, C), a.proj)
+        with nvtx_range("op.cross_q_kv"):
+            q = linear(hq, a.q_linear).view(B, N - nc, a.num_heads, a.head_dim)
+            k, v = linear(ctx.text, a.kv_linear).view(B, -1, 2, a.num_heads, a.head_dim).unbind(2)
+        with nvtx_range("op.qk_rmsnorm"):
+            q, k = ops.qk_rmsnorm_rope3d(q, k, a.q_norm.weight, k_weight=a.k_norm.weight)
+        with nvtx_range("op.cross_attention"):
+            out = attention(q, k, v, ctx.attention, key_valid=ctx.text_valid)
+        with nvtx_range("op.cross_proj"):
+            out = linear(out.reshape(B, N - nc, C), a.proj)
         if nc:
             out = torch.cat([out.new_zeros(B, nc, C), out], dim=1)
         return out
@@ -338,12 +365,12 @@ class LongCatTransformer(nn.Module):
         grid = (T // pt, H // ph, W // pw)
         tokens_per_frame = grid[1] * grid[2]
 
-        x = self.x_embedder(hidden_states)  # [B, N, C]
-        t = self.t_embedder(timestep.flatten()).view(B, grid[0], -1)  # float32 [B, T, C_t]
-
-        y = text_valid = None
-        if not skip_crs_attn:
-            y = self.y_embedder(text)  # [B, L, C]
+        with nvtx_range("embed.x_t_y"):
+            x = self.x_embedder(hidden_states)  # [B, N, C]
+            t = self.t_embedder(timestep.flatten()).view(B, grid[0], -1)  # float32 [B, T, C_t]
+            y = text_valid = None
+            if not skip_crs_attn:
+                y = self.y_embedder(text)  # [B, L, C]
         if y is not None and text_mask is not None:
             if cfg.text_tokens_zero_pad:
                 # Padded tokens are zeroed, then every token is attended (official setting).
@@ -364,21 +391,27 @@ class LongCatTransformer(nn.Module):
             bsa=cfg.bsa if cfg.enable_bsa else None,
         )
 
-        mod = self.blocks[0].modulation(t)
-        h = ops.layernorm_modulate(x, mod[0], mod[1])
+        with nvtx_range("op.modulation"):
+            mod = self.blocks[0].modulation(t)
+        with nvtx_range("op.layernorm_modulate"):
+            h = ops.layernorm_modulate(x, mod[0], mod[1])
         for i, block in enumerate(self.blocks):
-            x, ffn_out, gate_mlp, new_kv = block(x, h, mod, ctx, ops, None if kv_cache is None else kv_cache[i])
-            if new_kv is not None:
-                kv_sink[i] = new_kv
-            # The last gated residual of block i is fused with the next norm: block i+1's
-            # attention norm, or the final layer's.
-            if i + 1 < len(self.blocks):
-                mod = self.blocks[i + 1].modulation(t)
-                shift, scale = mod[0], mod[1]
-            else:
-                shift, scale = self.final_layer.modulation(t)
-            x, h = ops.residual_layernorm_modulate(x, ffn_out, gate_mlp, shift, scale)
+            with nvtx_range("block", i):  # "block.{i}"
+                x, ffn_out, gate_mlp, new_kv = block(x, h, mod, ctx, ops, None if kv_cache is None else kv_cache[i])
+                if new_kv is not None:
+                    kv_sink[i] = new_kv
+                # The last gated residual of block i is fused with the next norm: block i+1's
+                # attention norm, or the final layer's.
+                with nvtx_range("op.modulation"):
+                    if i + 1 < len(self.blocks):
+                        mod = self.blocks[i + 1].modulation(t)
+                        shift, scale = mod[0], mod[1]
+                    else:
+                        shift, scale = self.final_layer.modulation(t)
+                with nvtx_range("op.residual_layernorm_modulate"):
+                    x, h = ops.residual_layernorm_modulate(x, ffn_out, gate_mlp, shift, scale)
 
-        out = linear_fp32(h, self.final_layer.linear)  # [B, N, pt*ph*pw*C_out] float32
+        with nvtx_range("final.linear"):
+            out = linear_fp32(h, self.final_layer.linear)  # [B, N, pt*ph*pw*C_out] float32
         out = unpatchify(out, grid, cfg.patch_size, cfg.out_channels)
         return out

@@ -1,0 +1,345 @@
+"""The full-model benchmark (``bench/model.py`` and ``longcat-native bench``).
+
+One forward of the whole DiT with random weights, side by side in one run:
+
+| column | what runs |
+|---|---|
+| ``eager_ref`` | ``kernels="reference"`` eagerly (plain PyTorch, the official math) |
+| ``compile_ref`` | the same under ``compile_model(fullgraph=False)``: graph breaks allowed, as the official code's ``torch.compile(dit)`` |
+| ``fused`` | ``kernels="triton"`` eagerly (the fused Triton kernels) |
+| ``fused_compile_graphs`` | fused + :func:`compile_model` + :class:`CUDAGraphRunner` (graphs only on CUDA; on CPU the runner falls back to the compiled model) |
+
+Every column uses the same model object (the kernel path is switched with ``dit.kernels``; the
+13.6B weights exist once) and the same attention backend (``dit.attention``, "auto").
+
+Sizes (SPEC section 7): ``480p``: the real config, CFG batch 2, latent 24x60x104 (N = 37,440),
+512 text tokens; ``720p``: batch 1, latent 48x88x160 (N = 168,960), BSA on (``enable_bsa()``),
+512 text tokens; ``small`` (the CPU default): the ``tiny`` preset, batch 2, latent 2x8x8, 16 text
+tokens, and ``small_bsa``: tiny, batch 1, latent 2x8x8, one block, with BSA on (chunks 2x2x2, sparsity 0.5).
+
+Model FLOPs per forward (:func:`model_flops`): per block, per batch item, N tokens, L text tokens
+
+    self-attention  qkv 2*N*C*3C + proj 2*N*C^2 + scores and PV 4*N*N*C*keep
+    cross-attention q 2*N*C^2 + kv 2*L*C*2C + scores and PV 4*N*L*C + proj 2*N*C^2
+    FFN             2*N*C*2F + 2*N*F*C
+    adaLN           2*T*C_t*6C
+
+plus the embedders and the final layer (2*N*C_in*C, 2*L*(C_cap*C + C^2), 2*N*C*C_out_patch).
+``keep`` = 1 for dense attention, ``1 - sparsity`` with BSA (the fraction of key blocks each
+query block attends; executed FLOPs, not dense-equivalent). Per token this is SPEC section 7's
+2*(4C^2 + 2C^2 + 3CF) + 4NC (plus the text terms). Element-wise work is not counted.
+MFU = model FLOPs / seconds / the matmul peak measured in the same run (a square GEMM of the
+model dtype: 8192^3 bf16 on CUDA, 1024^3 on CPU).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+import warnings
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+
+__all__ = ["SIZES", "COLUMNS", "model_flops", "matmul_peak_tflops", "run_benchmark", "format_results", "headline"]
+
+SIZES: Dict[str, Dict[str, Any]] = {
+    "480p": dict(preset="longcat-video", overrides={}, batch=2, latent=(24, 60, 104), text=512, bsa=False),
+    "720p": dict(preset="longcat-video", overrides={}, batch=1, latent=(48, 88, 160), text=512, bsa=True),
+    "small": dict(preset="tiny", overrides={}, batch=2, latent=(2, 8, 8), text=16, bsa=False),
+    # compile_ref is left out of small_bsa's default columns: a second cold inductor C++ build of the
+    # reference path costs ~18 s on 2 cores and would push the CPU run past a minute (--columns adds it).
+    "small_bsa": dict(preset="tiny", overrides=dict(depth=1), batch=1, latent=(2, 8, 8), text=16, bsa=True,
+                      default_columns=("eager_ref", "fused", "fused_compile_graphs")),
+}
+COLUMNS = ("eager_ref", "compile_ref", "fused", "fused_compile_graphs")
+
+
+def model_flops(cfg, batch: int, latent, text_len: int, bsa: bool = False) -> int:
+    """Model FLOPs of one forward (module doc)."""
+    T, H, W = latent
+    pt, ph, pw = cfg.patch_size
+    grid = (T // pt, H // ph, W // pw)
+    N = grid[0] * grid[1] * grid[2]
+    C, F, Ct, L = cfg.hidden_size, cfg.ffn_hidden_size, cfg.adaln_tembed_dim, text_len
+    keep = 1.0
+    if bsa and grid[0] > 1:
+        keep = 1.0 - float(cfg.bsa["sparsity"])
+    self_attn = 2 * N * C * 3 * C + 2 * N * C * C + 4 * N * N * C * keep
+    cross = 2 * N * C * C + 2 * L * C * 2 * C + 4 * N * L * C + 2 * N * C * C
+    ffn = 2 * N * C * 2 * F + 2 * N * F * C
+    adaln = 2 * grid[0] * Ct * 6 * C
+    blocks = cfg.depth * (self_attn + cross + ffn + adaln)
+    embed = 2 * N * cfg.in_channels * cfg.patch_volume * C + 2 * L * (cfg.caption_channels * C + C * C)
+    final = 2 * N * C * cfg.patch_volume * cfg.out_channels
+    return int(batch * (blocks + embed + final))
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_forward(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int) -> float:
+    """Median seconds per call (CUDA events on CUDA, perf_counter elsewhere)."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    samples = []
+    for _ in range(max(1, repeats)):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            samples.append(start.elapsed_time(end) * 1e-3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            samples.append(time.perf_counter() - t0)
+    return statistics.median(samples)
+
+
+def matmul_peak_tflops(device: torch.device, dtype: torch.dtype, timer=None) -> float:
+    """Measured dense GEMM throughput (TFLOP/s) of a square matmul in ``dtype``."""
+    n = 8192 if device.type == "cuda" else 1024
+    if device.type != "cuda":
+        dtype = torch.float32
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    timer = timer or (lambda f: time_forward(f, device, repeats=10 if device.type == "cuda" else 5, warmup=2))
+    seconds = timer(lambda: torch.mm(a, b))
+    return 2 * n ** 3 / seconds / 1e12
+
+
+def _inputs(cfg, spec, device, dtype, seed=0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    B, (T, H, W), L = spec["batch"], spec["latent"], spec["text"]
+    x = torch.randn(B, cfg.in_channels, T, H, W, generator=g).to(device=device, dtype=dtype)
+    t = (torch.rand(B, generator=g) * 1000).to(device)
+    text = torch.randn(B, 1, L, cfg.caption_channels, generator=g).to(device=device, dtype=dtype)
+    mask = torch.ones(B, L, dtype=torch.long, device=device)
+    return x, t, text, mask
+
+
+def _error(e: BaseException) -> str:
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"{type(e).__name__}: {msg}"[:200]
+
+
+def run_size(size: str, device: torch.device, dtype: torch.dtype, columns=None, repeats: int = 3,
+             warmup: int = 1, depth: Optional[int] = None, peak_tflops: Optional[float] = None,
+             timer=None, log=print) -> Dict[str, Any]:
+    """Benchmark one size; returns its result record (per-column seconds, MFU, peak memory)."""
+    from .compiled import CUDAGraphRunner, compile_model
+    from .dit import LongCatDiT
+
+    spec = SIZES[size]
+    columns = columns or spec.get("default_columns", COLUMNS)
+    overrides = dict(spec["overrides"])
+    if depth is not None:
+        overrides["depth"] = depth
+    dit = LongCatDiT.from_config(spec["preset"], dtype=dtype, device=device, kernels="reference", **overrides)
+    if spec["bsa"]:
+        dit.enable_bsa()
+    cfg = dit.config
+    T, H, W = spec["latent"]
+    pt, ph, pw = cfg.patch_size
+    N = (T // pt) * (H // ph) * (W // pw)
+    flops = model_flops(cfg, spec["batch"], spec["latent"], spec["text"], spec["bsa"])
+    args = _inputs(cfg, spec, device, dtype)
+    timer = timer or (lambda f: time_forward(f, device, repeats, warmup))
+    rec: Dict[str, Any] = {
+        "size": size, "batch": spec["batch"], "latent": list(spec["latent"]), "tokens": N, "text_tokens": spec["text"],
+        "bsa": spec["bsa"], "depth": cfg.depth, "hidden_size": cfg.hidden_size, "parameters": dit.num_parameters(),
+        "model_tflop": flops / 1e12, "attention": dit.resolved_attention(), "columns": {},
+    }
+    for col in columns:
+        r: Dict[str, Any] = {"seconds": None, "mfu": None, "tflops": None, "peak_mem_bytes": None, "error": None}
+        rec["columns"][col] = r
+        try:
+            dit.kernels = "reference" if col.endswith("_ref") else "triton"
+            dit.resolved_kernels()  # a clear error when the fused path cannot run here
+            extra: Dict[str, Any] = {}
+            if col == "eager_ref" or col == "fused":
+                fn = dit
+            elif col == "compile_ref":
+                torch._dynamo.reset()
+                fn = compile_model(dit, fullgraph=False, warn_on_recompile=False)
+            else:
+                torch._dynamo.reset()
+                compiled = compile_model(dit, warn_on_recompile=False)
+                fn = CUDAGraphRunner(dit, fallback=compiled, max_graphs=1)
+                extra["runner"] = fn
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats(device)
+            t0 = time.perf_counter()
+            with torch.inference_mode(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the runner's CPU fallback message, BSA notes
+                out = fn(*args)  # first call: compilation / capture
+                _sync(device)
+                r["first_call_s"] = time.perf_counter() - t0
+                seconds = timer(lambda: fn(*args))
+            r["seconds"] = seconds
+            r["tflops"] = flops / seconds / 1e12
+            if peak_tflops:
+                r["mfu"] = r["tflops"] / peak_tflops
+            if device.type == "cuda":
+                r["peak_mem_bytes"] = torch.cuda.max_memory_allocated(device)
+            r["output_finite"] = bool(torch.isfinite(out).all())
+            if "runner" in extra:
+                st = extra["runner"].stats()
+                r["cuda_graphs"] = st["captures"] > 0
+                r["graph_replays"] = st["replays"]
+            del out
+        except Exception as e:  # noqa: BLE001 - a failing column (OOM, no compiler...) is reported, the run goes on
+            r["error"] = _error(e)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        log(f"  {size} {col}: " + (f"{r['seconds']:.4g} s" if r["seconds"] is not None else f"n/a ({r['error']})"))
+    torch._dynamo.reset()
+    ref, best = rec["columns"].get("eager_ref", {}), rec["columns"].get("fused_compile_graphs", {})
+    if ref.get("seconds") and best.get("seconds"):
+        rec["speedup_vs_eager_ref"] = ref["seconds"] / best["seconds"]
+    del dit
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return rec
+
+
+def run_benchmark(sizes: List[str], device=None, dtype=None, columns=None, repeats=None, warmup=None,
+                  depth=None, timer=None, log=print) -> Dict[str, Any]:
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    on_cuda = device.type == "cuda"
+    dtype = dtype or (torch.bfloat16 if on_cuda else torch.float32)
+    repeats = repeats if repeats is not None else (3 if on_cuda else 2)
+    warmup = warmup if warmup is not None else (1 if on_cuda else 0)  # the first (untimed) call warms up too
+    peak = matmul_peak_tflops(device, dtype)
+    log(f"matmul peak ({'8192^3 ' + str(dtype).replace('torch.', '') if on_cuda else '1024^3 float32'}): {peak:.4g} TFLOP/s")
+    results = {"device": _device_name(device), "dtype": str(dtype).replace("torch.", ""), "torch": torch.__version__,
+               "matmul_peak_tflops": peak, "repeats": repeats, "sizes": {}}
+    for size in sizes:
+        results["sizes"][size] = run_size(size, device, dtype, columns, repeats, warmup, depth, peak, timer, log)
+    return results
+
+
+def _device_name(device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu x{os.cpu_count()} threads={torch.get_num_threads()}"
+
+
+def _fmt(v, digits=3):
+    if v is None:
+        return "n/a"
+    if isinstance(v, float):
+        return f"{v:.{digits}g}"
+    return str(v)
+
+
+def format_results(results: Dict[str, Any]) -> str:
+    lines = [f"device: {results['device']}  dtype {results['dtype']}  matmul peak {results['matmul_peak_tflops']:.4g} TFLOP/s"]
+    for size, rec in results["sizes"].items():
+        lines.append("")
+        lines.append(f"{size}: batch {rec['batch']}, latent {'x'.join(map(str, rec['latent']))} -> N {rec['tokens']:,}, "
+                     f"text {rec['text_tokens']}, depth {rec['depth']}, C {rec['hidden_size']}, BSA {'on' if rec['bsa'] else 'off'}, "
+                     f"attention {rec['attention']}, {rec['model_tflop']:.4g} TFLOP per forward")
+        head = f"{'column':<22} {'s/forward':>10} {'TFLOP/s':>9} {'MFU':>7} {'peak mem GB':>12} {'vs eager':>9}  note"
+        lines.append(head)
+        lines.append("-" * len(head))
+        ref = rec["columns"].get("eager_ref", {}).get("seconds")
+        for col, r in rec["columns"].items():
+            sec = r["seconds"]
+            note = r["error"] or ""
+            if col == "fused_compile_graphs" and r.get("cuda_graphs") is False:
+                note = note or "no CUDA graphs here (fallback: compiled)"
+            mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
+            mem = f"{r['peak_mem_bytes'] / 1e9:.2f}" if r["peak_mem_bytes"] else "n/a"
+            vs = f"{ref / sec:.2f}x" if ref and sec else "n/a"
+            lines.append(f"{col:<22} {_fmt(sec):>10} {_fmt(r['tflops']):>9} {mfu:>7} {mem:>12} {vs:>9}  {note}")
+    return "\n".join(lines)
+
+
+def headline(results: Dict[str, Any]) -> Dict[str, Any]:
+    """The one-line JSON record: ``{"bench": "model", ...}`` with unit-suffixed keys."""
+    rec: Dict[str, Any] = {"bench": "model", "device": results["device"], "dtype": results["dtype"],
+                           "matmul_peak_tflops": results["matmul_peak_tflops"]}
+    for size, s in results["sizes"].items():
+        for col, r in s["columns"].items():
+            rec[f"{size}_{col}_s"] = r["seconds"]
+            rec[f"{size}_{col}_mfu"] = r["mfu"]
+            if r["peak_mem_bytes"] is not None:
+                rec[f"{size}_{col}_peak_mem_bytes"] = r["peak_mem_bytes"]
+        rec[f"{size}_speedup_vs_eager_ref"] = s.get("speedup_vs_eager_ref")
+    return rec
+
+
+def save_results(results: Dict[str, Any], out_dir: str) -> str:
+    os.makedirs(out_dir, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    kind = "cuda" if not results["device"].startswith("cpu") else "cpu"
+    path = os.path.join(out_dir, f"model_{kind}_{stamp}.json")
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(results, f, indent=2, default=str)
+    return path
+
+
+def default_sizes(on_cuda: bool) -> List[str]:
+    return ["480p", "720p"] if on_cuda else ["small", "small_bsa"]
+
+
+def main(argv=None, default_out_dir: Optional[str] = None) -> int:
+    """``longcat-native bench`` / ``python bench/model.py`` (same options)."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="longcat-native bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    args = p.parse_args(argv)
+    return run_from_args(args, default_out_dir=default_out_dir)
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--size", action="append", choices=sorted(SIZES),
+                   help="repeatable; default 480p and 720p on CUDA, small and small_bsa on CPU")
+    p.add_argument("--columns", nargs="+", choices=COLUMNS, default=None,
+                   help="default: all four (small_bsa: all but compile_ref)")
+    p.add_argument("--repeats", type=int, default=None, help="timed forwards per column (default 3 CUDA, 2 CPU)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed forwards after the first call (default 1 CUDA, 0 CPU)")
+    p.add_argument("--depth", type=int, default=None, help="override the number of blocks (quick runs)")
+    p.add_argument("--dtype", default=None, help="default bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--save", action="store_true", help="write the full results JSON (always on CUDA)")
+    p.add_argument("--out-dir", default=None, help="where results go (default bench/results)")
+
+
+def run_from_args(args, default_out_dir: Optional[str] = None, emit=None) -> int:
+    from .dit import resolve_dtype
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = resolve_dtype(args.dtype, device)
+    sizes = args.size or default_sizes(device.type == "cuda")
+    columns = tuple(args.columns) if args.columns else None
+    results = run_benchmark(sizes, device, dtype, columns, args.repeats, args.warmup, args.depth)
+    print(format_results(results), flush=True)
+    out_dir = args.out_dir or default_out_dir or os.path.join(os.getcwd(), "bench", "results")
+    if args.save or device.type == "cuda":
+        path = save_results(results, out_dir)
+        print(f"results: {path}", flush=True)
+    rec = headline(results)
+    if emit is not None:
+        emit(rec)
+    else:
+        print(json.dumps(_json_ready(rec), allow_nan=False), flush=True)
+    return 0
+
+
+def _json_ready(v):
+    if isinstance(v, float):
+        return float(f"{v:.6g}") if v == v and v not in (float("inf"), float("-inf")) else None
+    if isinstance(v, dict):
+        return {k: _json_ready(x) for k, x in v.items()}
+    return v

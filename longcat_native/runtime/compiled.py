@@ -1,0 +1,369 @@
+"""The compiled runtime: ``compile_model`` (torch.compile with per-device defaults, bounded and
+reported recompiles) and ``CUDAGraphRunner`` (whole-forward CUDA graphs with an LRU of shapes).
+
+compile_model
+-------------
+``compile_model(dit)`` returns a :class:`CompiledModel`: calling it is calling the DiT (same
+signature), through ``torch.compile(fullgraph=True, dynamic=False)``. Every fused op is a
+``torch.library`` custom op with a fake implementation, so dynamo traces the whole forward as one
+graph and inductor fuses the glue around the opaque kernels.
+
+* Defaults: mode ``"default"`` on CUDA and CPU. ``"max-autotune-no-cudagraphs"`` is the mode to
+  try on CUDA for the last few percent (GEMM autotuning; minutes of compile per new shape at the
+  real width). Never a mode that makes inductor capture CUDA graphs itself (``"reduce-overhead"``,
+  ``"max-autotune"``) together with :class:`CUDAGraphRunner`, which owns the graphs.
+* ``dynamic=False``: one specialized graph per input shape (the shapes of a run are few: one per
+  resolution and batch). The number of graphs per model is bounded by ``recompile_limit``
+  (dynamo's ``recompile_limit``, patched only around this model's calls, not globally); past it
+  the new shape runs eagerly (dynamo's behaviour without fullgraph; with fullgraph=True dynamo
+  raises, and :class:`CompiledModel` catches that and calls the model itself, warning once). Note dynamo keys its cache on the code object, which every
+  ``LongCatDiT`` shares: several compiled models in one process share one budget.
+* Reported: a counting backend wraps inductor; each graph it is handed is one compilation.
+  ``stats()`` gives ``compiles``, ``recompiles`` (compiles after the first), the input shapes
+  that caused each and the seconds spent; each recompile also emits a ``warnings.warn`` naming
+  the new shapes.
+
+CUDAGraphRunner
+---------------
+Replays a captured CUDA graph of the whole forward per *key* (batch, latent T/H/W, text length,
+dtypes, ``num_cond_latents``, ``skip_crs_attn``, BSA on/off, kernel/attention path, LoRA state):
+
+* static input buffers (allocated outside the graph pool) receive the call's inputs by
+  ``copy_``; the static output is cloned on return (``clone_output=True``) so a later replay
+  cannot overwrite what the caller holds;
+* warm-up (``warmup`` calls, compiling/autotuning everything lazy) on a side stream, then capture
+  into one memory pool shared by all graphs (``torch.cuda.graph_pool_handle()``). Sharing is safe
+  because replays are serialized on one stream and every static output stays referenced by its
+  entry, so a later capture never reuses memory an earlier graph still needs;
+* an LRU of at most ``max_graphs`` captured keys (eviction drops the graph and its buffers);
+* text padded to ``text_len`` tokens (when set) so prompts of different lengths share a graph.
+  Padding is exact only when padded tokens are masked out of cross-attention, i.e. configs with
+  ``text_tokens_zero_pad=False``. With ``text_tokens_zero_pad=True`` (the official checkpoint's
+  setting) the model zeroes padded tokens and *attends to them* (each contributes the
+  ``kv_linear`` bias as key/value): adding padding would change the result, so in that mode the
+  text is never padded and its length is part of the key (the official pipeline always passes
+  512-token text anyway);
+* fallback, with one ``warnings.warn`` per reason: the model is not on CUDA, ``return_kv``,
+  a ``kv_cache_dict`` (host-offloaded caches are copied block by block on side streams; a device
+  cache would have to be copied into static buffers on every call), ``offload_kv_cache``, a
+  tensor ``num_cond_latents``, or a capture that failed (the key is then remembered as
+  uncapturable). The fallback callable is ``fallback`` (e.g. a :class:`CompiledModel`) or the
+  model itself.
+
+The runner forwards attribute access to the model (``runner.config``, ``runner.dtype``,
+``runner.enable_bsa()``...), so it can be passed wherever the DiT is.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+import warnings
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+
+__all__ = ["compile_model", "CompiledModel", "CUDAGraphRunner", "default_compile_mode"]
+
+
+def default_compile_mode(device) -> str:
+    """"default" everywhere (see the module doc for the CUDA alternative)."""
+    return "default"
+
+
+def _model_device(model) -> torch.device:
+    dev = getattr(model, "device", None)
+    if isinstance(dev, torch.device):
+        return dev
+    try:
+        return next(model.parameters()).device
+    except (StopIteration, AttributeError):
+        return torch.device("cpu")
+
+
+def _describe_inputs(example_inputs) -> List[Any]:
+    out = []
+    for t in example_inputs:
+        if isinstance(t, torch.Tensor):
+            out.append(tuple(t.shape))
+    return out
+
+
+class CompiledModel:
+    """A compiled DiT: call it like the model. ``stats()`` reports compilations."""
+
+    def __init__(self, model, mode=None, fullgraph=True, dynamic=False, backend="inductor",
+                 recompile_limit: int = 8, options: Optional[Dict[str, Any]] = None, warn_on_recompile=True):
+        self.model = model
+        self.mode = default_compile_mode(_model_device(model)) if mode is None else mode
+        self.recompile_limit = int(recompile_limit)
+        self.warn_on_recompile = warn_on_recompile
+        self._compiles: List[Dict[str, Any]] = []
+        self._calls = 0
+        self._eager_calls = 0
+        if backend == "inductor":
+            inner = torch._TorchCompileInductorWrapper(self.mode, options, dynamic)
+        elif isinstance(backend, str):
+            inner = torch._dynamo.lookup_backend(backend)
+        else:
+            inner = backend
+
+        def counting_backend(gm, example_inputs):
+            shapes = _describe_inputs(example_inputs)
+            t0 = time.perf_counter()
+            compiled = inner(gm, example_inputs)
+            self._compiles.append({"input_shapes": shapes, "seconds": time.perf_counter() - t0})
+            if len(self._compiles) > 1 and self.warn_on_recompile:
+                warnings.warn(f"longcat_native.compile: recompiling ({len(self._compiles) - 1} recompile(s) so far, "
+                              f"limit {self.recompile_limit}) for graph inputs {shapes}", stacklevel=2)
+            return compiled
+
+        # mode is applied through the inductor wrapper (torch.compile forbids mode with a backend).
+        self.compiled = torch.compile(model, backend=counting_backend, fullgraph=fullgraph, dynamic=dynamic)
+
+    def __call__(self, *args, **kwargs):
+        self._calls += 1
+        try:
+            with torch._dynamo.config.patch(recompile_limit=self.recompile_limit):
+                return self.compiled(*args, **kwargs)
+        except _LIMIT_ERRORS:
+            # fullgraph=True turns "recompile limit hit" into an error: run this shape eagerly.
+            self._eager_calls += 1
+            if self._eager_calls == 1:
+                warnings.warn(f"longcat_native.compile: recompile limit ({self.recompile_limit}) reached; "
+                              "new shapes run eagerly (raise recompile_limit, or keep the shapes of a run few)",
+                              stacklevel=2)
+            return self.model(*args, **kwargs)
+
+    def stats(self) -> Dict[str, Any]:
+        n = len(self._compiles)
+        return {
+            "mode": self.mode,
+            "calls": self._calls,
+            "compiles": n,
+            "recompiles": max(0, n - 1),
+            "recompile_limit": self.recompile_limit,
+            "eager_calls_past_limit": self._eager_calls,
+            "compile_seconds": sum(c["seconds"] for c in self._compiles),
+            "graphs": [dict(c) for c in self._compiles],
+        }
+
+    def __getattr__(self, name):
+        # Only reached for attributes not set in __init__: the model's (config, dtype, ...).
+        if name in ("model", "compiled"):
+            raise AttributeError(name)
+        return getattr(self.model, name)
+
+
+def compile_model(model, mode: Optional[str] = None, fullgraph: bool = True, dynamic: bool = False,
+                  backend="inductor", recompile_limit: int = 8, options: Optional[Dict[str, Any]] = None,
+                  warn_on_recompile: bool = True) -> CompiledModel:
+    """``torch.compile`` the DiT with this runtime's defaults (module doc); returns a
+    :class:`CompiledModel` (call it like the model; ``.stats()`` for compile counts)."""
+    return CompiledModel(model, mode=mode, fullgraph=fullgraph, dynamic=dynamic, backend=backend,
+                         recompile_limit=recompile_limit, options=options, warn_on_recompile=warn_on_recompile)
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA graphs
+# ---------------------------------------------------------------------------------------------
+
+_LIMIT_ERRORS = tuple(e for e in (getattr(torch._dynamo.exc, "FailOnRecompileLimitHit", None),
+                                  getattr(torch._dynamo.exc, "FailOnCacheLimitHit", None)) if e is not None)
+
+_TENSOR_ARGS = ("hidden_states", "timestep", "encoder_hidden_states", "encoder_attention_mask")
+
+
+def cuda_graph_capture(fn: Callable[..., torch.Tensor], static: Dict[str, Any], pool=None, warmup: int = 2):
+    """Warm ``fn(**static)`` up on a side stream, capture it into a CUDA graph in ``pool``;
+    returns ``(replay, static_output)``."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(max(1, warmup)):
+            fn(**static)
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        out = fn(**static)
+    return graph.replay, out
+
+
+class _Entry:
+    __slots__ = ("static", "replay", "output", "replays")
+
+    def __init__(self, static, replay, output):
+        self.static, self.replay, self.output, self.replays = static, replay, output, 0
+
+
+class CUDAGraphRunner:
+    """Whole-forward CUDA graphs per input shape (module doc). Call it like the DiT."""
+
+    def __init__(self, model, max_graphs: int = 4, text_len: Optional[int] = None, fallback: Optional[Callable] = None,
+                 capture_fn: Optional[Callable] = None, warmup: int = 2, clone_output: bool = True, pool=None):
+        if max_graphs < 1:
+            raise ValueError("max_graphs must be >= 1")
+        self.model = model
+        self.fn = fallback if fallback is not None else model  # what is captured, and what runs uncaptured
+        self.max_graphs = int(max_graphs)
+        self.text_len = text_len
+        self.warmup = warmup
+        self.clone_output = clone_output
+        self._custom_capture = capture_fn is not None
+        self._capture_fn = capture_fn
+        self._pool = pool
+        self._graphs: "collections.OrderedDict[tuple, _Entry]" = collections.OrderedDict()
+        self._uncapturable: set = set()
+        self._warned: set = set()
+        self._stats = collections.Counter()
+        self._fallback_reasons: collections.Counter = collections.Counter()
+
+    # -- attribute access falls through to the model ------------------------------------------
+    def __getattr__(self, name):
+        if name == "model":
+            raise AttributeError(name)
+        return getattr(self.model, name)
+
+    # -- keys ---------------------------------------------------------------------------------
+    def _zero_pad_mode(self) -> bool:
+        cfg = getattr(self.model, "config", None)
+        return bool(getattr(cfg, "text_tokens_zero_pad", False))
+
+    def prepare_text(self, text, mask):
+        """``(text, mask)`` padded to ``text_len`` tokens with the mask marking the padding, when
+        padding is exact (module doc); unchanged otherwise. mask ``[B, 1, 1, L]`` becomes ``[B, L]``."""
+        if text is None:
+            return text, mask
+        if mask is not None and mask.dim() == 4:
+            mask = mask[:, 0, 0]
+        L = text.shape[-2]
+        if self.text_len is None or L >= self.text_len or self._zero_pad_mode():
+            return text, mask
+        pad = self.text_len - L
+        B = text.shape[0]
+        if mask is None:
+            mask = torch.ones(B, L, dtype=torch.bool, device=text.device)
+        mask = torch.cat([mask != 0, torch.zeros(B, pad, dtype=torch.bool, device=mask.device)], dim=-1)
+        text = torch.nn.functional.pad(text, [0, 0, 0, pad])  # [B, (1,) L, C]: pads the token dim
+        return text, mask
+
+    def key(self, inputs: Dict[str, Any], num_cond_latents: int, skip_crs_attn: bool) -> tuple:
+        """The capture key of a call (after text padding)."""
+        m = self.model
+        parts: List[Any] = []
+        for name in _TENSOR_ARGS:
+            t = inputs.get(name)
+            parts.append(None if t is None else (name, tuple(t.shape), str(t.dtype)))
+        cfg = getattr(m, "config", None)
+        active = tuple(getattr(m, "active_loras", ()) or ())
+        mode = getattr(m, "lora_mode", None) if active else None
+        kernels = attention = None
+        try:
+            kernels = m.resolved_kernels()
+            attention = m.resolved_attention()
+        except Exception:  # noqa: BLE001 - a fake model in tests; not part of the key then
+            pass
+        return tuple(parts) + (int(num_cond_latents), bool(skip_crs_attn), torch.is_inference_mode_enabled(),
+                               bool(getattr(cfg, "enable_bsa", False)), kernels, attention, active, mode)
+
+    # -- calling ------------------------------------------------------------------------------
+    def _fallback_reason(self, return_kv, kv_cache_dict, offload_kv_cache, num_cond_latents) -> Optional[str]:
+        if not self._custom_capture and _model_device(self.model).type != "cuda":
+            return "the model is not on a CUDA device"
+        if return_kv:
+            return "return_kv=True (the per-block KV outputs are not captured)"
+        if kv_cache_dict:
+            return "a kv_cache_dict (host-offloaded or per-call KV caches are not captured)"
+        if offload_kv_cache:
+            return "offload_kv_cache=True (host copies on side streams cannot be captured)"
+        if isinstance(num_cond_latents, torch.Tensor):
+            return "a tensor num_cond_latents (pass an int)"
+        return None
+
+    def _warn_once(self, reason: str) -> None:
+        self._fallback_reasons[reason] += 1
+        if reason not in self._warned:
+            self._warned.add(reason)
+            warnings.warn(f"CUDAGraphRunner: {reason}; running without CUDA graphs", stacklevel=3)
+
+    def __call__(self, hidden_states, timestep, encoder_hidden_states=None, encoder_attention_mask=None,
+                 num_cond_latents=0, return_kv=False, kv_cache_dict=None, skip_crs_attn=False,
+                 offload_kv_cache=False):
+        reason = self._fallback_reason(return_kv, kv_cache_dict, offload_kv_cache, num_cond_latents)
+        if reason is not None:
+            self._warn_once(reason)
+            return self.fn(hidden_states, timestep, encoder_hidden_states, encoder_attention_mask,
+                           num_cond_latents=num_cond_latents, return_kv=return_kv, kv_cache_dict=kv_cache_dict,
+                           skip_crs_attn=skip_crs_attn, offload_kv_cache=offload_kv_cache)
+        text, mask = (None, None) if skip_crs_attn else self.prepare_text(encoder_hidden_states, encoder_attention_mask)
+        inputs = {"hidden_states": hidden_states, "timestep": timestep, "encoder_hidden_states": text,
+                  "encoder_attention_mask": mask}
+        k = self.key(inputs, num_cond_latents, skip_crs_attn)
+        if k in self._uncapturable:
+            self._warn_once("capture failed for this shape earlier")
+            return self.fn(**inputs, num_cond_latents=num_cond_latents, skip_crs_attn=skip_crs_attn)
+        entry = self._graphs.get(k)
+        if entry is None:
+            entry = self._capture(k, inputs, num_cond_latents, skip_crs_attn)
+            if entry is None:
+                return self.fn(**inputs, num_cond_latents=num_cond_latents, skip_crs_attn=skip_crs_attn)
+        else:
+            self._graphs.move_to_end(k)
+            with torch.no_grad():
+                for name, t in inputs.items():
+                    if t is not None:
+                        entry.static[name].copy_(t)
+        entry.replay()
+        entry.replays += 1
+        self._stats["replays"] += 1
+        return entry.output.clone() if self.clone_output else entry.output
+
+    def _capture(self, k, inputs, num_cond_latents, skip_crs_attn) -> Optional[_Entry]:
+        dev = _model_device(self.model)
+        static = {name: (None if t is None else t.detach().to(dev).clone()) for name, t in inputs.items()}
+        fn = self.fn
+
+        def forward(**kw):
+            with torch.no_grad():
+                return fn(**kw, num_cond_latents=num_cond_latents, skip_crs_attn=skip_crs_attn)
+
+        while len(self._graphs) >= self.max_graphs:
+            self._graphs.popitem(last=False)  # least recently used
+            self._stats["evictions"] += 1
+        try:
+            if self._custom_capture:
+                replay, out = self._capture_fn(forward, static)
+            else:
+                if self._pool is None:
+                    self._pool = torch.cuda.graph_pool_handle()
+                replay, out = cuda_graph_capture(forward, static, pool=self._pool, warmup=self.warmup)
+        except Exception as e:  # noqa: BLE001 - any capture failure falls back, once per key
+            self._uncapturable.add(k)
+            self._warn_once(f"CUDA graph capture failed ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})")
+            return None
+        entry = _Entry(static, replay, out)
+        self._graphs[k] = entry
+        self._stats["captures"] += 1
+        return entry  # capture only records kernels: the caller replays to compute this call
+
+    # -- introspection ------------------------------------------------------------------------
+    def keys(self) -> List[tuple]:
+        """Captured keys, least recently used first."""
+        return list(self._graphs.keys())
+
+    def reset(self) -> None:
+        """Drop every captured graph (e.g. after changing weights' storage or the LoRA set)."""
+        self._graphs.clear()
+        self._uncapturable.clear()
+
+    def stats(self) -> Dict[str, Any]:
+        return {
+            "graphs": len(self._graphs),
+            "max_graphs": self.max_graphs,
+            "captures": self._stats["captures"],
+            "replays": self._stats["replays"],
+            "evictions": self._stats["evictions"],
+            "fallbacks": dict(self._fallback_reasons),
+            "uncapturable_keys": len(self._uncapturable),
+        }
