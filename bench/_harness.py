@@ -98,32 +98,12 @@ def setup_triton_env() -> bool:
 
 
 def load_ops():
-    """``(reference_ops, fused_ops, source)``: the reference namespace, and the fused one from
-    ``get_ops("triton")`` or, while that is not wired up yet, built from the fused public functions."""
+    """``(reference_ops, fused_ops, source)``: the two namespaces the model's call sites use."""
     ensure_repo_on_path()
-    from types import SimpleNamespace
-
     from longcat_native.kernels import get_ops
 
-    ref = get_ops("reference")
-    try:
-        fused = get_ops("triton")
-        return ref, fused, "get_ops('triton')"
-    except (NotImplementedError, ValueError, RuntimeError, ImportError):
-        pass
-    from longcat_native.kernels.layernorm_modulate import layernorm_modulate
-    from longcat_native.kernels.qk_rmsnorm_rope3d import qk_rmsnorm_rope3d
-    from longcat_native.kernels.residual_layernorm_modulate import residual_layernorm_modulate
-    from longcat_native.kernels.swiglu import swiglu
+    return get_ops("reference"), get_ops("triton"), "get_ops('triton')"
 
-    fused = SimpleNamespace(
-        name="triton",
-        layernorm_modulate=layernorm_modulate,
-        residual_layernorm_modulate=residual_layernorm_modulate,
-        qk_rmsnorm_rope3d=qk_rmsnorm_rope3d,
-        swiglu=swiglu,
-    )
-    return ref, fused, "kernel modules (get_ops('triton') not available yet)"
 
 # ---------------------------------------------------------------------------------------------
 # Devices
