@@ -124,8 +124,8 @@ def test_construction_choices_errors():
         lcn.LongCatDiT.from_config("tiny", kernels="fast")
     with pytest.raises(ValueError, match="unknown attention backend"):
         lcn.LongCatDiT.from_config("tiny", attention="magic")
-    with pytest.raises(NotImplementedError, match="context parallelism"):
-        lcn.LongCatDiT.from_config("tiny", cp_size=2)
+    with pytest.raises(ValueError, match="cp_size must be a positive int"):
+        lcn.LongCatDiT.from_config("tiny", cp_size=0)
     with pytest.raises(ValueError, match="unknown config 'huge'"):
         lcn.LongCatDiT.from_config("huge")
     with pytest.raises(ValueError, match="unknown dtype"):

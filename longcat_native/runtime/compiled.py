@@ -46,8 +46,8 @@ dtypes, ``num_cond_latents``, ``skip_crs_attn``, BSA on/off, kernel/attention pa
 * fallback, with one ``warnings.warn`` per reason: the model is not on CUDA, ``return_kv``,
   a ``kv_cache_dict`` (host-offloaded caches are copied block by block on side streams; a device
   cache would have to be copied into static buffers on every call), ``offload_kv_cache``, a
-  tensor ``num_cond_latents``, or a capture that failed (the key is then remembered as
-  uncapturable). The fallback callable is ``fallback`` (e.g. a :class:`CompiledModel`) or the
+  tensor ``num_cond_latents``, context parallelism (``cp_size > 1``), or a capture that failed
+  (the key is then remembered as uncapturable). The fallback callable is ``fallback`` (e.g. a :class:`CompiledModel`) or the
   model itself.
 
 The runner forwards attribute access to the model (``runner.config``, ``runner.dtype``,
@@ -279,6 +279,10 @@ class CUDAGraphRunner:
             return "offload_kv_cache=True (host copies on side streams cannot be captured)"
         if isinstance(num_cond_latents, torch.Tensor):
             return "a tensor num_cond_latents (pass an int)"
+        if getattr(self.model, "cp", None) is not None:
+            # NCCL can be captured, but the all-to-alls have not been validated under capture
+            # on a multi-GPU machine yet; eager/compiled collectives are the safe default.
+            return "context parallelism (collectives are not captured)"
         return None
 
     def _warn_once(self, reason: str) -> None:

@@ -46,9 +46,19 @@ def resolve_dtype(dtype: Union[None, str, torch.dtype], device: torch.device) ->
     return dtype
 
 
-def _resolve_device(device) -> torch.device:
+def _resolve_device(device, cp_size: int = 1) -> torch.device:
+    """None -> CUDA when available (under context parallelism, this rank's GPU: ``LOCAL_RANK``
+    as torchrun sets it), else the CPU."""
     if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        if cp_size > 1:
+            import os
+
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(device)
+            return device
+        return torch.device("cuda")
     return torch.device(device)
 
 
@@ -157,6 +167,9 @@ class LongCatDiT(LongCatTransformer):
         # Filled by the LoRA loader (official attribute name; the official pipeline reads it).
         self.lora_dict: Dict[str, Any] = {}
         self.checkpoint_path: Optional[str] = None  # the dit/ folder, for from_pretrained models
+        # ContextParallel (runtime/parallel.py) when built with cp_size > 1: the forward is split
+        # over the ranks of its process group, each rank passing and receiving full tensors.
+        self.cp = None
         # Every Linear carries its (empty) list of unmerged LoRA branches from the start, so a
         # model compiled before any LoRA is loaded still sees branches added later.
         for m in self.modules():
@@ -189,14 +202,16 @@ class LongCatDiT(LongCatTransformer):
         if path is None:
             raise TypeError("from_pretrained() needs a checkpoint path")
         dtype = _merge_alias(dtype, torch_dtype, "dtype", "torch_dtype")
-        _check_cp_size(cp_size)
+        cp_size = _check_cp_size(cp_size)
         dit_dir = find_dit_dir(path, subfolder)
         cfg = LongCatConfig.from_json_file(str(dit_dir / "config.json"), config_overrides)
         files = list_weight_files(dit_dir)
-        device = _resolve_device(device)
+        device = _resolve_device(device, cp_size)
+        cp = _context_parallel(cfg, cp_size, device)
         model = cls._allocate(cfg, resolve_dtype(dtype, device), device, kernels, attention)
         load_official_weights(model, files, cfg)
         model.checkpoint_path = str(dit_dir)
+        model.cp = cp
         return model.eval()
 
     @classmethod
@@ -222,12 +237,14 @@ class LongCatDiT(LongCatTransformer):
         random so each path does real work (the official init zeroes adaLN, making the output 0).
         """
         dtype = _merge_alias(dtype, torch_dtype, "dtype", "torch_dtype")
-        _check_cp_size(cp_size)
+        cp_size = _check_cp_size(cp_size)
         cfg = resolve_config(config_or_name, config_overrides)
-        device = _resolve_device(device)
+        device = _resolve_device(device, cp_size)
+        cp = _context_parallel(cfg, cp_size, device) if device.type != "meta" else None
         model = cls._allocate(cfg, resolve_dtype(dtype, device), device, kernels, attention)
         if device.type != "meta":
-            model._init_random(seed)
+            model._init_random(seed)  # same seed on every rank: identical replicas
+        model.cp = cp
         return model.eval()
 
     @classmethod
@@ -292,7 +309,8 @@ class LongCatDiT(LongCatTransformer):
         c = self.cfg
         return (f"hidden_size={c.hidden_size}, depth={c.depth}, num_heads={c.num_heads}, "
                 f"kernels={self._describe(self.kernels, self.resolved_kernels)}, "
-                f"attention={self._describe(self.attention, self.resolved_attention)}")
+                f"attention={self._describe(self.attention, self.resolved_attention)}"
+                + (f", cp={self.cp}" if self.cp is not None else ""))
 
     def _describe(self, choice: str, resolve) -> str:
         """``'auto' (-> 'sdpa')``: the choice and, for "auto", what it resolves to here."""
@@ -380,6 +398,9 @@ class LongCatDiT(LongCatTransformer):
         grid; ``num_cond_latents`` may be 0 (inferred from the cache) or must equal m.
         """
         x, B, T = self._check_latents(hidden_states)
+        if self.cp is not None:
+            pt, ph, pw = self.cfg.patch_size
+            self.cp.check_grid((x.shape[2] // pt, x.shape[3] // ph, x.shape[4] // pw))
         t = self._check_timestep(timestep, B, T, x.device)
         text = mask = None
         if not skip_crs_attn:
@@ -388,6 +409,8 @@ class LongCatDiT(LongCatTransformer):
         cache_frames = 0
         if kv_cache_dict:  # the official default is {} (no cache)
             cache_frames = self._check_kv_cache(kv_cache_dict, B, hidden_states.shape, num_cond_latents)
+            if self.cp is not None:  # this rank attends with its heads only: move just those
+                kv_cache_dict = {i: tuple(self.cp.local_heads_of(t, 1) for t in kv) for i, kv in kv_cache_dict.items()}
             cache = _DeviceKVCache(kv_cache_dict, B, x.device, self.dtype)
             num_cond_latents = 0  # conditioning lives in the cache; every token here is noisy
         else:
@@ -398,7 +421,7 @@ class LongCatDiT(LongCatTransformer):
         sink = _KVSink(x.device, bool(offload_kv_cache)) if return_kv else None
         out = self.run(
             x, t, text, mask, num_cond_latents, cache, cache_frames, sink, bool(skip_crs_attn),
-            attention_backend=self.resolved_attention(), kernels=self.resolved_kernels(),
+            attention_backend=self.resolved_attention(), kernels=self.resolved_kernels(), cp=self.cp,
         )
         return (out, sink.finish()) if return_kv else out
 
@@ -501,8 +524,32 @@ def _check_int(name: str, v) -> int:
     return v
 
 
-def _check_cp_size(cp_size) -> None:
-    if cp_size != 1:
-        raise NotImplementedError(
-            f"cp_size={cp_size}: context parallelism is not available in this version of longcat-native; use cp_size=1"
-        )
+def _check_cp_size(cp_size) -> int:
+    if isinstance(cp_size, bool) or not isinstance(cp_size, int) or cp_size < 1:
+        raise ValueError(f"cp_size must be a positive int, got {cp_size!r}")
+    return cp_size
+
+
+def _context_parallel(cfg: LongCatConfig, cp_size: int, device: torch.device):
+    """The ``ContextParallel`` for ``cp_size`` > 1 (None for 1), with ``cfg.cp_split_hw`` set to
+    the split in use. Every check that can fail runs on every rank before any collective but the
+    process-group setup, so a bad configuration is the same clear error everywhere."""
+    if cp_size == 1:
+        split = cfg.cp_split_hw
+        if split is not None and split[0] * split[1] != 1:
+            raise ValueError(f"cp_split_hw={split} splits the token grid over {split[0] * split[1]} ranks but "
+                             "cp_size=1; pass cp_size equal to the split's product, or cp_split_hw=[1, 1]")
+        return None
+    from .parallel import ContextParallel, init_context_parallel, resolve_split_hw
+
+    split = resolve_split_hw(cp_size, cfg.cp_split_hw)
+    if cfg.num_heads % cp_size:
+        raise ValueError(f"context parallelism splits attention heads over ranks: num_heads={cfg.num_heads} is "
+                         f"not divisible by cp_size={cp_size}")
+    if device.type not in ("cuda", "cpu"):
+        raise ValueError(f"context parallelism runs on CUDA (NCCL) or the CPU (gloo), not on {device}")
+    group = init_context_parallel(cp_size, device)
+    cfg.cp_split_hw = list(split)
+    cp = ContextParallel(group, split, cfg.num_heads)
+    cp.check_replicas(cfg)
+    return cp

@@ -234,14 +234,25 @@ class LongCatBlock(nn.Module):
 
     def _self_attention(self, h, ctx, ops, kv_cache):
         a = self.attn
-        B, N, C = h.shape
+        B, n, C = h.shape
         with nvtx_range("op.qkv"):
-            q, k, v = linear(h, a.qkv).view(B, N, 3, a.num_heads, a.head_dim).unbind(2)
+            qkv = linear(h, a.qkv).view(B, n, 3, a.num_heads, a.head_dim)
+        if ctx.cp is not None:
+            # Ulysses: this rank's tokens x all heads -> all tokens (global order) x its heads; the
+            # rest of the attention is the single-device code on fewer heads (runtime/parallel.py).
+            with nvtx_range("comm.qkv_all_to_all"):
+                qkv = ctx.cp.tokens_to_heads(qkv, ctx.grid)
+        q, k, v = qkv.unbind(2)
         with nvtx_range("op.qk_rmsnorm_rope3d"):
             q, k, k_unroped = ops.qk_rmsnorm_rope3d(
                 q, k, a.q_norm.weight, a.k_norm.weight, ctx.grid, t_offset=ctx.cache_frames, return_k_unroped=True
             )
-        new_kv = (k_unroped, v) if ctx.return_kv else None
+        new_kv = None
+        if ctx.return_kv:
+            new_kv = (k_unroped, v)
+            if ctx.cp is not None:
+                with nvtx_range("comm.kv_all_gather"):
+                    new_kv = (ctx.cp.gather_heads(k_unroped), ctx.cp.gather_heads(v))
         nc = ctx.num_cond_tokens
         T, Hh, Ww = ctx.grid
         if kv_cache is not None:
@@ -259,8 +270,11 @@ class LongCatBlock(nn.Module):
             out[:, nc:] = self._attend(q[:, nc:], k, v, T - m, T, ctx, ops)
         else:
             out = self._attend(q, k, v, T, T, ctx, ops)
+        if ctx.cp is not None:
+            with nvtx_range("comm.out_all_to_all"):
+                out = ctx.cp.heads_to_tokens(out, ctx.grid)
         with nvtx_range("op.proj"):
-            out = linear(out.reshape(B, N, C), a.proj)
+            out = linear(out.reshape(B, n, C), a.proj)
         return out, new_kv
 
     @staticmethod
@@ -291,7 +305,7 @@ class LongCatBlock(nn.Module):
     def _cross_attention(self, h, ctx, ops):
         a = self.cross_attn
         B, N, C = h.shape
-        nc = ctx.num_cond_tokens  # only noisy tokens take part (0 on the KV-cache path)
+        nc = ctx.num_cond_tokens_local  # only noisy tokens take part (0 on the KV-cache path)
         hq = h[:, nc:]
         with nvtx_range("op.cross_q_kv"):
             q = linear(hq, a.q_linear).view(B, N - nc, a.num_heads, a.head_dim)
@@ -325,8 +339,8 @@ class FinalLayer(nn.Module):
 class ForwardContext:
     """Per-call facts every block reads (shapes, text, conditioning)."""
 
-    __slots__ = ("grid", "cache_grid", "cache_frames", "num_cond_tokens", "text", "text_valid",
-                 "skip_crs_attn", "return_kv", "attention", "bsa")
+    __slots__ = ("grid", "cache_grid", "cache_frames", "num_cond_tokens", "num_cond_tokens_local", "text",
+                 "text_valid", "skip_crs_attn", "return_kv", "attention", "bsa", "cp")
 
     def __init__(self, **kw):
         for k in self.__slots__:
@@ -358,15 +372,21 @@ class LongCatTransformer(nn.Module):
         skip_crs_attn: bool,
         attention_backend: str,
         kernels: str,
+        cp=None,  # ContextParallel (runtime/parallel.py) or None: this rank embeds its tile only
     ):
         cfg, ops = self.cfg, get_ops(kernels)
         B, _, T, H, W = hidden_states.shape
         pt, ph, pw = cfg.patch_size
         grid = (T // pt, H // ph, W // pw)
         tokens_per_frame = grid[1] * grid[2]
+        local_tokens_per_frame = tokens_per_frame
+        if cp is not None:
+            cp.check_grid(grid)
+            hidden_states = cp.local_latents(hidden_states, cfg.patch_size)
+            local_tokens_per_frame //= cp.size
 
         with nvtx_range("embed.x_t_y"):
-            x = self.x_embedder(hidden_states)  # [B, N, C]
+            x = self.x_embedder(hidden_states)  # [B, N, C] (this rank's N / cp_size under CP)
             t = self.t_embedder(timestep.flatten()).view(B, grid[0], -1)  # float32 [B, T, C_t]
             y = text_valid = None
             if not skip_crs_attn:
@@ -383,12 +403,14 @@ class LongCatTransformer(nn.Module):
             cache_grid=(cache_frames, grid[1], grid[2]),
             cache_frames=cache_frames,
             num_cond_tokens=num_cond_latents * tokens_per_frame,
+            num_cond_tokens_local=num_cond_latents * local_tokens_per_frame,
             text=y,
             text_valid=text_valid,
             skip_crs_attn=skip_crs_attn,
             return_kv=kv_sink is not None,
             attention=attention_backend,
             bsa=cfg.bsa if cfg.enable_bsa else None,
+            cp=cp,
         )
 
         with nvtx_range("op.modulation"):
@@ -413,5 +435,8 @@ class LongCatTransformer(nn.Module):
 
         with nvtx_range("final.linear"):
             out = linear_fp32(h, self.final_layer.linear)  # [B, N, pt*ph*pw*C_out] float32
+        if cp is not None:
+            with nvtx_range("comm.output_all_gather"):
+                out = cp.gather_tokens(out, grid)
         out = unpatchify(out, grid, cfg.patch_size, cfg.out_channels)
         return out
