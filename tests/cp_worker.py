@@ -127,6 +127,12 @@ def run(report, world, scenarios):
                               inputs["negative_embeds"], inputs["negative_mask"],
                               cond_latents=inputs.get("cond_latents"), progress=False, **meta["kwargs"])
             report["cases"][name] = {"golden": max_rel_err(out, expected["latents"])}
+        # Ranks that pass other noise and prompts still denoise rank 0's (broadcast in denoise).
+        inputs, _, expected, meta = load_case("sample_t2v_cfg")
+        r = dist.get_rank()
+        out = lcn.denoise(dit, inputs["noise"] + r, inputs["prompt_embeds"] * (1 + r), inputs["prompt_mask"],
+                          inputs["negative_embeds"], inputs["negative_mask"], progress=False, **meta["kwargs"])
+        report["cases"]["sample_t2v_cfg_rank0_inputs"] = {"golden": max_rel_err(out, expected["latents"])}
 
     if "triton" in scenarios:
         fused = lcn.LongCatDiT.from_pretrained(FIXTURE_ROOT, kernels="triton", attention="sdpa", cp_size=world)

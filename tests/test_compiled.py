@@ -6,7 +6,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import assert_close_rel
+from helpers import assert_close_rel, requires_cuda
 
 import longcat_native as lcn
 from longcat_native.runtime.compiled import CUDAGraphRunner, compile_model
@@ -184,3 +184,67 @@ def test_graph_runner_is_a_drop_in_for_denoise():
     kw = dict(negative_embeds=neg, num_steps=3, guidance_scale=4.0, progress=False)
     assert torch.equal(lcn.denoise(runner, noise, pos, **kw), lcn.denoise(dit, noise, pos, **kw))
     assert runner.stats()["captures"] == 1 and runner.stats()["replays"] == 3
+
+
+# -- graphs in the pipelines (graph_runner_for, what denoise calls each step) -------------------
+
+def test_pipelines_use_graphs_transparently_where_they_apply(monkeypatch):
+    """With graphs applicable (CUDA stands in: the device check is patched, capture is faked),
+    plain ``denoise(dit, ...)`` and the pipelines on it replay one graph per step; the runner lives
+    on the model, so a second call replays the graph captured by the first; the KV-cache path
+    falls back with one message."""
+    from longcat_native.runtime import compiled, pipelines
+
+    dit = _tiny()
+    monkeypatch.setattr(compiled, "_graphs_supported", lambda model: True)
+    log = []
+    dit.__dict__[compiled._RUNNER_ATTR] = runner = CUDAGraphRunner(dit, capture_fn=_fake_capture(log))
+    assert compiled.graph_runner_for(dit) is runner
+    g = torch.Generator().manual_seed(0)
+    noise, pos, neg = torch.randn(1, 16, 3, 4, 4, generator=g), torch.randn(1, 1, 5, 24, generator=g), \
+        torch.randn(1, 1, 5, 24, generator=g)
+    kw = dict(negative_embeds=neg, num_steps=3, guidance_scale=4.0, progress=False)
+    eager = lcn.denoise(dit, noise, pos, graphs=False, **kw)
+    assert runner.stats()["replays"] == 0
+    assert torch.equal(lcn.denoise(dit, noise, pos, **kw), eager)
+    assert runner.stats()["captures"] == 1 and runner.stats()["replays"] == 3
+    out = pipelines.generate_t2v(dit, pos, None, neg, None, latent=(3, 4, 4), num_steps=2, seed=0, progress=False)
+    assert out.shape == (1, 16, 3, 4, 4)
+    assert runner.stats()["captures"] == 1 and runner.stats()["replays"] == 5  # same shape: no new capture
+    cond = torch.randn(1, 16, 1, 4, 4, generator=g)
+    with pytest.warns(UserWarning, match="kv_cache_dict"):
+        cached = lcn.denoise(dit, noise, pos, cond_latents=cond, use_kv_cache=True, **kw)
+    assert torch.equal(cached, lcn.denoise(dit, noise, pos, cond_latents=cond, use_kv_cache=True, graphs=False, **kw))
+
+
+def test_graph_runner_for_choices():
+    from longcat_native.runtime.compiled import graph_runner_for
+
+    dit = _tiny()
+    assert graph_runner_for(dit) is dit  # CPU: quietly no graphs
+    assert graph_runner_for(dit, False) is dit
+    with pytest.raises(ValueError, match="graphs=True needs a LongCatDiT on a CUDA device"):
+        graph_runner_for(dit, True)
+    with pytest.raises(ValueError, match="graphs must be"):
+        graph_runner_for(dit, "yes")
+    runner = CUDAGraphRunner(dit)
+    assert graph_runner_for(runner) is runner  # a runner passed in is used as it is
+    with pytest.raises(ValueError, match="graphs=True"):
+        lcn.denoise(dit, torch.randn(1, 16, 2, 4, 4), torch.randn(1, 1, 5, 24), num_steps=1, guidance_scale=1.0,
+                    progress=False, graphs=True)
+
+
+@requires_cuda
+def test_pipelines_capture_real_graphs_on_cuda():
+    dit = _tiny().cuda()
+    g = torch.Generator().manual_seed(0)
+    noise, pos, neg = torch.randn(1, 16, 2, 4, 4, generator=g), torch.randn(1, 1, 5, 24, generator=g), \
+        torch.randn(1, 1, 5, 24, generator=g)
+    kw = dict(negative_embeds=neg, num_steps=3, guidance_scale=4.0, progress=False)
+    eager = lcn.denoise(dit, noise, pos, graphs=False, **kw)
+    graphed = lcn.denoise(dit, noise, pos, **kw)
+    from longcat_native.runtime.compiled import graph_runner_for
+
+    stats = graph_runner_for(dit).stats()
+    assert stats["captures"] == 1 and stats["replays"] == 3, stats
+    assert_close_rel(graphed, eager, 1e-5, "graphed denoise")

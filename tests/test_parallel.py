@@ -100,7 +100,8 @@ FORWARD = ["t2v_nomask", "t2v_mask", "t2v_mask_varlen", "per_frame_timestep", "i
 
 def test_two_ranks_every_case(tmp_path):
     reports = _launch(2, ["forward", "lora", "sample", "triton", "compile", "errors"], tmp_path)
-    _check_cases(reports, FORWARD + ["lora_both", "sample_t2v_cfg", "sample_i2v_cfg", "i2v_cond1_triton",
+    _check_cases(reports, FORWARD + ["lora_both", "sample_t2v_cfg", "sample_i2v_cfg", "sample_t2v_cfg_rank0_inputs",
+                                     "i2v_cond1_triton",
                                      "kv_continue_triton", "bsa_cond_triton", "t2v_mask_compiled"])
     _check_errors(reports, 2)
     for rep in reports:
@@ -115,7 +116,7 @@ def test_two_ranks_every_case(tmp_path):
 
 def test_four_ranks_2d_split(tmp_path):
     reports = _launch(4, ["forward", "sample", "errors"], tmp_path)
-    _check_cases(reports, FORWARD + ["sample_t2v_cfg", "sample_i2v_cfg"])
+    _check_cases(reports, FORWARD + ["sample_t2v_cfg", "sample_i2v_cfg", "sample_t2v_cfg_rank0_inputs"])
     _check_errors(reports, 4)
     assert all(rep["checks"]["split"] == [2, 2] for rep in reports)
 

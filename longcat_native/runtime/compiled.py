@@ -63,7 +63,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
-__all__ = ["compile_model", "CompiledModel", "CUDAGraphRunner", "default_compile_mode"]
+__all__ = ["compile_model", "CompiledModel", "CUDAGraphRunner", "default_compile_mode", "graph_runner_for"]
 
 
 def default_compile_mode(device) -> str:
@@ -371,3 +371,48 @@ class CUDAGraphRunner:
             "fallbacks": dict(self._fallback_reasons),
             "uncapturable_keys": len(self._uncapturable),
         }
+
+
+# -- the pipelines' runner ---------------------------------------------------------------------
+
+_RUNNER_ATTR = "_longcat_graph_runner"
+
+
+def _graphs_supported(model) -> bool:
+    """Whole-forward graphs apply to a CUDA model without context parallelism."""
+    return _model_device(model).type == "cuda" and getattr(model, "cp", None) is None
+
+
+def graph_runner_for(dit, graphs="auto"):
+    """What ``denoise`` (and so every pipeline) calls each step: a :class:`CUDAGraphRunner` over
+    ``dit`` when graphs apply, else ``dit`` itself.
+
+    ``graphs``: ``"auto"`` (default) uses graphs for a ``LongCatDiT`` (or a :class:`CompiledModel`
+    of one, which then is what gets captured) on CUDA without context parallelism, and quietly
+    returns ``dit`` elsewhere; ``True`` requires them (a clear error where they cannot apply);
+    ``False`` never. A passed-in :class:`CUDAGraphRunner` is used as it is. The runner is kept on
+    the model, so successive pipeline calls (segments of a long video, the refinement stage)
+    replay graphs captured earlier; ``graph_runner_for(dit).reset()`` frees them.
+    """
+    if graphs not in (True, False, "auto"):
+        raise ValueError(f"graphs must be True, False or 'auto', got {graphs!r}")
+    if graphs is False or isinstance(dit, CUDAGraphRunner):
+        return dit
+    from .dit import LongCatDiT
+
+    base = dit.model if isinstance(dit, CompiledModel) else dit
+    if not isinstance(base, LongCatDiT) or not _graphs_supported(base):
+        if graphs is True:
+            where = ("not a LongCatDiT" if not isinstance(base, LongCatDiT) else
+                     "under context parallelism" if getattr(base, "cp", None) is not None else
+                     f"on {_model_device(base)}, not CUDA")
+            raise ValueError(f"graphs=True needs a LongCatDiT on a CUDA device; the model is {where}. "
+                             "Use graphs='auto' or False.")
+        return dit
+    runner = base.__dict__.get(_RUNNER_ATTR)
+    if runner is None or runner.fn is not dit:
+        # In the module's __dict__, not as an attribute: nn.Module would otherwise try to
+        # register it, and state_dict()/to() must not see it.
+        runner = CUDAGraphRunner(base, fallback=None if dit is base else dit)
+        base.__dict__[_RUNNER_ATTR] = runner
+    return runner

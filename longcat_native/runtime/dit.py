@@ -548,8 +548,10 @@ def _context_parallel(cfg: LongCatConfig, cp_size: int, device: torch.device):
                          f"not divisible by cp_size={cp_size}")
     if device.type not in ("cuda", "cpu"):
         raise ValueError(f"context parallelism runs on CUDA (NCCL) or the CPU (gloo), not on {device}")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # NCCL and its object collectives use the current device
     group = init_context_parallel(cp_size, device)
     cfg.cp_split_hw = list(split)
-    cp = ContextParallel(group, split, cfg.num_heads)
+    cp = ContextParallel(group, split, cfg.num_heads, device)
     cp.check_replicas(cfg)
     return cp

@@ -107,9 +107,10 @@ def init_context_parallel(cp_size: int, device: torch.device, timeout_s: float =
 class ContextParallel:
     """The split of one forward over the ranks of ``group`` (see the module doc)."""
 
-    def __init__(self, group, split_hw: Tuple[int, int], num_heads: int):
+    def __init__(self, group, split_hw: Tuple[int, int], num_heads: int, device=None):
         dist = _dist()
         self.group = group
+        device = torch.device("cpu") if device is None else torch.device(device)
         self.size = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
         self.split_h, self.split_w = (int(v) for v in split_hw)
@@ -121,6 +122,7 @@ class ContextParallel:
                              f"not divisible by cp_size={self.size}")
         self.num_heads = num_heads
         self.local_heads = num_heads // self.size
+        self.device = device
 
     def check_replicas(self, cfg) -> None:
         """Once, at construction: every rank built the same model and split (a rank with another
@@ -132,6 +134,29 @@ class ContextParallel:
         if any(o != mine for o in everyone):
             raise ValueError(f"context-parallel ranks disagree on (split_h, split_w, hidden, depth, heads, patch): "
                              f"{everyone}; every rank must build the same model with the same cp_size")
+
+    def broadcast_from_rank0(self, tensors):
+        """Rank 0's tensors on every rank (``None`` entries stay ``None``): what pipelines use so
+        every rank denoises the same inputs. Shapes and dtypes travel first, so other ranks need
+        not pass matching tensors. Each tensor stays on (or is received on) its rank's device."""
+        dist = _dist()
+        src = dist.get_global_rank(self.group, 0)
+        meta = [None if t is None else (tuple(t.shape), t.dtype) for t in tensors]
+        box = [meta]
+        dist.broadcast_object_list(box, src=src, group=self.group)
+        out = []
+        for t, m in zip(tensors, box[0]):
+            if m is None:
+                out.append(None)
+                continue
+            if self.rank == 0:
+                buf = t.contiguous()
+            else:
+                device = t.device if t is not None else self.device
+                buf = torch.empty(m[0], dtype=m[1], device=device)
+            dist.broadcast(buf, src=src, group=self.group)
+            out.append(buf)
+        return out
 
     def __repr__(self) -> str:
         return f"ContextParallel(rank={self.rank}, size={self.size}, split_hw=({self.split_h}, {self.split_w}))"

@@ -33,6 +33,8 @@ from typing import Callable, Dict, Mapping, Optional, Tuple
 
 import torch
 
+from .compiled import graph_runner_for
+
 __all__ = [
     "NUM_TRAIN_TIMESTEPS", "NUM_DISTILL_STEPS", "DEFAULT_SHIFT", "Schedule",
     "base_sigmas", "distill_sigmas", "shift_sigmas", "flow_schedule", "truncate_schedule",
@@ -295,6 +297,7 @@ def denoise(
     offload_kv_cache: bool = False,
     cfg_zero_cond_frames: bool = True,
     callback: Optional[Callable[[int, float, torch.Tensor], None]] = None,
+    graphs="auto",
 ) -> torch.Tensor:
     """Run the official flow-matching Euler loop on latents; returns float32 latents like ``noise``.
 
@@ -319,7 +322,9 @@ def denoise(
     ``t_thresh`` (refinement's truncated base schedule), ``enhance_hf`` (continuation's tail),
     ``offload_kv_cache``, ``callback(step, timestep, latents)`` after each step (``timestep`` a
     Python float; ``latents`` the tensor being denoised, the noisy frames only on the cached
-    path; the callback must not modify it). ``progress``
+    path; the callback must not modify it), ``graphs`` (each step's forward replays a whole-forward
+    CUDA graph: ``"auto"`` on CUDA, see :func:`~longcat_native.runtime.compiled.graph_runner_for`;
+    steps with a KV cache run without graphs, with a one-time message). ``progress``
     prints one line per step to stderr with seconds per step; it synchronizes the device once per
     step to time it. With ``progress=False`` the loop makes no host synchronization of its own.
     """
@@ -373,6 +378,14 @@ def denoise(
         cond = cond_src.expand(B, -1, -1, -1, -1)
         latents[:, :, :m] = cond
 
+    cp = getattr(dit, "cp", None)
+    if cp is not None:
+        # Every rank runs this loop; rank 0's inputs are the ones used everywhere, so ranks that
+        # drew different noise or encoded prompts differently cannot drift apart.
+        latents, text, mask, cond_src = cp.broadcast_from_rank0([latents, text, mask, cond_src])
+        if m:
+            cond = cond_src.expand(B, -1, -1, -1, -1)
+
     cached = use_kv_cache or kv_cache is not None
     kv = None
     if cached:
@@ -383,6 +396,7 @@ def denoise(
     batch = 2 * B if do_cfg else B
     first_noisy = 0 if cached else m
 
+    step_model = graph_runner_for(dit, graphs)
     start = time.perf_counter()
     with torch.no_grad():
         for i in range(n):
@@ -397,7 +411,7 @@ def denoise(
                 kwargs = dict(num_cond_latents=m, kv_cache_dict=kv)
             elif m:
                 kwargs = dict(num_cond_latents=m)
-            v = dit(model_in, timestep, text, mask, **kwargs)
+            v = step_model(model_in, timestep, text, mask, **kwargs)
             if isinstance(v, tuple):
                 v = v[0]
             if do_cfg:
