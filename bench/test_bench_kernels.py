@@ -264,3 +264,13 @@ def test_model_script_smoke(tmp_path):
     assert len(saved) == 1
     full = json.loads(saved[0].read_text())
     assert set(full["sizes"][size]["columns"]) == {"eager_ref", "compile_ref", "fused", "fused_compile_graphs"}
+
+
+def test_parallel_script_smoke():
+    record, stdout = _run_script("bench/parallel.py", "--repeats", "1")
+    assert record["bench"] == "parallel" and record["world_size"] == 1
+    # 480p, 4 ranks: 4 * (2 * 37,440 / 4 * 4096) bf16 elements, 3/4 of them leave the rank.
+    assert record["480p_cp4_comm_mb_per_block_per_rank"] == pytest.approx(4 * 2 * 37440 / 4 * 4096 * 2 * 0.75 / 1e6,
+                                                                          rel=1e-5)
+    assert record["720p_cp8_comm_mb_per_block_per_rank"] > 0 and record["single_rank_forward_ms"] > 0
+    assert "comm MB/block/rank" in stdout and "torchrun" in stdout
