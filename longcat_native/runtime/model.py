@@ -345,6 +345,8 @@ class ForwardContext:
     def __init__(self, **kw):
         for k in self.__slots__:
             setattr(self, k, kw.get(k))
+        if self.num_cond_tokens_local is None:  # no context parallelism: the rank holds every token
+            self.num_cond_tokens_local = self.num_cond_tokens
 
 
 class LongCatTransformer(nn.Module):
