@@ -8,6 +8,7 @@ from pathlib import Path
 from setuptools import find_packages, setup
 
 HERE = Path(__file__).parent
+PIPELINES = ["transformers>=4.40", "diffusers>=0.34", "sentencepiece", "ftfy", "pillow", "imageio", "imageio-ffmpeg"]
 VERSION = re.search(r'__version__ = "([^"]+)"', (HERE / "longcat_native" / "__init__.py").read_text()).group(1)
 
 setup(
@@ -21,9 +22,12 @@ setup(
     install_requires=["torch>=2.6", "triton", "safetensors", "numpy"],
     extras_require={
         "cuda": ["flash-attn", "nvtx"],
-        "dev": ["pytest", "pytest-benchmark", "hypothesis"],
-        # Prompt strings (umT5 text encoder) and decoded video (Wan VAE) in the pipelines.
-        "pipelines": ["transformers", "diffusers", "sentencepiece"],
+        # The tests build tiny text encoders/VAEs and write .mp4 files: they need the pipelines extra.
+        "dev": ["pytest", "pytest-benchmark", "hypothesis", *PIPELINES],
+        # Prompt strings (umT5 text encoder: transformers, sentencepiece for the umT5 tokenizer,
+        # ftfy for the official prompt cleaning), the Wan VAE (diffusers), image/video files
+        # (pillow, imageio) and .mp4 output (imageio-ffmpeg, which ships an ffmpeg binary).
+        "pipelines": PIPELINES,
     },
     entry_points={"console_scripts": ["longcat-native = longcat_native.cli:main"]},
     license="MIT",

@@ -8,7 +8,7 @@ import sys
 import pytest
 from cases import FIXTURE_ROOT
 
-from longcat_native.cli import activation_bytes, latent_shape, main
+from longcat_native.cli import activation_bytes, latent_shape, main, refine_memory_estimate
 from longcat_native.runtime.config import resolve_config
 
 
@@ -45,6 +45,43 @@ def test_activation_estimate_scales_with_tokens():
     a = activation_bytes(cfg, (24, 60, 104), 1, 2)
     b = activation_bytes(cfg, (48, 88, 160), 1, 2)
     assert b["tokens"] == 168960 and b["peak_activation_bytes"] / a["peak_activation_bytes"] == pytest.approx(168960 / 37440)
+
+
+def test_info_refinement_estimate(capsys):
+    """The 480p -> 720p refinement of 93 frames on the real config (SPEC section 7: 168,960
+    tokens): an estimate made of its documented parts, reported as one, and whether it fits 48 GB."""
+    info = _json_out(capsys, ["info", "--config", "longcat-video", "--json"])
+    r = info["refine_720p_estimate"]
+    assert r["estimate"] and r["tokens"] == 168960 and r["latent_thw"] == [48, 88, 160] and r["frames"] == 186
+    assert r["dit_weight_bytes"] == info["weight_bytes_in_dtype"]  # ~27 GB in bf16
+    cfg = resolve_config("longcat-video")
+    assert r["activation_bytes"] == activation_bytes(cfg, (48, 88, 160), 1, 2)["peak_activation_bytes"]
+    assert r["bsa_workspace_bytes"] == 32 * (12 * 11 * 20) ** 2 * 4  # heads x 4x4x4-token chunks^2, float32
+    assert r["stages"]["denoise"] == (r["dit_weight_bytes"] + r["activation_bytes"] + r["bsa_workspace_bytes"]
+                                      + r["latent_bytes"] + r["overhead_bytes"])
+    assert r["peak_bytes"] == max(r["stages"].values()) == r["stages"]["denoise"]
+    assert r["budget_bytes"] == 48 * 1024 ** 3 and r["fits"] == (r["peak_bytes"] <= r["budget_bytes"])
+    assert 38e9 < r["peak_bytes"] < 48 * 1024 ** 3  # weights 27.2 GB + activations 14 GB + the rest: it fits
+    assert main(["info", "--config", "longcat-video"]) == 0
+    out = capsys.readouterr().out
+    assert "ESTIMATED peak GPU memory" in out and "fits in 48.00 GiB" in out
+
+
+def test_refine_memory_estimate_assumptions():
+    cfg = resolve_config("longcat-video")
+    params = 13_600_000_000
+    base = refine_memory_estimate(cfg, params)
+    assert not refine_memory_estimate(cfg, params, budget_bytes=40 * 1024 ** 3)["fits"]
+    # untiled decoding (tiles as large as the frame) holds no overlapping tile outputs
+    untiled = refine_memory_estimate(cfg, params, vae_tile=2048, vae_tile_stride=2048)
+    assert untiled["vae_decode_bytes"] < base["vae_decode_bytes"]
+    # the text encoder is alone on the GPU (encoded before the DiT is loaded)
+    assert base["stages"]["text_encode"] < base["dit_weight_bytes"]
+    assert base["text_encode_with_dit_resident_bytes"] == base["stages"]["text_encode"] + base["dit_weight_bytes"]
+    # more frames, more tokens, more memory
+    longer = refine_memory_estimate(cfg, params, stage1_frames=189)
+    assert longer["tokens"] > base["tokens"] and longer["peak_bytes"] > base["peak_bytes"]
+    assert refine_memory_estimate(cfg, params, dtype_bytes=4)["dit_weight_bytes"] == 4 * params
 
 
 def test_latent_shape_rules():

@@ -1,5 +1,7 @@
 """`longcat-native generate`: the default tiny random-weights run, every task, determinism,
-checkpoints with precomputed embeddings, and errors that come before any model loading."""
+checkpoints with precomputed embeddings, the tiny checkpoint root with its text encoder and VAE
+(prompt strings, image/video files, .mp4 output, the per-stage memory report), and errors that
+come before any model loading."""
 
 import json
 import subprocess
@@ -14,6 +16,8 @@ from safetensors.torch import load_file, save_file
 
 from longcat_native import cli
 from longcat_native.cli import main
+
+pytest_plugins = ("tiny_components",)  # the session-wide tiny_root fixture
 
 
 def _run(capsys, argv):
@@ -67,7 +71,8 @@ def test_determinism_and_seed(capsys, tmp_path):
     ("vc", ["--no-kv-cache"], (1, 16, 4, 8, 12)),
     ("vc", [], (1, 16, 4, 8, 12)),
     ("long", ["--segments", "2"], (1, 16, 8, 8, 12)),
-    ("refine", ["--latent", "2", "4", "6"], (1, 16, 2, 8, 12)),
+    ("refine", ["--latent", "2", "4", "6"], (1, 16, 3, 8, 12)),  # 2x in space, 2T - 1 latents in time
+    ("refine", ["--latent", "2", "4", "6", "--spatial-refine-only"], (1, 16, 2, 8, 12)),
 ])
 def test_tasks(capsys, tmp_path, task, argv, shape):
     out = tmp_path / "o.safetensors"
@@ -106,10 +111,12 @@ def test_checkpoint_with_embeddings_file(capsys, tmp_path):
     (["--frames", "10"], "4k + 1"),
     (["--task", "t2v", "--image", "x.png"], "takes no image"),
     (["--task", "t2v", "--cond-latents", "x.safetensors"], "takes none"),
-    (["--task", "i2v", "--image", "x.png"], "longcat-native[pipelines]"),
-    (["--out", "video.mp4"], "longcat-native[pipelines]"),
+    (["--task", "i2v", "--image", "x.png"], "needs the Wan VAE"),
+    (["--out", "video.mp4"], "needs the Wan VAE"),
     (["--out", "video.txt"], ".safetensors"),
-    (["--checkpoint", str(FIXTURE_ROOT), "--prompt", "a cat"], "longcat-native[pipelines]"),
+    (["--checkpoint", str(FIXTURE_ROOT), "--prompt", "a cat"], "no tokenizer/ folder"),
+    (["--checkpoint", str(FIXTURE_ROOT), "--task", "i2v"], "needs its conditioning"),
+    (["--checkpoint", str(FIXTURE_ROOT), "--task", "refine"], "stage-1 video"),
     (["--task", "vc", "--latent", "2", "8", "12"], "nothing to generate"),
     (["--latent", "3", "7", "12"], "even H and W"),
     (["--latent", "3", "8", "12", "--frames", "9"], "replaces"),
@@ -138,3 +145,132 @@ def test_info_and_forward_still_there():
     assert parser.parse_args(["forward"]).func is cli.cmd_forward
     assert parser.parse_args(["info", "--config", "tiny"]).func is cli.cmd_info
     assert parser.parse_args(["generate"]).func is cli.cmd_generate
+
+
+# -- with the tiny checkpoint root: text encoder, VAE, pixels, .mp4 ---------------------------------
+
+def _media(tmp_path):
+    """A conditioning image and a 9-frame video (smooth, so H.264 keeps them close)."""
+    import numpy as np
+    from PIL import Image
+
+    from longcat_native.runtime.media import write_video
+
+    yy, xx = np.mgrid[0:40, 0:70]
+    frames = np.stack([np.stack([(xx * 3 + t * 10) % 256, yy * 5 % 256, np.full_like(xx, 120)], -1)
+                       for t in range(9)]).astype(np.uint8)
+    Image.fromarray(frames[0]).save(tmp_path / "img.png")
+    write_video(tmp_path / "clip.mp4", frames, fps=15)
+    write_video(tmp_path / "stage1.mp4", frames[:5, :32, :48], fps=15)
+    return tmp_path / "img.png", tmp_path / "clip.mp4", tmp_path / "stage1.mp4"
+
+
+CKPT = ["--kernels", "reference", "--steps", "2"]
+
+
+def test_checkpoint_prompt_strings_to_mp4_with_memory_report(capsys, tmp_path, tiny_root):
+    from longcat_native.runtime.media import read_video_frames
+
+    out = tmp_path / "t2v.mp4"
+    summary, err = _run(capsys, ["--checkpoint", str(tiny_root), "--prompt", "a cat walking in the park",
+                                 "--latent", "3", "8", "12", *CKPT, "--out", str(out)])
+    assert not summary["random_weights"] and "umT5" in summary["text"] and summary["latent_shape"] == [1, 16, 3, 8, 12]
+    assert summary["video_shape"] == [9, 64, 96, 3] and summary["steps"] == 2
+    frames, fps = read_video_frames(out)
+    assert frames.shape == (9, 64, 96, 3) and fps == pytest.approx(15)
+    mem = summary["memory"]
+    assert [r["stage"] for r in mem["stages"]] == ["text_encode", "load", "denoise", "vae_decode"]
+    assert mem["kind"] == "host_peak_rss" and "HOST" in mem["label"]  # CPU: host memory, labelled as such
+    assert all(r["peak_bytes"] > 0 and r["seconds"] >= 0 for r in mem["stages"])
+    assert summary["peak_memory_bytes"] == max(r["peak_bytes"] for r in mem["stages"])
+    # human-readable: the stages and the label are printed
+    assert main(["generate", "--checkpoint", str(tiny_root), "--latent", "2", "8", "12", *CKPT,
+                 "--out", str(tmp_path / "h.mp4")]) == 0
+    text = capsys.readouterr().out
+    assert "HOST memory" in text and "vae_decode" in text and "text_encode" in text
+
+
+def test_checkpoint_prompt_strings_to_latents_same_seed_same_result(capsys, tmp_path, tiny_root):
+    a, b, c = (tmp_path / f"{n}.safetensors" for n in "abc")
+    base = ["--checkpoint", str(tiny_root), "--latent", "3", "8", "12", *CKPT, "--seed", "3"]
+    summary, _ = _run(capsys, [*base, "--prompt", "a cat", "--out", str(a)])
+    assert summary["video_shape"] is None and [r["stage"] for r in summary["memory"]["stages"]] == \
+        ["text_encode", "load", "denoise"]
+    _run(capsys, [*base, "--prompt", "a cat", "--out", str(b)])
+    _run(capsys, [*base, "--prompt", "a dog", "--out", str(c)])
+    assert torch.equal(_latents(a), _latents(b)) and not torch.equal(_latents(a), _latents(c))
+
+
+@pytest.mark.parametrize("task", ["i2v", "vc", "refine"])
+def test_checkpoint_pixel_inputs(capsys, tmp_path, tiny_root, task):
+    from longcat_native.runtime.media import read_video_frames
+
+    img, clip, stage1 = _media(tmp_path)
+    out = tmp_path / "o.mp4"
+    argv = {"i2v": ["--image", str(img), "--latent", "3", "8", "12"],
+            "vc": ["--video", str(clip), "--cond-frames", "5", "--latent", "4", "8", "12"],
+            "refine": ["--video", str(stage1), "--resolution", "64x96", "--lora-network-dim", "4"]}[task]
+    summary, _ = _run(capsys, ["--checkpoint", str(tiny_root), "--task", task, *argv, *CKPT, "--out", str(out)])
+    stages = [r["stage"] for r in summary["memory"]["stages"]]
+    assert stages[:3] == ["text_encode", "load", "vae_encode"] and stages[-1] == "vae_decode"
+    frames, fps = read_video_frames(out)
+    expected = {"i2v": (9, 64, 96, 3), "vc": (13, 64, 96, 3), "refine": (10, 64, 96, 3)}[task]
+    assert frames.shape == expected and tuple(summary["video_shape"]) == expected
+    if task == "refine":  # 5 frames doubled at 64x96, padded to 4 latents; no guidance; 30 fps as officially
+        assert summary["latent_shape"] == [1, 16, 4, 8, 12] and summary["steps"] == 5 and summary["guidance"] == 1.0
+        assert fps == pytest.approx(30) and any("refinement LoRA on" in n for n in summary["notes"])
+    if task == "i2v":
+        # the first frame is the image's (cropped to 64 x 96, through the VAE: close to it, not equal)
+        assert any("encoded by the VAE" in n for n in summary["notes"])
+
+
+@pytest.mark.parametrize("argv,without,exc_text", [
+    (["--out", "x.mp4"], ("vae",), "no vae/ folder"),
+    (["--prompt", "a cat"], ("tokenizer",), "no tokenizer/ folder"),
+    (["--prompt", "a cat"], ("text_encoder",), "no text_encoder/ folder"),
+    (["--task", "refine", "--video", "{stage1}", "--guidance", "4"], (), "without guidance"),
+    (["--task", "vc", "--video", "{clip}", "--cond-frames", "6", "--latent", "4", "8", "12"], (), "4k + 1"),
+    (["--task", "vc", "--video", "{clip}", "--cond-frames", "13", "--latent", "5", "8", "12"], (),
+     "13 conditioning frames"),
+    (["--resolution", "64x100"], (), "multiples of 16"),
+    (["--task", "i2v", "--image", "{missing}"], (), "does not exist"),
+    (["--task", "i2v", "--image", "{img}", "--cond-latents", "x.safetensors"], (), "replaces --image"),
+    (["--distill", "--negative-prompt", "blurred"], (), "no effect"),
+    (["--task", "refine", "--video", "{stage1}", "--frames", "9"], (), "fixes the frame count"),
+    (["--out", "x.mp4", "--vae-tile", "100"], (), "--vae-tile must be a multiple of 8"),
+])
+def test_checkpoint_errors_before_loading(capsys, monkeypatch, tmp_path, tiny_root, argv, without, exc_text):
+    from tiny_components import partial_root
+
+    from longcat_native.runtime.components import TextEncoder, VideoVAE
+    from longcat_native.runtime.dit import LongCatDiT
+
+    def no_loading(*a, **k):
+        raise AssertionError("a model was loaded before the inputs were checked")
+
+    for cls in (LongCatDiT, TextEncoder, VideoVAE):
+        monkeypatch.setattr(cls, "from_pretrained", classmethod(no_loading))
+    img, clip, stage1 = _media(tmp_path)
+    root = partial_root(tiny_root, tmp_path / "root", without=without) if without else tiny_root
+    argv = [a.format(img=img, clip=clip, stage1=stage1, missing=tmp_path / "missing.png") for a in argv]
+    assert main(["generate", "--checkpoint", str(root), *argv]) == 2
+    err = capsys.readouterr().err
+    assert "longcat-native generate: error:" in err and exc_text in err
+
+
+@pytest.mark.parametrize("module", ["diffusers", "transformers", "imageio_ffmpeg"])
+def test_missing_extras_before_loading(capsys, monkeypatch, tmp_path, tiny_root, module):
+    from longcat_native.runtime.dit import LongCatDiT
+
+    monkeypatch.setattr(LongCatDiT, "from_pretrained", classmethod(lambda *a, **k: 1 / 0))
+    monkeypatch.setitem(sys.modules, module, None)  # as if not installed
+    assert main(["generate", "--checkpoint", str(tiny_root), "--out", str(tmp_path / "x.mp4")]) == 2
+    err = capsys.readouterr().err
+    assert module in err and "pip install 'longcat-native[pipelines]'" in err
+
+
+def test_resolution_flag():
+    assert cli.parse_resolution("480p") == ("480p", (480, 832))
+    assert cli.parse_resolution("64x96") == ("64x96", (64, 96))
+    with pytest.raises(Exception, match="HxW"):
+        cli.parse_resolution("1080p")

@@ -1,7 +1,10 @@
 """The pipelines end to end on the tiny config (random weights, reference path, CPU): shapes,
 determinism, conditioning frames untouched, video continuation with and without the KV cache,
-refinement's schedule and padding, LoRA/BSA switching, errors before any model work."""
+refinement's schedule and padding, LoRA/BSA switching, errors before any model work; and
+LongCatVideoPipeline on the tiny checkpoint root (text encoder + VAE): prompt strings, pixel
+images/videos, decoded output."""
 
+import numpy as np
 import pytest
 import torch
 from helpers import assert_close_rel
@@ -9,6 +12,8 @@ from helpers import assert_close_rel
 from longcat_native.runtime import pipelines as P
 from longcat_native.runtime.dit import LongCatDiT
 from longcat_native.runtime.sampler import get_schedule
+
+pytest_plugins = ("tiny_components",)  # the session-wide tiny_root fixture
 
 
 class Spy:
@@ -231,11 +236,12 @@ def test_bad_inputs_fail_before_model_work(dit, text):
     with pytest.raises(ValueError, match="enhance_hf and distill"):
         P.generate_vc(spy, _lat(1, 16, 3, 8, 12), pe, pm, num_frames=13, num_cond_frames=5, distill=True,
                       enhance_hf=True, guidance_scale=1.0)
-    with pytest.raises(NotImplementedError, match=r"longcat-native\[pipelines\]"):
+    # strings, pixels and decoded output belong to LongCatVideoPipeline, which says so
+    with pytest.raises(ValueError, match=r"LongCatVideoPipeline.*longcat-native\[pipelines\]"):
         P.generate_t2v(spy, "a cat", latent=(2, 8, 12), guidance_scale=1.0)
-    with pytest.raises(NotImplementedError, match=r"longcat-native\[pipelines\]"):
+    with pytest.raises(ValueError, match=r"output_type='latent'.*LongCatVideoPipeline"):
         P.generate_t2v(spy, pe, pm, ne, nm, latent=(2, 8, 12), output_type="np")
-    with pytest.raises(NotImplementedError, match=r"longcat-native\[pipelines\]"):
+    with pytest.raises(ValueError, match=r"pixels.*LongCatVideoPipeline"):
         P.generate_i2v(spy, img, pe, pm, ne, nm, num_frames=9, image=object())
     assert spy.calls == []
 
@@ -253,3 +259,171 @@ def test_refine_with_the_checkpoint_lora(text):
     assert "refinement_lora" in ckpt.lora_dict and not torch.equal(plain, lora)
     # switched off again after the call
     assert torch.equal(plain, P.generate_refine(ckpt, stage1, pe, pm, seed=0, progress=False))
+
+
+# -- LongCatVideoPipeline: the text encoder and the VAE of the tiny checkpoint root ----------------
+
+@pytest.fixture(scope="module")
+def pipe(tiny_root):
+    return P.LongCatVideoPipeline.from_pretrained(tiny_root, kernels="reference", device="cpu", dtype=torch.float32)
+
+
+def _frames(n, h=40, w=70, seed=0):
+    """uint8 frames [n, h, w, 3] (an image, a video) of another size than the model's."""
+    g = np.random.default_rng(seed)
+    return (g.random((n, h, w, 3)) * 255).astype(np.uint8)
+
+
+PIX = dict(height=64, width=96, progress=False)
+
+
+def test_pipeline_t2v_from_prompt_strings(pipe, monkeypatch):
+    offloads = []
+    real = pipe.text_encoder.offload
+    monkeypatch.setattr(pipe.text_encoder, "offload", lambda: offloads.append(1) or real())
+    kw = dict(num_frames=9, num_steps=2, **PIX)
+    video = pipe.generate_t2v("a cat walking", seed=1, **kw)
+    assert isinstance(video, np.ndarray) and video.shape == (1, 9, 64, 96, 3) and video.dtype == np.float32
+    assert 0 <= video.min() <= video.max() <= 1
+    assert offloads == [1]  # the encoder left the device once both prompts were encoded
+    # the same as the pipeline function on the encoded prompt, decoded
+    text = pipe.encode_prompt("a cat walking", guidance_scale=4.0)
+    assert text[0].shape == (1, 1, 512, 64) and text[1].shape == (1, 512) and text[2] is not None
+    lat = P.generate_t2v(pipe.dit, *text, seed=1, **kw)
+    assert np.array_equal(pipe.decode(lat), video)
+    assert torch.equal(pipe.generate_t2v("a cat walking", seed=1, output_type="latent", **kw), lat)
+    assert not torch.equal(pipe.generate_t2v("a dog running", seed=1, output_type="latent", **kw), lat)
+    assert not torch.equal(pipe.generate_t2v("a cat walking", "blurred static", seed=1, output_type="latent", **kw),
+                           lat)
+    pt = pipe.decode(lat, "pt")
+    u8 = pipe.decode(lat, "video")
+    assert pt.shape == (1, 9, 3, 64, 96) and np.array_equal(pt.permute(0, 1, 3, 4, 2).numpy(), video)
+    assert u8.shape == (1, 9, 64, 96, 3) and u8.dtype == np.uint8
+    assert np.abs(u8.astype(np.float32) / 255 - video).max() <= 0.5 / 255 + 1e-6
+    # no guidance: no negative prompt encoded
+    assert pipe.encode_prompt(["a cat", "a dog"], guidance_scale=1.0)[2] is None
+
+
+def test_pipeline_i2v_from_an_image(pipe):
+    img = _frames(1)[0]
+    lat = pipe.generate_i2v(img, "a cat", num_frames=9, num_steps=2, seed=2, output_type="latent", **PIX)
+    assert lat.shape == (1, 16, 3, 8, 12)
+    assert torch.equal(lat[:, :, :1], pipe.encode_image(img, (64, 96)))  # the image latent is untouched
+    video = pipe.generate_i2v(img, "a cat", num_frames=9, num_steps=2, seed=2, output_type="video", **PIX)
+    assert video.shape == (1, 9, 64, 96, 3) and video.dtype == np.uint8
+
+
+def test_pipeline_vc_from_a_video(pipe):
+    vid = _frames(9)
+    kw = dict(num_frames=13, num_cond_frames=5, num_steps=2, seed=3, **PIX)
+    lat = pipe.generate_vc(vid, "a cat", output_type="latent", **kw)
+    cond = pipe.encode_video(vid, (64, 96), last_frames=5)
+    assert lat.shape == (1, 16, 4, 8, 12) and cond.shape == (1, 16, 2, 8, 12)
+    assert torch.equal(lat[:, :, :2], cond)
+    assert pipe.generate_vc(vid, "a cat", output_type="np", **kw).shape == (1, 13, 64, 96, 3)
+
+
+def test_pipeline_long(pipe):
+    out = pipe.generate_long("a cat", latent=(3, 8, 12), num_cond_frames=5, num_segments=1, num_steps=2,
+                             guidance_scale=1.0, output_type="video", progress=False)
+    assert out.shape == (1, 13, 64, 96, 3)
+
+
+def test_refine_frame_padding():
+    p = P.refine_frame_padding(93)  # the official 480p -> 720p case
+    assert (p["frames"], p["cond_latents"], p["noise_latents"], p["noise_added"]) == (186, 0, 48, 6)
+    assert p["encoded_frames"] == p["decoded_frames"] == 189
+    p = P.refine_frame_padding(93, 13)
+    assert (p["cond_latents"], p["cond_added"], p["noise_latents"], p["noise_added"]) == (4, 0, 44, 3)
+    p = P.refine_frame_padding(5, 1, spatial_refine_only=True)
+    assert (p["frames"], p["cond_latents"], p["cond_added"], p["cond_frames"]) == (5, 4, 12, 13)
+    assert (p["noise_latents"], p["noise_added"], p["decoded_frames"]) == (4, 12, 29)
+    with pytest.raises(ValueError, match="nothing to refine"):
+        P.refine_frame_padding(5, 10)
+
+
+def test_pipeline_refine_from_a_stage1_video(pipe):
+    stage1 = _frames(5, 32, 48)
+    spy = Spy(pipe.dit)
+    sp = P.LongCatVideoPipeline(spy, pipe.text_encoder, pipe.vae)
+    out = sp.generate_refine(stage1, "a cat", num_steps=50, **PIX)
+    assert out.shape == (1, 10, 64, 96, 3)  # frames doubled, at the target size
+    # 10 frames padded to 4 latents; t = 500 then the 50-step schedule below it, no guidance
+    assert all(a[0].shape == (1, 16, 4, 8, 12) for a, _ in spy.calls)
+    assert [float(a[1][0, 0]) for a, _ in spy.calls] == pytest.approx(get_schedule(50, t_thresh=0.5).timesteps.tolist())
+    # an image as conditioning: one frame padded in front to 13 frames -> 4 clean latents
+    spy.calls.clear()
+    img = _frames(1, 32, 48, seed=4)[0]
+    lat = sp.generate_refine(stage1, "a cat", image=img, output_type="latent", **PIX)
+    assert lat.shape == (1, 16, 8, 8, 12) and spy.calls[0][1]["num_cond_latents"] == 4
+    from longcat_native.runtime.media import load_image
+
+    padded = load_image(img, (64, 96)).unsqueeze(2).expand(-1, -1, 13, -1, -1)
+    assert torch.equal(lat[:, :, :4], pipe.vae.encode(padded))
+
+
+def test_pipeline_errors_before_any_work(pipe, monkeypatch):
+    from types import SimpleNamespace
+
+    spy = Spy(pipe.dit)
+    encoded = []
+    monkeypatch.setattr(pipe.text_encoder, "encode", lambda *a, **k: encoded.append(a))
+    sp = P.LongCatVideoPipeline(spy, pipe.text_encoder, pipe.vae)
+    img, vid = _frames(1)[0], _frames(9)
+    with pytest.raises(ValueError, match="output_type must be one of"):
+        sp.generate_t2v("a cat", output_type="gif")
+    with pytest.raises(ValueError, match="4k \\+ 1"):
+        sp.generate_t2v("a cat", num_frames=10, **PIX)
+    with pytest.raises(ValueError, match="multiples of 16"):
+        sp.generate_i2v(img, "a cat", num_frames=9, height=64, width=100)
+    with pytest.raises(ValueError, match="single latent frame"):
+        sp.generate_i2v(img, "a cat", num_frames=1, **PIX)
+    with pytest.raises(ValueError, match="nothing to generate"):
+        sp.generate_vc(vid, "a cat", num_frames=5, num_cond_frames=5, **PIX)
+    with pytest.raises(ValueError, match="4k \\+ 1"):
+        sp.generate_vc(vid, "a cat", num_frames=13, num_cond_frames=6, **PIX)
+    with pytest.raises(ValueError, match="resolution"):
+        sp.generate_i2v(img, "a cat", resolution="1080p")
+    with pytest.raises(ValueError, match="negative_prompt has no effect"):
+        sp.generate_t2v("a cat", "blurred", guidance_scale=1.0, num_frames=9, **PIX)
+    with pytest.raises(ValueError, match="not both"):
+        sp.generate_refine(vid, "a cat", image=img, video=vid, **PIX)
+    with pytest.raises(ValueError, match="without an image or video"):
+        sp.generate_refine(vid, "a cat", num_cond_frames=5, **PIX)
+    with pytest.raises(ValueError, match="set by the pixel path"):
+        sp.generate_refine(vid, "a cat", pad_frames=True, **PIX)
+    with pytest.raises(ValueError, match="needs the VAE"):
+        P.LongCatVideoPipeline(spy, pipe.text_encoder, None).generate_t2v("a cat", num_frames=9, **PIX)
+    with pytest.raises(ValueError, match="needs the VAE"):
+        P.LongCatVideoPipeline(spy, pipe.text_encoder, None).generate_i2v(img, "a cat", output_type="latent")
+    with pytest.raises(ValueError, match="needs the text encoder"):
+        P.LongCatVideoPipeline(spy, None, pipe.vae).generate_t2v("a cat", num_frames=9, **PIX)
+    with pytest.raises(ValueError, match="not loaded"):
+        sp.generate_t2v("a cat", num_frames=9, lora="no_such_lora", **PIX)
+    assert spy.calls == [] and encoded == []
+    with pytest.raises(ValueError, match="caption_channels 32"):
+        P.LongCatVideoPipeline(SimpleNamespace(config=SimpleNamespace(caption_channels=32, in_channels=16)),
+                               pipe.text_encoder)
+    with pytest.raises(ValueError, match="in_channels 8"):
+        P.LongCatVideoPipeline(SimpleNamespace(config=SimpleNamespace(caption_channels=64, in_channels=8)),
+                               None, pipe.vae)
+
+
+def test_pipeline_from_pretrained_checks_before_loading(tiny_root, tmp_path, monkeypatch):
+    import sys
+
+    from longcat_native.runtime.media import MissingExtraError
+    from tiny_components import partial_root
+
+    def no_loading(*a, **k):
+        raise AssertionError("the DiT was loaded before the checks")
+
+    monkeypatch.setattr(LongCatDiT, "from_pretrained", classmethod(no_loading))
+    no_vae = partial_root(tiny_root, tmp_path / "root", without=("vae",))
+    with pytest.raises(FileNotFoundError, match="vae/"):
+        P.LongCatVideoPipeline.from_pretrained(no_vae)
+    with pytest.raises(AssertionError, match="loaded before"):  # without the VAE, the checks pass
+        P.LongCatVideoPipeline.from_pretrained(no_vae, vae=False)
+    monkeypatch.setitem(sys.modules, "diffusers", None)
+    with pytest.raises(MissingExtraError, match=r"diffusers.*longcat-native\[pipelines\]"):
+        P.LongCatVideoPipeline.from_pretrained(tiny_root)

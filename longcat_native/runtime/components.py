@@ -1,0 +1,326 @@
+"""The components around the DiT, loaded from an official checkpoint root: the umT5 text encoder
+with its tokenizer (``transformers``) and the Wan VAE (``diffusers``).
+
+Layout of the official root (Hugging Face style)::
+
+    LongCat-Video/
+      tokenizer/      AutoTokenizer.from_pretrained(root, subfolder="tokenizer")
+      text_encoder/   UMT5EncoderModel (bf16), d_model = the DiT's caption_channels (4096)
+      vae/            AutoencoderKLWan (bf16), z_dim = the DiT's in_channels (16)
+      dit/  lora/  scheduler/
+
+``transformers``, ``diffusers`` and ``ftfy`` are imported only when a component is loaded or a
+prompt is cleaned; a missing one is a :class:`~longcat_native.runtime.media.MissingExtraError`
+naming ``pip install 'longcat-native[pipelines]'``. A missing folder is a ``FileNotFoundError``
+naming it, raised by :func:`check_components` before anything heavy is loaded.
+
+Prompt encoding follows the official pipeline: each prompt is cleaned (``ftfy.fix_text``, HTML
+entities unescaped twice, whitespace runs collapsed to one space, stripped), tokenized with
+special tokens, padded to and truncated at 512 tokens, and run through the encoder with its
+attention mask; the last hidden state is returned as ``[B, 1, 512, C]`` with the mask ``[B, 512]``
+(int64, 1 = token). The VAE's latents are normalized per channel with ``latents_mean`` and
+``latents_std`` from its config: ``(z - mean) / std`` (the DiT works on normalized latents).
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import os
+import re
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+
+from .media import require
+
+__all__ = [
+    "TOKENIZER_DIR", "TEXT_ENCODER_DIR", "VAE_DIR", "DIT_DIR", "MAX_TEXT_TOKENS", "checkpoint_root",
+    "check_components", "component_config", "clean_prompt", "TextEncoder", "VideoVAE",
+]
+
+TOKENIZER_DIR, TEXT_ENCODER_DIR, VAE_DIR, DIT_DIR = "tokenizer", "text_encoder", "vae", "dit"
+MAX_TEXT_TOKENS = 512  # the official max_sequence_length; the DiT was trained on 512 padded tokens
+# diffusers' defaults for the Wan VAE tiles, in pixels: 256 x 256 tiles every 192 pixels.
+DEFAULT_TILE, DEFAULT_TILE_STRIDE = (256, 256), (192, 192)
+
+
+# -- checkpoint layout ---------------------------------------------------------------------------
+
+def checkpoint_root(path) -> Path:
+    """The checkpoint root for ``path``: the root itself, or the parent of a ``dit/`` folder."""
+    p = Path(os.fspath(path)).expanduser()
+    if not p.exists():
+        raise FileNotFoundError(f"checkpoint path {str(p)!r} does not exist")
+    if not p.is_dir():
+        raise FileNotFoundError(f"checkpoint path {str(p)!r} is not a folder")
+    if (p / "config.json").is_file() and not (p / DIT_DIR).is_dir():  # a dit/ folder
+        return p.parent
+    return p
+
+
+# (folder, file that must be in it, what it is)
+_PARTS = {
+    TOKENIZER_DIR: ("tokenizer_config.json", "the tokenizer"),
+    TEXT_ENCODER_DIR: ("config.json", "the umT5 text encoder"),
+    VAE_DIR: ("config.json", "the Wan VAE"),
+}
+
+
+def check_components(root, text_encoder: bool = False, vae: bool = False, caption_channels: Optional[int] = None,
+                     latent_channels: Optional[int] = None) -> Path:
+    """Check that the folders of the asked components exist with their config files and, when
+    the DiT's ``caption_channels`` / ``latent_channels`` (in_channels) are given, that the text
+    encoder's ``d_model`` and the VAE's ``z_dim`` match them. Reads only config files. Returns
+    the root; errors name the folder."""
+    root = checkpoint_root(root)
+    wanted = ([TOKENIZER_DIR, TEXT_ENCODER_DIR] if text_encoder else []) + ([VAE_DIR] if vae else [])
+    for name in wanted:
+        marker, what = _PARTS[name]
+        folder = root / name
+        if not folder.is_dir():
+            raise FileNotFoundError(f"checkpoint {str(root)!r} has no {name}/ folder ({what}); the official layout "
+                                    f"has tokenizer/, text_encoder/, vae/, dit/, lora/ under the root")
+        if not (folder / marker).is_file():
+            raise FileNotFoundError(f"{str(folder)!r} has no {marker}: not a saved {what}")
+    if text_encoder and caption_channels is not None:
+        d_model = component_config(root, TEXT_ENCODER_DIR).get("d_model")
+        if d_model != caption_channels:
+            raise ValueError(f"{str(root / TEXT_ENCODER_DIR)!r}: d_model {d_model} does not match the DiT's "
+                             f"caption_channels {caption_channels}")
+    if vae and latent_channels is not None:
+        z_dim = component_config(root, VAE_DIR).get("z_dim", 16)  # diffusers' default when not saved
+        if z_dim != latent_channels:
+            raise ValueError(f"{str(root / VAE_DIR)!r}: z_dim {z_dim} does not match the DiT's in_channels "
+                             f"{latent_channels}")
+    return root
+
+
+def component_config(root, name: str) -> dict:
+    """The config.json of a component folder (cheap: for consistency checks before loading)."""
+    path = checkpoint_root(root) / name / "config.json"
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{str(path)!r} does not exist") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{str(path)!r} is not valid JSON ({e})") from None
+
+
+def _resolve(device, dtype) -> Tuple[torch.device, torch.dtype]:
+    from .dit import resolve_dtype
+
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    return device, resolve_dtype(dtype, device)
+
+
+def _dtype_kwarg(dtype: torch.dtype) -> dict:
+    """transformers 5 renamed ``torch_dtype`` to ``dtype``; loading in the target dtype directly
+    matters (the umT5-XXL encoder is ~11 GB in bf16, twice that if loaded as float32 first)."""
+    transformers = require("transformers")
+    major = int(str(transformers.__version__).split(".")[0])
+    return {"dtype": dtype} if major >= 5 else {"torch_dtype": dtype}
+
+
+def _free_cuda_cache(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# -- text ----------------------------------------------------------------------------------------
+
+def clean_prompt(text: str) -> str:
+    """The official prompt cleaning: ftfy's fixes, HTML entities unescaped (twice), whitespace
+    runs collapsed to one space, ends stripped."""
+    if not isinstance(text, str):
+        raise ValueError(f"a prompt must be a string, got {type(text).__name__}")
+    ftfy = require("ftfy")
+    text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def _prompt_list(prompts, what: str = "prompt") -> List[str]:
+    if isinstance(prompts, str):
+        return [prompts]
+    if isinstance(prompts, (list, tuple)) and prompts and all(isinstance(p, str) for p in prompts):
+        return list(prompts)
+    raise ValueError(f"{what} must be a string or a non-empty list of strings, got {prompts!r}")
+
+
+class TextEncoder:
+    """The umT5 encoder and its tokenizer. The model stays in host memory until :meth:`encode`
+    moves it to ``device``; :meth:`offload` moves it back (the pipelines do so once the prompts
+    are encoded, so the DiT's denoising never shares the GPU with it)."""
+
+    def __init__(self, tokenizer, model, *, device=None, max_length: int = MAX_TEXT_TOKENS):
+        if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
+            raise ValueError(f"max_length must be a positive int, got {max_length!r}")
+        self.tokenizer, self.model, self.max_length = tokenizer, model.eval(), max_length
+        self.device = torch.device(device) if device is not None else (
+            torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+
+    @classmethod
+    def from_pretrained(cls, root, *, dtype=None, device=None, max_length: int = MAX_TEXT_TOKENS) -> "TextEncoder":
+        """Load ``root/tokenizer`` and ``root/text_encoder`` (into host memory, in ``dtype``:
+        default bfloat16 when ``device`` is CUDA, float32 otherwise)."""
+        root = check_components(root, text_encoder=True)
+        device, dtype = _resolve(device, dtype)
+        transformers = require("transformers")
+        try:
+            tokenizer = transformers.AutoTokenizer.from_pretrained(str(root), subfolder=TOKENIZER_DIR)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{str(root / TOKENIZER_DIR)!r}: the tokenizer could not be loaded ({e})") from None
+        model = transformers.UMT5EncoderModel.from_pretrained(str(root), subfolder=TEXT_ENCODER_DIR,
+                                                              **_dtype_kwarg(dtype))
+        return cls(tokenizer, model, device=device, max_length=max_length)
+
+    @property
+    def caption_channels(self) -> int:
+        return int(self.model.config.d_model)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def tokenize(self, prompts: Union[str, Sequence[str]]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Cleaned prompts -> (input ids [B, L], attention mask [B, L] int64), L = ``max_length``."""
+        prompts = [clean_prompt(p) for p in _prompt_list(prompts)]
+        enc = self.tokenizer(prompts, padding="max_length", max_length=self.max_length, truncation=True,
+                             add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
+        return enc["input_ids"], enc["attention_mask"].to(torch.int64)
+
+    @torch.no_grad()
+    def encode(self, prompts: Union[str, Sequence[str]], dtype: Optional[torch.dtype] = None
+               ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Prompt(s) -> (embeddings [B, 1, L, C] in ``dtype`` (default the encoder's), mask [B, L]),
+        both on ``self.device``. The encoder stays there until :meth:`offload`."""
+        ids, mask = self.tokenize(prompts)
+        if next(self.model.parameters()).device != self.device:
+            self.model.to(self.device)
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
+        embeds = hidden.to(dtype or hidden.dtype).unsqueeze(1)
+        return embeds, mask
+
+    def offload(self) -> None:
+        """Move the encoder to host memory and release the GPU's cached blocks."""
+        was = next(self.model.parameters()).device
+        self.model.to("cpu")
+        _free_cuda_cache(was)
+
+
+# -- VAE -----------------------------------------------------------------------------------------
+
+class VideoVAE:
+    """The Wan VAE with the pipelines' latent normalization. :meth:`encode` takes pixels
+    [B, 3, F, H, W] in [-1, 1] (F = 4k + 1, H and W multiples of 8) and returns normalized
+    float32 latents [B, z, k + 1, H / 8, W / 8]; :meth:`decode` inverts it.
+
+    Memory: ``tiling`` decodes (and encodes) in overlapping spatial tiles of ``tile`` pixels
+    every ``tile_stride`` pixels, blended at the seams (diffusers' Wan VAE tiling; frames
+    smaller than a tile are not tiled); ``slicing`` runs batch items one at a time. Both are on
+    by default. The Wan VAE already runs frame chunk by frame chunk in time (causal cache)."""
+
+    def __init__(self, vae, *, device=None, tiling: bool = True, slicing: bool = True,
+                 tile: Tuple[int, int] = DEFAULT_TILE, tile_stride: Tuple[int, int] = DEFAULT_TILE_STRIDE):
+        self.vae = vae.eval()
+        for p in self.vae.parameters():
+            p.requires_grad_(False)
+        cfg = vae.config
+        self.z_dim = int(cfg.z_dim)
+        self.time_stride = int(getattr(cfg, "scale_factor_temporal", None) or 4)
+        self.space_stride = int(getattr(cfg, "scale_factor_spatial", None) or 8)
+        mean, std = list(cfg.latents_mean), list(cfg.latents_std)
+        if len(mean) != self.z_dim or len(std) != self.z_dim:
+            raise ValueError(f"VAE config: latents_mean/latents_std have {len(mean)}/{len(std)} entries, z_dim is "
+                             f"{self.z_dim}")
+        self._mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1, 1)
+        self._std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1, 1)
+        self.device = torch.device(device) if device is not None else next(vae.parameters()).device
+        self.vae.to(self.device)
+        self.set_tiling(tiling, tile, tile_stride)
+        self.set_slicing(slicing)
+
+    @classmethod
+    def from_pretrained(cls, root, *, dtype=None, device=None, **kwargs) -> "VideoVAE":
+        """Load ``root/vae`` (diffusers ``AutoencoderKLWan``) in ``dtype`` onto ``device``."""
+        root = check_components(root, vae=True)
+        device, dtype = _resolve(device, dtype)
+        diffusers = require("diffusers")
+        vae = diffusers.AutoencoderKLWan.from_pretrained(str(root), subfolder=VAE_DIR, torch_dtype=dtype)
+        return cls(vae, device=device, **kwargs)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.vae.parameters()).dtype
+
+    def set_tiling(self, enabled: bool, tile: Tuple[int, int] = DEFAULT_TILE,
+                   tile_stride: Tuple[int, int] = DEFAULT_TILE_STRIDE) -> None:
+        th, tw = (int(v) for v in tile)
+        sh, sw = (int(v) for v in tile_stride)
+        if min(th, tw, sh, sw) <= 0 or th % self.space_stride or tw % self.space_stride \
+                or sh % self.space_stride or sw % self.space_stride or sh > th or sw > tw:
+            raise ValueError(f"VAE tile {tile} and stride {tile_stride} must be positive multiples of "
+                             f"{self.space_stride} pixels with stride <= tile")
+        self.tiling, self.tile, self.tile_stride = bool(enabled), (th, tw), (sh, sw)
+        if enabled:
+            self.vae.enable_tiling(tile_sample_min_height=th, tile_sample_min_width=tw,
+                                   tile_sample_stride_height=sh, tile_sample_stride_width=sw)
+        else:
+            self.vae.disable_tiling()
+
+    def set_slicing(self, enabled: bool) -> None:
+        self.slicing = bool(enabled)
+        (self.vae.enable_slicing if enabled else self.vae.disable_slicing)()
+
+    def normalize(self, z: torch.Tensor) -> torch.Tensor:
+        return (z.float() - self._mean.to(z.device)) / self._std.to(z.device)
+
+    def denormalize(self, latents: torch.Tensor) -> torch.Tensor:
+        return latents.float() * self._std.to(latents.device) + self._mean.to(latents.device)
+
+    @torch.no_grad()
+    def encode(self, pixels: torch.Tensor, generator: Optional[torch.Generator] = None,
+               sample: bool = False) -> torch.Tensor:
+        """Pixels [B, 3, F, H, W] in [-1, 1] -> normalized float32 latents on ``self.device``.
+
+        The posterior's mean by default (deterministic, and it leaves the noise generator alone);
+        ``sample=True`` draws from it with ``generator``, as the official pipeline does (the Wan
+        VAE's posterior is narrow, so the two differ little)."""
+        if not isinstance(pixels, torch.Tensor) or pixels.dim() != 5 or pixels.shape[1] != 3:
+            raise ValueError(f"pixels must be a tensor [B, 3, F, H, W], got "
+                             f"{tuple(pixels.shape) if isinstance(pixels, torch.Tensor) else type(pixels).__name__}")
+        F, H, W = pixels.shape[2:]
+        if (F - 1) % self.time_stride:
+            raise ValueError(f"the VAE encodes 4k + 1 frames ({self.time_stride}k + 1), got {F}")
+        if H % self.space_stride or W % self.space_stride:
+            raise ValueError(f"frame size {H} x {W} must be a multiple of {self.space_stride} for the VAE")
+        dist = self.vae.encode(pixels.to(self.device, self.dtype)).latent_dist
+        z = dist.sample(generator) if sample else dist.mode()
+        return self.normalize(z)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Normalized latents [B, z, T, h, w] -> float32 pixels [B, 3, 4(T-1)+1, 8h, 8w] in [-1, 1]
+        (clamped), on ``self.device``."""
+        if not isinstance(latents, torch.Tensor) or latents.dim() != 5 or latents.shape[1] != self.z_dim:
+            raise ValueError(f"latents must be a tensor [B, {self.z_dim}, T, H, W], got "
+                             f"{tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__}")
+        z = self.denormalize(latents.to(self.device)).to(self.dtype)
+        return self.vae.decode(z).sample.float().clamp_(-1, 1)
+
+    def to(self, device) -> "VideoVAE":
+        was = self.device
+        self.device = torch.device(device)
+        self.vae.to(self.device)
+        if was != self.device:
+            _free_cuda_cache(was)
+        return self
+
+    def offload(self) -> None:
+        self.to("cpu")
