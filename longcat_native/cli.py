@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from typing import List, Optional
@@ -357,6 +358,37 @@ class StageMemory:
                 "peak_bytes": max((r["peak_bytes"] for r in self.rows), default=None)}
 
 
+def _check_cp_launch(cp_size: int) -> None:
+    """--cp-size N must run under torchrun with N processes (checked before any loading; every
+    rank sees the same environment, so every rank fails the same way)."""
+    import os
+
+    if cp_size < 1:
+        raise ValueError(f"--cp-size must be >= 1, got {cp_size}")
+    world = os.environ.get("WORLD_SIZE")
+    if cp_size > 1 and world is None:
+        raise ValueError(f"--cp-size {cp_size} runs one process per rank: launch it as `torchrun --nproc-per-node "
+                         f"{cp_size} -m longcat_native.cli generate ... --cp-size {cp_size}`")
+    if cp_size > 1 and int(world) != cp_size:
+        raise ValueError(f"--cp-size {cp_size} but torchrun started {world} processes (--nproc-per-node must equal "
+                         "--cp-size)")
+
+
+def _generate_device(args):
+    """--device, else CUDA (this rank's GPU, LOCAL_RANK, under torchrun), else the CPU."""
+    import os
+
+    import torch
+
+    if args.device:
+        return torch.device(args.device)
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    if args.cp_size > 1:
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cuda")
+
+
 def _generate_plan(args) -> dict:
     """Every check that needs no model: flags, sizes, files, checkpoint parts, installed extras.
     Errors here come before any loading. Reads the (small) conditioning image/video files."""
@@ -367,6 +399,7 @@ def _generate_plan(args) -> dict:
 
     random_weights = args.checkpoint is None
     task = args.task
+    _check_cp_launch(args.cp_size)
     out = args.out or f"longcat_{task}_seed{args.seed}.safetensors"
     ext = os.path.splitext(out)[1].lower()
     if ext not in (".safetensors", ".mp4"):
@@ -492,8 +525,13 @@ def cmd_generate(args) -> int:
     random_weights, latent = plan["random_weights"], plan["latent"]
     task, steps, guidance = args.task, plan["steps"], plan["guidance"]
     notes = []
-    device = torch.device(args.device) if args.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = _generate_device(args)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     dtype = resolve_dtype(args.dtype, device)
+    # Under context parallelism every rank runs the whole command (the DiT splits each forward;
+    # denoise uses rank 0's inputs); only rank 0 decodes, writes and prints.
+    lead = int(os.environ.get("RANK", "0")) == 0 if args.cp_size > 1 else True
     mem = StageMemory(device)
 
     text_note = None
@@ -513,13 +551,13 @@ def cmd_generate(args) -> int:
     with mem.stage("load"):
         if random_weights:
             dit = LongCatDiT.from_config("tiny", dtype=args.dtype, device=device, seed=0,
-                                         kernels=args.kernels, attention=args.attention)
+                                         kernels=args.kernels, attention=args.attention, cp_size=args.cp_size)
             source = "embedded tiny preset, RANDOM WEIGHTS"
             notes.insert(0, "RANDOM WEIGHTS: the tiny preset with seed-0 random parameters, not a trained model; "
                             "the latents are a smoke test, not a video")
         else:
             dit = LongCatDiT.from_pretrained(args.checkpoint, dtype=args.dtype, device=device,
-                                             kernels=args.kernels, attention=args.attention)
+                                             kernels=args.kernels, attention=args.attention, cp_size=args.cp_size)
             source = str(dit.checkpoint_path or args.checkpoint)
         vae = None
         if plan["need_vae"]:
@@ -578,7 +616,7 @@ def cmd_generate(args) -> int:
 
     lora_kwargs = {k: v for k, v in (("lora_network_dim", args.lora_network_dim),
                                      ("lora_network_alpha", args.lora_network_alpha)) if v is not None}
-    common = dict(num_steps=steps, generator=g, progress=True, callback=on_step, lora_kwargs=lora_kwargs)
+    common = dict(num_steps=steps, generator=g, progress=lead, callback=on_step, lora_kwargs=lora_kwargs)
     guided = dict(common, guidance_scale=guidance, distill=args.distill)
     lora_key = None
     if args.distill and not random_weights:
@@ -624,6 +662,12 @@ def cmd_generate(args) -> int:
                 out = P.generate_refine(dit, cond, pe, pm, t_thresh=args.t_thresh,
                                         **dict(common, num_steps=50), **kw)
     total = time.perf_counter() - t0
+    if dit.cp is not None:
+        notes.append(f"context parallelism: {dit.cp.size} ranks, token grid split {dit.cp.split_h} x "
+                     f"{dit.cp.split_w}; rank 0 writes the output")
+        if not lead:
+            _finish_cp(dit)
+            return 0 if bool(torch.isfinite(out).all()) else 1
 
     video_shape = None
     if plan["to_video"]:
@@ -673,7 +717,19 @@ def cmd_generate(args) -> int:
             print(f"           {row['stage']:16s} {_fmt_bytes(row['peak_bytes']):>12s}  ({row['seconds']:.2f} s)")
         print(f"output   {plan['out']}" + (f" ({video_shape[0]} frames, {video_shape[1]}x{video_shape[2]})"
                                             if video_shape else ""))
+    _finish_cp(dit)
     return 0 if summary["output_finite"] else 1
+
+
+def _finish_cp(dit) -> None:
+    """Under context parallelism: wait for every rank (rank 0 decodes and writes after the others
+    are done denoising), then tear the process group down."""
+    if getattr(dit, "cp", None) is None:
+        return
+    import torch.distributed as dist
+
+    dist.barrier(group=dit.cp.group)
+    dist.destroy_process_group()
 
 
 # -- profile / bench -----------------------------------------------------------------------------
@@ -824,10 +880,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--vae-tile", type=int, default=256,
                      help="VAE tile size in pixels (square, overlapping by a quarter; default 256)")
     gen.add_argument("--no-vae-tiling", action="store_true", help="decode whole frames (more memory)")
-    gen.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    gen.add_argument("--device", default=None, help="default: cuda if available (this rank's GPU under torchrun), "
+                                                    "else cpu")
     gen.add_argument("--dtype", default=None, help="default: bfloat16 on cuda, float32 on cpu")
     gen.add_argument("--kernels", default="auto", choices=["auto", "reference", "triton"])
     gen.add_argument("--attention", default="auto")
+    gen.add_argument("--cp-size", type=int, default=1,
+                     help="context parallelism over N processes: run as `torchrun --nproc-per-node N -m "
+                          "longcat_native.cli generate ... --cp-size N`; rank 0 writes the output and prints")
     gen.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     gen.set_defaults(func=cmd_generate)
 

@@ -176,3 +176,44 @@ def test_single_process_has_no_cp():
     dit = lcn.LongCatDiT.from_config("tiny", device="cpu")
     assert dit.cp is None and "cp=" not in repr(dit)
     assert torch.distributed.is_available()
+
+
+# -- the CLI under torchrun ------------------------------------------------------------------------
+
+def test_cli_generate_with_cp_size_matches_one_process(tmp_path):
+    """`torchrun --nproc-per-node 2 -m longcat_native.cli generate --cp-size 2`: the same latents as
+    one process with the same seed; only rank 0 writes and prints."""
+    from safetensors.torch import load_file
+
+    port = str(_free_port())
+    base = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=port, WORLD_SIZE="2", OMP_NUM_THREADS="1",
+                PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    cmd = [sys.executable, "-m", "longcat_native.cli", "generate", "--task", "vc", "--steps", "2", "--json"]
+    procs = [subprocess.Popen(cmd + ["--cp-size", "2", "--out", str(tmp_path / "cp.safetensors")], cwd=tmp_path,
+                              env=dict(base, RANK=str(r), LOCAL_RANK=str(r)), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for r in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    for r, (p, (out, err)) in enumerate(zip(procs, outs)):
+        assert p.returncode == 0, f"rank {r}:\n{err[-3000:]}"
+    summary = json.loads(outs[0][0].strip().splitlines()[-1])
+    assert any("context parallelism: 2 ranks" in n for n in summary["notes"])
+    assert outs[1][0].strip() == "", "rank 1 must not print the summary"
+    single = subprocess.run(cmd + ["--out", str(tmp_path / "single.safetensors")], cwd=tmp_path, env=dict(
+        os.environ, PYTHONPATH=base["PYTHONPATH"]), capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr[-3000:]
+    a = load_file(str(tmp_path / "cp.safetensors"))["latents"]
+    b = load_file(str(tmp_path / "single.safetensors"))["latents"]
+    assert a.shape == b.shape and (a - b).abs().max() <= 1e-5 * b.abs().max()
+
+
+def test_cli_cp_size_needs_torchrun(monkeypatch, capsys):
+    from longcat_native.cli import main
+
+    for var in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    assert main(["generate", "--cp-size", "2"]) == 2
+    assert "torchrun --nproc-per-node 2 -m longcat_native.cli generate" in capsys.readouterr().err
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert main(["generate", "--cp-size", "2"]) == 2
+    assert "--nproc-per-node must equal --cp-size" in capsys.readouterr().err
+    assert main(["generate", "--cp-size", "0"]) == 2
