@@ -9,6 +9,7 @@ from .kernels.block_sparse_attention import block_sparse_attention
 from .runtime.compiled import CUDAGraphRunner, compile_model
 from .runtime.config import LongCatConfig
 from .runtime.dit import LongCatDiT
+from .runtime.pipelines import LongCatVideoPipeline
 from .runtime.sampler import denoise
 from .runtime.weights import CheckpointError
 
@@ -16,5 +17,5 @@ compile = compile_model  # lcn.compile(dit): torch.compile with per-device defau
 
 __version__ = "0.1.0"
 
-__all__ = ["LongCatDiT", "LongCatConfig", "CheckpointError", "CUDAGraphRunner", "block_sparse_attention", "compile",
-           "compile_model", "denoise", "__version__"]
+__all__ = ["LongCatDiT", "LongCatConfig", "LongCatVideoPipeline", "CheckpointError", "CUDAGraphRunner",
+           "block_sparse_attention", "compile", "compile_model", "denoise", "__version__"]
