@@ -248,3 +248,22 @@ def test_pipelines_capture_real_graphs_on_cuda():
     stats = graph_runner_for(dit).stats()
     assert stats["captures"] == 1 and stats["replays"] == 3, stats
     assert_close_rel(graphed, eager, 1e-5, "graphed denoise")
+
+
+def test_release_graphs_drops_the_pipeline_runner(monkeypatch):
+    from longcat_native.runtime import compiled
+
+    dit = _tiny()
+    monkeypatch.setattr(compiled, "_graphs_supported", lambda model: True)
+    runner = compiled.graph_runner_for(dit)
+    assert isinstance(runner, CUDAGraphRunner) and compiled.graph_runner_for(dit) is runner  # kept on the model
+    assert compiled.release_graphs(dit) is True
+    assert compiled._RUNNER_ATTR not in dit.__dict__ and compiled.release_graphs(dit) is False
+    assert compiled.graph_runner_for(dit) is not runner  # a fresh one next time
+
+
+def test_meta_model_checks_cp_without_a_process_group():
+    dit = lcn.LongCatDiT.from_config("longcat-video", device="meta", cp_size=4)
+    assert dit.cp is None and dit.cp_split_hw == [2, 2]
+    with pytest.raises(ValueError, match="num_heads=32 is not divisible by cp_size=3"):
+        lcn.LongCatDiT.from_config("longcat-video", device="meta", cp_size=3)

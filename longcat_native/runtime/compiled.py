@@ -47,8 +47,8 @@ dtypes, ``num_cond_latents``, ``skip_crs_attn``, BSA on/off, kernel/attention pa
   a ``kv_cache_dict`` (host-offloaded caches are copied block by block on side streams; a device
   cache would have to be copied into static buffers on every call), ``offload_kv_cache``, a
   tensor ``num_cond_latents``, context parallelism (``cp_size > 1``), or a capture that failed
-  (the key is then remembered as uncapturable). The fallback callable is ``fallback`` (e.g. a :class:`CompiledModel`) or the
-  model itself.
+  (the key is then remembered as uncapturable). The fallback callable is ``fallback`` (e.g. a
+  :class:`CompiledModel`) or the model itself.
 
 The runner forwards attribute access to the model (``runner.config``, ``runner.dtype``,
 ``runner.enable_bsa()``...), so it can be passed wherever the DiT is.
@@ -63,7 +63,8 @@ from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
-__all__ = ["compile_model", "CompiledModel", "CUDAGraphRunner", "default_compile_mode", "graph_runner_for"]
+__all__ = ["compile_model", "CompiledModel", "CUDAGraphRunner", "default_compile_mode", "graph_runner_for",
+           "release_graphs"]
 
 
 def default_compile_mode(device) -> str:
@@ -392,7 +393,7 @@ def graph_runner_for(dit, graphs="auto"):
     returns ``dit`` elsewhere; ``True`` requires them (a clear error where they cannot apply);
     ``False`` never. A passed-in :class:`CUDAGraphRunner` is used as it is. The runner is kept on
     the model, so successive pipeline calls (segments of a long video, the refinement stage)
-    replay graphs captured earlier; ``graph_runner_for(dit).reset()`` frees them.
+    replay graphs captured earlier; :func:`release_graphs` frees them.
     """
     if graphs not in (True, False, "auto"):
         raise ValueError(f"graphs must be True, False or 'auto', got {graphs!r}")
@@ -416,3 +417,17 @@ def graph_runner_for(dit, graphs="auto"):
         runner = CUDAGraphRunner(base, fallback=None if dit is base else dit)
         base.__dict__[_RUNNER_ATTR] = runner
     return runner
+
+
+def release_graphs(dit) -> bool:
+    """Drop the graphs :func:`graph_runner_for` captured for ``dit`` and return their memory to the
+    device (the pipelines call it before the VAE decodes, which needs that memory more than the
+    next denoising call needs the graphs: a later call captures again, once). True if any were held."""
+    base = dit.model if isinstance(dit, (CompiledModel, CUDAGraphRunner)) else dit
+    runner = getattr(base, "__dict__", {}).pop(_RUNNER_ATTR, None)
+    if runner is None:
+        return False
+    runner.reset()
+    if _model_device(base).type == "cuda":
+        torch.cuda.empty_cache()
+    return True

@@ -240,7 +240,7 @@ class LongCatDiT(LongCatTransformer):
         cp_size = _check_cp_size(cp_size)
         cfg = resolve_config(config_or_name, config_overrides)
         device = _resolve_device(device, cp_size)
-        cp = _context_parallel(cfg, cp_size, device) if device.type != "meta" else None
+        cp = _context_parallel(cfg, cp_size, device)
         model = cls._allocate(cfg, resolve_dtype(dtype, device), device, kernels, attention)
         if device.type != "meta":
             model._init_random(seed)  # same seed on every rank: identical replicas
@@ -546,6 +546,9 @@ def _context_parallel(cfg: LongCatConfig, cp_size: int, device: torch.device):
     if cfg.num_heads % cp_size:
         raise ValueError(f"context parallelism splits attention heads over ranks: num_heads={cfg.num_heads} is "
                          f"not divisible by cp_size={cp_size}")
+    if device.type == "meta":  # shapes only (planning): checked, nothing to communicate
+        cfg.cp_split_hw = list(split)
+        return None
     if device.type not in ("cuda", "cpu"):
         raise ValueError(f"context parallelism runs on CUDA (NCCL) or the CPU (gloo), not on {device}")
     if device.type == "cuda":

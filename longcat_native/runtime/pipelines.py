@@ -870,6 +870,9 @@ class LongCatVideoPipeline:
         self._check(output_type)
         if output_type == "latent":
             return latents
+        from .compiled import release_graphs
+
+        release_graphs(self.dit)  # the denoising graphs' memory goes to the decode instead
         pixels = self.vae.decode(latents)
         if frames is not None:
             pixels = pixels[:, :, frames[0]: frames[1]]
