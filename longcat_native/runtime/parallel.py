@@ -44,8 +44,9 @@ __all__ = [
     "comm_bytes_per_block", "DEFAULT_TIMEOUT_S",
 ]
 
-# Long enough for the first compile of a 48-block forward on one rank while others wait.
-DEFAULT_TIMEOUT_S = float(os.environ.get("LONGCAT_CP_TIMEOUT_S", 1800))
+# Long enough for the first compile of a 48-block forward on one rank while others wait;
+# LONGCAT_CP_TIMEOUT_S overrides it (read when the group is created).
+DEFAULT_TIMEOUT_S = 1800.0
 
 
 def optimal_split_hw(cp_size: int) -> Tuple[int, int]:
@@ -78,7 +79,7 @@ def _dist():
     return dist
 
 
-def init_context_parallel(cp_size: int, device: torch.device, timeout_s: float = DEFAULT_TIMEOUT_S):
+def init_context_parallel(cp_size: int, device: torch.device, timeout_s: Optional[float] = None):
     """The process group for ``cp_size`` ranks: the default group if one is initialized, else one
     made from torchrun's environment (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``)
     with NCCL for CUDA models and gloo for CPU models. The group must have exactly ``cp_size``
@@ -92,6 +93,8 @@ def init_context_parallel(cp_size: int, device: torch.device, timeout_s: float =
                 "torch.distributed.init_process_group() before building the model"
             )
         backend = "nccl" if device.type == "cuda" else "gloo"
+        if timeout_s is None:
+            timeout_s = float(os.environ.get("LONGCAT_CP_TIMEOUT_S", DEFAULT_TIMEOUT_S))
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
     world = dist.get_world_size()
     if world != cp_size:
