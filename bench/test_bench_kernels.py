@@ -274,3 +274,19 @@ def test_parallel_script_smoke():
                                                                           rel=1e-5)
     assert record["720p_cp8_comm_mb_per_block_per_rank"] > 0 and record["single_rank_forward_ms"] > 0
     assert "comm MB/block/rank" in stdout and "torchrun" in stdout
+
+
+def test_suite_runs_benches_and_merges_results(tmp_path):
+    """bench/suite.py files each bench's record; a second subset merges into the same day's file."""
+    record, stdout = _run_script("bench/suite.py", "--only", "parallel", "--save", "--out-dir", str(tmp_path),
+                                 "--args", "parallel=--no-measure")
+    assert record["bench"] == "suite" and record["benches_failed"] == [] and record["benches_run"] == 1
+    path = record["results_path"]
+    assert path.endswith("-cpu.json") and os.path.exists(path) and os.path.exists(path[:-5] + ".md")
+    record, _ = _run_script("bench/suite.py", "--only", "lora", "--save", "--out-dir", str(tmp_path),
+                            "--args", "lora=--size small --repeats 1")
+    merged = json.loads(open(record["results_path"]).read())
+    assert set(merged["benches"]) == {"parallel", "lora"}
+    assert merged["benches"]["parallel"]["record"]["480p_cp4_comm_mb_per_block_per_rank"] > 0
+    md = open(record["results_path"][:-5] + ".md").read()
+    assert "## lora: ok" in md and "## parallel: ok" in md and "`480p_cp4_comm_mb_per_block_per_rank`" in md

@@ -1,0 +1,160 @@
+"""Every benchmark in one command, with the results filed the way the project keeps them.
+
+    python bench/suite.py                                 # all benches, their default sizes
+    python bench/suite.py --only kernels,block,attention  # a subset (a lent GPU's call is 10 minutes:
+    python bench/suite.py --only model                    #  split the suite over calls; files merge)
+
+Runs each ``bench/<name>.py`` as its own process (so one crash or OOM does not take the others
+down), at each script's default sizes: SPEC section 7's real shapes on CUDA, small ones on the
+CPU. Each script's last stdout line is its JSON record of headline figures; the suite collects
+them with the script's exit code, wall time and the tail of its output, and on CUDA (or with
+``--save``) writes ``<out-dir>/<date>-<gpu>.json`` (merged into an existing file of that name, so
+runs of several subsets on one device and day add up) and ``<out-dir>/<date>-<gpu>.md`` (a table of
+every headline figure, rewritten from the merged JSON). Prints the markdown table last and ends
+with one JSON line ``{"bench": "suite", ...}``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from typing import Any, Dict, List, Optional
+
+_BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
+_REPO = os.path.dirname(_BENCH_DIR)
+if _BENCH_DIR not in sys.path:
+    sys.path.insert(0, _BENCH_DIR)
+
+BENCHES = ("kernels", "block", "attention", "bsa", "lora", "model", "parallel")
+
+
+def device_slug(name: str) -> str:
+    """'NVIDIA H100 80GB HBM3' -> 'h100-80gb-hbm3'; a CPU description -> 'cpu'."""
+    if name.startswith("cpu"):
+        return "cpu"
+    words = [w for w in re.split(r"[^a-z0-9]+", name.lower()) if w and w != "nvidia"]
+    return "-".join(words) or "gpu"
+
+
+def run_one(name: str, extra: List[str], timeout_s: float) -> Dict[str, Any]:
+    argv = [sys.executable, os.path.join(_BENCH_DIR, f"{name}.py"), *extra]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(argv, cwd=_REPO, capture_output=True, text=True, timeout=timeout_s, env=env)
+        rc, out, err = proc.returncode, proc.stdout, proc.stderr
+    except subprocess.TimeoutExpired as e:
+        rc = None
+        out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+        err = f"timed out after {timeout_s} s"
+    record: Optional[Dict[str, Any]] = None
+    for line in reversed(out.strip().splitlines()):
+        if line.startswith("{"):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                pass
+            break
+    return {"argv": argv[1:], "returncode": rc, "seconds": time.perf_counter() - t0, "record": record,
+            "stdout_tail": out[-6000:], "stderr_tail": err[-3000:]}
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "n/a"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, (list, dict)):
+        return json.dumps(v)[:80]
+    return str(v)
+
+
+def markdown(results: Dict[str, Any]) -> str:
+    lines = [f"# Benchmarks on {results['device']} ({results['date']})", "",
+             f"torch {results['torch']}, triton {results['triton']}, commit {results['commit']}. "
+             "Each bench's headline figures (its final JSON line); full tables in the JSON's stdout tails.", ""]
+    for name in sorted(results["benches"]):
+        b = results["benches"][name]
+        status = "ok" if b["returncode"] == 0 else f"FAILED (exit {b['returncode']})"
+        lines += [f"## {name}: {status}, {b['seconds']:.0f} s", "", "| figure | value |", "|---|---|"]
+        for k, v in (b["record"] or {}).items():
+            if k != "bench":
+                lines.append(f"| `{k}` | {_fmt(v)} |")
+        if b["returncode"] != 0:
+            tail = (b["stderr_tail"] or b["stdout_tail"]).strip().splitlines()[-3:]
+            lines += ["", "```", *tail, "```"]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", default=",".join(BENCHES), help=f"comma-separated subset of {', '.join(BENCHES)}")
+    p.add_argument("--timeout-s", type=float, default=540.0, help="per bench (default 540: fits a 10-minute call)")
+    p.add_argument("--save", action="store_true", help="write the files on the CPU too (always on CUDA)")
+    p.add_argument("--out-dir", default=os.path.join(_BENCH_DIR, "results"))
+    p.add_argument("--args", action="append", default=[], metavar="NAME=ARGS",
+                   help="extra arguments for one bench, e.g. --args 'model=--depth 8' (repeatable)")
+    args = p.parse_args(argv)
+
+    names = [n for n in args.only.split(",") if n]
+    unknown = [n for n in names if n not in BENCHES]
+    if unknown:
+        p.error(f"unknown bench {unknown}; choose from {', '.join(BENCHES)}")
+    extra: Dict[str, List[str]] = {}
+    for spec in args.args:
+        name, _, rest = spec.partition("=")
+        if name not in BENCHES:
+            p.error(f"--args {spec!r}: unknown bench {name!r}")
+        extra[name] = rest.split()
+
+    import torch
+    import triton  # noqa: F401  (version only; the benches set the interpreter themselves)
+
+    from _harness import device_name, emit_json
+
+    on_cuda = torch.cuda.is_available()
+    device = device_name(torch.device("cuda" if on_cuda else "cpu"))
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=_REPO, capture_output=True,
+                            text=True).stdout.strip() or "unknown"
+    date = time.strftime("%Y-%m-%d")
+    results: Dict[str, Any] = {"date": date, "device": device, "torch": torch.__version__,
+                               "triton": sys.modules["triton"].__version__, "commit": commit, "benches": {}}
+    for name in names:
+        print(f"suite: {name} ...", flush=True)
+        results["benches"][name] = r = run_one(name, extra.get(name, []), args.timeout_s)
+        print(f"suite: {name}: exit {r['returncode']}, {r['seconds']:.1f} s", flush=True)
+
+    saved = None
+    if on_cuda or args.save:
+        os.makedirs(args.out_dir, exist_ok=True)
+        stem = os.path.join(args.out_dir, f"{date}-{device_slug(device)}")
+        merged = results
+        if os.path.exists(stem + ".json"):
+            with open(stem + ".json", encoding="utf-8") as f:
+                merged = json.load(f)
+            merged["benches"].update(results["benches"])
+            merged.update({k: results[k] for k in ("torch", "triton", "commit")})
+        with open(stem + ".json", "w", encoding="utf-8") as f:
+            json.dump(merged, f, indent=1)
+        with open(stem + ".md", "w", encoding="utf-8") as f:
+            f.write(markdown(merged))
+        saved = stem
+        results = merged
+    print(markdown(results))
+    if saved:
+        print(f"results: {saved}.json, {saved}.md")
+    failed = sorted(n for n in names if results["benches"][n]["returncode"] != 0)
+    emit_json({"bench": "suite", "device": device, "benches_run": len(names), "benches_failed": failed,
+               "results_path": None if saved is None else saved + ".json"})
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
