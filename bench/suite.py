@@ -3,6 +3,7 @@
     python bench/suite.py                                 # all benches, their default sizes
     python bench/suite.py --only kernels,block,attention  # a subset (a lent GPU's call is 10 minutes:
     python bench/suite.py --only model                    #  split the suite over calls; files merge)
+    python bench/suite.py --merge a.json b.json           # merge result files fetched from separate calls
 
 Runs each ``bench/<name>.py`` as its own process (so one crash or OOM does not take the others
 down), at each script's default sizes: SPEC section 7's real shapes on CUDA, small ones on the
@@ -91,6 +92,38 @@ def markdown(results: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _write(results: Dict[str, Any], out_dir: str) -> str:
+    """Write ``results`` as ``<out_dir>/<date>-<gpu>.json`` merged into what is there, and the
+    ``.md`` table of the merged whole; returns the path stem."""
+    os.makedirs(out_dir, exist_ok=True)
+    stem = os.path.join(out_dir, f"{results['date']}-{device_slug(results['device'])}")
+    merged = results
+    if os.path.exists(stem + ".json"):
+        with open(stem + ".json", encoding="utf-8") as f:
+            merged = json.load(f)
+        merged["benches"].update(results["benches"])
+        merged.update({k: results[k] for k in ("torch", "triton", "commit")})
+    with open(stem + ".json", "w", encoding="utf-8") as f:
+        json.dump(merged, f, indent=1)
+    with open(stem + ".md", "w", encoding="utf-8") as f:
+        f.write(markdown(merged))
+    return stem
+
+
+def merge_files(paths: List[str], out_dir: str) -> int:
+    loaded = []
+    for path in paths:
+        with open(path, encoding="utf-8") as f:
+            loaded.append(json.load(f))
+    keys = {(r["date"], r["device"]) for r in loaded}
+    if len(keys) != 1:
+        raise SystemExit(f"suite --merge: the files are from different days or devices: {sorted(keys)}")
+    for r in loaded:
+        stem = _write(r, out_dir)
+    print(f"results: {stem}.json, {stem}.md")
+    return 0
+
+
 def main(argv=None) -> int:
     import argparse
 
@@ -101,7 +134,11 @@ def main(argv=None) -> int:
     p.add_argument("--out-dir", default=os.path.join(_BENCH_DIR, "results"))
     p.add_argument("--args", action="append", default=[], metavar="NAME=ARGS",
                    help="extra arguments for one bench, e.g. --args 'model=--depth 8' (repeatable)")
+    p.add_argument("--merge", nargs="+", metavar="JSON",
+                   help="run nothing: merge these suite result files (one device and day) into --out-dir")
     args = p.parse_args(argv)
+    if args.merge:
+        return merge_files(args.merge, args.out_dir)
 
     names = [n for n in args.only.split(",") if n]
     unknown = [n for n in names if n not in BENCHES]
@@ -133,20 +170,9 @@ def main(argv=None) -> int:
 
     saved = None
     if on_cuda or args.save:
-        os.makedirs(args.out_dir, exist_ok=True)
-        stem = os.path.join(args.out_dir, f"{date}-{device_slug(device)}")
-        merged = results
-        if os.path.exists(stem + ".json"):
-            with open(stem + ".json", encoding="utf-8") as f:
-                merged = json.load(f)
-            merged["benches"].update(results["benches"])
-            merged.update({k: results[k] for k in ("torch", "triton", "commit")})
-        with open(stem + ".json", "w", encoding="utf-8") as f:
-            json.dump(merged, f, indent=1)
-        with open(stem + ".md", "w", encoding="utf-8") as f:
-            f.write(markdown(merged))
-        saved = stem
-        results = merged
+        saved = _write(results, args.out_dir)
+        with open(saved + ".json", encoding="utf-8") as f:
+            results = json.load(f)
     print(markdown(results))
     if saved:
         print(f"results: {saved}.json, {saved}.md")

@@ -290,3 +290,10 @@ def test_suite_runs_benches_and_merges_results(tmp_path):
     assert merged["benches"]["parallel"]["record"]["480p_cp4_comm_mb_per_block_per_rank"] > 0
     md = open(record["results_path"][:-5] + ".md").read()
     assert "## lora: ok" in md and "## parallel: ok" in md and "`480p_cp4_comm_mb_per_block_per_rank`" in md
+    other = tmp_path / "other"
+    record, _ = _run_script("bench/suite.py", "--only", "parallel", "--save", "--out-dir", str(other),
+                            "--args", "parallel=--no-measure")
+    proc = subprocess.run([sys.executable, "bench/suite.py", "--merge", record["results_path"], "--out-dir",
+                           str(tmp_path)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert set(json.loads(open(path).read())["benches"]) == {"parallel", "lora"}
