@@ -14,8 +14,9 @@ import traceback
 
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported (tests/conftest.py)
+# gloo on the CPU even where a GPU exists (one GPU cannot host several ranks), so the fused
+# kernels run under the interpreter; set before triton is imported (tests/conftest.py).
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -82,8 +83,8 @@ def run(report, world, scenarios):
 
     # The error for a rank count that does not match the group comes before the group exists
     # only when it is initialized already; here the model initializes it from the environment.
-    dit = lcn.LongCatDiT.from_pretrained(FIXTURE_ROOT, kernels="reference", attention="sdpa", cp_size=world)
-    single = lcn.LongCatDiT.from_pretrained(FIXTURE_ROOT, kernels="reference", attention="sdpa")
+    dit = lcn.LongCatDiT.from_pretrained(FIXTURE_ROOT, device="cpu", kernels="reference", attention="sdpa", cp_size=world)
+    single = lcn.LongCatDiT.from_pretrained(FIXTURE_ROOT, device="cpu", kernels="reference", attention="sdpa")
     report["checks"]["split"] = list(dit.cp_split_hw)
     report["checks"]["repr_has_cp"] = "cp=ContextParallel" in repr(dit)
     # Count the exchanges, so a model that silently ran unsplit cannot pass.
@@ -103,7 +104,7 @@ def run(report, world, scenarios):
         for name in ("bsa_t2v", "bsa_cond"):
             result, expected = _forward(dit, name, enable_bsa=True)
             report["cases"][name] = _errors(result, expected, _forward(single, name, enable_bsa=True)[0])
-        varlen = lcn.LongCatDiT.from_pretrained(FIXTURE_ROOT, kernels="reference", attention="sdpa", cp_size=world,
+        varlen = lcn.LongCatDiT.from_pretrained(FIXTURE_ROOT, device="cpu", kernels="reference", attention="sdpa", cp_size=world,
                                                 text_tokens_zero_pad=False)
         result, expected = _forward(varlen, "t2v_mask_varlen")
         report["cases"]["t2v_mask_varlen"] = {"golden": max_rel_err(result, expected["output"])}
@@ -135,7 +136,7 @@ def run(report, world, scenarios):
         report["cases"]["sample_t2v_cfg_rank0_inputs"] = {"golden": max_rel_err(out, expected["latents"])}
 
     if "triton" in scenarios:
-        fused = lcn.LongCatDiT.from_pretrained(FIXTURE_ROOT, kernels="triton", attention="sdpa", cp_size=world)
+        fused = lcn.LongCatDiT.from_pretrained(FIXTURE_ROOT, device="cpu", kernels="triton", attention="sdpa", cp_size=world)
         for name in ("i2v_cond1", "kv_continue"):
             result, expected = _forward(fused, name)
             report["cases"][f"{name}_triton"] = {"golden": max_rel_err(result, expected["output"])}
@@ -160,13 +161,13 @@ def run(report, world, scenarios):
         with torch.inference_mode():
             report["checks"]["after_error_ok"] = bool(torch.isfinite(dit(x, t, text)).all())
         report["errors"]["heads"] = _expect_error(
-            lambda: lcn.LongCatDiT.from_config(str(FIXTURE_ROOT / "dit" / "config.json"), cp_size=world,
+            lambda: lcn.LongCatDiT.from_config(str(FIXTURE_ROOT / "dit" / "config.json"), device="cpu", cp_size=world,
                                                num_heads=world // 2 if world > 2 else 1, kernels="reference"),
             ValueError)
         report["errors"]["split_product"] = _expect_error(
-            lambda: lcn.LongCatDiT.from_pretrained(FIXTURE_ROOT, cp_size=world, cp_split_hw=[world, 2]), ValueError)
+            lambda: lcn.LongCatDiT.from_pretrained(FIXTURE_ROOT, device="cpu", cp_size=world, cp_split_hw=[world, 2]), ValueError)
         report["errors"]["world_mismatch"] = _expect_error(  # heads divisible, so the rank count is what fails
-            lambda: lcn.LongCatDiT.from_config(str(FIXTURE_ROOT / "dit" / "config.json"), cp_size=world * 2,
+            lambda: lcn.LongCatDiT.from_config(str(FIXTURE_ROOT / "dit" / "config.json"), device="cpu", cp_size=world * 2,
                                                num_heads=world * 2, hidden_size=32 * world * 2, kernels="reference"),
             ValueError)
         # A collective some rank never joins ends in an error after the group's timeout.

@@ -188,7 +188,8 @@ def test_cli_generate_with_cp_size_matches_one_process(tmp_path):
     port = str(_free_port())
     base = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=port, WORLD_SIZE="2", OMP_NUM_THREADS="1",
                 PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-    cmd = [sys.executable, "-m", "longcat_native.cli", "generate", "--task", "vc", "--steps", "2", "--json"]
+    cmd = [sys.executable, "-m", "longcat_native.cli", "generate", "--task", "vc", "--steps", "2", "--json",
+           "--device", "cpu"]
     procs = [subprocess.Popen(cmd + ["--cp-size", "2", "--out", str(tmp_path / "cp.safetensors")], cwd=tmp_path,
                               env=dict(base, RANK=str(r), LOCAL_RANK=str(r)), stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for r in range(2)]
