@@ -257,6 +257,6 @@ def test_bad_inputs(fixture_dit):
         denoise(spy, noise, pe, pm[:, :3], guidance_scale=1.0)
     with pytest.raises(ValueError, match="need cond_latents"):
         denoise(spy, noise, pe, use_kv_cache=True, guidance_scale=1.0)
-    with pytest.raises(NotImplementedError, match=r"longcat-native\[pipelines\]"):
+    with pytest.raises(ValueError, match=r"LongCatVideoPipeline.encode_prompt"):
         denoise(spy, noise, "a prompt string", guidance_scale=1.0)
     assert spy.calls == []  # every error came before any model work

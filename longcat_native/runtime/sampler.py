@@ -179,10 +179,11 @@ def euler_step(x: torch.Tensor, v: torch.Tensor, dt: torch.Tensor) -> torch.Tens
 
 def _as_text(embeds, name: str, B: int, caption_channels: Optional[int]) -> torch.Tensor:
     if isinstance(embeds, str):
-        raise NotImplementedError(
-            f"{name} is a prompt string; encoding it needs the umT5 text encoder, which this version of "
-            "longcat-native does not load (it will come with `pip install 'longcat-native[pipelines]'`). "
-            "Pass precomputed embeddings [B, 1, L, caption_channels] instead."
+        raise ValueError(
+            f"{name} is a prompt string; denoise takes precomputed embeddings [B, 1, L, caption_channels]. "
+            "Encode prompts with LongCatVideoPipeline.encode_prompt (or runtime.pipelines.encode_prompts and a "
+            "TextEncoder; `pip install 'longcat-native[pipelines]'`), or call LongCatVideoPipeline's generate_* "
+            "with prompt strings."
         )
     if not isinstance(embeds, torch.Tensor):
         raise ValueError(f"{name} must be a tensor [B, 1, L, C], got {type(embeds).__name__}")
