@@ -257,6 +257,23 @@ def test_selection_head_groups(monkeypatch):
         assert torch.equal(whole[0], grouped[0]) and torch.equal(whole[1], grouped[1])
 
 
+def test_reference_attention_query_slices(monkeypatch):
+    """The oracle processes query rows in slices (bounded score memory at 720p): slices that
+    cut through chunks give the one-shot masked softmax, including empty chunks' zero rows."""
+    B, H, n_q, n_k, cs_q, cs_k, D = 2, 3, 5, 4, 6, 4, 16
+    q = _rand((B, H, n_q * cs_q, D), torch.float32, 80)
+    k, v = _rand((B, H, n_k * cs_k, D), torch.float32, 81), _rand((B, H, n_k * cs_k, D), torch.float32, 82)
+    mask = _random_mask(B, H, n_q, n_k, 83)
+    tok = mask.repeat_interleave(cs_q, dim=2).repeat_interleave(cs_k, dim=3)
+    s = (q @ k.transpose(-1, -2) * D ** -0.5).masked_fill(~tok, float("-inf"))
+    expected = torch.nan_to_num(torch.softmax(s, dim=-1), nan=0.0) @ v
+    for rows in (1, 4, 7, n_q * cs_q):  # 4 and 7 rows per slice cut through chunks of 6
+        monkeypatch.setattr(bsa_mod, "_REFERENCE_SCORE_BYTES", B * H * n_k * cs_k * 4 * rows)
+        out = bsa_masked_attention_reference(q, k, v, mask, cs_q, cs_k)
+        assert_close_rel(out, expected, KERNEL_RTOL[torch.float32], f"{rows} rows per slice")
+        assert torch.equal(out[0, 0, cs_q : 2 * cs_q], torch.zeros_like(out[0, 0, :cs_q]))  # the empty chunk
+
+
 def test_mask_indices_roundtrip():
     mask = _random_mask(2, 3, 5, 7, 70)
     idx, counts = bsa_mask_to_indices(mask)

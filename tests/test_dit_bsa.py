@@ -78,3 +78,29 @@ def test_bsa_model_compiles_without_graph_breaks():
     explanation = torch._dynamo.explain(dit)(**inputs)
     assert explanation.graph_break_count == 0, explanation.break_reasons
     assert_close_rel(torch.compile(dit, fullgraph=True)(**inputs), expected["output"], MODEL_RTOL, "compiled BSA")
+
+
+def test_bsa_implementation_follows_the_attention_backend(monkeypatch):
+    """BSA is an attention backend: the Triton kernel with the fused kernels, and on CUDA also
+    for the reference kernel path (the dense masked oracle needs ~470 TFLOP per block at 720p),
+    unless attention='reference' asks for the oracle."""
+    from longcat_native.runtime import model as model_mod
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert model_mod.bsa_impl("triton", cpu, "sdpa") == "triton"
+    assert model_mod.bsa_impl("triton", cuda, "reference") == "triton"
+    assert model_mod.bsa_impl("reference", cuda, "flash3") == "triton"
+    assert model_mod.bsa_impl("reference", cuda, "sdpa") == "triton"
+    assert model_mod.bsa_impl("reference", cuda, "reference") == "reference"
+    assert model_mod.bsa_impl("reference", cpu, "sdpa") == "reference"
+
+    seen = []
+    real = model_mod.block_sparse_attention
+    monkeypatch.setattr(model_mod, "block_sparse_attention", lambda *a, impl, **kw: seen.append(impl) or real(*a, impl=impl, **kw))
+    inputs, _, _, meta = load_case("bsa_t2v")
+    for kernels in ("reference", "triton"):
+        dit = lcn.LongCatDiT.from_pretrained(FIXTURE_ROOT, kernels=kernels)
+        dit.enable_bsa()
+        seen.clear()
+        dit(**inputs, **meta["kwargs"])
+        assert seen and set(seen) == {"reference" if kernels == "reference" else "triton"}, (kernels, seen)

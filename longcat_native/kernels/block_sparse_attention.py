@@ -86,6 +86,7 @@ MAX_HEAD_DIM = 256
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _LOG2E = 1.4426950408889634
 _SELECT_SCORE_ELEMS = 1 << 28  # chunk scores scored/selected at once (heads are grouped to fit)
+_REFERENCE_SCORE_BYTES = 256 * 2**20  # float32 token scores the oracle holds at once (query rows sliced)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -309,15 +310,27 @@ def bsa_masked_attention_reference(
     """Dense softmax attention with an explicit chunk mask, in float32, cast to q's dtype.
 
     q ``[B, H, n_q*cs_q, D]``, k/v ``[B, H, n_k*cs_k, D]`` in chunk order, block_mask bool
-    ``[B, H, n_q, n_k]``. Query rows whose chunk selects nothing get 0.
+    ``[B, H, n_q, n_k]``. Query rows whose chunk selects nothing get 0. Memory is bounded
+    whatever the sequence length (query rows are processed in slices).
     """
     scale = q.shape[-1] ** -0.5 if sm_scale is None else sm_scale
-    tok_mask = block_mask.repeat_interleave(chunk_size_q, dim=2).repeat_interleave(chunk_size_k, dim=3)
-    s = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
-    s = s.masked_fill(~tok_mask, float("-inf"))
-    p = torch.softmax(s, dim=-1)
-    p = torch.where(tok_mask.any(-1, keepdim=True), p, torch.zeros((), dtype=p.dtype, device=p.device))
-    return torch.matmul(p, v.float()).to(q.dtype)
+    B, H, Nq = q.shape[:3]
+    Nk = k.shape[2]
+    kf_t, vf = k.float().transpose(-1, -2), v.float()
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    # Query rows in slices: the float32 scores of all rows at once would be B*H*Nq*Nk*4 bytes
+    # (3.7 TB at 720p, N = 168,960); a slice keeps them near _REFERENCE_SCORE_BYTES.
+    rows = max(1, _REFERENCE_SCORE_BYTES // max(1, B * H * Nk * 4))
+    for r0 in range(0, Nq, rows):
+        r1 = min(Nq, r0 + rows)
+        chunk_of_row = torch.arange(r0, r1, device=q.device) // chunk_size_q
+        tok_mask = block_mask[:, :, chunk_of_row].repeat_interleave(chunk_size_k, dim=3)
+        s = torch.matmul(q[:, :, r0:r1].float(), kf_t) * scale
+        s = s.masked_fill(~tok_mask, float("-inf"))
+        p = torch.softmax(s, dim=-1)
+        p = torch.where(tok_mask.any(-1, keepdim=True), p, torch.zeros((), dtype=p.dtype, device=p.device))
+        out[:, :, r0:r1] = torch.matmul(p, vf).to(q.dtype)
+    return out
 
 
 def block_sparse_attention_reference(

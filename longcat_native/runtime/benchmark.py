@@ -10,7 +10,8 @@ One forward of the whole DiT with random weights, side by side in one run:
 | ``fused_compile_graphs`` | fused + :func:`compile_model` + :class:`CUDAGraphRunner` (graphs only on CUDA; on CPU the runner falls back to the compiled model) |
 
 Every column uses the same model object (the kernel path is switched with ``dit.kernels``; the
-13.6B weights exist once) and the same attention backend (``dit.attention``, "auto").
+13.6B weights exist once) and the same attention backend (``dit.attention``, "auto"; with BSA on,
+the Triton block-sparse kernel on both kernel paths: ``runtime.model.bsa_impl``).
 
 Sizes (SPEC section 7): ``480p``: the real config, CFG batch 2, latent 24x60x104 (N = 37,440),
 512 text tokens; ``720p``: batch 1, latent 48x88x160 (N = 168,960), BSA on (``enable_bsa()``),
