@@ -114,7 +114,7 @@ def test_graph_runner_keys_lru_and_static_buffers():
                          "encoder_attention_mask": A[3]}, 0, False)
         keys = runner.keys()
         assert len(keys) == 2 and keys[0] == ka  # B was evicted (least recently used), C is newest
-        assert runner.stats() == {"graphs": 2, "max_graphs": 2, "captures": 3, "replays": 4, "evictions": 1,
+        assert runner.stats() == {"graphs": 2, "max_graphs": 2, "captures": 3, "replays": 4, "evictions": 1, "weight_invalidations": 0,
                                   "fallbacks": {}, "uncapturable_keys": 0}
         # Flags are part of the key.
         runner(*A, num_cond_latents=1)
@@ -142,6 +142,97 @@ def test_graph_runner_capture_failure_falls_back_once():
         with pytest.warns(UserWarning, match="earlier"):
             runner(*args)
     assert runner.stats()["uncapturable_keys"] == 1
+
+
+def _weight_storages(dit):
+    """What a captured graph has baked in: weight addresses, LoRA branch addresses and scales."""
+    ptrs = [p.data_ptr() for p in dit.parameters()]
+    for m in dit.modules():
+        ptrs += [(down.data_ptr(), up.data_ptr(), scale) for down, up, scale, _ in m.__dict__.get("lora_branches") or ()]
+    return ptrs
+
+
+def _address_bound_capture(dit):
+    """Like _fake_capture, but a replay reads the weights at the addresses of capture time and
+    uses the LoRA scales of capture time, as a real graph does: if any of them changed since, it
+    yields garbage (NaN, standing in for a stale result or whatever freed memory now holds)."""
+
+    def capture(fn, static):
+        out = fn(**static)
+        captured = _weight_storages(dit)
+
+        def replay():
+            if _weight_storages(dit) != captured:
+                out.fill_(float("nan"))
+            else:
+                out.copy_(fn(**static))
+
+        return replay, out
+
+    return capture
+
+
+def test_graph_runner_recaptures_when_weights_move():
+    """A graph reads weights by address. Unmerged LoRA switches (new branch tensors) and
+    ``dit.to(dtype)`` (new parameter storage) drop the graphs, so replays never read stale or
+    freed memory; merged switches write in place and keep them."""
+    from cases import FIXTURE_ROOT
+
+    dit = lcn.LongCatDiT.from_pretrained(FIXTURE_ROOT)
+    dit.load_lora(FIXTURE_ROOT / "lora" / "cfg_step_lora.safetensors", "cfg_step", lora_network_dim=4)
+    runner = CUDAGraphRunner(dit, capture_fn=_address_bound_capture(dit))
+    g = torch.Generator().manual_seed(0)
+    args = (torch.randn(1, 16, 2, 4, 4, generator=g), torch.rand(1, generator=g) * 1000,
+            torch.randn(1, 1, 6, dit.config.caption_channels, generator=g))
+
+    def check(what):
+        with torch.no_grad():
+            assert_close_rel(runner(*args), dit(*args), 1e-6, what)
+
+    dit.lora_mode = "unmerged"
+    dit.enable_loras(["cfg_step"])
+    check("unmerged, first capture")
+    check("unmerged, replay")
+    assert runner.stats()["captures"] == 1 and runner.stats()["weight_invalidations"] == 0
+    dit.lora_dict["cfg_step"].set_multiplier(0.5)
+    dit.enable_loras(["cfg_step"])  # same active set and mode (same key), new branch tensors
+    check("unmerged, re-enabled with another multiplier")
+    assert runner.stats()["captures"] == 2 and runner.stats()["weight_invalidations"] == 1
+
+    dit.lora_mode = "merged"  # merged in place: graphs stay valid across switches
+    check("merged")
+    captures = runner.stats()["captures"]
+    dit.disable_all_loras()
+    check("base weights restored in place")
+    dit.enable_loras(["cfg_step"])
+    check("merged again")
+    assert runner.stats()["weight_invalidations"] == 2  # only the unmerged -> merged change of branches
+    assert runner.stats()["captures"] == captures + 1  # one new key (no LoRA), no invalidation
+
+    dit.to(torch.float64)
+    check("after dit.to(float64)")
+    assert runner.stats()["weight_invalidations"] == 3
+    # A runner over lcn.compile(dit) watches the same weights.
+    assert CUDAGraphRunner(compile_model(dit)).weights_fingerprint() == runner.weights_fingerprint() != ()
+
+
+@requires_cuda
+def test_graph_runner_unmerged_lora_switch_on_cuda():
+    from cases import FIXTURE_ROOT
+
+    dit = lcn.LongCatDiT.from_pretrained(FIXTURE_ROOT, device="cuda", dtype=torch.float32, kernels="triton")
+    dit.load_lora(FIXTURE_ROOT / "lora" / "cfg_step_lora.safetensors", "cfg_step", lora_network_dim=4)
+    dit.lora_mode = "unmerged"
+    runner = CUDAGraphRunner(dit)
+    g = torch.Generator().manual_seed(0)
+    args = [a.cuda() for a in (torch.randn(1, 16, 2, 4, 4, generator=g), torch.rand(1, generator=g) * 1000,
+                               torch.randn(1, 1, 6, dit.config.caption_channels, generator=g))]
+    with torch.no_grad():
+        for mult in (1.0, 0.5):
+            dit.lora_dict["cfg_step"].set_multiplier(mult)
+            dit.enable_loras(["cfg_step"])
+            assert_close_rel(runner(*args), dit(*args), 1e-4, f"multiplier {mult}")
+    assert runner.stats()["captures"] == 2 and runner.stats()["weight_invalidations"] == 1
 
 
 @pytest.mark.parametrize("zero_pad", [False, True])
