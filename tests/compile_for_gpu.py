@@ -13,7 +13,7 @@ from triton.compiler import ASTSource
 from triton.backends.compiler import GPUTarget
 from triton.runtime.jit import JITFunction
 
-TY = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
+TY = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.int32: "*i32"}
 results = []
 
 def compile_instead_of_launch(self, *args, grid, warmup, **kwargs):
@@ -42,10 +42,11 @@ def compile_instead_of_launch(self, *args, grid, warmup, **kwargs):
     return None
 
 JITFunction.run = compile_instead_of_launch
-for m in ("layernorm_modulate", "residual_layernorm_modulate", "qk_rmsnorm_rope3d", "swiglu"):
+for m in ("layernorm_modulate", "residual_layernorm_modulate", "qk_rmsnorm_rope3d", "swiglu", "block_sparse_attention"):
     mod = __import__(f"longcat_native.kernels.{m}", fromlist=["x"])
     mod.check_triton_device = lambda *a: None  # CPU tensors stand in for CUDA ones
 from longcat_native.kernels import layernorm_modulate as L, residual_layernorm_modulate as R, qk_rmsnorm_rope3d as Q, swiglu as S
+from longcat_native.kernels import block_sparse_attention as BSA
 for dt in (torch.bfloat16, torch.float16, torch.float32):
     B, N, C, T = 1, 64, 4096, 4
     x = torch.randn(B, N, C).to(dt); y = torch.randn(B, N, C).to(dt)
@@ -65,5 +66,23 @@ for dt in (torch.bfloat16, torch.float16, torch.float32):
     qw = torch.randn(128).to(dt)
     for kw in (dict(grid=(1, 4, 6)), dict(grid=(1, 4, 6), chunk_shape=(1, 2, 2)), dict(grid=None)):
         Q._qk_rmsnorm_rope3d_launch(q, k, qw, qw, kw["grid"], 0, 1e-6, torch.empty(1, 24, 32, 128, dtype=dt), torch.empty(1, 24, 32, 128, dtype=dt), torch.empty(1, 24, 32, 128, dtype=dt), chunk_shape=kw.get("chunk_shape"))
+    # Block-sparse attention: pooling and the sparse kernel for the real chunks (4x4x4, 64 tokens),
+    # head_dim 128 (the model), 64 and 96 (padded), raster and chunk order, q as a transposed view
+    # of a [B, N, H, D] buffer (the model's layout), Tq != Tk, and forced int64 offsets. A small
+    # grid stands in for 720p's 48x88x160: sizes enter the kernel as runtime ints, and the int64
+    # variant is the one 720p's 5.5e9-element q|k|v would pick if it needed it.
+    for D, chunk, grid_q, grid_k in ((128, (4, 4, 4), (8, 8, 8), (8, 8, 8)), (64, (4, 4, 8), (4, 8, 16), (8, 8, 16)),
+                                     (96, (2, 4, 4), (4, 8, 8), (4, 8, 8))):
+        Hh = 2
+        nq, nk = grid_q[0] * grid_q[1] * grid_q[2], grid_k[0] * grid_k[1] * grid_k[2]
+        qt = torch.randn(1, nq, Hh, D).to(dt).transpose(1, 2)
+        kk = torch.randn(1, Hh, nk, D).to(dt); vv = torch.randn(1, Hh, nk, D).to(dt)
+        for order in (False, True):
+            gq, gk = BSA._geometry(grid_q, chunk, order), BSA._geometry(grid_k, chunk, order)
+            BSA._bsa_pool_launch(qt, gq, torch.empty(1, Hh, gq.n_chunks, D))
+            idx = torch.zeros(1, Hh, gq.n_chunks, 3, dtype=torch.int32); cnt = torch.ones(1, Hh, gq.n_chunks, dtype=torch.int32)
+            BSA._bsa_attention_launch(qt, kk, vv, idx, cnt, gq, gk, gq, torch.empty_like(qt), D ** -0.5)
+        BSA._bsa_attention_launch(qt, kk, vv, idx, cnt, gq, gk, BSA._geometry(grid_q, chunk, False), torch.empty_like(qt), D ** -0.5, _force_int64=True)
+        BSA._bsa_pool_launch(kk, gk, torch.empty(1, Hh, gk.n_chunks, D), _force_int64=True)
 for r in results: print(r)
 print("compiled", len(results))
