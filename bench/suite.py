@@ -4,6 +4,7 @@
     python bench/suite.py --only kernels,block,attention  # a subset (a lent GPU's call is 10 minutes:
     python bench/suite.py --only model                    #  split the suite over calls; files merge)
     python bench/suite.py --merge a.json b.json           # merge result files fetched from separate calls
+    python bench/suite.py --only model --tag 720p --args 'model=--size 720p'  # filed as "model:720p"
 
 Runs each ``bench/<name>.py`` as its own process (so one crash or OOM does not take the others
 down), at each script's default sizes: SPEC section 7's real shapes on CUDA, small ones on the
@@ -11,7 +12,9 @@ CPU. Each script's last stdout line is its JSON record of headline figures; the 
 them with the script's exit code, wall time and the tail of its output, and on CUDA (or with
 ``--save``) writes ``<out-dir>/<date>-<gpu>.json`` (merged into an existing file of that name, so
 runs of several subsets on one device and day add up) and ``<out-dir>/<date>-<gpu>.md`` (a table of
-every headline figure, rewritten from the merged JSON). Prints the markdown table last and ends
+every headline figure, rewritten from the merged JSON). Records are keyed by bench name, so a later
+run of the same bench replaces the earlier one; ``--tag T`` files them as ``<name>:T`` instead
+(two model runs of different sizes in one day's file). Prints the markdown table last and ends
 with one JSON line ``{"bench": "suite", ...}``.
 """
 
@@ -134,6 +137,8 @@ def main(argv=None) -> int:
     p.add_argument("--out-dir", default=os.path.join(_BENCH_DIR, "results"))
     p.add_argument("--args", action="append", default=[], metavar="NAME=ARGS",
                    help="extra arguments for one bench, e.g. --args 'model=--depth 8' (repeatable)")
+    p.add_argument("--tag", default=None,
+                   help="file the records as NAME:TAG (keeps several runs of one bench in the day's file)")
     p.add_argument("--merge", nargs="+", metavar="JSON",
                    help="run nothing: merge these suite result files (one device and day) into --out-dir")
     args = p.parse_args(argv)
@@ -144,6 +149,8 @@ def main(argv=None) -> int:
     unknown = [n for n in names if n not in BENCHES]
     if unknown:
         p.error(f"unknown bench {unknown}; choose from {', '.join(BENCHES)}")
+    if args.tag is not None and not re.fullmatch(r"[A-Za-z0-9_.-]+", args.tag):
+        p.error(f"--tag {args.tag!r}: letters, digits, '.', '_' and '-' only")
     extra: Dict[str, List[str]] = {}
     for spec in args.args:
         name, _, rest = spec.partition("=")
@@ -163,10 +170,11 @@ def main(argv=None) -> int:
     date = time.strftime("%Y-%m-%d")
     results: Dict[str, Any] = {"date": date, "device": device, "torch": torch.__version__,
                                "triton": sys.modules["triton"].__version__, "commit": commit, "benches": {}}
-    for name in names:
-        print(f"suite: {name} ...", flush=True)
-        results["benches"][name] = r = run_one(name, extra.get(name, []), args.timeout_s)
-        print(f"suite: {name}: exit {r['returncode']}, {r['seconds']:.1f} s", flush=True)
+    filed = [name if args.tag is None else f"{name}:{args.tag}" for name in names]
+    for name, key in zip(names, filed):
+        print(f"suite: {key} ...", flush=True)
+        results["benches"][key] = r = run_one(name, extra.get(name, []), args.timeout_s)
+        print(f"suite: {key}: exit {r['returncode']}, {r['seconds']:.1f} s", flush=True)
 
     saved = None
     if on_cuda or args.save:
@@ -176,7 +184,7 @@ def main(argv=None) -> int:
     print(markdown(results))
     if saved:
         print(f"results: {saved}.json, {saved}.md")
-    failed = sorted(n for n in names if results["benches"][n]["returncode"] != 0)
+    failed = sorted(k for k in filed if results["benches"][k]["returncode"] != 0)
     emit_json({"bench": "suite", "device": device, "benches_run": len(names), "benches_failed": failed,
                "results_path": None if saved is None else saved + ".json"})
     return 1 if failed else 0

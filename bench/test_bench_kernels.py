@@ -297,3 +297,48 @@ def test_suite_runs_benches_and_merges_results(tmp_path):
                            str(tmp_path)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert set(json.loads(open(path).read())["benches"]) == {"parallel", "lora"}
+    # A tagged run of a bench already in the file is filed beside it, not over it.
+    record, _ = _run_script("bench/suite.py", "--only", "parallel", "--tag", "again", "--save", "--out-dir",
+                            str(tmp_path), "--args", "parallel=--no-measure")
+    assert record["benches_failed"] == []
+    assert set(json.loads(open(path).read())["benches"]) == {"parallel", "lora", "parallel:again"}
+    assert "## parallel:again: ok" in open(path[:-5] + ".md").read()
+
+
+def test_device_check_script(tmp_path):
+    """bench/device_check.sh (the one prepared call of a GPU lease): its shell parses, step 1 runs
+    anywhere, and every bench command line in it parses with today's options, so a lease is not
+    spent finding a renamed flag."""
+    import re
+    import shlex
+
+    script = os.path.join(BENCH_DIR, "device_check.sh")
+    assert subprocess.run(["bash", "-n", script], capture_output=True).returncode == 0
+    env = dict(os.environ, OUT=str(tmp_path), PYTHON=sys.executable)
+    proc = subprocess.run(["bash", script, "1"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr
+    log = open(tmp_path / "steps.log").read()
+    assert "torch " + torch.__version__ in log and "done (steps: 1)" in log
+
+    import argparse
+
+    from longcat_native.runtime import benchmark
+
+    text = open(script).read()
+    test_files = re.findall(r"tests/test_\w+\.py", text)
+    assert len(test_files) >= 10 and all(os.path.exists(os.path.join(REPO_ROOT, f)) for f in test_files), test_files
+    suite_lines = re.findall(r'"\$PY" bench/suite\.py (.*?)\\\n\s*(.*?)(?: 2>&1|$)', text, flags=re.M)
+    assert len(suite_lines) == 3, suite_lines
+    from suite import BENCHES
+
+    for first, second in suite_lines:
+        argv = shlex.split((first + " " + second).replace('"$OUT"', "out").replace("${LIMIT_480P:-200}", "1")
+                           .replace("${LIMIT_KERNELS:-50}", "1").replace("${LIMIT_720P:-100}", "1"))
+        only = argv[argv.index("--only") + 1].split(",")
+        assert set(only) <= set(BENCHES), only
+        for spec in [argv[i + 1] for i, a in enumerate(argv) if a == "--args"]:
+            name, _, rest = spec.partition("=")
+            assert name == "model"
+            p = argparse.ArgumentParser()
+            benchmark.add_arguments(p)
+            p.parse_args(rest.split())  # exits (fails the test) on an unknown option
