@@ -13,6 +13,12 @@ sizes), through ``longcat_native.runtime.attention.attention`` exactly as the mo
 - ``cross_varlen``: the same with ``key_valid`` (each item a prefix of about half the tokens),
   the ``text_tokens_zero_pad=False`` path (flash-attn varlen entry point, SDPA boolean mask).
 
+On CUDA, ``sdpa`` is also timed with each of its kernels forced (``torch.nn.attention.sdpa_kernel``):
+rows ``sdpa[flash]``, ``sdpa[cudnn]``, ``sdpa[efficient]`` (record keys ``sdpa_flash_self_ms``...;
+a kernel that refuses a case is reported under ``skipped``). Attention is over half of a 480p forward's FLOPs, and where no flash-attn
+package is installed ``auto`` is ``sdpa``, so which kernel torch picks decides much of the MFU:
+these rows say what each gives at the real shape.
+
 FLOPs: ``4 * Nq * Nk * D * H`` per batch item (QK^T and PV, 2 FLOPs per multiply-add); for
 ``cross_varlen`` only the valid keys are counted. ``% peak`` divides TFLOP/s by the dense matmul
 peak measured in the same run (``torch.mm`` of two 8192 x 8192 matrices in the bench dtype on
@@ -149,22 +155,41 @@ def main(argv=None) -> int:
             baseline[case] = attention(q, k, v, base_name, key_valid=kv)
     rows, record_items = [], {}
     best_self = (None, None)
-    for name in backends:
+    runs = [(name, name, name, None) for name in backends]  # (row label, record key, backend, forced kernel)
+    if has_cuda and "sdpa" in backends:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        for label, kind in (("flash", "FLASH_ATTENTION"), ("cudnn", "CUDNN_ATTENTION"),
+                            ("efficient", "EFFICIENT_ATTENTION")):
+            if hasattr(SDPBackend, kind):
+                runs.append((f"sdpa[{label}]", f"sdpa_{label}", "sdpa", getattr(SDPBackend, kind)))
+    for name, key, backend, forced in runs:
         for case in CASES:
             (q, k, v), kv, flops = cases[case]
-            fn = lambda q=q, k=k, v=v, kv=kv, name=name: attention(q, k, v, name, key_valid=kv)  # noqa: E731
-            out = fn()
+
+            def fn(q=q, k=k, v=v, kv=kv, backend=backend, forced=forced):
+                if forced is None:
+                    return attention(q, k, v, backend, key_valid=kv)
+                with sdpa_kernel([forced]):
+                    return attention(q, k, v, backend, key_valid=kv)
+
+            try:
+                out = fn()
+            except RuntimeError as e:  # a forced SDPA kernel that does not take this case
+                skipped[f"{key}_{case}"] = str(e).strip().splitlines()[0][:160] if str(e).strip() else "RuntimeError"
+                print(f"skip {name} {case}: {skipped[f'{key}_{case}']}")
+                continue
             diff = None if case not in baseline else (out.float() - baseline[case].float()).abs().max().item()
             if diff is not None:
-                record_items[f"{name}_{case}_max_abs_diff"] = diff
-            seconds = time_fn(fn, device, repeats=repeats, warmup=warmup, name=f"{name}_{case}")
+                record_items[f"{key}_{case}_max_abs_diff"] = diff
+            seconds = time_fn(fn, device, repeats=repeats, warmup=warmup, name=f"{key}_{case}")
             tflops = flops / seconds / 1e12
             pct = 100 * tflops / peak
             rows.append([name, case, seconds * 1e3, tflops, pct, diff])
-            record_items.update({f"{name}_{case}_ms": seconds * 1e3, f"{name}_{case}_tflops": tflops,
-                                 f"{name}_{case}_pct_of_peak": pct})
+            record_items.update({f"{key}_{case}_ms": seconds * 1e3, f"{key}_{case}_tflops": tflops,
+                                 f"{key}_{case}_pct_of_peak": pct})
             if case == "self" and name != "reference" and (best_self[1] is None or pct > best_self[1]):
-                best_self = (name, pct)
+                best_self = (key, pct)
             del out
 
     print_table(["backend", "case", "ms", "TFLOP/s", "% peak", "max|diff|"], rows,

@@ -18,7 +18,8 @@
 #      reference, compiled reference, fused, fused + compile + CUDA graphs). The ratios and the MFU
 #      hardly depend on the depth (the embedders and the final layer are < 0.1% of the FLOPs), and 8
 #      blocks compile in a sixth of the time of 48
-#   4  the memory-bound kernels, one block and BSA at the real shapes
+#   4  the memory-bound kernels, one block, attention (each SDPA kernel forced in turn) and BSA at
+#      the real shapes
 #   5  bench/model.py at 720p, all 48 blocks, BSA on, the fused column: seconds per forward and the
 #      peak memory that decides "fits in 80 GB" (filed as model:720p)
 #
@@ -26,7 +27,8 @@
 # $OUT/<date>-<gpu>.json + .md holding every bench step; file them in the repository with
 # `python bench/suite.py --merge <that json> --out-dir bench/results` (DEVELOPERS.md, runbook).
 # Step limits in seconds come from the environment (LIMIT_TESTS, LIMIT_480P, LIMIT_KERNELS per
-# bench, LIMIT_720P); the defaults add up to 570 s, leaving time to copy the results back.
+# bench, LIMIT_720P); the defaults add up to 570 s (100 + 190 + 4 x 45 + 100), leaving time to
+# copy the results back.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$(pwd)/out}"
@@ -59,10 +61,10 @@ EOF
 fi
 
 if want 2; then
-  step "2 GPU tests (limit ${LIMIT_TESTS:-120} s)"
+  step "2 GPU tests (limit ${LIMIT_TESTS:-100} s)"
   xdist=()
   "$PY" -c "import xdist" 2>/dev/null && xdist=(-n 8)
-  timeout "${LIMIT_TESTS:-120}" "$PY" -m pytest -q -p no:cacheprovider -rs "${xdist[@]}" \
+  timeout "${LIMIT_TESTS:-100}" "$PY" -m pytest -q -p no:cacheprovider -rs "${xdist[@]}" \
     tests/test_layernorm_modulate.py tests/test_residual_layernorm_modulate.py tests/test_qk_rmsnorm_rope3d.py \
     tests/test_swiglu.py tests/test_block_sparse_attention.py tests/test_attention.py tests/test_compiled.py \
     tests/test_dit_triton.py tests/test_dit_bsa.py tests/test_dit_generic.py > "$OUT/tests.log" 2>&1
@@ -70,14 +72,14 @@ if want 2; then
 fi
 
 if want 3; then
-  step "3 model 480p, 8 blocks, four columns (limit ${LIMIT_480P:-200} s)"
-  "$PY" bench/suite.py --only model --out-dir "$OUT" --timeout-s "${LIMIT_480P:-200}" \
+  step "3 model 480p, 8 blocks, four columns (limit ${LIMIT_480P:-190} s)"
+  "$PY" bench/suite.py --only model --out-dir "$OUT" --timeout-s "${LIMIT_480P:-190}" \
     --args "model=--size 480p --depth 8 --repeats 2" 2>&1 | tee -a "$LOG" | tail -n 2
 fi
 
 if want 4; then
-  step "4 kernels, block, bsa at the real shapes (limit ${LIMIT_KERNELS:-50} s each)"
-  "$PY" bench/suite.py --only kernels,block,bsa --out-dir "$OUT" --timeout-s "${LIMIT_KERNELS:-50}" \
+  step "4 kernels, block, attention, bsa at the real shapes (limit ${LIMIT_KERNELS:-45} s each)"
+  "$PY" bench/suite.py --only kernels,block,attention,bsa --out-dir "$OUT" --timeout-s "${LIMIT_KERNELS:-45}" \
     2>&1 | tee -a "$LOG" | tail -n 2
 fi
 

@@ -171,14 +171,17 @@ def main(argv=None) -> int:
     results: Dict[str, Any] = {"date": date, "device": device, "torch": torch.__version__,
                                "triton": sys.modules["triton"].__version__, "commit": commit, "benches": {}}
     filed = [name if args.tag is None else f"{name}:{args.tag}" for name in names]
+    saved = None
     for name, key in zip(names, filed):
         print(f"suite: {key} ...", flush=True)
-        results["benches"][key] = r = run_one(name, extra.get(name, []), args.timeout_s)
+        r = run_one(name, extra.get(name, []), args.timeout_s)
         print(f"suite: {key}: exit {r['returncode']}, {r['seconds']:.1f} s", flush=True)
+        if on_cuda or args.save:
+            # Filed after each bench: a device call cut off later still returns what finished.
+            saved = _write({**results, "benches": {key: r}}, args.out_dir)
+        results["benches"][key] = r
 
-    saved = None
-    if on_cuda or args.save:
-        saved = _write(results, args.out_dir)
+    if saved:
         with open(saved + ".json", encoding="utf-8") as f:
             results = json.load(f)
     print(markdown(results))

@@ -332,8 +332,8 @@ def test_device_check_script(tmp_path):
     from suite import BENCHES
 
     for first, second in suite_lines:
-        argv = shlex.split((first + " " + second).replace('"$OUT"', "out").replace("${LIMIT_480P:-200}", "1")
-                           .replace("${LIMIT_KERNELS:-50}", "1").replace("${LIMIT_720P:-100}", "1"))
+        argv = shlex.split((first + " " + second).replace('"$OUT"', "out").replace("${LIMIT_480P:-190}", "1")
+                           .replace("${LIMIT_KERNELS:-45}", "1").replace("${LIMIT_720P:-100}", "1"))
         only = argv[argv.index("--only") + 1].split(",")
         assert set(only) <= set(BENCHES), only
         for spec in [argv[i + 1] for i, a in enumerate(argv) if a == "--args"]:
