@@ -264,6 +264,10 @@ def test_model_script_smoke(tmp_path):
     assert len(saved) == 1
     full = json.loads(saved[0].read_text())
     assert set(full["sizes"][size]["columns"]) == {"eager_ref", "compile_ref", "fused", "fused_compile_graphs"}
+    assert full["sizes"][size]["regional_compile"] is False
+    record, stdout = _run_script(*argv, "--regional", "--columns", "fused_compile_graphs")
+    assert record[f"{size}_regional_compile"] is True and record[f"{size}_fused_compile_graphs_s"] > 0
+    assert "regional compile" in stdout
 
 
 def test_parallel_script_smoke():

@@ -7,7 +7,7 @@ One forward of the whole DiT with random weights, side by side in one run:
 | ``eager_ref`` | ``kernels="reference"`` eagerly (plain PyTorch, the official math) |
 | ``compile_ref`` | the same under ``compile_model(fullgraph=False)``: graph breaks allowed, as the official code's ``torch.compile(dit)`` |
 | ``fused`` | ``kernels="triton"`` eagerly (the fused Triton kernels) |
-| ``fused_compile_graphs`` | fused + :func:`compile_model` + :class:`CUDAGraphRunner` (graphs only on CUDA; on CPU the runner falls back to the compiled model) |
+| ``fused_compile_graphs`` | fused + :func:`compile_model` (the whole forward; one block shared by all with ``--regional``) + :class:`CUDAGraphRunner` (graphs only on CUDA; on CPU the runner falls back to the compiled model) |
 
 Every column uses the same model object (the kernel path is switched with ``dit.kernels``; the
 13.6B weights exist once) and the same attention backend (``dit.attention``, "auto"; with BSA on,
@@ -133,7 +133,7 @@ def _error(e: BaseException) -> str:
 
 def run_size(size: str, device: torch.device, dtype: torch.dtype, columns=None, repeats: int = 3,
              warmup: int = 1, depth: Optional[int] = None, peak_tflops: Optional[float] = None,
-             timer=None, log=print) -> Dict[str, Any]:
+             timer=None, log=print, regional: bool = False) -> Dict[str, Any]:
     """Benchmark one size; returns its result record (per-column seconds, MFU, peak memory)."""
     from .compiled import CUDAGraphRunner, compile_model
     from .dit import LongCatDiT
@@ -156,7 +156,8 @@ def run_size(size: str, device: torch.device, dtype: torch.dtype, columns=None, 
     rec: Dict[str, Any] = {
         "size": size, "batch": spec["batch"], "latent": list(spec["latent"]), "tokens": N, "text_tokens": spec["text"],
         "bsa": spec["bsa"], "depth": cfg.depth, "hidden_size": cfg.hidden_size, "parameters": dit.num_parameters(),
-        "model_tflop": flops / 1e12, "attention": dit.resolved_attention(), "columns": {},
+        "model_tflop": flops / 1e12, "attention": dit.resolved_attention(), "regional_compile": bool(regional),
+        "columns": {},
     }
     for col in columns:
         r: Dict[str, Any] = {"seconds": None, "mfu": None, "tflops": None, "peak_mem_bytes": None, "error": None}
@@ -172,7 +173,7 @@ def run_size(size: str, device: torch.device, dtype: torch.dtype, columns=None, 
                 fn = compile_model(dit, fullgraph=False, warn_on_recompile=False)
             else:
                 torch._dynamo.reset()
-                compiled = compile_model(dit, warn_on_recompile=False)
+                compiled = compile_model(dit, warn_on_recompile=False, regional=regional)
                 fn = CUDAGraphRunner(dit, fallback=compiled, max_graphs=1)
                 extra["runner"] = fn
             if device.type == "cuda":
@@ -213,7 +214,7 @@ def run_size(size: str, device: torch.device, dtype: torch.dtype, columns=None, 
 
 
 def run_benchmark(sizes: List[str], device=None, dtype=None, columns=None, repeats=None, warmup=None,
-                  depth=None, timer=None, log=print) -> Dict[str, Any]:
+                  depth=None, timer=None, log=print, regional: bool = False) -> Dict[str, Any]:
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     on_cuda = device.type == "cuda"
     dtype = dtype or (torch.bfloat16 if on_cuda else torch.float32)
@@ -224,7 +225,8 @@ def run_benchmark(sizes: List[str], device=None, dtype=None, columns=None, repea
     results = {"device": _device_name(device), "dtype": str(dtype).replace("torch.", ""), "torch": torch.__version__,
                "matmul_peak_tflops": peak, "repeats": repeats, "sizes": {}}
     for size in sizes:
-        results["sizes"][size] = run_size(size, device, dtype, columns, repeats, warmup, depth, peak, timer, log)
+        results["sizes"][size] = run_size(size, device, dtype, columns, repeats, warmup, depth, peak, timer, log,
+                                          regional=regional)
     return results
 
 
@@ -248,7 +250,8 @@ def format_results(results: Dict[str, Any]) -> str:
         lines.append("")
         lines.append(f"{size}: batch {rec['batch']}, latent {'x'.join(map(str, rec['latent']))} -> N {rec['tokens']:,}, "
                      f"text {rec['text_tokens']}, depth {rec['depth']}, C {rec['hidden_size']}, BSA {'on' if rec['bsa'] else 'off'}, "
-                     f"attention {rec['attention']}, {rec['model_tflop']:.4g} TFLOP per forward")
+                     f"attention {rec['attention']}, {rec['model_tflop']:.4g} TFLOP per forward"
+                     + (", regional compile" if rec.get("regional_compile") else ""))
         head = f"{'column':<22} {'s/forward':>10} {'TFLOP/s':>9} {'MFU':>7} {'peak mem GB':>12} {'vs eager':>9}  note"
         lines.append(head)
         lines.append("-" * len(head))
@@ -276,6 +279,8 @@ def headline(results: Dict[str, Any]) -> Dict[str, Any]:
             if r["peak_mem_bytes"] is not None:
                 rec[f"{size}_{col}_peak_mem_bytes"] = r["peak_mem_bytes"]
         rec[f"{size}_speedup_vs_eager_ref"] = s.get("speedup_vs_eager_ref")
+        if s.get("regional_compile"):
+            rec[f"{size}_regional_compile"] = True
     return rec
 
 
@@ -312,6 +317,8 @@ def add_arguments(p) -> None:
     p.add_argument("--repeats", type=int, default=None, help="timed forwards per column (default 3 CUDA, 2 CPU)")
     p.add_argument("--warmup", type=int, default=None, help="untimed forwards after the first call (default 1 CUDA, 0 CPU)")
     p.add_argument("--depth", type=int, default=None, help="override the number of blocks (quick runs)")
+    p.add_argument("--regional", action="store_true",
+                   help="fused_compile_graphs compiles one block shared by all (compile_model(regional=True))")
     p.add_argument("--dtype", default=None, help="default bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--save", action="store_true", help="write the full results JSON (always on CUDA)")
     p.add_argument("--out-dir", default=None, help="where results go (default bench/results)")
@@ -324,7 +331,8 @@ def run_from_args(args, default_out_dir: Optional[str] = None, emit=None) -> int
     dtype = resolve_dtype(args.dtype, device)
     sizes = args.size or default_sizes(device.type == "cuda")
     columns = tuple(args.columns) if args.columns else None
-    results = run_benchmark(sizes, device, dtype, columns, args.repeats, args.warmup, args.depth)
+    results = run_benchmark(sizes, device, dtype, columns, args.repeats, args.warmup, args.depth,
+                            regional=args.regional)
     print(format_results(results), flush=True)
     out_dir = args.out_dir or default_out_dir or os.path.join(os.getcwd(), "bench", "results")
     if args.save or device.type == "cuda":

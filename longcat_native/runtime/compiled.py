@@ -18,6 +18,16 @@ graph and inductor fuses the glue around the opaque kernels.
   the new shape runs eagerly (dynamo's behaviour without fullgraph; with fullgraph=True dynamo
   raises, and :class:`CompiledModel` catches that and calls the model itself, warning once). Note dynamo keys its cache on the code object, which every
   ``LongCatDiT`` shares: several compiled models in one process share one budget.
+* ``regional=True`` compiles one block instead of the whole forward: every block runs through one
+  compiled function (``torch.compile`` of ``block(*args)`` with the block an argument; its weights
+  are graph inputs, so all 48 blocks share one graph), and the embedders, the per-block
+  modulation GEMM, the fused norm between blocks and the final layer run eagerly (a handful of
+  launches per block, which CUDA graphs remove). Compile time no longer grows with the depth:
+  on the tiny config with 8 blocks, 8.5 s against 29.7 s for the whole forward (2-core CPU,
+  inductor); dynamo alone spends about a second per block on a whole forward here. The model
+  is not modified: the compiled function is handed to it for the duration of each call
+  (``runtime.model.block_call``), so one process should not run a regional model from two
+  threads at once.
 * Reported: a counting backend wraps inductor; each graph it is handed is one compilation.
   ``stats()`` gives ``compiles``, ``recompiles`` (compiles after the first), the input shapes
   that caused each and the seconds spent; each recompile also emits a ``warnings.warn`` naming
@@ -100,8 +110,10 @@ class CompiledModel:
     """A compiled DiT: call it like the model. ``stats()`` reports compilations."""
 
     def __init__(self, model, mode=None, fullgraph=True, dynamic=False, backend="inductor",
-                 recompile_limit: int = 8, options: Optional[Dict[str, Any]] = None, warn_on_recompile=True):
+                 recompile_limit: int = 8, options: Optional[Dict[str, Any]] = None, warn_on_recompile=True,
+                 regional: bool = False):
         self.model = model
+        self.regional = bool(regional)
         self.mode = default_compile_mode(_model_device(model)) if mode is None else mode
         self.recompile_limit = int(recompile_limit)
         self.warn_on_recompile = warn_on_recompile
@@ -126,13 +138,22 @@ class CompiledModel:
             return compiled
 
         # mode is applied through the inductor wrapper (torch.compile forbids mode with a backend).
-        self.compiled = torch.compile(model, backend=counting_backend, fullgraph=fullgraph, dynamic=dynamic)
+        target = _call_block if self.regional else model
+        self.compiled = torch.compile(target, backend=counting_backend, fullgraph=fullgraph, dynamic=dynamic)
 
     def __call__(self, *args, **kwargs):
         self._calls += 1
         try:
             with torch._dynamo.config.patch(recompile_limit=self.recompile_limit):
-                return self.compiled(*args, **kwargs)
+                if not self.regional:
+                    return self.compiled(*args, **kwargs)
+                from . import model as model_mod
+
+                outer, model_mod.block_call = model_mod.block_call, self.compiled
+                try:
+                    return self.model(*args, **kwargs)
+                finally:
+                    model_mod.block_call = outer
         except _LIMIT_ERRORS:
             # fullgraph=True turns "recompile limit hit" into an error: run this shape eagerly.
             self._eager_calls += 1
@@ -146,6 +167,7 @@ class CompiledModel:
         n = len(self._compiles)
         return {
             "mode": self.mode,
+            "regional": self.regional,
             "calls": self._calls,
             "compiles": n,
             "recompiles": max(0, n - 1),
@@ -164,11 +186,18 @@ class CompiledModel:
 
 def compile_model(model, mode: Optional[str] = None, fullgraph: bool = True, dynamic: bool = False,
                   backend="inductor", recompile_limit: int = 8, options: Optional[Dict[str, Any]] = None,
-                  warn_on_recompile: bool = True) -> CompiledModel:
-    """``torch.compile`` the DiT with this runtime's defaults (module doc); returns a
-    :class:`CompiledModel` (call it like the model; ``.stats()`` for compile counts)."""
+                  warn_on_recompile: bool = True, regional: bool = False) -> CompiledModel:
+    """``torch.compile`` the DiT with this runtime's defaults (module doc): the whole forward, or
+    with ``regional=True`` one block shared by all blocks (far less compile time per shape);
+    returns a :class:`CompiledModel` (call it like the model; ``.stats()`` for compile counts)."""
     return CompiledModel(model, mode=mode, fullgraph=fullgraph, dynamic=dynamic, backend=backend,
-                         recompile_limit=recompile_limit, options=options, warn_on_recompile=warn_on_recompile)
+                         recompile_limit=recompile_limit, options=options, warn_on_recompile=warn_on_recompile,
+                         regional=regional)
+
+
+def _call_block(block, *args):
+    """What regional compilation compiles: one block's call, the block an argument."""
+    return torch.nn.Module.__call__(block, *args)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -29,6 +29,11 @@ from .profiling import nvtx_range
 
 __all__ = ["LongCatTransformer", "timestep_features", "patchify", "unpatchify"]
 
+# Regional compilation (runtime/compiled.py, ``compile_model(regional=True)``) sets this for the
+# duration of one call: ``block_call(block, *args)`` runs every block through one compiled
+# function (the 48 blocks share its graph). None: blocks are called as they are.
+block_call = None
+
 
 # ---------------------------------------------------------------------------------------------
 # Embedders
@@ -433,7 +438,11 @@ class LongCatTransformer(nn.Module):
             h = ops.layernorm_modulate(x, mod[0], mod[1])
         for i, block in enumerate(self.blocks):
             with nvtx_range("block", i):  # "block.{i}"
-                x, ffn_out, gate_mlp, new_kv = block(x, h, mod, ctx, ops, None if kv_cache is None else kv_cache[i])
+                block_kv = None if kv_cache is None else kv_cache[i]
+                if block_call is None:
+                    x, ffn_out, gate_mlp, new_kv = block(x, h, mod, ctx, ops, block_kv)
+                else:
+                    x, ffn_out, gate_mlp, new_kv = block_call(block, x, h, mod, ctx, ops, block_kv)
                 if new_kv is not None:
                     kv_sink[i] = new_kv
                 # The last gated residual of block i is fused with the next norm: block i+1's
