@@ -15,9 +15,9 @@ sizes), through ``longcat_native.runtime.attention.attention`` exactly as the mo
 
 On CUDA, ``sdpa`` is also timed with each of its kernels forced (``torch.nn.attention.sdpa_kernel``):
 rows ``sdpa[flash]``, ``sdpa[cudnn]``, ``sdpa[efficient]`` (record keys ``sdpa_flash_self_ms``...;
-a kernel that refuses a case is reported under ``skipped``). Attention is over half of a 480p forward's FLOPs, and where no flash-attn
-package is installed ``auto`` is ``sdpa``, so which kernel torch picks decides much of the MFU:
-these rows say what each gives at the real shape.
+a kernel that refuses a case is reported under ``skipped``). Attention is over half of a 480p
+forward's FLOPs, and where no flash-attn package is installed ``auto`` is ``sdpa``, so which
+kernel torch picks decides much of the MFU: these rows say what each gives at the real shape.
 
 FLOPs: ``4 * Nq * Nk * D * H`` per batch item (QK^T and PV, 2 FLOPs per multiply-add); for
 ``cross_varlen`` only the valid keys are counted. ``% peak`` divides TFLOP/s by the dense matmul

@@ -70,7 +70,8 @@ for dt in (torch.bfloat16, torch.float16, torch.float32):
     # head_dim 128 (the model), 64 and 96 (padded), raster and chunk order, q as a transposed view
     # of a [B, N, H, D] buffer (the model's layout), Tq != Tk, and forced int64 offsets. A small
     # grid stands in for 720p's 48x88x160: sizes enter the kernel as runtime ints, and the int64
-    # variant is the one 720p's 5.5e9-element q|k|v would pick if it needed it.
+    # variant is what needs_int64_offsets picks past 2**31 elements (720p's q|k|v buffer holds
+    # 2.08e9 per batch item, just under: a CFG batch of 2 at 720p would take it).
     for D, chunk, grid_q, grid_k in ((128, (4, 4, 4), (8, 8, 8), (8, 8, 8)), (64, (4, 4, 8), (4, 8, 16), (8, 8, 16)),
                                      (96, (2, 4, 4), (4, 8, 8), (4, 8, 8))):
         Hh = 2

@@ -137,8 +137,8 @@ def test_graph_runner_keys_lru_and_static_buffers():
                          "encoder_attention_mask": A[3]}, 0, False)
         keys = runner.keys()
         assert len(keys) == 2 and keys[0] == ka  # B was evicted (least recently used), C is newest
-        assert runner.stats() == {"graphs": 2, "max_graphs": 2, "captures": 3, "replays": 4, "evictions": 1, "weight_invalidations": 0,
-                                  "fallbacks": {}, "uncapturable_keys": 0}
+        assert runner.stats() == {"graphs": 2, "max_graphs": 2, "captures": 3, "replays": 4, "evictions": 1,
+                                  "weight_invalidations": 0, "fallbacks": {}, "uncapturable_keys": 0}
         # Flags are part of the key.
         runner(*A, num_cond_latents=1)
         runner(*A, skip_crs_attn=True)
