@@ -143,6 +143,14 @@ def test_graph_runner_keys_lru_and_static_buffers():
         runner(*A, num_cond_latents=1)
         runner(*A, skip_crs_attn=True)
         assert runner.stats()["captures"] == 5
+        # So are BSA on/off and its parameters (Python values a graph bakes in).
+        k_off = runner.key({"hidden_states": A[0]}, 0, False)
+        dit.enable_bsa()
+        k_bsa = runner.key({"hidden_states": A[0]}, 0, False)
+        dit.config.bsa_params = dict(dit.config.bsa_params, sparsity=0.75)
+        assert len({k_off, k_bsa, runner.key({"hidden_states": A[0]}, 0, False)}) == 3
+        dit.disable_bsa()
+        assert runner.key({"hidden_states": A[0]}, 0, False) == k_off
         assert_close_rel(runner(*A, num_cond_latents=1), dit(*A, num_cond_latents=1), 1e-6, "cond")
         # Paths that cannot be captured fall back, warning once per reason.
         with pytest.warns(UserWarning, match="return_kv"):

@@ -36,7 +36,8 @@ graph and inductor fuses the glue around the opaque kernels.
 CUDAGraphRunner
 ---------------
 Replays a captured CUDA graph of the whole forward per *key* (batch, latent T/H/W, text length,
-dtypes, ``num_cond_latents``, ``skip_crs_attn``, BSA on/off, kernel/attention path, LoRA state):
+dtypes, ``num_cond_latents``, ``skip_crs_attn``, BSA off or its parameters, kernel/attention path,
+LoRA state):
 
 * static input buffers (allocated outside the graph pool) receive the call's inputs by
   ``copy_``; the static output is cloned on return (``clone_output=True``) so a later replay
@@ -301,8 +302,12 @@ class CUDAGraphRunner:
             attention = m.resolved_attention()
         except Exception:  # noqa: BLE001 - a fake model in tests; not part of the key then
             pass
+        # BSA's parameters (sparsity, chunk shapes) are Python values baked into a graph.
+        bsa = None
+        if getattr(cfg, "enable_bsa", False):
+            bsa = tuple((k, repr(v)) for k, v in sorted(getattr(cfg, "bsa", {}).items()))
         return tuple(parts) + (int(num_cond_latents), bool(skip_crs_attn), torch.is_inference_mode_enabled(),
-                               bool(getattr(cfg, "enable_bsa", False)), kernels, attention, active, mode)
+                               bsa, kernels, attention, active, mode)
 
     def weights_fingerprint(self) -> tuple:
         """The storages a captured graph reads besides its static inputs: every parameter and
