@@ -4,7 +4,7 @@
     python bench/attention.py --size small --repeats 1
     python bench/attention.py --backends sdpa,flash2 --tokens 16384 --batch 2
 
-Per backend that can run here (``flash3``, ``flash2``, ``sdpa``; ``reference`` only at small
+Per backend that can run here (``flash3``, ``flash2``, ``cudnn``, ``sdpa``; ``reference`` only at small
 sizes), through ``longcat_native.runtime.attention.attention`` exactly as the model calls it:
 
 - ``self``: q, k, v are strided views of one ``[B, N, 3, H, D]`` qkv tensor, Nq = Nk = N;
@@ -43,7 +43,7 @@ SIZES = {
     "480p": dict(tokens=37440, text=512, heads=32, head_dim=128),  # 24 x 30 x 52 latent grid
     "720p": dict(tokens=168960, text=512, heads=32, head_dim=128),  # dense upper bound (720p runs BSA)
 }
-BACKENDS = ("flash3", "flash2", "sdpa", "reference")
+BACKENDS = ("flash3", "flash2", "cudnn", "sdpa", "reference")
 CASES = ("self", "cross", "cross_varlen")
 DTYPES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16",
           "float32": "float32", "fp32": "float32"}

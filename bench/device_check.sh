@@ -5,6 +5,7 @@
 #
 #     bash bench/device_check.sh            # every step
 #     bash bench/device_check.sh 4 5        # only steps 4 and 5 (a second call on the warm machine)
+#     bash bench/device_check.sh 6          # the opt-in step (not in the default run)
 #
 # Each step has its own time limit and files its results as it goes, so a step that runs long
 # costs only its own slot and what finished before it still comes back. The steps:
@@ -22,6 +23,9 @@
 #      the real shapes
 #   5  bench/model.py at 720p, all 48 blocks, BSA on, the fused column: seconds per forward and the
 #      peak memory that decides "fits in 80 GB" (filed as model:720p)
+#   6  (opt-in, for time left over) step 3's run with attention="cudnn" (SDPA with cuDNN's kernel
+#      first; filed as model:480p-cudnn), eager reference and fused + compile + graphs columns:
+#      whether cuDNN's attention should become auto's choice where flash-attn is not installed
 #
 # Results: $OUT/steps.log (what ran, how long, the tables) and tests.log, and the suite's
 # $OUT/<date>-<gpu>.json + .md holding every bench step; file them in the repository with
@@ -35,7 +39,7 @@ OUT="${OUT:-$(pwd)/out}"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 PY="${PYTHON:-python3}"
-STEPS="${*:-1 2 3 4 5}"
+STEPS="${*:-1 2 3 4 5}"  # step 6 only when asked for
 LOG="$OUT/steps.log"
 start=$(date +%s)
 step() { echo "== $(( $(date +%s) - start )) s: $*" | tee -a "$LOG"; }
@@ -87,6 +91,13 @@ if want 5; then
   step "5 model 720p, 48 blocks, BSA, fused (limit ${LIMIT_720P:-100} s)"
   "$PY" bench/suite.py --only model --tag 720p --out-dir "$OUT" --timeout-s "${LIMIT_720P:-100}" \
     --args "model=--size 720p --columns fused --repeats 1 --warmup 0" 2>&1 | tee -a "$LOG" | tail -n 2
+fi
+
+if want 6; then
+  step "6 model 480p, 8 blocks, attention=cudnn (limit ${LIMIT_CUDNN:-150} s)"
+  "$PY" bench/suite.py --only model --tag 480p-cudnn --out-dir "$OUT" --timeout-s "${LIMIT_CUDNN:-150}" \
+    --args "model=--size 480p --depth 8 --repeats 2 --attention cudnn --columns eager_ref fused_compile_graphs" \
+    2>&1 | tee -a "$LOG" | tail -n 2
 fi
 
 step "done (steps: $STEPS)"

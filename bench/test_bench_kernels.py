@@ -265,8 +265,10 @@ def test_model_script_smoke(tmp_path):
     full = json.loads(saved[0].read_text())
     assert set(full["sizes"][size]["columns"]) == {"eager_ref", "compile_ref", "fused", "fused_compile_graphs"}
     assert full["sizes"][size]["regional_compile"] is False
-    record, stdout = _run_script(*argv, "--regional", "--columns", "fused_compile_graphs")
+    assert record[f"{size}_attention"] == full["sizes"][size]["attention"] != "reference"
+    record, stdout = _run_script(*argv, "--regional", "--columns", "fused_compile_graphs", "--attention", "reference")
     assert record[f"{size}_regional_compile"] is True and record[f"{size}_fused_compile_graphs_s"] > 0
+    assert record[f"{size}_attention"] == "reference"
     assert "regional compile" in stdout
 
 
@@ -331,13 +333,15 @@ def test_device_check_script(tmp_path):
     text = open(script).read()
     test_files = re.findall(r"tests/test_\w+\.py", text)
     assert len(test_files) >= 10 and all(os.path.exists(os.path.join(REPO_ROOT, f)) for f in test_files), test_files
-    suite_lines = re.findall(r'"\$PY" bench/suite\.py (.*?)\\\n\s*(.*?)(?: 2>&1|$)', text, flags=re.M)
-    assert len(suite_lines) == 3, suite_lines
+    joined = re.sub(r"\\\n\s*", " ", text)  # shell line continuations
+    suite_lines = re.findall(r'"\$PY" bench/suite\.py (.*?)(?: 2>&1|$)', joined, flags=re.M)
+    assert len(suite_lines) == 4, suite_lines
     from suite import BENCHES
 
-    for first, second in suite_lines:
-        argv = shlex.split((first + " " + second).replace('"$OUT"', "out").replace("${LIMIT_480P:-190}", "1")
-                           .replace("${LIMIT_KERNELS:-45}", "1").replace("${LIMIT_720P:-100}", "1"))
+    for line in suite_lines:
+        argv = shlex.split(line.replace('"$OUT"', "out").replace("${LIMIT_480P:-190}", "1")
+                           .replace("${LIMIT_KERNELS:-45}", "1").replace("${LIMIT_720P:-100}", "1")
+                           .replace("${LIMIT_CUDNN:-150}", "1"))
         only = argv[argv.index("--only") + 1].split(",")
         assert set(only) <= set(BENCHES), only
         for spec in [argv[i + 1] for i, a in enumerate(argv) if a == "--args"]:

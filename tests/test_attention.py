@@ -485,6 +485,37 @@ def test_auto_on_simulated_cuda(simulated_cuda):
         resolve_attention_backend("flash2", cuda, torch.float32)
 
 
+def test_cudnn_resolution(simulated_cuda):
+    """cudnn: CUDA and fp16/bf16, no package needed; never what auto picks (not measured yet)."""
+    cuda = torch.device("cuda", 0)
+    assert resolve_attention_backend("cudnn", cuda, torch.bfloat16) == "cudnn"
+    assert resolve_attention_backend("cudnn", cuda, None) == "cudnn"
+    with pytest.raises(ValueError, match="float16/bfloat16"):
+        resolve_attention_backend("cudnn", cuda, torch.float32)
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        resolve_attention_backend("cudnn", "cpu", torch.bfloat16)
+    simulated_cuda["have"].update(flash2=False, flash3=False)
+    assert resolve_attention_backend("auto", cuda, torch.bfloat16) == "sdpa"
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_cudnn_backend_runs_sdpa_under_its_kernel_order(monkeypatch, masked):
+    """The cudnn backend is SDPA restricted to _CUDNN_SDPA_ORDER, in that priority (CPU stand-in:
+    the math kernel, or a kernel the CPU lacks, which must then fail); it traces into one graph."""
+    g = _gen(21)
+    B, Nq, Nk, H, D = 2, 24, 17, 2, 32
+    q, k, v = _qkv(B, Nq, Nk, H, D, torch.float32, g)
+    key_valid = _masks("empty_item", B, Nk, g) if masked else None
+    ref = attention(q, k, v, "reference", key_valid=key_valid)
+    monkeypatch.setattr(attn_mod, "_CUDNN_SDPA_ORDER", ("MATH",))
+    assert_close_rel(attention(q, k, v, "cudnn", key_valid=key_valid), ref, KERNEL_RTOL[torch.float32], "cudnn")
+    explained = torch._dynamo.explain(lambda q, k, v: attention(q, k, v, "cudnn", key_valid=key_valid))(q, k, v)
+    assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
+    monkeypatch.setattr(attn_mod, "_CUDNN_SDPA_ORDER", ("CUDNN_ATTENTION",))  # not a CPU kernel
+    with pytest.raises(RuntimeError):
+        attention(q, k, v, "cudnn", key_valid=key_valid)
+
+
 def test_importability_is_cached(monkeypatch, fresh_flash_cache):
     imports = []
     real_import = attn_mod.importlib.import_module
@@ -526,7 +557,7 @@ def test_cuda_backends_match_reference_without_sync(masked):
     q, k, v = (t.cuda() for t in _qkv(B, Nq, Nk, H, D, torch.bfloat16, g))
     key_valid = _masks("empty_item", B, Nk, g).cuda() if masked else None
     ref = attention(q, k, v, "reference", key_valid=key_valid)
-    backends = ["sdpa"] + [b for b in FLASH if not attn_mod._flash_problems(b, q.device, torch.bfloat16)]
+    backends = ["sdpa", "cudnn"] + [b for b in FLASH if not attn_mod._flash_problems(b, q.device, torch.bfloat16)]
     for backend in backends:
         attention(q, k, v, backend, key_valid=key_valid)  # warm up (lazy init may sync once)
         torch.cuda.synchronize()

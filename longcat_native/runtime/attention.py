@@ -8,6 +8,12 @@ Backends (``attention=`` of the model; resolved by :func:`resolve_attention_back
 - ``flash3``: FlashAttention-3 (package ``flash_attn_interface``, the Hopper build of
   flash-attention), CUDA devices of compute capability 9.x, fp16/bf16 only.
 - ``flash2``: FlashAttention-2 (package ``flash_attn``), CUDA, fp16/bf16 only.
+- ``cudnn``: ``scaled_dot_product_attention`` with cuDNN's fused attention kernel first (then
+  SDPA's flash and memory-efficient kernels, for inputs cuDNN refuses), CUDA, fp16/bf16 only.
+  Needs no extra package. Torch's own order puts its FlashAttention-2 first; on Hopper cuDNN's
+  kernel is the faster one in published numbers, which matters where flash-attn is not
+  installed (attention is over half of a 480p forward's FLOPs). ``auto`` does not pick it yet:
+  ``bench/attention.py`` times it (rows ``cudnn`` and ``sdpa[cudnn]``) against the others.
 - ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention`` (every device; on CUDA it
   dispatches to its flash/memory-efficient kernels).
 - ``reference``: explicit float32 softmax attention, the oracle; memory is bounded by
@@ -51,11 +57,12 @@ from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 __all__ = ["ATTENTION_BACKENDS", "ATTENTION_CHOICES", "check_attention_name", "resolve_attention_backend",
            "attention"]
 
-ATTENTION_BACKENDS = ("flash3", "flash2", "sdpa", "reference")
+ATTENTION_BACKENDS = ("flash3", "flash2", "cudnn", "sdpa", "reference")
 ATTENTION_CHOICES = ("auto",) + ATTENTION_BACKENDS
 _FLASH_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -68,6 +75,10 @@ _INSTALL_HINT = {
               "git clone https://github.com/Dao-AILab/flash-attention && cd flash-attention/hopper && "
               "python setup.py install",
 }
+
+# SDPA kernels the ``cudnn`` backend allows, in priority order (a module attribute so CPU tests can
+# put the math kernel here and run the dispatch path). Read when the backend runs, not at import.
+_CUDNN_SDPA_ORDER = ("CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION")
 
 # Test hook: lets tests resolve the flash backends on a CPU device (with a fake flash module
 # installed in sys.modules). Never set outside tests.
@@ -155,6 +166,15 @@ def resolve_attention_backend(name: str, device, dtype: Optional[torch.dtype] = 
             if _flash_usable(backend, device, dtype):
                 return backend
         return "sdpa"
+    if name == "cudnn":
+        problems = []
+        if device.type != "cuda" and not _ALLOW_CPU_FOR_TESTS:
+            problems.append(f"it needs a CUDA device and the model is on {device}")
+        if dtype is not None and dtype not in _FLASH_DTYPES:
+            problems.append(f"cuDNN's fused attention computes in float16/bfloat16 only and the model dtype is "
+                            f"{dtype} (load the model in bfloat16, or use attention='sdpa')")
+        if problems:
+            raise ValueError("attention='cudnn' cannot be used: " + "; ".join(problems) + ".")
     if name in _FLASH_PACKAGES:
         problems = _flash_problems(name, device, dtype)
         if problems:
@@ -185,6 +205,9 @@ def attention(
         return q.new_empty(q.shape)
     if backend == "sdpa":
         return _attention_sdpa(q, k, v, key_valid)
+    if backend == "cudnn":
+        with sdpa_kernel([getattr(SDPBackend, kernel) for kernel in _CUDNN_SDPA_ORDER], set_priority=True):
+            return _attention_sdpa(q, k, v, key_valid)
     if backend == "flash3" or backend == "flash2":
         return _attention_flash(q, k, v, key_valid, backend)
     if backend == "reference":

@@ -10,7 +10,7 @@ One forward of the whole DiT with random weights, side by side in one run:
 | ``fused_compile_graphs`` | fused + :func:`compile_model` (the whole forward; one block shared by all with ``--regional``) + :class:`CUDAGraphRunner` (graphs only on CUDA; on CPU the runner falls back to the compiled model) |
 
 Every column uses the same model object (the kernel path is switched with ``dit.kernels``; the
-13.6B weights exist once) and the same attention backend (``dit.attention``, "auto"; with BSA on,
+13.6B weights exist once) and the same attention backend (``--attention``, default "auto"; with BSA on,
 the Triton block-sparse kernel on both kernel paths: ``runtime.model.bsa_impl``).
 
 Sizes (SPEC section 7): ``480p``: the real config, CFG batch 2, latent 24x60x104 (N = 37,440),
@@ -133,7 +133,7 @@ def _error(e: BaseException) -> str:
 
 def run_size(size: str, device: torch.device, dtype: torch.dtype, columns=None, repeats: int = 3,
              warmup: int = 1, depth: Optional[int] = None, peak_tflops: Optional[float] = None,
-             timer=None, log=print, regional: bool = False) -> Dict[str, Any]:
+             timer=None, log=print, regional: bool = False, attention: str = "auto") -> Dict[str, Any]:
     """Benchmark one size; returns its result record (per-column seconds, MFU, peak memory)."""
     from .compiled import CUDAGraphRunner, compile_model
     from .dit import LongCatDiT
@@ -143,7 +143,8 @@ def run_size(size: str, device: torch.device, dtype: torch.dtype, columns=None, 
     overrides = dict(spec["overrides"])
     if depth is not None:
         overrides["depth"] = depth
-    dit = LongCatDiT.from_config(spec["preset"], dtype=dtype, device=device, kernels="reference", **overrides)
+    dit = LongCatDiT.from_config(spec["preset"], dtype=dtype, device=device, kernels="reference", attention=attention,
+                                 **overrides)
     if spec["bsa"]:
         dit.enable_bsa()
     cfg = dit.config
@@ -214,7 +215,7 @@ def run_size(size: str, device: torch.device, dtype: torch.dtype, columns=None, 
 
 
 def run_benchmark(sizes: List[str], device=None, dtype=None, columns=None, repeats=None, warmup=None,
-                  depth=None, timer=None, log=print, regional: bool = False) -> Dict[str, Any]:
+                  depth=None, timer=None, log=print, regional: bool = False, attention: str = "auto") -> Dict[str, Any]:
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     on_cuda = device.type == "cuda"
     dtype = dtype or (torch.bfloat16 if on_cuda else torch.float32)
@@ -226,7 +227,7 @@ def run_benchmark(sizes: List[str], device=None, dtype=None, columns=None, repea
                "matmul_peak_tflops": peak, "repeats": repeats, "sizes": {}}
     for size in sizes:
         results["sizes"][size] = run_size(size, device, dtype, columns, repeats, warmup, depth, peak, timer, log,
-                                          regional=regional)
+                                          regional=regional, attention=attention)
     return results
 
 
@@ -279,6 +280,7 @@ def headline(results: Dict[str, Any]) -> Dict[str, Any]:
             if r["peak_mem_bytes"] is not None:
                 rec[f"{size}_{col}_peak_mem_bytes"] = r["peak_mem_bytes"]
         rec[f"{size}_speedup_vs_eager_ref"] = s.get("speedup_vs_eager_ref")
+        rec[f"{size}_attention"] = s.get("attention")
         if s.get("regional_compile"):
             rec[f"{size}_regional_compile"] = True
     return rec
@@ -317,6 +319,8 @@ def add_arguments(p) -> None:
     p.add_argument("--repeats", type=int, default=None, help="timed forwards per column (default 3 CUDA, 2 CPU)")
     p.add_argument("--warmup", type=int, default=None, help="untimed forwards after the first call (default 1 CUDA, 0 CPU)")
     p.add_argument("--depth", type=int, default=None, help="override the number of blocks (quick runs)")
+    p.add_argument("--attention", default="auto",
+                   help="attention backend of every column (default auto; e.g. cudnn, sdpa, flash3)")
     p.add_argument("--regional", action="store_true",
                    help="fused_compile_graphs compiles one block shared by all (compile_model(regional=True))")
     p.add_argument("--dtype", default=None, help="default bfloat16 on CUDA, float32 on CPU")
@@ -332,7 +336,7 @@ def run_from_args(args, default_out_dir: Optional[str] = None, emit=None) -> int
     sizes = args.size or default_sizes(device.type == "cuda")
     columns = tuple(args.columns) if args.columns else None
     results = run_benchmark(sizes, device, dtype, columns, args.repeats, args.warmup, args.depth,
-                            regional=args.regional)
+                            regional=args.regional, attention=args.attention)
     print(format_results(results), flush=True)
     out_dir = args.out_dir or default_out_dir or os.path.join(os.getcwd(), "bench", "results")
     if args.save or device.type == "cuda":
