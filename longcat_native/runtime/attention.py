@@ -10,9 +10,9 @@ Backends (``attention=`` of the model; resolved by :func:`resolve_attention_back
 - ``flash2``: FlashAttention-2 (package ``flash_attn``), CUDA, fp16/bf16 only.
 - ``cudnn``: ``scaled_dot_product_attention`` with cuDNN's fused attention kernel first (then
   SDPA's flash and memory-efficient kernels, for inputs cuDNN refuses), CUDA, fp16/bf16 only.
-  Needs no extra package. Torch's own order puts its FlashAttention-2 first; on Hopper cuDNN's
-  kernel is the faster one in published numbers, which matters where flash-attn is not
-  installed (attention is over half of a 480p forward's FLOPs). ``auto`` does not pick it yet:
+  Needs no extra package. Torch's own order puts its FlashAttention-2 first; on Hopper cuDNN 9's
+  kernel is reported faster than FlashAttention-2 (NVIDIA's cuDNN 9 benchmarks), which matters
+  where flash-attn is not installed (attention is over half of a 480p forward's FLOPs). ``auto`` does not pick it yet:
   ``bench/attention.py`` times it (rows ``cudnn`` and ``sdpa[cudnn]``) against the others.
 - ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention`` (every device; on CUDA it
   dispatches to its flash/memory-efficient kernels).
