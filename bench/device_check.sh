@@ -38,6 +38,8 @@ cd "$(dirname "$0")/.."
 OUT="${OUT:-$(pwd)/out}"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
+# The package is used from the checkout (not installed there); pytest-xdist workers need the path too.
+export PYTHONPATH="$(pwd)${PYTHONPATH:+:$PYTHONPATH}"
 PY="${PYTHON:-python3}"
 STEPS="${*:-1 2 3 4 5}"  # step 6 only when asked for
 LOG="$OUT/steps.log"
