@@ -496,6 +496,12 @@ def test_cudnn_resolution(simulated_cuda):
         resolve_attention_backend("cudnn", "cpu", torch.bfloat16)
     simulated_cuda["have"].update(flash2=False, flash3=False)
     assert resolve_attention_backend("auto", cuda, torch.bfloat16) == "sdpa"
+    # A torch whose sdpa_kernel has no priorities: a clear error, not a TypeError mid-forward.
+    import unittest.mock
+
+    with unittest.mock.patch.object(attn_mod, "sdpa_kernel", lambda backends: contextlib.nullcontext()):
+        with pytest.raises(ValueError, match="no SDPA kernel priorities"):
+            resolve_attention_backend("cudnn", cuda, torch.bfloat16)
 
 
 @pytest.mark.parametrize("masked", [False, True])

@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import inspect
 from typing import Optional, Tuple
 
 import torch
@@ -173,6 +174,9 @@ def resolve_attention_backend(name: str, device, dtype: Optional[torch.dtype] = 
         if dtype is not None and dtype not in _FLASH_DTYPES:
             problems.append(f"cuDNN's fused attention computes in float16/bfloat16 only and the model dtype is "
                             f"{dtype} (load the model in bfloat16, or use attention='sdpa')")
+        if "set_priority" not in inspect.signature(sdpa_kernel).parameters:
+            problems.append(f"torch {torch.__version__} has no SDPA kernel priorities "
+                            "(torch.nn.attention.sdpa_kernel(..., set_priority=True)); upgrade torch")
         if problems:
             raise ValueError("attention='cudnn' cannot be used: " + "; ".join(problems) + ".")
     if name in _FLASH_PACKAGES:
