@@ -7,7 +7,7 @@
 What is timed is one iteration of ``LongCatTransformer.run``'s block loop, i.e. the steady-state
 cost of a block::
 
-    x, ffn_out, gate_mlp, _ = block(x, h, mod, ctx, ops)       # self-attn, cross-attn, FFN
+    x, ffn_out, gate_mlp, _ = block([x, h], mod, ctx, ops)     # self-attn, cross-attn, FFN
     mod = block.modulation(t)                                   # the next block's adaLN
     x, h = ops.residual_layernorm_modulate(x, ffn_out, gate_mlp, mod[0], mod[1])
 
@@ -184,7 +184,7 @@ def main(argv=None) -> int:
     # it in the previous iteration), the next block's is computed inside.
     def make_iter(ops):
         def it(x, h, mod):
-            x, ffn_out, gate_mlp, _ = block(x, h, mod, ctx, ops)
+            x, ffn_out, gate_mlp, _ = block([x, h], mod, ctx, ops)  # the block frees x and h as it goes
             nxt = block.modulation(t)
             return ops.residual_layernorm_modulate(x, ffn_out, gate_mlp, nxt[0], nxt[1])
 

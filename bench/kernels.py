@@ -93,8 +93,7 @@ def build_cases(torch, ref, fused, shape, dtype, device):
                                         (x, y, gate, shift, scale), {}),
         "residual_layernorm_affine": (fused.residual_layernorm_modulate, ref.residual_layernorm_modulate,
                                       (x, y, gate), dict(weight=w_ln, bias=b_ln)),
-        "qk_rmsnorm_rope3d": (fused.qk_rmsnorm_rope3d, ref.qk_rmsnorm_rope3d, (q, k, q_w, k_w, grid),
-                              dict(return_k_unroped=True)),
+        "qk_rmsnorm_rope3d": (fused.qk_rmsnorm_rope3d, ref.qk_rmsnorm_rope3d, (q, k, q_w, k_w, grid), {}),
         "swiglu": (fused.swiglu, ref.swiglu, (ab,), {}),
     }
 

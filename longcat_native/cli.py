@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -23,24 +22,28 @@ def latent_shape(frames: int, height: int, width: int):
     return (frames - 1) // VAE_TIME_STRIDE + 1, height // VAE_SPACE_STRIDE, width // VAE_SPACE_STRIDE
 
 
-def activation_bytes(cfg, latent, batch: int, dtype_bytes: int, kv_frames: int = 0) -> dict:
-    """Peak activation memory of one forward, by the largest live set inside a block.
-
-    Live at the FFN (the peak): the residual x and normalized h ([N, C] each), the w1|w3 GEMM
-    output [N, 2F] and the SwiGLU output [N, F]; attention (flash/SDPA) adds q, k, v, out
-    ([N, C] each) plus the qkv GEMM output [N, 3C], smaller than the FFN set for the real config.
-    float32 pieces: the final projection output [N, 4*C_out] and the model output.
+def activation_bytes(cfg, latent, batch: int, dtype, kv_frames: int = 0, bsa: bool = False,
+                     text_len: int = 512) -> dict:
+    """Peak activation memory of one forward of the fused path (what runs on CUDA), TRACED op by
+    op on fake tensors (``runtime.memory.trace_forward_memory``: the model's own code at the real
+    shapes, nothing allocated): the largest set of live tensors the forward allocates, custom-op
+    scratch included, weights and inputs not. ``kv_frames`` > 0: a batch-1 KV cache of that many
+    frames (continuation) is an input, reported as ``kv_cache_bytes``. Not counted: the CUDA
+    context, cuBLAS/cuDNN workspaces and allocator fragmentation.
     """
+    import torch
+
+    from .runtime.memory import trace_forward_memory
+
+    if isinstance(dtype, int):  # bytes per element: 2 (bf16 and fp16 hold the same) or 4
+        dtype = {2: torch.bfloat16, 4: torch.float32}[dtype]
+    r = trace_forward_memory(cfg, batch=batch, latent=tuple(latent), text_len=text_len, bsa=bsa, dtype=dtype,
+                             kv_frames=kv_frames)
     T, H, W = latent
-    pt, ph, pw = cfg.patch_size
-    N = (T // pt) * (H // ph) * (W // pw)
-    C, F = cfg.hidden_size, cfg.ffn_hidden_size
-    ffn_set = (2 * C + 3 * F) * N * batch * dtype_bytes
-    attn_set = (2 * C + 3 * C + 4 * C) * N * batch * dtype_bytes
-    out_fp32 = 2 * N * cfg.patch_volume * cfg.out_channels * batch * 4
-    kv_cache = 2 * cfg.depth * kv_frames * (H // ph) * (W // pw) * C * dtype_bytes
-    peak = max(ffn_set, attn_set) + out_fp32 + kv_cache
-    return {"tokens": N, "peak_activation_bytes": peak, "kv_cache_bytes": kv_cache}
+    es = torch.empty((), dtype=dtype).element_size()
+    kv_cache = 2 * cfg.depth * kv_frames * (H // cfg.patch_size[1]) * (W // cfg.patch_size[2]) * cfg.hidden_size * es
+    return {"tokens": r["tokens"], "peak_activation_bytes": r["activation_peak"], "kv_cache_bytes": kv_cache,
+            "peak_op": r["trace"].peak_op, "peak_site": r["trace"].peak_site}
 
 
 # Sizes of the official components the refinement estimate assumes (not read from any file).
@@ -54,9 +57,9 @@ def refine_memory_estimate(cfg, parameters: int, dtype_bytes: int = 2, stage1_fr
                            text_encoder_params: float = UMT5_XXL_ENCODER_PARAMS, vae_params: float = WAN_VAE_PARAMS,
                            vae_tile_workspace_bytes: int = 512 * 1024 ** 2, overhead_bytes: int = 1024 ** 3,
                            budget_bytes: int = GPU_BUDGET_BYTES) -> dict:
-    """An ESTIMATE (nothing is run) of the peak GPU memory of the official 480p -> 720p refinement
-    of a ``stage1_frames``-frame video with ``longcat-native generate --task refine``: the video
-    is doubled in time and upsampled to ``size``, padded to BSA-friendly latent counts (93 frames
+    """An ESTIMATE of the peak GPU memory of the official 480p -> 720p refinement of a
+    ``stage1_frames``-frame video with ``longcat-native generate --task refine``: the video is
+    doubled in time and upsampled to ``size``, padded to BSA-friendly latent counts (93 frames
     -> 186 -> 48 x 88 x 160 latents, 168,960 tokens), denoised in 5 steps without guidance, with
     the refinement LoRA and BSA on, then decoded.
 
@@ -66,11 +69,9 @@ def refine_memory_estimate(cfg, parameters: int, dtype_bytes: int = 2, stage1_fr
       encoder off), denoising, VAE decoding. The DiT's weights (``parameters`` x ``dtype_bytes``)
       stay resident from loading to the end; the LoRA is merged into them (its exact-restore copies
       live in host memory), so it adds nothing on the GPU.
-    - Denoising activations: :func:`activation_bytes` at the refined latent (batch 1: no CFG),
-      i.e. the live set at the FFN, as the fused path keeps it (the reference path's float32
-      temporaries add ~2.6 GiB per [N, C] tensor on top).
-    - BSA: the chunk-level score matrix heads x query chunks x key chunks in float32 (the rest
-      of its workspace is per chunk and small); latents: four float32 copies of the refined latent.
+    - Denoising activations are not assumed but traced: :func:`activation_bytes` at the refined
+      latent (batch 1: no CFG, BSA on, its selection scratch included), the fused path's live set;
+      latents: four float32 copies of the refined latent.
     - VAE decoding in tiles of ``vae_tile`` pixels every ``vae_tile_stride``: the tiles' outputs
       (the decoded video x (tile / stride)^2 for the overlaps) plus the blended video, in the
       DiT's dtype, plus ``vae_tile_workspace_bytes`` for one tile's decoder activations.
@@ -81,15 +82,10 @@ def refine_memory_estimate(cfg, parameters: int, dtype_bytes: int = 2, stage1_fr
     pad = refine_frame_padding(stage1_frames)
     T = pad["noise_latents"] + pad["cond_latents"]
     H, W = size[0] // VAE_SPACE_STRIDE, size[1] // VAE_SPACE_STRIDE
-    act = activation_bytes(cfg, (T, H, W), 1, dtype_bytes)
+    act = activation_bytes(cfg, (T, H, W), 1, dtype_bytes, bsa=True)
     weights = int(parameters * dtype_bytes)
-    cq, ck = cfg.bsa["chunk_3d_shape_q"], cfg.bsa["chunk_3d_shape_k"]
-    pt, ph, pw = cfg.patch_size
-    grid = (T // pt, H // ph, W // pw)
-    chunks = [math.prod(-(-g // c) for g, c in zip(grid, cs)) for cs in (cq, ck)]
-    bsa = cfg.num_heads * chunks[0] * chunks[1] * 4
     latents = 4 * cfg.in_channels * T * H * W * 4
-    denoise = weights + act["peak_activation_bytes"] + bsa + latents + overhead_bytes
+    denoise = weights + act["peak_activation_bytes"] + latents + overhead_bytes
     decoded = 3 * pad["decoded_frames"] * size[0] * size[1] * dtype_bytes
     overlap = (vae_tile / vae_tile_stride) ** 2 if max(size) > vae_tile else 1.0
     vae_decode = weights + int(vae_params * dtype_bytes) + int(decoded * (1 + overlap)) + vae_tile_workspace_bytes         + overhead_bytes
@@ -99,7 +95,7 @@ def refine_memory_estimate(cfg, parameters: int, dtype_bytes: int = 2, stage1_fr
     return {
         "estimate": True, "stage1_frames": stage1_frames, "frames": pad["frames"], "size": list(size),
         "latent_thw": [T, H, W], "tokens": act["tokens"], "dit_weight_bytes": weights,
-        "activation_bytes": act["peak_activation_bytes"], "bsa_workspace_bytes": bsa, "latent_bytes": latents,
+        "activation_bytes": act["peak_activation_bytes"], "activation_peak_op": act["peak_op"], "latent_bytes": latents,
         "vae_decode_bytes": vae_decode - weights - overhead_bytes, "overhead_bytes": overhead_bytes,
         "stages": stages, "peak_bytes": peak, "budget_bytes": budget_bytes, "fits": peak <= budget_bytes,
         "text_encode_with_dit_resident_bytes": text + weights,
@@ -134,7 +130,7 @@ def cmd_info(args) -> int:
     meta = LongCatDiT.from_config(cfg, device="meta", dtype=dtype, kernels="reference")
     params = meta.num_parameters()
     latent = latent_shape(args.frames, args.height, args.width)
-    act = activation_bytes(cfg, latent, args.batch, dtype_bytes, args.kv_frames)
+    act = activation_bytes(cfg, latent, args.batch, dtype, args.kv_frames)
     refine = refine_memory_estimate(cfg, params, dtype_bytes)
     info = {
         "source": source,
@@ -162,16 +158,17 @@ def cmd_info(args) -> int:
         print(f"weight files      {_fmt_bytes(weight_bytes)}")
     print(f"video {args.frames} x {args.height} x {args.width}, batch {args.batch} -> latent {latent}, "
           f"{act['tokens']:,} tokens per item")
-    print(f"peak activations  {_fmt_bytes(act['peak_activation_bytes'])} (estimate; see --help)")
+    print(f"peak activations  {_fmt_bytes(act['peak_activation_bytes'])} (fused path, traced on fake tensors, at "
+          f"{act['peak_op']}; see --help)")
     if args.kv_frames:
         print(f"kv cache          {_fmt_bytes(act['kv_cache_bytes'])} for {args.kv_frames} frames")
     r = refine
     print(f"refinement 480p -> 720p of {r['stage1_frames']} frames, ESTIMATED peak GPU memory (not measured; "
-          f"assumptions in refine_memory_estimate's docstring):")
+          f"denoising activations traced, the rest assumed: refine_memory_estimate's docstring):")
     print(f"  {r['frames']} frames at {r['size'][0]}x{r['size'][1]}, latent {tuple(r['latent_thw'])}, "
           f"{r['tokens']:,} tokens, BSA on, no CFG, text encoder off the GPU, tiled VAE decode")
     print(f"  denoise: DiT weights {_fmt_bytes(r['dit_weight_bytes'])} + activations {_fmt_bytes(r['activation_bytes'])}"
-          f" + BSA {_fmt_bytes(r['bsa_workspace_bytes'])} + latents {_fmt_bytes(r['latent_bytes'])}"
+          f" + latents {_fmt_bytes(r['latent_bytes'])}"
           f" + overhead {_fmt_bytes(r['overhead_bytes'])}")
     print("  stages: " + ", ".join(f"{k} {_fmt_bytes(v)}" for k, v in r["stages"].items()))
     print(f"  peak {_fmt_bytes(r['peak_bytes'])}: {'fits' if r['fits'] else 'does NOT fit'} in "

@@ -12,10 +12,16 @@ from __future__ import annotations
 
 import functools
 import os
+from typing import Callable, Dict
 
 import torch
 
 LIBRARY_NAMESPACE = "longcat_native"
+
+# Scratch a custom op allocates inside its implementation and frees before it returns, by
+# qualified name ("longcat_native.bsa_select"): ``fn(*op_args) -> bytes`` at its peak. The
+# memory tracer (runtime/memory.py) sees an op's outputs only and adds this while the op runs.
+WORKSPACE_BYTES: Dict[str, Callable[..., int]] = {}
 
 
 def triton_interpreting() -> bool:
@@ -44,9 +50,17 @@ def triton_usable_on(device: torch.device) -> bool:
     return device.type == "cpu" and triton_interpreting()
 
 
+def is_fake(t: torch.Tensor) -> bool:
+    """A FakeTensor (shapes only, e.g. runtime/memory.py's trace): ops on it run their
+    ``register_fake`` implementations and launch nothing, so it fits any device check."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return isinstance(t, FakeTensor)
+
+
 def check_triton_device(*tensors: torch.Tensor) -> None:
     for t in tensors:
-        if t is not None and not triton_usable_on(t.device):
+        if t is not None and not triton_usable_on(t.device) and not is_fake(t):
             raise RuntimeError(
                 f"the fused triton kernels run on CUDA tensors (or on CPU with TRITON_INTERPRET=1 set "
                 f"before triton is imported); got a tensor on {t.device}. Use kernels='reference' instead."

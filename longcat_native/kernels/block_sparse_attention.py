@@ -58,6 +58,7 @@ import torch
 
 from ._common import (
     LIBRARY_NAMESPACE,
+    WORKSPACE_BYTES,
     check_triton_device,
     import_triton,
     needs_int64_offsets,
@@ -654,8 +655,7 @@ def _select_shapes(q, k, grid_q, grid_k, chunk_q, chunk_k, sparsity, cdf_thresho
     return (B, H, n_q, _index_width(sparsity, cdf_threshold, n_k)), (B, H, n_q)
 
 
-@torch.library.custom_op(f"{LIBRARY_NAMESPACE}::bsa_select", mutates_args=())
-def _bsa_select_op(
+def _bsa_select_impl(
     q: torch.Tensor,
     k: torch.Tensor,
     latent_shape_q: List[int],
@@ -693,6 +693,44 @@ def _bsa_select_op(
         idx[:, h0:h0 + group] = i
         counts[:, h0:h0 + group] = c
     return idx, counts
+
+
+_bsa_select_op = torch.library.custom_op(f"{LIBRARY_NAMESPACE}::bsa_select", mutates_args=())(_bsa_select_impl)
+
+
+def _bsa_select_workspace(q, k, latent_shape_q, latent_shape_k, sparsity, cdf_threshold, chunk_3d_shape_q,
+                          chunk_3d_shape_k, chunk_order) -> int:
+    """Bytes :func:`_bsa_select_impl` holds at its peak beyond its outputs (WORKSPACE_BYTES): the
+    pooled chunks (float32, then in q's dtype) and one head group's selection temporaries.
+    tests/test_memory.py checks it against a trace of the implementation."""
+
+    def r(n):
+        return -(-int(n) // 512) * 512  # the CUDA caching allocator's block
+
+    B, H, _, D = q.shape
+    es = q.element_size()
+    n_q = math.prod(g // c for g, c in zip(latent_shape_q, chunk_3d_shape_q))
+    n_k = math.prod(g // c for g, c in zip(latent_shape_k, chunk_3d_shape_k))
+    width = _index_width(sparsity, cdf_threshold, n_k)
+    outputs = r(B * H * n_q * width * 4) + r(B * H * n_q * 4)
+    group = max(1, min(H, _SELECT_SCORE_ELEMS // max(1, B * n_q * n_k)))
+    pools = r(B * H * n_q * D * es) + r(B * H * n_k * D * es)
+    # float32 pools, then their copies in q's dtype beside them (.to is a no-op for float32 q)
+    converting = pools if es == 4 else pools + r(B * H * n_q * D * 4) + r(B * H * n_k * D * 4)
+    rows = B * group * n_q
+    score, sel_i64, sel_i32 = r(rows * n_k * es), r(rows * width * 8), r(rows * width * 4)
+    if cdf_threshold is None:
+        select = score + 3 * sel_i64  # the sort of the top-k indices: its int64 input, values, indices
+    else:
+        # scores, softmax weights, sorted top-k (values, int64 indices), their cumsum, the int32 copy,
+        # searchsorted's int64 counts, the threshold and the int32 counts
+        select = max(3 * score, 2 * score + 2 * r(rows * width * es) + sel_i64 + sel_i32 + r(rows * 8) + 2 * r(rows * 4))
+    if group < H:
+        select += outputs  # allocated before the head groups, filled group by group
+    return max(0, max(converting, pools + select) - outputs)
+
+
+WORKSPACE_BYTES[f"{LIBRARY_NAMESPACE}.bsa_select"] = _bsa_select_workspace
 
 
 @_bsa_select_op.register_fake

@@ -1,2 +1,2 @@
-"""The runtime half: config, weights, the model, attention dispatch (and, in later versions,
-LoRA, sampler, compile/graphs, parallelism, profiling)."""
+"""The runtime half: config, weights, the model, attention dispatch, LoRA, the sampler and
+pipelines, compile/CUDA graphs, context parallelism, profiling and the memory tracer."""

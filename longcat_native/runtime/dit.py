@@ -15,7 +15,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple, Union
 import torch
 
 from ..kernels import KERNEL_PATHS
-from ..kernels._common import triton_usable_on
+from ..kernels._common import is_fake, triton_usable_on
 from .attention import check_attention_name, resolve_attention_backend
 from .config import LongCatConfig, resolve_config
 from .model import LongCatTransformer
@@ -295,7 +295,7 @@ class LongCatDiT(LongCatTransformer):
         """The kernel path a call uses: "auto" is the fused path on CUDA, the reference elsewhere."""
         if self.kernels == "auto":
             return "triton" if self.device.type == "cuda" else "reference"
-        if self.kernels == "triton" and not triton_usable_on(self.device):
+        if self.kernels == "triton" and not (triton_usable_on(self.device) or is_fake(next(self.parameters()))):
             raise ValueError(
                 f"kernels='triton' needs the model on a CUDA device (or TRITON_INTERPRET=1 set before triton "
                 f"is imported, for testing on CPU); the weights are on {self.device}. Use kernels='reference' or 'auto'."
