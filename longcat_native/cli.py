@@ -43,7 +43,7 @@ def activation_bytes(cfg, latent, batch: int, dtype, kv_frames: int = 0, bsa: bo
     es = torch.empty((), dtype=dtype).element_size()
     kv_cache = 2 * cfg.depth * kv_frames * (H // cfg.patch_size[1]) * (W // cfg.patch_size[2]) * cfg.hidden_size * es
     return {"tokens": r["tokens"], "peak_activation_bytes": r["activation_peak"], "kv_cache_bytes": kv_cache,
-            "peak_op": r["trace"].peak_op, "peak_site": r["trace"].peak_site}
+            "peak_forward_bytes": r["peak"], "peak_op": r["trace"].peak_op, "peak_site": r["trace"].peak_site}
 
 
 # Sizes of the official components the refinement estimate assumes (not read from any file).
@@ -162,6 +162,8 @@ def cmd_info(args) -> int:
           f"{act['peak_op']}; see --help)")
     if args.kv_frames:
         print(f"kv cache          {_fmt_bytes(act['kv_cache_bytes'])} for {args.kv_frames} frames")
+    print(f"forward peak      {_fmt_bytes(act['peak_forward_bytes'])} (weights + inputs + activations, traced; "
+          "plus the CUDA context and library workspaces)")
     r = refine
     print(f"refinement 480p -> 720p of {r['stage1_frames']} frames, ESTIMATED peak GPU memory (not measured; "
           f"denoising activations traced, the rest assumed: refine_memory_estimate's docstring):")

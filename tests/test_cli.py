@@ -24,6 +24,8 @@ def test_info_real_config(capsys):
     assert info["weight_bytes_in_dtype"] == 2 * info["parameters"]  # bf16 by default
     assert info["latent_thw"] == [24, 60, 104] and info["tokens"] == 37440  # SPEC section 7, 480p
     assert info["peak_activation_bytes"] > 37440 * 4096 * 2
+    weights_and_inputs = info["peak_forward_bytes"] - info["peak_activation_bytes"]
+    assert 0 < weights_and_inputs - info["weight_bytes_in_dtype"] < 0.001 * info["weight_bytes_in_dtype"]
 
 
 def test_info_checkpoint_path(capsys):

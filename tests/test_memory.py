@@ -133,7 +133,8 @@ def test_kv_cache_is_an_input_not_an_activation():
 @needs_cuda
 def test_trace_matches_max_memory_allocated_on_cuda():
     """A real-width model (2 blocks) at a 480p-like latent on the GPU: the fake trace's peak against
-    what the caching allocator counted, within 2% (cuBLAS workspaces are the difference)."""
+    what the caching allocator counted (~470 MB), within 3% + 8 MiB (per-call library workspaces,
+    e.g. an SDPA backend's, are the allocator's and not the trace's)."""
     kw = dict(batch=2, latent=(8, 30, 52), text_len=512, dtype=torch.bfloat16)
     fake = trace_forward_memory("longcat-video", config_overrides=dict(depth=2), **kw)
     dit = LongCatDiT.from_config("longcat-video", depth=2, device="cuda", dtype=torch.bfloat16, attention="sdpa")
@@ -146,5 +147,5 @@ def test_trace_matches_max_memory_allocated_on_cuda():
         out = dit(*args)
         torch.cuda.synchronize()
     measured = torch.cuda.max_memory_allocated() - base
-    assert abs(measured - fake["activation_peak"]) <= 0.02 * measured, (measured, fake["activation_peak"])
+    assert abs(measured - fake["activation_peak"]) <= 0.03 * measured + 8 * 2**20, (measured, fake["activation_peak"])
     del out
