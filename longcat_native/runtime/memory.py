@@ -163,8 +163,8 @@ def trace_forward_memory(config="longcat-video", *, batch: int = 1, latent=(24, 
                          config_overrides: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """Peak memory of one forward of the fused path (what ``kernels="auto"`` runs on CUDA), traced
     on fake tensors: nothing is allocated or computed. ``latent`` is (T, H, W) of the call's own
-    frames; ``kv_frames`` > 0 adds a KV cache of that many frames (continuation), which the
-    forward receives as inputs. Returns bytes: ``weights``, ``inputs`` (latent, timestep, text,
+    frames; ``kv_frames`` > 0 adds a batch-1 KV cache of that many frames (continuation), which
+    the forward receives as inputs. Returns bytes: ``weights``, ``inputs`` (latent, timestep, text,
     KV cache), ``activation_peak`` (the trace's peak: new allocations, custom-op scratch
     included), ``peak`` (their sum: ``max_memory_allocated`` after a fresh start), and the trace."""
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -188,7 +188,7 @@ def trace_forward_memory(config="longcat-video", *, batch: int = 1, latent=(24, 
         cache = None
         if kv_frames:
             n_cache = kv_frames * (H // ph) * (W // pw)
-            shape = (batch, cfg.num_heads, n_cache, cfg.head_dim)
+            shape = (1, cfg.num_heads, n_cache, cfg.head_dim)  # batch 1: shared by every item of the call
             cache = {i: (torch.empty(shape, dtype=dtype), torch.empty(shape, dtype=dtype)) for i in range(cfg.depth)}
             inputs += [kv for pair in cache.values() for kv in pair]
         weights = _tensor_bytes(list(dit.parameters()) + list(dit.buffers()))
