@@ -35,8 +35,6 @@ def activation_bytes(cfg, latent, batch: int, dtype, kv_frames: int = 0, bsa: bo
 
     from .runtime.memory import trace_forward_memory
 
-    if isinstance(dtype, int):  # bytes per element: 2 (bf16 and fp16 hold the same) or 4
-        dtype = {2: torch.bfloat16, 4: torch.float32}[dtype]
     r = trace_forward_memory(cfg, batch=batch, latent=tuple(latent), text_len=text_len, bsa=bsa, dtype=dtype,
                              kv_frames=kv_frames)
     T, H, W = latent
@@ -82,7 +80,10 @@ def refine_memory_estimate(cfg, parameters: int, dtype_bytes: int = 2, stage1_fr
     pad = refine_frame_padding(stage1_frames)
     T = pad["noise_latents"] + pad["cond_latents"]
     H, W = size[0] // VAE_SPACE_STRIDE, size[1] // VAE_SPACE_STRIDE
-    act = activation_bytes(cfg, (T, H, W), 1, dtype_bytes, bsa=True)
+    import torch
+
+    dtype = {2: torch.bfloat16, 4: torch.float32}[dtype_bytes]  # bf16 and fp16 hold the same
+    act = activation_bytes(cfg, (T, H, W), 1, dtype, bsa=True)
     weights = int(parameters * dtype_bytes)
     latents = 4 * cfg.in_channels * T * H * W * 4
     denoise = weights + act["peak_activation_bytes"] + latents + overhead_bytes

@@ -48,7 +48,7 @@ def test_traced_activations_scale_with_tokens():
     adaLN terms are under 1% of it)."""
     cfg = resolve_config("longcat-video")
     a = activation_bytes(cfg, (24, 60, 104), 1, torch.bfloat16)
-    b = activation_bytes(cfg, (48, 88, 160), 1, 2)  # bytes per element work too
+    b = activation_bytes(cfg, (48, 88, 160), 1, torch.bfloat16)
     assert a["peak_op"] == b["peak_op"] == "longcat_native.swiglu"
     assert b["tokens"] == 168960
     assert b["peak_activation_bytes"] / a["peak_activation_bytes"] == pytest.approx(168960 / 37440, rel=1e-2)
@@ -63,7 +63,7 @@ def test_info_refinement_estimate(capsys):
     assert r["estimate"] and r["tokens"] == 168960 and r["latent_thw"] == [48, 88, 160] and r["frames"] == 186
     assert r["dit_weight_bytes"] == info["weight_bytes_in_dtype"]  # ~27 GB in bf16
     cfg = resolve_config("longcat-video")
-    assert r["activation_bytes"] == activation_bytes(cfg, (48, 88, 160), 1, 2, bsa=True)["peak_activation_bytes"]
+    assert r["activation_bytes"] == activation_bytes(cfg, (48, 88, 160), 1, torch.bfloat16, bsa=True)["peak_activation_bytes"]
     assert r["stages"]["denoise"] == (r["dit_weight_bytes"] + r["activation_bytes"] + r["latent_bytes"]
                                       + r["overhead_bytes"])
     assert r["peak_bytes"] == max(r["stages"].values()) == r["stages"]["denoise"]

@@ -23,6 +23,13 @@ LIBRARY_NAMESPACE = "longcat_native"
 # memory tracer (runtime/memory.py) sees an op's outputs only and adds this while the op runs.
 WORKSPACE_BYTES: Dict[str, Callable[..., int]] = {}
 
+ALLOCATOR_BLOCK_BYTES = 512  # CUDA caching allocator: every request is rounded up to this
+
+
+def allocator_bytes(nbytes: int) -> int:
+    """The caching allocator's size for a request of ``nbytes`` (what max_memory_allocated counts)."""
+    return -(-int(nbytes) // ALLOCATOR_BLOCK_BYTES) * ALLOCATOR_BLOCK_BYTES
+
 
 def triton_interpreting() -> bool:
     """True when triton runs kernels with its CPU interpreter (set before triton is imported)."""

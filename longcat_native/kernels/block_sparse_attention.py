@@ -59,6 +59,7 @@ import torch
 from ._common import (
     LIBRARY_NAMESPACE,
     WORKSPACE_BYTES,
+    allocator_bytes,
     check_triton_device,
     import_triton,
     needs_int64_offsets,
@@ -704,14 +705,11 @@ def _bsa_select_workspace(q, k, latent_shape_q, latent_shape_k, sparsity, cdf_th
     pooled chunks (float32, then in q's dtype) and one head group's selection temporaries.
     tests/test_memory.py checks it against a trace of the implementation."""
 
-    def r(n):
-        return -(-int(n) // 512) * 512  # the CUDA caching allocator's block
-
-    B, H, _, D = q.shape
-    es = q.element_size()
-    n_q = math.prod(g // c for g, c in zip(latent_shape_q, chunk_3d_shape_q))
-    n_k = math.prod(g // c for g, c in zip(latent_shape_k, chunk_3d_shape_k))
-    width = _index_width(sparsity, cdf_threshold, n_k)
+    r = allocator_bytes
+    (B, H, n_q, width), _ = _select_shapes(q, k, latent_shape_q, latent_shape_k, chunk_3d_shape_q, chunk_3d_shape_k,
+                                           sparsity, cdf_threshold)
+    D, es = q.shape[-1], q.element_size()
+    n_k = math.prod([g // c for g, c in zip(latent_shape_k, chunk_3d_shape_k)])
     outputs = r(B * H * n_q * width * 4) + r(B * H * n_q * 4)
     group = max(1, min(H, _SELECT_SCORE_ELEMS // max(1, B * n_q * n_k)))
     pools = r(B * H * n_q * D * es) + r(B * H * n_k * D * es)

@@ -26,8 +26,9 @@ graph and inductor fuses the glue around the opaque kernels.
   on the tiny config with 8 blocks, 8.5 s against 29.7 s for the whole forward (2-core CPU,
   inductor); dynamo alone spends about a second per block on a whole forward here. The model
   is not modified: the compiled function is handed to it for the duration of each call
-  (``runtime.model.block_call``), so one process should not run a regional model from two
-  threads at once.
+  (``runtime.model.block_call``), a module global: two threads running regional models at once
+  may run some of one's blocks eagerly (the compiled function takes the block as an argument,
+  so results stay right; only the speed suffers).
 * Reported: a counting backend wraps inductor; each graph it is handed is one compilation.
   ``stats()`` gives ``compiles``, ``recompiles`` (compiles after the first), the input shapes
   that caused each and the seconds spent; each recompile also emits a ``warnings.warn`` naming

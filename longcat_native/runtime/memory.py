@@ -32,15 +32,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from ..kernels._common import WORKSPACE_BYTES, allocator_bytes
+
 __all__ = ["MemoryTracer", "MemoryTrace", "trace_memory", "trace_forward_memory", "allocator_bytes"]
-
-ALLOCATOR_BLOCK_BYTES = 512  # CUDA caching allocator: every request is rounded up to this
-
-
-def allocator_bytes(nbytes: int) -> int:
-    """The caching allocator's size for a request of ``nbytes`` (what max_memory_allocated counts)."""
-    return -(-int(nbytes) // ALLOCATOR_BLOCK_BYTES) * ALLOCATOR_BLOCK_BYTES
-
 
 @dataclass
 class LiveTensor:
@@ -91,11 +85,7 @@ class MemoryTracer(TorchDispatchMode):
                  collect_cycles: bool = False):
         super().__init__()
         self._collect = collect_cycles
-        if workspace is None:
-            from ..kernels._common import WORKSPACE_BYTES
-
-            workspace = WORKSPACE_BYTES
-        self._workspace = workspace
+        self._workspace = WORKSPACE_BYTES if workspace is None else workspace
         self._keep_top = keep_top
         self._live: Dict[int, LiveTensor] = {}
         self._live_bytes = 0
