@@ -75,7 +75,7 @@ def refine_memory_estimate(cfg, parameters: int, dtype_bytes: int = 2, stage1_fr
       DiT's dtype, plus ``vae_tile_workspace_bytes`` for one tile's decoder activations.
     - ``overhead_bytes`` for the CUDA context and the caching allocator's slack.
     """
-    from .runtime.pipelines import refine_frame_padding
+    from .pipelines import refine_frame_padding
 
     pad = refine_frame_padding(stage1_frames)
     T = pad["noise_latents"] + pad["cond_latents"]
@@ -294,7 +294,7 @@ def _load_prompt_embeds(path: str):
 
 def parse_resolution(text: str):
     """``--resolution``: a bucket name (480p, 720p) or ``HxW`` in pixels -> (name, (H, W))."""
-    from .runtime.pipelines import RESOLUTIONS
+    from .pipelines import RESOLUTIONS
 
     key = text.strip().lower()
     if key in RESOLUTIONS:
@@ -394,8 +394,8 @@ def _generate_plan(args) -> dict:
     Errors here come before any loading. Reads the (small) conditioning image/video files."""
     import os
 
-    from .runtime import pipelines as P
-    from .runtime.media import MissingExtraError, missing_modules
+    from . import pipelines as P
+    from .pipelines.media import MissingExtraError, missing_modules
 
     random_weights = args.checkpoint is None
     task = args.task
@@ -474,7 +474,7 @@ def _generate_plan(args) -> dict:
 
     root = dit_cfg = None
     if not random_weights:
-        from .runtime.components import check_components
+        from .pipelines.components import check_components
         from .runtime.config import LongCatConfig
         from .runtime.weights import find_dit_dir, list_weight_files
 
@@ -498,7 +498,7 @@ def _generate_plan(args) -> dict:
     cond = _load_latents_file(args.cond_latents, "--cond-latents") if args.cond_latents is not None else None
     pixels = None
     if pixels_in:
-        from .runtime.media import load_image, load_video
+        from .pipelines.media import load_image, load_video
 
         size = (latent[1] * P.VAE_SPACE_STRIDE, latent[2] * P.VAE_SPACE_STRIDE)
         if args.image is not None:
@@ -518,7 +518,7 @@ def cmd_generate(args) -> int:
     import torch
     from safetensors.torch import save_file
 
-    from .runtime import pipelines as P
+    from . import pipelines as P
     from .runtime.dit import LongCatDiT, resolve_dtype
 
     plan = _generate_plan(args)
@@ -537,7 +537,7 @@ def cmd_generate(args) -> int:
     text_note = None
     if plan["text_source"] == "encoder":
         # Before the DiT is loaded: the encoder never shares the GPU with the DiT's weights.
-        from .runtime.components import TextEncoder
+        from .pipelines.components import TextEncoder
 
         with mem.stage("text_encode"):
             te = TextEncoder.from_pretrained(plan["root"], dtype=dtype, device=device)
@@ -561,7 +561,7 @@ def cmd_generate(args) -> int:
             source = str(dit.checkpoint_path or args.checkpoint)
         vae = None
         if plan["need_vae"]:
-            from .runtime.components import VideoVAE
+            from .pipelines.components import VideoVAE
 
             tile, stride = _vae_tile(args.vae_tile)
             vae = VideoVAE.from_pretrained(plan["root"], dtype=dit.dtype, device=device,
@@ -620,7 +620,7 @@ def cmd_generate(args) -> int:
     guided = dict(common, guidance_scale=guidance, distill=args.distill)
     lora_key = None
     if args.distill and not random_weights:
-        if hasattr(dit, "enable_loras") and P._find_lora_file(dit, "cfg_step_lora"):
+        if hasattr(dit, "enable_loras") and P.tasks.find_lora_file(dit, "cfg_step_lora"):
             lora_key = "cfg_step_lora"
             notes.append("distilled schedule with the cfg_step LoRA")
         else:
@@ -646,7 +646,7 @@ def cmd_generate(args) -> int:
             else:  # refine
                 kw = {}
                 if not random_weights:
-                    if hasattr(dit, "enable_loras") and P._find_lora_file(dit, "refinement_lora"):
+                    if hasattr(dit, "enable_loras") and P.tasks.find_lora_file(dit, "refinement_lora"):
                         kw["lora"] = "refinement_lora"
                     if hasattr(dit, "enable_bsa"):
                         kw["enable_bsa"] = True
@@ -675,7 +675,7 @@ def cmd_generate(args) -> int:
         crop = (pad["cond_added"], pad["cond_added"] + pad["frames"]) if pad is not None else None
         with mem.stage("vae_decode"):
             frames_u8 = pipe.decode(out, "video", frames=crop)[0]
-        from .runtime.media import write_video
+        from .pipelines.media import write_video
 
         write_video(plan["out"], frames_u8, fps=fps, crf=10 if task == "refine" else 18)
         video_shape = list(frames_u8.shape)
@@ -923,7 +923,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from .runtime.media import MissingExtraError
+    from .pipelines.media import MissingExtraError
 
     args = build_parser().parse_args(argv)
     try:

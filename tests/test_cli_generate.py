@@ -154,7 +154,7 @@ def _media(tmp_path):
     import numpy as np
     from PIL import Image
 
-    from longcat_native.runtime.media import write_video
+    from longcat_native.pipelines.media import write_video
 
     yy, xx = np.mgrid[0:40, 0:70]
     frames = np.stack([np.stack([(xx * 3 + t * 10) % 256, yy * 5 % 256, np.full_like(xx, 120)], -1)
@@ -169,7 +169,7 @@ CKPT = ["--kernels", "reference", "--steps", "2"]
 
 
 def test_checkpoint_prompt_strings_to_mp4_with_memory_report(capsys, tmp_path, tiny_root):
-    from longcat_native.runtime.media import read_video_frames
+    from longcat_native.pipelines.media import read_video_frames
 
     out = tmp_path / "t2v.mp4"
     summary, err = _run(capsys, ["--checkpoint", str(tiny_root), "--prompt", "a cat walking in the park",
@@ -203,7 +203,7 @@ def test_checkpoint_prompt_strings_to_latents_same_seed_same_result(capsys, tmp_
 
 @pytest.mark.parametrize("task", ["i2v", "vc", "refine"])
 def test_checkpoint_pixel_inputs(capsys, tmp_path, tiny_root, task):
-    from longcat_native.runtime.media import read_video_frames
+    from longcat_native.pipelines.media import read_video_frames
 
     img, clip, stage1 = _media(tmp_path)
     out = tmp_path / "o.mp4"
@@ -242,7 +242,7 @@ def test_checkpoint_pixel_inputs(capsys, tmp_path, tiny_root, task):
 def test_checkpoint_errors_before_loading(capsys, monkeypatch, tmp_path, tiny_root, argv, without, exc_text):
     from tiny_components import partial_root
 
-    from longcat_native.runtime.components import TextEncoder, VideoVAE
+    from longcat_native.pipelines.components import TextEncoder, VideoVAE
     from longcat_native.runtime.dit import LongCatDiT
 
     def no_loading(*a, **k):

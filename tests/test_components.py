@@ -7,8 +7,8 @@ import sys
 import pytest
 import torch
 
-from longcat_native.runtime import components as C
-from longcat_native.runtime.media import MissingExtraError, missing_modules
+from longcat_native.pipelines import components as C
+from longcat_native.pipelines.media import MissingExtraError, missing_modules
 
 pytest_plugins = ("tiny_components",)  # the session-wide tiny_root fixture
 TEXT_TOKENS = 512  # the tiny tokenizer's model_max_length, as the official one

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from longcat_native.runtime import media as M
+from longcat_native.pipelines import media as M
 
 
 def smooth_frames(n=9, h=32, w=48):

@@ -9,9 +9,9 @@ import pytest
 import torch
 from helpers import assert_close_rel
 
-from longcat_native.runtime import pipelines as P
+from longcat_native import pipelines as P
 from longcat_native.runtime.dit import LongCatDiT
-from longcat_native.runtime.sampler import get_schedule
+from longcat_native.pipelines.sampler import get_schedule
 
 pytest_plugins = ("tiny_components",)  # the session-wide tiny_root fixture
 
@@ -356,7 +356,7 @@ def test_pipeline_refine_from_a_stage1_video(pipe):
     img = _frames(1, 32, 48, seed=4)[0]
     lat = sp.generate_refine(stage1, "a cat", image=img, output_type="latent", **PIX)
     assert lat.shape == (1, 16, 8, 8, 12) and spy.calls[0][1]["num_cond_latents"] == 4
-    from longcat_native.runtime.media import load_image
+    from longcat_native.pipelines.media import load_image
 
     padded = load_image(img, (64, 96)).unsqueeze(2).expand(-1, -1, 13, -1, -1)
     assert torch.equal(lat[:, :, :4], pipe.vae.encode(padded))
@@ -412,7 +412,7 @@ def test_pipeline_errors_before_any_work(pipe, monkeypatch):
 def test_pipeline_from_pretrained_checks_before_loading(tiny_root, tmp_path, monkeypatch):
     import sys
 
-    from longcat_native.runtime.media import MissingExtraError
+    from longcat_native.pipelines.media import MissingExtraError
     from tiny_components import partial_root
 
     def no_loading(*a, **k):

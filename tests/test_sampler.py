@@ -9,7 +9,7 @@ from cases import CASES_DIR, FIXTURE_ROOT, load_case
 from helpers import MODEL_RTOL, assert_close_rel, max_rel_err
 
 from longcat_native.runtime.dit import LongCatDiT
-from longcat_native.runtime.sampler import (
+from longcat_native.pipelines.sampler import (
     Schedule, base_sigmas, cfg_zero, denoise, distill_sigmas, enhance_hf_schedule, flow_schedule,
     get_schedule, shift_sigmas, truncate_schedule,
 )

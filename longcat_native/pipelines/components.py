@@ -10,7 +10,7 @@ Layout of the official root (Hugging Face style)::
       dit/  lora/  scheduler/
 
 ``transformers``, ``diffusers`` and ``ftfy`` are imported only when a component is loaded or a
-prompt is cleaned; a missing one is a :class:`~longcat_native.runtime.media.MissingExtraError`
+prompt is cleaned; a missing one is a :class:`~longcat_native.pipelines.media.MissingExtraError`
 naming ``pip install 'longcat-native[pipelines]'``. A missing folder is a ``FileNotFoundError``
 naming it, raised by :func:`check_components` before anything heavy is loaded.
 
@@ -109,7 +109,7 @@ def component_config(root, name: str) -> dict:
 
 
 def _resolve(device, dtype) -> Tuple[torch.device, torch.dtype]:
-    from .dit import resolve_dtype
+    from ..runtime.dit import resolve_dtype
 
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -142,7 +142,7 @@ def clean_prompt(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip()
 
 
-def _prompt_list(prompts, what: str = "prompt") -> List[str]:
+def prompt_list(prompts, what: str = "prompt") -> List[str]:
     if isinstance(prompts, str):
         return [prompts]
     if isinstance(prompts, (list, tuple)) and prompts and all(isinstance(p, str) for p in prompts):
@@ -189,7 +189,7 @@ class TextEncoder:
 
     def tokenize(self, prompts: Union[str, Sequence[str]]) -> Tuple[torch.Tensor, torch.Tensor]:
         """Cleaned prompts -> (input ids [B, L], attention mask [B, L] int64), L = ``max_length``."""
-        prompts = [clean_prompt(p) for p in _prompt_list(prompts)]
+        prompts = [clean_prompt(p) for p in prompt_list(prompts)]
         enc = self.tokenizer(prompts, padding="max_length", max_length=self.max_length, truncation=True,
                              add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
         return enc["input_ids"], enc["attention_mask"].to(torch.int64)

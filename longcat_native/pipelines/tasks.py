@@ -1,5 +1,5 @@
-"""LongCat-Video pipelines: text-to-video, image-to-video, video continuation, long video and
-480p -> 720p refinement, built on :func:`~longcat_native.runtime.sampler.denoise`.
+"""The tensor-level tasks: text-to-video, image-to-video, video continuation, long video and
+480p -> 720p refinement, built on :func:`~longcat_native.pipelines.sampler.denoise`.
 
 Two levels, one job each:
 
@@ -7,7 +7,7 @@ Two levels, one job each:
   ``generate_refine``, ``generate``) work on tensors only: precomputed umT5 embeddings + masks in,
   (normalized) VAE latents for conditioning, latents out. They need nothing but the DiT.
 - :class:`LongCatVideoPipeline` holds the DiT with the umT5 text encoder and the Wan VAE
-  (:mod:`~longcat_native.runtime.components`, loaded by ``LongCatVideoPipeline.from_pretrained(root)``
+  (:mod:`~longcat_native.pipelines.components`, loaded by ``LongCatVideoPipeline.from_pretrained(root)``
   from an official checkpoint root; ``pip install 'longcat-native[pipelines]'``). It takes prompt
   strings and pixel images/videos, encodes them, calls the functions above, and decodes the result
   (``output_type`` "np", "pt", "video" or "latent"). The text encoder leaves the GPU once the
@@ -38,74 +38,43 @@ import torch.nn.functional as F
 
 from .media import PIPELINES_EXTRA
 from .sampler import DEFAULT_SHIFT, denoise
+from .shapes import (BSA_LATENT_GRANULARITY, VAE_TIME_STRIDE, cond_latent_count, frames_to_latents,
+                     latent_size)
 
 __all__ = [
-    "TASKS", "PIPELINES_EXTRA", "VAE_TIME_STRIDE", "VAE_SPACE_STRIDE", "RESOLUTIONS", "OUTPUT_TYPES",
-    "OFFICIAL_DEMO_NEGATIVE_PROMPT", "latent_size", "frames_to_latents", "make_noise", "generate", "generate_t2v",
-    "generate_i2v", "generate_vc", "generate_long", "generate_refine", "upsample_latents", "encode_prompts",
-    "refine_frame_padding", "pixel_size", "LongCatVideoPipeline",
+    "TASKS", "OFFICIAL_DEMO_NEGATIVE_PROMPT", "LoRAAndBSA", "make_noise", "generate", "generate_t2v", "generate_i2v",
+    "generate_vc", "generate_long", "generate_refine", "upsample_latents",
 ]
 
 TASKS = ("t2v", "i2v", "vc", "long", "refine")
-# "latent": [B, 16, T, H, W] float32; decoded (needs the VAE): "np" float32 [B, F, H, W, 3] in [0, 1]
-# (the official default), "pt" float32 tensor [B, F, 3, H, W] in [0, 1], "video" uint8 [B, F, H, W, 3].
-OUTPUT_TYPES = ("latent", "np", "pt", "video")
 # The official pipeline's default negative prompt is the empty string; its demo scripts pass this one.
 OFFICIAL_DEMO_NEGATIVE_PROMPT = (
     "Bright tones, overexposed, static, blurred details, subtitles, style, works, paintings, images, static, "
     "overall gray, worst quality, low quality, JPEG compression residue, ugly, incomplete, extra fingers, poorly "
     "drawn hands, poorly drawn faces, deformed, disfigured, misshapen limbs, fused fingers, still picture, messy "
     "background, three legs, many people in the background, walking backwards")
-VAE_TIME_STRIDE = 4   # Wan VAE: 4x in time (first frame kept), 8x in space
-VAE_SPACE_STRIDE = 8
-# The official buckets for a 16:9-ish video (480p base, 720p refinement; SPEC section 7).
-RESOLUTIONS = {"480p": (480, 832), "720p": (704, 1280)}
-BSA_LATENT_GRANULARITY = 4  # the official refinement pads latent frame counts to multiples of 4
 
 
-# -- inputs --------------------------------------------------------------------------------------
-
-def frames_to_latents(num_frames: int) -> int:
-    """Video frames (4k + 1) -> latent frames (k + 1)."""
-    if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1 \
-            or (num_frames - 1) % VAE_TIME_STRIDE:
-        raise ValueError(f"num_frames must be of the form 4k + 1 (1, 5, ..., 93), got {num_frames!r}")
-    return (num_frames - 1) // VAE_TIME_STRIDE + 1
-
-
-def latent_size(num_frames: int = 93, height: int = 480, width: int = 832, patch: Sequence[int] = (1, 2, 2)
-                ) -> Tuple[int, int, int]:
-    """(frames, height, width) in pixels -> latent (T, H, W). Height and width must be multiples of
-    8 * the spatial patch (16), the frame count 4k + 1 (errors here, not the official rounding)."""
-    T = frames_to_latents(num_frames)
-    mult_h, mult_w = VAE_SPACE_STRIDE * patch[1], VAE_SPACE_STRIDE * patch[2]
-    if not (isinstance(height, int) and isinstance(width, int)) or height <= 0 or width <= 0 \
-            or height % mult_h or width % mult_w:
-        raise ValueError(f"height and width must be positive multiples of {mult_h} x {mult_w} pixels, "
-                         f"got {height} x {width}")
-    return T, height // VAE_SPACE_STRIDE, width // VAE_SPACE_STRIDE
-
-
-def _patch(dit) -> Tuple[int, int, int]:
+def model_patch(dit) -> Tuple[int, int, int]:
     cfg = getattr(dit, "config", None)
     return tuple(getattr(cfg, "patch_size", (1, 2, 2)))
 
 
-def _channels(dit) -> int:
+def model_channels(dit) -> int:
     cfg = getattr(dit, "config", None)
     return int(getattr(cfg, "in_channels", 16))
 
 
-def _resolve_latent_size(dit, latent, num_frames, height, width) -> Tuple[int, int, int]:
+def resolve_latent_size(dit, latent, num_frames, height, width) -> Tuple[int, int, int]:
     if latent is not None:
         if len(latent) != 3 or any(isinstance(v, bool) or not isinstance(v, int) or v <= 0 for v in latent):
             raise ValueError(f"latent_size must be three positive ints (T, H, W), got {latent!r}")
         T, H, W = latent
-        _, ph, pw = _patch(dit)
+        _, ph, pw = model_patch(dit)
         if H % ph or W % pw:
             raise ValueError(f"latent H x W = {H} x {W} must be divisible by the patch size {ph} x {pw}")
         return T, H, W
-    return latent_size(num_frames, height, width, _patch(dit))
+    return latent_size(num_frames, height, width, model_patch(dit))
 
 
 _USE_PIPELINE = ("LongCatVideoPipeline.from_pretrained(checkpoint_root) loads the umT5 text encoder and the Wan VAE "
@@ -149,12 +118,12 @@ def _check_cond(name: str, lat, dit, frames: Optional[int] = None) -> torch.Tens
         lat = lat.unsqueeze(2)  # an image latent [B, C, H, W]
     if lat.dim() != 5:
         raise ValueError(f"{name} must be a 5-D tensor [B, C, T, H, W], got {tuple(lat.shape)}")
-    C = _channels(dit)
+    C = model_channels(dit)
     if lat.shape[1] != C:
         raise ValueError(f"{name} has {lat.shape[1]} channels, the model takes {C}")
     if frames is not None and lat.shape[2] != frames:
         raise ValueError(f"{name} must have {frames} latent frame(s), got {lat.shape[2]} ({tuple(lat.shape)})")
-    _, ph, pw = _patch(dit)
+    _, ph, pw = model_patch(dit)
     if lat.shape[3] % ph or lat.shape[4] % pw or min(lat.shape) == 0:
         raise ValueError(f"{name} {tuple(lat.shape)}: latent H and W must be non-zero multiples of {ph} x {pw}")
     if not lat.is_floating_point():
@@ -182,13 +151,13 @@ def _generator(seed, generator) -> torch.Generator:
     return torch.Generator(device="cpu").manual_seed(0 if seed is None else int(seed))
 
 
-def _device(dit):
+def model_device(dit):
     return getattr(dit, "device", torch.device("cpu"))
 
 
 # -- LoRA / BSA switching -----------------------------------------------------------------------
 
-def _find_lora_file(dit, key: str) -> Optional[Path]:
+def find_lora_file(dit, key: str) -> Optional[Path]:
     ckpt = getattr(dit, "checkpoint_path", None)
     if not ckpt:
         return None
@@ -199,7 +168,7 @@ def _find_lora_file(dit, key: str) -> Optional[Path]:
     return None
 
 
-class _Extras:
+class LoRAAndBSA:
     """Enables a LoRA and/or BSA on the model for the duration of a ``with`` block, if asked, and
     only through the model's own ``load_lora``/``enable_loras``/``enable_bsa`` methods; what it
     enabled is switched off again on exit (``disable_all_loras``/``disable_bsa``)."""
@@ -215,7 +184,7 @@ class _Extras:
             if not hasattr(dit, "enable_loras"):
                 raise NotImplementedError(f"lora={self.lora!r}: this model has no enable_loras()")
             if self.lora not in (getattr(dit, "lora_dict", None) or {}):
-                path = self.lora_path or _find_lora_file(dit, self.lora)
+                path = self.lora_path or find_lora_file(dit, self.lora)
                 if path is None:
                     raise ValueError(f"lora={self.lora!r} is not loaded and no lora/{self.lora}.safetensors was found "
                                      "next to the checkpoint; pass lora_path= or load it with dit.load_lora()")
@@ -277,14 +246,14 @@ def generate_t2v(
     (base); ``distill=True``, 16 steps, guidance 1 with ``lora='cfg_step_lora'`` (distilled)."""
     _check_output_type(output_type)
     _check_text(prompt_embeds, negative_embeds, guidance_scale)
-    T, H, W = _resolve_latent_size(dit, latent, num_frames, height, width)
+    T, H, W = resolve_latent_size(dit, latent, num_frames, height, width)
     B = _batch(prompt_embeds)
-    shape = (B, _channels(dit), T, H, W)
+    shape = (B, model_channels(dit), T, H, W)
     if noise is not None and tuple(noise.shape) != shape:
         raise ValueError(f"noise must be {shape}, got {tuple(noise.shape)}")
-    extras = _Extras(dit, lora, lora_path, lora_kwargs=lora_kwargs)
+    extras = LoRAAndBSA(dit, lora, lora_path, lora_kwargs=lora_kwargs)
     if noise is None:
-        noise = make_noise(shape, generator=_generator(seed, generator), device=_device(dit))
+        noise = make_noise(shape, generator=_generator(seed, generator), device=model_device(dit))
     with extras:
         return denoise(dit, noise, prompt_embeds, prompt_mask, negative_embeds, negative_mask,
                        num_steps=num_steps, guidance_scale=guidance_scale, distill=distill, shift=shift,
@@ -327,19 +296,13 @@ def generate_i2v(
     B = _batch(prompt_embeds)
     if image_latents.shape[0] not in (1, B):
         raise ValueError(f"image_latents has batch {image_latents.shape[0]}, the prompts {B}")
-    shape = (B, _channels(dit), T, image_latents.shape[3], image_latents.shape[4])
-    extras = _Extras(dit, lora, lora_path, lora_kwargs=lora_kwargs)
-    noise = make_noise(shape, generator=_generator(seed, generator), device=_device(dit))
+    shape = (B, model_channels(dit), T, image_latents.shape[3], image_latents.shape[4])
+    extras = LoRAAndBSA(dit, lora, lora_path, lora_kwargs=lora_kwargs)
+    noise = make_noise(shape, generator=_generator(seed, generator), device=model_device(dit))
     with extras:
         return denoise(dit, noise, prompt_embeds, prompt_mask, negative_embeds, negative_mask,
                        num_steps=num_steps, guidance_scale=guidance_scale, distill=distill, shift=shift,
                        cond_latents=image_latents, progress=progress, callback=callback)
-
-
-def _cond_latent_count(num_cond_frames: int) -> int:
-    if isinstance(num_cond_frames, bool) or not isinstance(num_cond_frames, int) or num_cond_frames < 1:
-        raise ValueError(f"num_cond_frames must be a positive int, got {num_cond_frames!r}")
-    return 1 + (num_cond_frames - 1) // VAE_TIME_STRIDE
 
 
 def generate_vc(
@@ -394,7 +357,7 @@ def generate_vc(
         enhance_hf = not distill
     if enhance_hf and distill:
         raise ValueError("enhance_hf and distill cannot both be set (the official pipeline forbids it)")
-    m = _cond_latent_count(num_cond_frames)
+    m = cond_latent_count(num_cond_frames)
     T = frames_to_latents(num_frames)
     if video_latents.shape[2] < m:
         raise ValueError(f"video_latents has {video_latents.shape[2]} latent frames; num_cond_frames="
@@ -406,9 +369,9 @@ def generate_vc(
     if video_latents.shape[0] not in (1, B):
         raise ValueError(f"video_latents has batch {video_latents.shape[0]}, the prompts {B}")
     cond = video_latents[:, :, -m:]
-    shape = (B, _channels(dit), T, cond.shape[3], cond.shape[4])
-    extras = _Extras(dit, lora, lora_path, lora_kwargs=lora_kwargs)
-    noise = make_noise(shape, generator=_generator(seed, generator), device=_device(dit))
+    shape = (B, model_channels(dit), T, cond.shape[3], cond.shape[4])
+    extras = LoRAAndBSA(dit, lora, lora_path, lora_kwargs=lora_kwargs)
+    noise = make_noise(shape, generator=_generator(seed, generator), device=model_device(dit))
     with extras:
         return denoise(dit, noise, prompt_embeds, prompt_mask, negative_embeds, negative_mask,
                        num_steps=num_steps, guidance_scale=guidance_scale, distill=distill, shift=shift,
@@ -460,8 +423,8 @@ def generate_long(
     _check_text(prompt_embeds, negative_embeds, guidance_scale)
     if isinstance(num_segments, bool) or not isinstance(num_segments, int) or num_segments < 0:
         raise ValueError(f"num_segments must be an int >= 0, got {num_segments!r}")
-    m = _cond_latent_count(num_cond_frames)
-    T, H, W = _resolve_latent_size(dit, latent, num_frames, height, width)  # one segment's latents
+    m = cond_latent_count(num_cond_frames)
+    T, H, W = resolve_latent_size(dit, latent, num_frames, height, width)  # one segment's latents
     num_frames = (T - 1) * VAE_TIME_STRIDE + 1
     if T <= m:
         raise ValueError(f"segments of {T} latent frames leave nothing to generate after {m} "
@@ -479,7 +442,7 @@ def generate_long(
         video = generate_t2v(dit, prompt_embeds, prompt_mask, negative_embeds, negative_mask,
                              latent=(T, H, W), **common)
     else:
-        video = first_latents.to(device=_device(dit), dtype=torch.float32)
+        video = first_latents.to(device=model_device(dit), dtype=torch.float32)
     for _ in range(num_segments):
         seg = generate_vc(dit, video, prompt_embeds, prompt_mask, negative_embeds, negative_mask,
                           num_frames=num_frames, num_cond_frames=num_cond_frames, use_kv_cache=use_kv_cache,
@@ -563,7 +526,7 @@ def generate_refine(
         raise ValueError(f"stage1_latents has batch {stage1_latents.shape[0]}, the prompts {B}")
     _, _, T, H, W = stage1_latents.shape
     Hn, Wn = (2 * H, 2 * W) if size is None else tuple(size)
-    _, ph, pw = _patch(dit)
+    _, ph, pw = model_patch(dit)
     if Hn <= 0 or Wn <= 0 or Hn % ph or Wn % pw:
         raise ValueError(f"refined latent size {Hn} x {Wn} must be positive multiples of the patch {ph} x {pw}")
     Tn = 2 * T - 1 if temporal_upsample else T
@@ -578,9 +541,9 @@ def generate_refine(
                              "(latents at the refined size)")
         if m >= Tn:
             raise ValueError(f"cond_latents has {m} frames; the refined video has {Tn}: nothing to refine")
-    extras = _Extras(dit, lora, lora_path, enable_bsa, lora_kwargs)
+    extras = LoRAAndBSA(dit, lora, lora_path, enable_bsa, lora_kwargs)
 
-    device = _device(dit)
+    device = model_device(dit)
     gen = _generator(seed, generator)
     up = upsample_latents(stage1_latents.to(device), (Tn, Hn, Wn))
     if up.shape[0] != B:
@@ -634,361 +597,3 @@ def generate(dit, task: str, prompt_embeds, prompt_mask=None, negative_embeds=No
     if negative_embeds is not None or negative_mask is not None:
         raise ValueError("task 'refine' runs without guidance and takes no negative prompt")
     return generate_refine(dit, stage1_latents, prompt_embeds, prompt_mask, **kwargs)
-
-
-# -- with the text encoder and the VAE -------------------------------------------------------------
-
-def encode_prompts(text_encoder, prompt, negative_prompt=None, guidance_scale: float = 4.0, *, dtype=None,
-                   device=None, offload: bool = True):
-    """Prompt string(s) -> (prompt_embeds [B, 1, L, C], prompt_mask [B, L], negative_embeds,
-    negative_mask) with a :class:`~longcat_native.runtime.components.TextEncoder`, in ``dtype`` on
-    ``device``. As officially, the negative prompt ("" when None; one string for all prompts, or
-    one per prompt) is encoded only when ``guidance_scale > 1`` (the negatives are None otherwise,
-    and a non-empty negative prompt is then an error: it would have no effect). ``offload`` moves
-    the encoder to host memory once done."""
-    from .components import _prompt_list
-
-    prompts = _prompt_list(prompt)
-    guided = float(guidance_scale) > 1
-    negs = None
-    if guided:
-        neg = "" if negative_prompt is None else negative_prompt
-        negs = [neg] * len(prompts) if isinstance(neg, str) else _prompt_list(neg, "negative_prompt")
-        if len(negs) != len(prompts):
-            raise ValueError(f"{len(negs)} negative prompts for {len(prompts)} prompts")
-    elif negative_prompt:
-        raise ValueError(f"negative_prompt has no effect with guidance_scale={guidance_scale} <= 1 (no negative "
-                         "branch runs); drop it or raise guidance_scale")
-    try:
-        pe, pm = text_encoder.encode(prompts, dtype)
-        ne = nm = None
-        if guided:
-            ne, nm = text_encoder.encode(negs, dtype)
-    finally:
-        if offload:
-            text_encoder.offload()
-    return tuple(None if t is None else t.to(device) for t in (pe, pm, ne, nm))
-
-
-def refine_frame_padding(num_frames: int, num_cond_frames: int = 0, spatial_refine_only: bool = False,
-                         granularity: int = BSA_LATENT_GRANULARITY) -> dict:
-    """The frame bookkeeping of the official pixel-space refinement of a stage-1 video of
-    ``num_frames`` frames. The refined video has ``frames`` = 2 * num_frames (``num_frames`` with
-    ``spatial_refine_only``). Its first ``num_cond_frames`` frames (conditioning, if any) get
-    ``cond_added`` copies of the first frame in front, making ``cond_frames`` = 1 + 4 (m - 1) frames
-    for m = ``cond_latents`` latents, a multiple of ``granularity``; the other frames get
-    ``noise_added`` copies of the last frame at the back, making 4 n frames for n =
-    ``noise_latents``, a multiple of ``granularity``. The VAE encodes ``encoded_frames`` of the
-    padded frames into m + n latents, which decode to ``decoded_frames`` = 4 (m + n) - 3 frames;
-    the refined video is decoded frames ``[cond_added, cond_added + frames)``."""
-    for name, v, low in (("num_frames", num_frames, 1), ("num_cond_frames", num_cond_frames, 0),
-                         ("granularity", granularity, 1)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < low:
-            raise ValueError(f"{name} must be an int >= {low}, got {v!r}")
-    frames = num_frames if spatial_refine_only else 2 * num_frames
-    if num_cond_frames >= frames:
-        raise ValueError(f"num_cond_frames={num_cond_frames} leaves nothing to refine in {frames} frames")
-    m = added_c = 0
-    if num_cond_frames:
-        m = 1 + math.ceil((num_cond_frames - 1) / VAE_TIME_STRIDE)
-        m = math.ceil(m / granularity) * granularity
-        added_c = 1 + (m - 1) * VAE_TIME_STRIDE - num_cond_frames
-    noise_frames = frames - num_cond_frames
-    n = math.ceil(math.ceil(noise_frames / VAE_TIME_STRIDE) / granularity) * granularity
-    return {"frames": frames, "cond_latents": m, "cond_added": added_c, "cond_frames": num_cond_frames + added_c,
-            "noise_latents": n, "noise_added": n * VAE_TIME_STRIDE - noise_frames,
-            "encoded_frames": 1 + VAE_TIME_STRIDE * (m + n - 1), "decoded_frames": VAE_TIME_STRIDE * (m + n) - 3}
-
-
-def pixel_size(dit, height: Optional[int] = None, width: Optional[int] = None, resolution: Optional[str] = None,
-               default: str = "480p") -> Tuple[int, int]:
-    """(height, width) in pixels: the given ones, or the ``resolution`` bucket (480p = 480 x 832,
-    720p = 704 x 1280); checked to be multiples of 8 * the patch (16)."""
-    if height is not None or width is not None:
-        if height is None or width is None:
-            raise ValueError("give both height and width, or neither")
-        h, w = height, width
-    else:
-        key = resolution or default
-        if key not in RESOLUTIONS:
-            raise ValueError(f"resolution must be one of {sorted(RESOLUTIONS)}, got {key!r} (or give height and width)")
-        h, w = RESOLUTIONS[key]
-    latent_size(1, h, w, _patch(dit))
-    return h, w
-
-
-class LongCatVideoPipeline:
-    """The DiT with the umT5 text encoder and the Wan VAE: prompt strings and pixels in, decoded
-    video out (``output_type``: "np" (default, as officially), "pt", "video" or "latent").
-
-    ``pipe = LongCatVideoPipeline.from_pretrained("weights/LongCat-Video")`` loads all three from
-    an official root. Each ``generate_*`` method checks its inputs, encodes the prompt(s)
-    (:func:`encode_prompts`: the negative prompt only when ``guidance_scale > 1``; the official
-    default negative prompt is "", the official demos' is :data:`OFFICIAL_DEMO_NEGATIVE_PROMPT`),
-    moves the text encoder off the GPU, encodes the conditioning pixels with the VAE, calls the
-    pipeline function of the same name (other keyword arguments go to it: ``num_steps``,
-    ``seed``, ``lora``, ...) and decodes the latents.
-
-    Conditioning images and video frames are resized to ``height`` x ``width`` (default: the
-    ``resolution`` bucket) with ``resize="crop"`` (cover, then crop the centre) or ``"stretch"``
-    (:mod:`~longcat_native.runtime.media`). The VAE encodes to its posterior mean (the official
-    pipeline samples the posterior; see :meth:`VideoVAE.encode`).
-    """
-
-    def __init__(self, dit, text_encoder=None, vae=None):
-        cfg = getattr(dit, "config", None)
-        cap = getattr(cfg, "caption_channels", None)
-        if text_encoder is not None and cap is not None and text_encoder.caption_channels != int(cap):
-            raise ValueError(f"the text encoder's width {text_encoder.caption_channels} is not the DiT's "
-                             f"caption_channels {cap}")
-        if vae is not None:
-            if vae.z_dim != _channels(dit):
-                raise ValueError(f"the VAE's z_dim {vae.z_dim} is not the DiT's in_channels {_channels(dit)}")
-            if (vae.time_stride, vae.space_stride) != (VAE_TIME_STRIDE, VAE_SPACE_STRIDE):
-                raise ValueError(f"the VAE compresses {vae.time_stride}x in time and {vae.space_stride}x in space; "
-                                 f"the pipelines need the Wan VAE's {VAE_TIME_STRIDE}x and {VAE_SPACE_STRIDE}x")
-        self.dit, self.text_encoder, self.vae = dit, text_encoder, vae
-
-    @classmethod
-    def from_pretrained(cls, path, *, dtype=None, device=None, kernels: str = "auto", attention: str = "auto",
-                        text_encoder: bool = True, vae: bool = True, vae_tiling: bool = True,
-                        vae_tile: Tuple[int, int] = (256, 256), vae_tile_stride: Tuple[int, int] = (192, 192),
-                        **dit_kwargs) -> "LongCatVideoPipeline":
-        """Load ``dit/`` (:meth:`LongCatDiT.from_pretrained` with ``dtype``, ``device``, ``kernels``,
-        ``attention`` and config overrides) and, unless switched off, ``tokenizer/`` +
-        ``text_encoder/`` (kept in host memory until a prompt is encoded) and ``vae/`` (tiled
-        decoding with ``vae_tile`` / ``vae_tile_stride`` pixels), in the DiT's dtype. Missing
-        folders and packages, and components that do not fit the DiT, are errors raised before
-        anything is loaded."""
-        from .components import TextEncoder, VideoVAE, check_components
-        from .config import LongCatConfig
-        from .dit import LongCatDiT
-        from .media import MissingExtraError, missing_modules
-        from .weights import find_dit_dir
-
-        dit_cfg = LongCatConfig.from_json_file(str(find_dit_dir(path) / "config.json"))
-        root = check_components(path, text_encoder=text_encoder, vae=vae,
-                                caption_channels=dit_cfg.caption_channels, latent_channels=dit_cfg.in_channels)
-        missing = missing_modules((["transformers", "ftfy"] if text_encoder else []) + (["diffusers"] if vae else []))
-        if missing:
-            raise MissingExtraError(f"the text encoder / VAE need {', '.join(missing)}, not installed: {PIPELINES_EXTRA}")
-        dit = LongCatDiT.from_pretrained(path, dtype=dtype, device=device, kernels=kernels, attention=attention,
-                                         **dit_kwargs)
-        te = TextEncoder.from_pretrained(root, dtype=dit.dtype, device=dit.device) if text_encoder else None
-        v = VideoVAE.from_pretrained(root, dtype=dit.dtype, device=dit.device, tiling=vae_tiling, tile=vae_tile,
-                                     tile_stride=vae_tile_stride) if vae else None
-        return cls(dit, te, v)
-
-    # -- building blocks --------------------------------------------------------------------------
-
-    def _need(self, part: str, why: str):
-        comp = getattr(self, part)
-        if comp is None:
-            folder = {"text_encoder": "tokenizer/ and text_encoder/", "vae": "vae/"}[part]
-            raise ValueError(f"{why} needs the {'text encoder' if part == 'text_encoder' else 'VAE'}, which this "
-                             f"pipeline does not have (from_pretrained loads it from the checkpoint's {folder})")
-        return comp
-
-    def _check(self, output_type: str, kwargs: Optional[dict] = None) -> None:
-        """The checks that need no model work: the output type, and the LoRA/BSA a task will
-        switch on (so a missing LoRA file fails before the prompts are encoded)."""
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
-        if output_type != "latent":
-            self._need("vae", f"output_type={output_type!r}")
-        if kwargs:
-            _Extras(self.dit, kwargs.get("lora"), kwargs.get("lora_path"), kwargs.get("enable_bsa", False),
-                    kwargs.get("lora_kwargs"))
-
-    def encode_prompt(self, prompt, negative_prompt=None, guidance_scale: float = 4.0, offload: bool = True):
-        """:func:`encode_prompts` with this pipeline's text encoder, in the DiT's dtype on its device."""
-        te = self._need("text_encoder", "a prompt string")
-        return encode_prompts(te, prompt, negative_prompt, guidance_scale, dtype=getattr(self.dit, "dtype", None),
-                              device=_device(self.dit), offload=offload)
-
-    def encode_image(self, image, size: Tuple[int, int], resize: str = "crop") -> torch.Tensor:
-        """An image (path, PIL, uint8 array, or [1, 3, H, W] in [-1, 1]) -> normalized latents
-        [1, 16, 1, H/8, W/8] of it resized to ``size``, on the DiT's device."""
-        from .media import load_image
-
-        vae = self._need("vae", "a pixel image")
-        return vae.encode(load_image(image, size, resize).unsqueeze(2)).to(_device(self.dit))
-
-    def encode_video(self, video, size: Tuple[int, int], last_frames: Optional[int] = None,
-                     resize: str = "crop") -> torch.Tensor:
-        """A video (path, frames, or [1, 3, F, H, W] in [-1, 1]) -> normalized latents of its last
-        ``last_frames`` frames (all by default; 4k + 1 of them) resized to ``size``."""
-        from .media import load_video
-
-        vae = self._need("vae", "a pixel video")
-        if last_frames is not None:
-            frames_to_latents(last_frames)
-        return vae.encode(load_video(video, size, resize, last_frames=last_frames)).to(_device(self.dit))
-
-    def encode_refine_input(self, stage1_video, size: Tuple[int, int], *, image=None, video=None,
-                            num_cond_frames: Optional[int] = None, spatial_refine_only: bool = False,
-                            resize: str = "crop", granularity: int = BSA_LATENT_GRANULARITY):
-        """The official refinement's inputs from a decoded stage-1 video (path, frames, or
-        [1, 3, F, H, W] in [-1, 1]): its frames resized to ``size`` (bilinear, ``align_corners=True``),
-        doubled in time unless ``spatial_refine_only`` (trilinear), padded
-        (:func:`refine_frame_padding`) and encoded -> ``(latents [1, 16, m + n, h, w],
-        cond_latents [1, 16, m, h, w] or None, padding)``. Conditioning: ``image`` (one frame)
-        or the last ``num_cond_frames`` frames of ``video``, resized with ``resize`` and padded in
-        front. Pass the results to :func:`generate_refine` with ``size`` = (h, w),
-        ``temporal_upsample=False, pad_frames=False`` (the latents are already at the target size and padded)."""
-        from .media import load_image, load_video
-
-        vae = self._need("vae", "refinement from a pixel video")
-        num_cond_frames = _refine_cond_frames(image, video, num_cond_frames)
-        stage1 = load_video(stage1_video)  # at its own size
-        pad = refine_frame_padding(stage1.shape[2], num_cond_frames, spatial_refine_only, granularity)
-        cond_pixels = None
-        if image is not None:
-            cond_pixels = load_image(image, size, resize).unsqueeze(2)
-        elif video is not None:
-            cond_pixels = load_video(video, size, resize, last_frames=num_cond_frames)
-        # Interpolation is linear, so doing it on [-1, 1] values equals the official order
-        # (interpolate the 0..255 values, then map to [-1, 1]).
-        frames = F.interpolate(stage1[0].movedim(1, 0), size=tuple(size), mode="bilinear", align_corners=True)
-        up = F.interpolate(frames.movedim(0, 1)[None], size=(pad["frames"],) + tuple(size), mode="trilinear",
-                           align_corners=True)
-        up = torch.cat([up[:, :, :1].expand(-1, -1, pad["cond_added"], -1, -1), up,
-                        up[:, :, -1:].expand(-1, -1, pad["noise_added"], -1, -1)], dim=2)
-        # Without conditioning the padded video has 4n frames; the Wan VAE encodes 1 + 4(n - 1) of
-        # them (the official call passes all 4n and the encoder ignores the last 3 padding frames).
-        latents = vae.encode(up[:, :, :pad["encoded_frames"]])
-        del up, frames
-        cond = None
-        if cond_pixels is not None:
-            cond_pixels = torch.cat([cond_pixels[:, :, :1].expand(-1, -1, pad["cond_added"], -1, -1), cond_pixels], 2)
-            cond = vae.encode(cond_pixels).to(_device(self.dit))
-        return latents.to(_device(self.dit)), cond, pad
-
-    def decode(self, latents: torch.Tensor, output_type: str = "np", frames: Optional[Tuple[int, int]] = None):
-        """Latents [B, 16, T, H, W] -> frames in ``output_type`` ("latent" returns them as is);
-        ``frames`` = (start, stop) keeps only those decoded frames."""
-        self._check(output_type)
-        if output_type == "latent":
-            return latents
-        from .compiled import release_graphs
-
-        release_graphs(self.dit)  # the denoising graphs' memory goes to the decode instead
-        pixels = self.vae.decode(latents)
-        if frames is not None:
-            pixels = pixels[:, :, frames[0]: frames[1]]
-        return _postprocess(pixels, output_type)
-
-    # -- tasks ------------------------------------------------------------------------------------
-
-    def generate_t2v(self, prompt, negative_prompt=None, *, num_frames: int = 93, height: int = 480,
-                     width: int = 832, latent: Optional[Tuple[int, int, int]] = None, guidance_scale: float = 4.0,
-                     output_type: str = "np", **kwargs):
-        """Text-to-video (:func:`generate_t2v`) from prompt strings."""
-        self._check(output_type, kwargs)
-        _resolve_latent_size(self.dit, latent, num_frames, height, width)
-        text = self.encode_prompt(prompt, negative_prompt, guidance_scale)
-        lat = generate_t2v(self.dit, *text, num_frames=num_frames, height=height, width=width, latent=latent,
-                           guidance_scale=guidance_scale, **kwargs)
-        return self.decode(lat, output_type)
-
-    def generate_i2v(self, image, prompt, negative_prompt=None, *, num_frames: int = 93,
-                     resolution: str = "480p", height: Optional[int] = None, width: Optional[int] = None,
-                     resize: str = "crop", guidance_scale: float = 4.0, output_type: str = "np", **kwargs):
-        """Image-to-video (:func:`generate_i2v`): ``image`` resized to ``height`` x ``width`` (or
-        the ``resolution`` bucket) is encoded as the first latent frame."""
-        self._check(output_type, kwargs)
-        self._need("vae", "image-to-video from pixels")
-        size = pixel_size(self.dit, height, width, resolution)
-        if frames_to_latents(num_frames) < 2:
-            raise ValueError(f"num_frames={num_frames} gives a single latent frame: nothing to generate after the image")
-        text = self.encode_prompt(prompt, negative_prompt, guidance_scale)
-        img = self.encode_image(image, size, resize)
-        lat = generate_i2v(self.dit, img, *text, num_frames=num_frames, guidance_scale=guidance_scale, **kwargs)
-        return self.decode(lat, output_type)
-
-    def generate_vc(self, video, prompt, negative_prompt=None, *, num_frames: int = 93, num_cond_frames: int = 13,
-                    resolution: str = "480p", height: Optional[int] = None, width: Optional[int] = None,
-                    resize: str = "crop", guidance_scale: float = 4.0, output_type: str = "np", **kwargs):
-        """Video continuation (:func:`generate_vc`): the last ``num_cond_frames`` frames of
-        ``video`` (4k + 1 of them; 13 officially), resized and encoded, condition a ``num_frames``
-        segment; the result is that segment, conditioning frames included (as officially)."""
-        self._check(output_type, kwargs)
-        self._need("vae", "video continuation from pixels")
-        size = pixel_size(self.dit, height, width, resolution)
-        frames_to_latents(num_cond_frames)
-        if frames_to_latents(num_frames) <= _cond_latent_count(num_cond_frames):
-            raise ValueError(f"num_frames={num_frames} leaves nothing to generate after num_cond_frames={num_cond_frames}")
-        text = self.encode_prompt(prompt, negative_prompt, guidance_scale)
-        cond = self.encode_video(video, size, last_frames=num_cond_frames, resize=resize)
-        lat = generate_vc(self.dit, cond, *text, num_frames=num_frames, num_cond_frames=num_cond_frames,
-                          guidance_scale=guidance_scale, **kwargs)
-        return self.decode(lat, output_type)
-
-    def generate_long(self, prompt, negative_prompt=None, *, guidance_scale: float = 4.0, output_type: str = "np",
-                      **kwargs):
-        """Long video (:func:`generate_long`, chained in latent space), decoded at the end."""
-        self._check(output_type, kwargs)
-        text = self.encode_prompt(prompt, negative_prompt, guidance_scale)
-        lat = generate_long(self.dit, *text, guidance_scale=guidance_scale, **kwargs)
-        return self.decode(lat, output_type)
-
-    def generate_refine(self, stage1_video, prompt, *, image=None, video=None, num_cond_frames: Optional[int] = None,
-                        resolution: str = "720p", height: Optional[int] = None, width: Optional[int] = None,
-                        spatial_refine_only: bool = False, resize: str = "crop",
-                        granularity: int = BSA_LATENT_GRANULARITY, output_type: str = "np", **kwargs):
-        """Refinement of a decoded stage-1 video, the official way (:meth:`encode_refine_input`,
-        then :func:`generate_refine` on the padded latents: noised to ``t_thresh``, no guidance;
-        ``lora`` and ``enable_bsa`` as there, e.g. ``lora='refinement_lora', enable_bsa=True`` as
-        the official demo runs it). Target size: ``height`` x ``width`` or the ``resolution``
-        bucket (720p = 704 x 1280). Decoded output is cropped to the refined frames;
-        ``output_type="latent"`` returns the padded latents. For stage-1 *latents*, call
-        :func:`generate_refine` and :meth:`decode`."""
-        self._check(output_type, kwargs)
-        self._need("vae", "refinement from a pixel video")
-        size = pixel_size(self.dit, height, width, resolution, default="720p")
-        for bad in ("size", "temporal_upsample", "pad_frames", "cond_latents"):
-            if bad in kwargs:
-                raise ValueError(f"{bad}= is set by the pixel path here (see encode_refine_input)")
-        from .media import load_video
-
-        num_cond_frames = _refine_cond_frames(image, video, num_cond_frames)
-        stage1_video = load_video(stage1_video)
-        refine_frame_padding(stage1_video.shape[2], num_cond_frames, spatial_refine_only, granularity)
-        text = self.encode_prompt(prompt, guidance_scale=1.0)
-        latents, cond, pad = self.encode_refine_input(stage1_video, size, image=image, video=video,
-                                                      num_cond_frames=num_cond_frames,
-                                                      spatial_refine_only=spatial_refine_only, resize=resize,
-                                                      granularity=granularity)
-        lat = generate_refine(self.dit, latents, text[0], text[1], cond_latents=cond, size=latents.shape[3:],
-                              temporal_upsample=False, pad_frames=False, **kwargs)
-        if output_type == "latent":
-            return lat
-        return self.decode(lat, output_type, frames=(pad["cond_added"], pad["cond_added"] + pad["frames"]))
-
-
-def _refine_cond_frames(image, video, num_cond_frames: Optional[int]) -> int:
-    if image is not None and video is not None:
-        raise ValueError("give image or video as conditioning, not both")
-    if image is not None:
-        if num_cond_frames not in (None, 1):
-            raise ValueError(f"an image is one conditioning frame; num_cond_frames={num_cond_frames}")
-        return 1
-    if video is not None:
-        if not num_cond_frames:
-            raise ValueError("video conditioning needs num_cond_frames > 0 (how many of its last frames to keep)")
-        return num_cond_frames
-    if num_cond_frames:
-        raise ValueError(f"num_cond_frames={num_cond_frames} without an image or video to take them from")
-    return 0
-
-
-def _postprocess(pixels: torch.Tensor, output_type: str):
-    """Decoded pixels [B, 3, F, H, W] in [-1, 1] -> the output format (on the host)."""
-    from .media import pixels_to_uint8
-
-    if output_type == "video":
-        return pixels_to_uint8(pixels)
-    unit = (pixels.detach().float().cpu() / 2 + 0.5).clamp_(0, 1)
-    if output_type == "pt":
-        return unit.permute(0, 2, 1, 3, 4).contiguous()
-    return unit.permute(0, 2, 3, 4, 1).contiguous().numpy()

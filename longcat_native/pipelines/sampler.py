@@ -33,7 +33,7 @@ from typing import Callable, Dict, Mapping, Optional, Tuple
 
 import torch
 
-from .compiled import graph_runner_for
+from ..runtime.compiled import graph_runner_for
 
 __all__ = [
     "NUM_TRAIN_TIMESTEPS", "NUM_DISTILL_STEPS", "DEFAULT_SHIFT", "Schedule",
@@ -181,7 +181,7 @@ def _as_text(embeds, name: str, B: int, caption_channels: Optional[int]) -> torc
     if isinstance(embeds, str):
         raise ValueError(
             f"{name} is a prompt string; denoise takes precomputed embeddings [B, 1, L, caption_channels]. "
-            "Encode prompts with LongCatVideoPipeline.encode_prompt (or runtime.pipelines.encode_prompts and a "
+            "Encode prompts with LongCatVideoPipeline.encode_prompt (or pipelines.encode_prompts and a "
             "TextEncoder; `pip install 'longcat-native[pipelines]'`), or call LongCatVideoPipeline's generate_* "
             "with prompt strings."
         )
