@@ -84,23 +84,24 @@ def test_bsa_implementation_follows_the_attention_backend(monkeypatch):
     """BSA is an attention backend: the Triton kernel with the fused kernels, and on CUDA also
     for the reference kernel path (the dense masked oracle needs ~470 TFLOP per block at 720p),
     unless attention='reference' asks for the oracle."""
-    from longcat_native.runtime import model as model_mod
+    from longcat_native.runtime.dit import bsa_kernel_path
 
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    assert model_mod.bsa_impl("triton", cpu, "sdpa") == "triton"
-    assert model_mod.bsa_impl("triton", cuda, "reference") == "triton"
-    assert model_mod.bsa_impl("reference", cuda, "flash3") == "triton"
-    assert model_mod.bsa_impl("reference", cuda, "sdpa") == "triton"
-    assert model_mod.bsa_impl("reference", cuda, "reference") == "reference"
-    assert model_mod.bsa_impl("reference", cpu, "sdpa") == "reference"
+    assert bsa_kernel_path("triton", cpu, "sdpa") == "triton"
+    assert bsa_kernel_path("triton", cuda, "reference") == "triton"
+    assert bsa_kernel_path("reference", cuda, "flash3") == "triton"
+    assert bsa_kernel_path("reference", cuda, "sdpa") == "triton"
+    assert bsa_kernel_path("reference", cuda, "reference") == "reference"
+    assert bsa_kernel_path("reference", cpu, "sdpa") == "reference"
 
-    seen = []
-    real = model_mod.block_sparse_attention
-    monkeypatch.setattr(model_mod, "block_sparse_attention", lambda *a, impl, **kw: seen.append(impl) or real(*a, impl=impl, **kw))
     inputs, _, _, meta = load_case("bsa_t2v")
     for kernels in ("reference", "triton"):
         dit = lcn.LongCatDiT.from_pretrained(FIXTURE_ROOT, kernels=kernels)
         dit.enable_bsa()
-        seen.clear()
+        ops = dit.resolved_ops()
+        assert ops.bsa == kernels and ops.block_sparse_attention.keywords == {"impl": kernels}, (kernels, ops.bsa)
+        seen = []
+        spy = ops._replace(block_sparse_attention=lambda *a, _f=ops.block_sparse_attention, **kw: seen.append(1) or _f(*a, **kw))
+        monkeypatch.setattr(dit, "resolved_ops", lambda: spy)
         dit(**inputs, **meta["kwargs"])
-        assert seen and set(seen) == {"reference" if kernels == "reference" else "triton"}, (kernels, seen)
+        assert seen, f"kernels={kernels}: the forward did not run block-sparse attention"

@@ -1,75 +1,7 @@
 """The compiled runtime: ``compile_model`` (torch.compile with per-device defaults, bounded and
 reported recompiles) and ``CUDAGraphRunner`` (whole-forward CUDA graphs with an LRU of shapes).
 
-compile_model
--------------
-``compile_model(dit)`` returns a :class:`CompiledModel`: calling it is calling the DiT (same
-signature), through ``torch.compile(fullgraph=True, dynamic=False)``. Every fused op is a
-``torch.library`` custom op with a fake implementation, so dynamo traces the whole forward as one
-graph and inductor fuses the glue around the opaque kernels.
-
-* Defaults: mode ``"default"`` on CUDA and CPU. ``"max-autotune-no-cudagraphs"`` is the mode to
-  try on CUDA for the last few percent (GEMM autotuning; minutes of compile per new shape at the
-  real width). Never a mode that makes inductor capture CUDA graphs itself (``"reduce-overhead"``,
-  ``"max-autotune"``) together with :class:`CUDAGraphRunner`, which owns the graphs.
-* ``dynamic=False``: one specialized graph per input shape (the shapes of a run are few: one per
-  resolution and batch). The number of graphs per model is bounded by ``recompile_limit``
-  (dynamo's ``recompile_limit``, patched only around this model's calls, not globally); past it
-  the new shape runs eagerly (dynamo's behaviour without fullgraph; with fullgraph=True dynamo
-  raises, and :class:`CompiledModel` catches that and calls the model itself, warning once). Note dynamo keys its cache on the code object, which every
-  ``LongCatDiT`` shares: several compiled models in one process share one budget.
-* ``regional=True`` compiles one block instead of the whole forward: every block runs through one
-  compiled function (``torch.compile`` of ``block(*args)`` with the block an argument; its weights
-  are graph inputs, so all 48 blocks share one graph), and the embedders, the per-block
-  modulation GEMM, the fused norm between blocks and the final layer run eagerly (a handful of
-  launches per block, which CUDA graphs remove). Compile time no longer grows with the depth:
-  on the tiny config with 8 blocks, 8.5 s against 29.7 s for the whole forward (2-core CPU,
-  inductor); dynamo alone spends about a second per block on a whole forward here. The model
-  is not modified: the compiled function is handed to it for the duration of each call
-  (``runtime.model.block_call``), a module global: two threads running regional models at once
-  may run some of one's blocks eagerly (the compiled function takes the block as an argument,
-  so results stay right; only the speed suffers).
-* Reported: a counting backend wraps inductor; each graph it is handed is one compilation.
-  ``stats()`` gives ``compiles``, ``recompiles`` (compiles after the first), the input shapes
-  that caused each and the seconds spent; each recompile also emits a ``warnings.warn`` naming
-  the new shapes.
-
-CUDAGraphRunner
----------------
-Replays a captured CUDA graph of the whole forward per *key* (batch, latent T/H/W, text length,
-dtypes, ``num_cond_latents``, ``skip_crs_attn``, BSA off or its parameters, kernel/attention path,
-LoRA state):
-
-* static input buffers (allocated outside the graph pool) receive the call's inputs by
-  ``copy_``; the static output is cloned on return (``clone_output=True``) so a later replay
-  cannot overwrite what the caller holds;
-* warm-up (``warmup`` calls, compiling/autotuning everything lazy) on a side stream, then capture
-  into one memory pool shared by all graphs (``torch.cuda.graph_pool_handle()``). Sharing is safe
-  because replays are serialized on one stream and every static output stays referenced by its
-  entry, so a later capture never reuses memory an earlier graph still needs;
-* an LRU of at most ``max_graphs`` captured keys (eviction drops the graph and its buffers);
-* a graph replays the *addresses* it was captured with, weights included: every call compares
-  the storages of the model's parameters, buffers and unmerged LoRA branches with those the
-  graphs were captured over, and drops every graph when one moved (``dit.to(...)``, an
-  ``enable_loras`` in unmerged mode, which builds new branch tensors, a ``load_state_dict(...,
-  assign=True)``); the next call captures again. Writes into the same storage (merged LoRAs,
-  ``disable_all_loras``, ``load_state_dict``) keep the graphs, which see the new values;
-* text padded to ``text_len`` tokens (when set) so prompts of different lengths share a graph.
-  Padding is exact only when padded tokens are masked out of cross-attention, i.e. configs with
-  ``text_tokens_zero_pad=False``. With ``text_tokens_zero_pad=True`` (the official checkpoint's
-  setting) the model zeroes padded tokens and *attends to them* (each contributes the
-  ``kv_linear`` bias as key/value): adding padding would change the result, so in that mode the
-  text is never padded and its length is part of the key (the official pipeline always passes
-  512-token text anyway);
-* fallback, with one ``warnings.warn`` per reason: the model is not on CUDA, ``return_kv``,
-  a ``kv_cache_dict`` (host-offloaded caches are copied block by block on side streams; a device
-  cache would have to be copied into static buffers on every call), ``offload_kv_cache``, a
-  tensor ``num_cond_latents``, context parallelism (``cp_size > 1``), or a capture that failed
-  (the key is then remembered as uncapturable). The fallback callable is ``fallback`` (e.g. a
-  :class:`CompiledModel`) or the model itself.
-
-The runner forwards attribute access to the model (``runner.config``, ``runner.dtype``,
-``runner.enable_bsa()``...), so it can be passed wherever the DiT is.
+Design notes: docs/design/compiled.md.
 """
 
 from __future__ import annotations
@@ -80,6 +12,8 @@ import warnings
 from typing import Any, Callable, Dict, List, Optional
 
 import torch
+
+from .dit import LongCatDiT
 
 __all__ = ["compile_model", "CompiledModel", "CUDAGraphRunner", "default_compile_mode", "graph_runner_for",
            "release_graphs"]
@@ -149,13 +83,7 @@ class CompiledModel:
             with torch._dynamo.config.patch(recompile_limit=self.recompile_limit):
                 if not self.regional:
                     return self.compiled(*args, **kwargs)
-                from . import model as model_mod
-
-                outer, model_mod.block_call = model_mod.block_call, self.compiled
-                try:
-                    return self.model(*args, **kwargs)
-                finally:
-                    model_mod.block_call = outer
+                return self.model(*args, block_fn=self.compiled, **kwargs)
         except _LIMIT_ERRORS:
             # fullgraph=True turns "recompile limit hit" into an error: run this shape eagerly.
             self._eager_calls += 1
@@ -321,7 +249,7 @@ class CUDAGraphRunner:
         parts: List[Any] = [t.data_ptr() for t in m.parameters()]
         parts += [t.data_ptr() for t in m.buffers()]
         for mod in m.modules():
-            for down, up, scale, row0 in mod.__dict__.get("lora_branches") or ():
+            for down, up, scale, row0 in getattr(mod, "lora_branches", ()):
                 parts += (down.data_ptr(), up.data_ptr(), float(scale), int(row0))
         return tuple(parts)
 
@@ -446,8 +374,6 @@ class CUDAGraphRunner:
 
 # -- the pipelines' runner ---------------------------------------------------------------------
 
-_RUNNER_ATTR = "_longcat_graph_runner"
-
 
 def _graphs_supported(model) -> bool:
     """Whole-forward graphs apply to a CUDA model without context parallelism."""
@@ -462,15 +388,13 @@ def graph_runner_for(dit, graphs="auto"):
     of one, which then is what gets captured) on CUDA without context parallelism, and quietly
     returns ``dit`` elsewhere; ``True`` requires them (a clear error where they cannot apply);
     ``False`` never. A passed-in :class:`CUDAGraphRunner` is used as it is. The runner is kept on
-    the model, so successive pipeline calls (segments of a long video, the refinement stage)
+    the model (``dit.graph_runner``), so successive pipeline calls (segments of a long video, the refinement stage)
     replay graphs captured earlier; :func:`release_graphs` frees them.
     """
     if graphs not in (True, False, "auto"):
         raise ValueError(f"graphs must be True, False or 'auto', got {graphs!r}")
     if graphs is False or isinstance(dit, CUDAGraphRunner):
         return dit
-    from .dit import LongCatDiT
-
     base = dit.model if isinstance(dit, CompiledModel) else dit
     if not isinstance(base, LongCatDiT) or not _graphs_supported(base):
         if graphs is True:
@@ -480,12 +404,9 @@ def graph_runner_for(dit, graphs="auto"):
             raise ValueError(f"graphs=True needs a LongCatDiT on a CUDA device; the model is {where}. "
                              "Use graphs='auto' or False.")
         return dit
-    runner = base.__dict__.get(_RUNNER_ATTR)
+    runner = base.graph_runner
     if runner is None or runner.fn is not dit:
-        # In the module's __dict__, not as an attribute: nn.Module would otherwise try to
-        # register it, and state_dict()/to() must not see it.
-        runner = CUDAGraphRunner(base, fallback=None if dit is base else dit)
-        base.__dict__[_RUNNER_ATTR] = runner
+        runner = base.graph_runner = CUDAGraphRunner(base, fallback=None if dit is base else dit)
     return runner
 
 
@@ -494,9 +415,10 @@ def release_graphs(dit) -> bool:
     device (the pipelines call it before the VAE decodes, which needs that memory more than the
     next denoising call needs the graphs: a later call captures again, once). True if any were held."""
     base = dit.model if isinstance(dit, (CompiledModel, CUDAGraphRunner)) else dit
-    runner = getattr(base, "__dict__", {}).pop(_RUNNER_ATTR, None)
+    runner = getattr(base, "graph_runner", None)
     if runner is None:
         return False
+    base.graph_runner = None
     runner.reset()
     if _model_device(base).type == "cuda":
         torch.cuda.empty_cache()

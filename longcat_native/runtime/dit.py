@@ -10,20 +10,20 @@ torch_dtype=..., cp_split_hw=...)`` and ``torch.compile(dit)``; all of these wor
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Union
 
 import torch
 
-from ..kernels import KERNEL_PATHS
+from ..kernels.ops import Ops, get_ops
 from ..kernels._common import is_fake, triton_usable_on
+from . import lora
 from .attention import check_attention_name, resolve_attention_backend
 from .config import LongCatConfig, resolve_config
 from .model import LongCatTransformer
+from .names import KERNEL_CHOICES, merge_alias
 from .weights import find_dit_dir, list_weight_files, load_official_weights
 
-__all__ = ["LongCatDiT", "resolve_dtype"]
-
-KERNEL_CHOICES = KERNEL_PATHS + ("auto",)
+__all__ = ["LongCatDiT", "resolve_dtype", "bsa_kernel_path"]
 
 _DTYPE_NAMES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -62,13 +62,16 @@ def _resolve_device(device, cp_size: int = 1) -> torch.device:
     return torch.device(device)
 
 
-def _merge_alias(ours, theirs, our_name: str, their_name: str):
-    """Accept the official (diffusers) spelling of an argument as an alias of ours."""
-    if theirs is None:
-        return ours
-    if ours is not None and ours != theirs:
-        raise ValueError(f"{our_name}={ours!r} and {their_name}={theirs!r} disagree; pass one of them")
-    return theirs
+def bsa_kernel_path(kernels: str, device: torch.device, attention: str) -> str:
+    """Which block-sparse attention runs: the Triton kernel with the fused kernels, and on CUDA
+    with every attention backend but ``"reference"``; the plain-PyTorch oracle otherwise.
+
+    BSA is an attention backend, so on a GPU the reference kernel path uses the same BSA kernel as
+    the fused one (as the official code does): the oracle does dense masked float32 attention,
+    about 470 TFLOP per block at 720p (N = 168,960), and is for checking, not for running."""
+    if kernels == "triton" or (device.type == "cuda" and attention != "reference"):
+        return "triton"
+    return "reference"
 
 
 class _DeviceKVCache:
@@ -170,11 +173,11 @@ class LongCatDiT(LongCatTransformer):
         # ContextParallel (runtime/parallel.py) when built with cp_size > 1: the forward is split
         # over the ranks of its process group, each rank passing and receiving full tensors.
         self.cp = None
-        # Every Linear carries its (empty) list of unmerged LoRA branches from the start, so a
-        # model compiled before any LoRA is loaded still sees branches added later.
-        for m in self.modules():
-            if isinstance(m, torch.nn.Linear):
-                m.__dict__["lora_branches"] = []
+        # Which LoRAs are active, in which mode, and the exact copies merged weights restore from.
+        self.lora_state = lora.LoRAState()
+        # The CUDAGraphRunner that denoise replays for this model (runtime/compiled.py,
+        # graph_runner_for), kept so later calls at the same shape replay graphs captured earlier.
+        self.graph_runner = None
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
@@ -198,10 +201,10 @@ class LongCatDiT(LongCatTransformer):
         (diffusers) spellings; other keyword arguments name ``config.json`` keys and override them
         (e.g. ``text_tokens_zero_pad=False``, ``cp_split_hw=[1, 1]``).
         """
-        path = _merge_alias(path, pretrained_model_name_or_path, "path", "pretrained_model_name_or_path")
+        path = merge_alias(path, pretrained_model_name_or_path, "path", "pretrained_model_name_or_path")
         if path is None:
             raise TypeError("from_pretrained() needs a checkpoint path")
-        dtype = _merge_alias(dtype, torch_dtype, "dtype", "torch_dtype")
+        dtype = merge_alias(dtype, torch_dtype, "dtype", "torch_dtype")
         cp_size = _check_cp_size(cp_size)
         dit_dir = find_dit_dir(path, subfolder)
         cfg = LongCatConfig.from_json_file(str(dit_dir / "config.json"), config_overrides)
@@ -236,7 +239,7 @@ class LongCatDiT(LongCatTransformer):
         tests and benchmarks, not training: every weight, adaLN and the final layer included, is
         random so each path does real work (the official init zeroes adaLN, making the output 0).
         """
-        dtype = _merge_alias(dtype, torch_dtype, "dtype", "torch_dtype")
+        dtype = merge_alias(dtype, torch_dtype, "dtype", "torch_dtype")
         cp_size = _check_cp_size(cp_size)
         cfg = resolve_config(config_or_name, config_overrides)
         device = _resolve_device(device, cp_size)
@@ -305,6 +308,12 @@ class LongCatDiT(LongCatTransformer):
     def resolved_attention(self) -> str:
         return resolve_attention_backend(self.attention, self.device, self.dtype)
 
+    def resolved_ops(self) -> Ops:
+        """The ops a call runs: the resolved kernel path, with block-sparse attention by
+        :func:`bsa_kernel_path` (which also depends on the device and the attention backend)."""
+        kernels = self.resolved_kernels()
+        return get_ops(kernels, bsa_kernel_path(kernels, self.device, self.resolved_attention()))
+
     def extra_repr(self) -> str:
         c = self.cfg
         return (f"hidden_size={c.hidden_size}, depth={c.depth}, num_heads={c.num_heads}, "
@@ -327,43 +336,31 @@ class LongCatDiT(LongCatTransformer):
         """Read an official LoRA safetensors file into ``self.lora_dict[lora_key]`` (nothing is
         applied until :meth:`enable_loras`). Scale per module: ``multiplier * alpha_scale`` (the
         file's); ``lora_network_dim`` must be the file's rank. Reloading a key replaces it."""
-        from . import lora as _lora
-
-        return _lora.load_lora(self, lora_path, lora_key, multiplier, lora_network_dim, lora_network_alpha,
-                               path=path, key=key)
+        return lora.load_lora(self, lora_path, lora_key, multiplier, lora_network_dim, lora_network_alpha,
+                              path=path, key=key)
 
     def enable_loras(self, lora_key_list=()):
         """Make exactly these loaded LoRAs active (replaces the active set), in ``self.lora_mode``."""
-        from . import lora as _lora
-
-        _lora.enable_loras(self, lora_key_list)
+        lora.enable_loras(self, lora_key_list)
 
     def disable_all_loras(self):
         """Back to the base weights (bit-exact) with no LoRA branches."""
-        from . import lora as _lora
-
-        _lora.disable_all_loras(self)
+        lora.disable_all_loras(self)
 
     @property
     def lora_mode(self) -> str:
         """"merged" (default: deltas folded into the weights) or "unmerged" (low-rank branches);
         setting it re-applies the active LoRAs in the new mode."""
-        from . import lora as _lora
-
-        return _lora.get_lora_mode(self)
+        return self.lora_state.mode
 
     @lora_mode.setter
     def lora_mode(self, mode: str) -> None:
-        from . import lora as _lora
-
-        _lora.set_lora_mode(self, mode)
+        lora.set_lora_mode(self, mode)
 
     @property
     def active_loras(self):
         """Keys of the active LoRAs, in the order given to :meth:`enable_loras` (a copy)."""
-        from . import lora as _lora
-
-        return _lora.active_loras(self)
+        return list(self.lora_state.active)
 
     # -- block-sparse attention (official API) ------------------------------------------------
     def enable_bsa(self) -> None:
@@ -386,6 +383,8 @@ class LongCatDiT(LongCatTransformer):
         kv_cache_dict: Optional[Mapping[int, Tuple[torch.Tensor, torch.Tensor]]] = None,
         skip_crs_attn: bool = False,
         offload_kv_cache: bool = False,
+        *,
+        block_fn: Optional[Callable] = None,
     ):
         """The official call. ``hidden_states`` [B, C_in, T, H, W]; ``timestep`` [B] or [B, T];
         ``encoder_hidden_states`` [B, 1, L, C_cap] or [B, L, C_cap] (may be None with
@@ -396,6 +395,8 @@ class LongCatDiT(LongCatTransformer):
         ``offload_kv_cache``. With ``kv_cache_dict`` (from a ``return_kv`` call on the m clean
         conditioning frames; batch 1 or B) the call's frames are the last T of an (m + T)-frame
         grid; ``num_cond_latents`` may be 0 (inferred from the cache) or must equal m.
+        ``block_fn`` (not official): runs each block as ``block_fn(block, *args)``; regional
+        compilation (``lcn.compile(dit, regional=True)``) passes its one compiled function.
         """
         x, B, T = self._check_latents(hidden_states)
         if self.cp is not None:
@@ -421,7 +422,7 @@ class LongCatDiT(LongCatTransformer):
         sink = _KVSink(x.device, bool(offload_kv_cache)) if return_kv else None
         out = self.run(
             x, t, text, mask, num_cond_latents, cache, cache_frames, sink, bool(skip_crs_attn),
-            attention_backend=self.resolved_attention(), kernels=self.resolved_kernels(), cp=self.cp,
+            attention_backend=self.resolved_attention(), ops=self.resolved_ops(), cp=self.cp, block_fn=block_fn,
         )
         return (out, sink.finish()) if return_kv else out
 

@@ -1,65 +1,7 @@
 """LoRA for ``LongCatDiT``: the official LoRA files, merged or unmerged, switched exactly.
 
-The official format (``longcat_video/modules/lora_utils.py``)
---------------------------------------------------------------
-A safetensors file; per targeted ``nn.Linear`` of the official model, with its module name
-encoded as ``"lora___lorahyphen___" + name.replace(".", "___lorahyphen___")``:
-
-- ``<lora_name>.lora_down.weight`` ``[n * r, in]``;
-- ``<lora_name>.lora_up.weight`` ``[out, r]`` (``n = 1``), or for a fused projection
-  ``<lora_name>.lora_up.blocks.{i}.weight`` ``[out / n, r]``, ``i < n`` (``LoRAUPParallel``:
-  the down output is chunked in n pieces of r, piece i feeds up block i, which writes output
-  rows ``[i * out/n, (i+1) * out/n)``; the cfg_step LoRA uses n = 3 on ``attn.qkv`` and n = 2 on
-  ``cross_attn.kv_linear``);
-- ``<lora_name>.alpha_scale``: a scalar.
-
-The official module adds ``up(down(x)) * multiplier * alpha_scale`` to the layer's output, with
-``alpha_scale`` *as stored in the file* (the ``lora_network_alpha / lora_network_dim`` the
-loader computes is only the buffer's initial value, overwritten by the strict
-``load_state_dict``). ``lora_network_dim`` is the rank the official loader builds its modules
-with, so a file of another rank fails there; here it is checked and reported the same way.
-``lora_network_alpha`` has no effect (recorded only). LoRAs target only ``nn.Linear`` layers
-(the official patch embedding is a Conv3d, so ``x_embedder.proj`` is not a target).
-
-Official -> internal targets: ``ffn.w1`` / ``ffn.w3`` are the row halves ``[0, F)`` / ``[F, 2F)``
-of our ``ffn.w13``; ``*.adaLN_modulation.1`` is our ``*.adaLN_modulation``; every other name is
-the same. A file naming anything else, or with a wrong shape or rank, is rejected with one
-``ValueError`` that names every bad key; nothing is changed then.
-
-What is kept where
-------------------
-``dit.lora_dict[key]`` is a :class:`LoRA` (official attribute name): its tensors are kept on the
-host exactly as the file stores them (dtype included; upcasting to float32 is exact, so this
-loses nothing and halves the memory of a bf16 file), with ``alpha_scale`` as a Python float of
-the file's float32 value. The model's weights are never touched by ``load_lora``.
-
-Modes (``dit.lora_mode``; ``enable_loras`` applies the active set in the current mode)
--------------------------------------------------------------------------------------
-- ``"merged"`` (default): per touched weight, ``W = cast(float32(W0) + sum_k scale_k * up_k @ down_k)``,
-  the deltas summed in float32 on the model's device, cast to the model dtype once. A step costs
-  nothing extra. ``W0`` always comes from the original weights, never from a merged one:
-  switching A -> B restores what only A touched and recomputes what B touches from ``W0``.
-- ``"unmerged"``: the low-rank branches run next to each layer (``linear()`` in model.py reads
-  ``layer.__dict__["lora_branches"]``: tuples ``(down [r, in], up [rows, r], scale, first_row)``,
-  one per up block, the blocks of a fused projection sharing views of one down tensor). The
-  branch weights live on the model's device in the model's dtype (as the official
-  ``enable_loras`` casts them); switching costs only that copy. After ``dit.to(...)``, call
-  ``enable_loras`` again so the branches follow. With ``torch.compile``: compile after the first
-  ``load_lora`` (which gives every Linear an empty branch list that compiled code guards on);
-  a model compiled before any LoRA was loaded does not notice branches appearing
-  (``torch._dynamo.reset()`` fixes that). Merged mode has no such caveat.
-
-Exact restore and its memory cost
----------------------------------
-Before a weight is first merged, an exact copy of it (its own dtype) goes to host memory;
-``disable_all_loras`` and switches copy it back (bit-exact by construction). The copies are kept
-after ``disable_all_loras`` so the next ``enable_loras`` needs no device-to-host copy; a copy is
-trusted only while the parameter is the same storage with an unchanged version counter (any
-in-place write, e.g. ``load_state_dict``, makes a fresh copy be taken). Cost: host memory equal
-to the touched weights, for the official cfg_step target set about 12.9 B parameters of the
-13.6 B model (~26 GB in bfloat16). :func:`release_base_copies` frees them (the next merge takes
-them again); ``base_copy_bytes(dit)`` reports the current amount. Do not modify weights while
-LoRAs are merged: restoring writes the copies back.
+Design notes (the official format, the modes, exact restore and its memory cost):
+docs/design/lora.md.
 """
 
 from __future__ import annotations
@@ -74,11 +16,12 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
+from .names import merge_alias
+
 __all__ = [
-    "LORA_PREFIX", "LORA_HYPHEN", "LORA_MODES", "LoRA", "LoRAModuleWeights",
+    "LORA_PREFIX", "LORA_HYPHEN", "LORA_MODES", "LoRA", "LoRAModuleWeights", "LoRAState",
     "read_lora_file", "lora_from_state_dict", "official_lora_targets", "encode_lora_name",
-    "load_lora", "enable_loras", "disable_all_loras", "set_lora_mode", "get_lora_mode",
-    "active_loras", "release_base_copies", "base_copy_bytes",
+    "load_lora", "enable_loras", "disable_all_loras", "set_lora_mode", "release_base_copies", "base_copy_bytes",
 ]
 
 LORA_PREFIX = "lora___lorahyphen___"
@@ -347,7 +290,11 @@ class _BaseCopy:
                 and tuple(p.shape) == self.shape)
 
 
-class _LoRAState:
+class LoRAState:
+    """The LoRA state a ``LongCatDiT`` owns (``dit.lora_state``): the mode, the active keys, the
+    parameters holding merged values, the layers carrying unmerged branches, and the exact host
+    copies merged weights are restored from. The loaded files are ``dit.lora_dict`` (official)."""
+
     def __init__(self):
         self.mode = "merged"
         self.active: List[str] = []
@@ -356,24 +303,15 @@ class _LoRAState:
         self.base: Dict[str, _BaseCopy] = {}
 
 
-def _state(dit) -> _LoRAState:
-    st = dit.__dict__.get("_lora_state")
-    if st is None:
-        st = dit.__dict__["_lora_state"] = _LoRAState()
-    if getattr(dit, "lora_dict", None) is None:
-        dit.lora_dict = {}
+def _state(dit) -> LoRAState:
+    st = getattr(dit, "lora_state", None)
+    if not isinstance(st, LoRAState):
+        raise TypeError(f"LoRA needs a LongCatDiT (which owns a lora_state), got {type(dit).__name__}")
     return st
 
 
-def get_lora_mode(dit) -> str:
-    return _state(dit).mode
-
-
-def active_loras(dit) -> List[str]:
-    return list(_state(dit).active)
-
-
 def base_copy_bytes(dit) -> int:
+    """Host memory held by the exact copies of weights LoRAs were merged into."""
     return sum(c.host.numel() * c.host.element_size() for c in _state(dit).base.values())
 
 
@@ -398,8 +336,8 @@ def load_lora(dit, lora_path=None, lora_key=None, multiplier=1.0, lora_network_d
     the active set is applied again with the new weights, so the model always reflects
     ``lora_dict``. ``path``/``key`` are accepted as aliases of ``lora_path``/``lora_key``.
     """
-    lora_path = _alias(lora_path, path, "lora_path", "path")
-    lora_key = _alias(lora_key, key, "lora_key", "key")
+    lora_path = merge_alias(lora_path, path, "lora_path", "path")
+    lora_key = merge_alias(lora_key, key, "lora_key", "key")
     if lora_path is None or lora_key is None:
         raise TypeError("load_lora() needs a file path and a key")
     try:
@@ -407,7 +345,6 @@ def load_lora(dit, lora_path=None, lora_key=None, multiplier=1.0, lora_network_d
     except TypeError:
         raise ValueError(f"lora_key must be hashable (a string), got {lora_key!r}") from None
     st = _state(dit)
-    _ensure_branch_slots(dit)
     lora = lora_from_state_dict(dit, read_lora_file(lora_path), lora_key, multiplier, lora_network_dim,
                                 lora_network_alpha, path=lora_path)
     dit.lora_dict[lora_key] = lora
@@ -430,7 +367,6 @@ def enable_loras(dit, lora_key_list: Sequence = ()) -> None:
     if dups:
         raise ValueError(f"enable_loras: key(s) {dups} given more than once")
     loras = [dit.lora_dict[k] for k in keys]
-    _ensure_branch_slots(dit)
     try:
         with torch.no_grad():
             _remove_branches(st)
@@ -468,14 +404,6 @@ def set_lora_mode(dit, mode: str) -> None:
     st.mode = mode
     if st.active:
         enable_loras(dit, list(st.active))
-
-
-def _alias(ours, theirs, our_name, their_name):
-    if theirs is None:
-        return ours
-    if ours is not None and ours != theirs:
-        raise ValueError(f"{our_name}={ours!r} and {their_name}={theirs!r} disagree; pass one of them")
-    return theirs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -562,7 +490,7 @@ def _add_branches(dit, st: _LoRAState, loras: List[LoRA]) -> None:
             scale = lora.multiplier * m.alpha_scale
             down_all = m.down.to(device=device, dtype=dtype)
             r = m.rank
-            branches = layer.__dict__.setdefault("lora_branches", [])
+            branches = layer.lora_branches
             if not any(layer is x for x in st.branch_modules):
                 st.branch_modules.append(layer)
             row = m.row_offset
@@ -573,15 +501,5 @@ def _add_branches(dit, st: _LoRAState, loras: List[LoRA]) -> None:
 
 def _remove_branches(st: _LoRAState) -> None:
     for layer in st.branch_modules:
-        layer.__dict__["lora_branches"] = []  # an empty slot, not a missing one (see _ensure_branch_slots)
+        layer.lora_branches = []  # a new list: compiled code guarding on the old one recompiles
     st.branch_modules = []
-
-
-def _ensure_branch_slots(dit) -> None:
-    """Give every Linear an empty ``lora_branches`` list. torch.compile guards on the value of a
-    ``__dict__`` entry that exists, but not on the absence of one: a model compiled while the
-    entry is missing keeps running its LoRA-free graph after branches appear. With the slot in
-    place from the first ``load_lora`` on, adding branches triggers a recompile."""
-    for m in dit.modules():
-        if isinstance(m, nn.Linear):
-            m.__dict__.setdefault("lora_branches", [])

@@ -8,31 +8,27 @@ exactly as the official autocast-to-float32 regions do.
 Internal layout differs from the official module tree only where it buys speed:
 ``x_embedder.proj`` is a Linear over flattened 1x2x2 patches (same numbers as the Conv3d), and
 ``ffn.w13`` holds ``w1`` and ``w3`` stacked so the FFN's first GEMM is one launch.
-The call sites ``self.ops.<op>`` pick the plain-PyTorch reference or the fused kernels.
+The call sites ``ops.<op>`` (a ``kernels.Ops``, resolved per call by ``LongCatDiT.resolved_ops``)
+pick the plain-PyTorch reference or the fused kernels, block-sparse attention included.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from typing import Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..kernels import get_ops
-from ..kernels.block_sparse_attention import block_sparse_attention, bsa_grid_tiles
+from ..kernels.ops import Ops
+from ..kernels.block_sparse_attention import bsa_grid_tiles
 from .attention import attention
 from .config import LongCatConfig
 from .profiling import nvtx_range
 
-__all__ = ["LongCatTransformer", "timestep_features", "patchify", "unpatchify"]
-
-# Regional compilation (runtime/compiled.py, ``compile_model(regional=True)``) sets this for the
-# duration of one call: ``block_call(block, *args)`` runs every block through one compiled
-# function (the 48 blocks share its graph). None: blocks are called as they are.
-block_call = None
+__all__ = ["LongCatTransformer", "Linear", "timestep_features", "patchify", "unpatchify"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -71,19 +67,28 @@ def unpatchify(x: torch.Tensor, grid: Tuple[int, int, int], patch: Tuple[int, in
     return x.reshape(B, c_out, nt * pt, nh * ph, nw * pw)
 
 
-def linear(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
+class Linear(nn.Linear):
+    """``nn.Linear`` that owns the low-rank branches of unmerged LoRAs (runtime/lora.py):
+    ``lora_branches`` lists ``(down [r, in], up [rows, r], scale, first_row)``, empty when none.
+    It exists from construction on, so code compiled before a LoRA is loaded guards on it and
+    recompiles when branches appear (dynamo does not guard on an attribute that is absent)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True):
+        super().__init__(in_features, out_features, bias=bias)
+        self.lora_branches: list = []
+
+
+def linear(x: torch.Tensor, layer: Linear) -> torch.Tensor:
     """``layer(x)``, plus the low-rank branches of any unmerged LoRA on it (runtime/lora.py)."""
     out = F.linear(x, layer.weight, layer.bias)
-    branches = layer.__dict__.get("lora_branches")
-    return _add_lora(out, x, branches, out.dtype) if branches else out
+    return _add_lora(out, x, layer.lora_branches, out.dtype) if layer.lora_branches else out
 
 
-def linear_fp32(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
+def linear_fp32(x: torch.Tensor, layer: Linear) -> torch.Tensor:
     """A Linear in float32 with the weights upcast: the official autocast(float32) regions."""
     bias = None if layer.bias is None else layer.bias.float()
     out = F.linear(x.float(), layer.weight.float(), bias)
-    branches = layer.__dict__.get("lora_branches")
-    return _add_lora(out, x.float(), branches, torch.float32) if branches else out
+    return _add_lora(out, x.float(), layer.lora_branches, torch.float32) if layer.lora_branches else out
 
 
 def _add_lora(out, x, branches, dtype):
@@ -104,7 +109,7 @@ class PatchEmbed(nn.Module):
     def __init__(self, cfg: LongCatConfig):
         super().__init__()
         self.patch_size = cfg.patch_size
-        self.proj = nn.Linear(cfg.in_channels * cfg.patch_volume, cfg.hidden_size)
+        self.proj = Linear(cfg.in_channels * cfg.patch_volume, cfg.hidden_size)
 
     def forward(self, x):
         return linear(patchify(x, self.patch_size), self.proj)
@@ -115,9 +120,9 @@ class TimestepEmbedder(nn.Module):
         super().__init__()
         self.frequency_embedding_size = cfg.frequency_embedding_size
         self.mlp = nn.Sequential(
-            nn.Linear(cfg.frequency_embedding_size, cfg.adaln_tembed_dim),
+            Linear(cfg.frequency_embedding_size, cfg.adaln_tembed_dim),
             nn.SiLU(),
-            nn.Linear(cfg.adaln_tembed_dim, cfg.adaln_tembed_dim),
+            Linear(cfg.adaln_tembed_dim, cfg.adaln_tembed_dim),
         )
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
@@ -130,9 +135,9 @@ class CaptionEmbedder(nn.Module):
     def __init__(self, cfg: LongCatConfig):
         super().__init__()
         self.y_proj = nn.Sequential(
-            nn.Linear(cfg.caption_channels, cfg.hidden_size),
+            Linear(cfg.caption_channels, cfg.hidden_size),
             nn.GELU(approximate="tanh"),
-            nn.Linear(cfg.hidden_size, cfg.hidden_size),
+            Linear(cfg.hidden_size, cfg.hidden_size),
         )
 
     def forward(self, y):
@@ -149,10 +154,10 @@ class SelfAttention(nn.Module):
         super().__init__()
         C, D = cfg.hidden_size, cfg.head_dim
         self.num_heads, self.head_dim = cfg.num_heads, D
-        self.qkv = nn.Linear(C, 3 * C)
+        self.qkv = Linear(C, 3 * C)
         self.q_norm = RMSNormWeight(D)
         self.k_norm = RMSNormWeight(D)
-        self.proj = nn.Linear(C, C)
+        self.proj = Linear(C, C)
 
 
 class CrossAttention(nn.Module):
@@ -160,11 +165,11 @@ class CrossAttention(nn.Module):
         super().__init__()
         C, D = cfg.hidden_size, cfg.head_dim
         self.num_heads, self.head_dim = cfg.num_heads, D
-        self.q_linear = nn.Linear(C, C)
-        self.kv_linear = nn.Linear(C, 2 * C)
+        self.q_linear = Linear(C, C)
+        self.kv_linear = Linear(C, 2 * C)
         self.q_norm = RMSNormWeight(D)
         self.k_norm = RMSNormWeight(D)
-        self.proj = nn.Linear(C, C)
+        self.proj = Linear(C, C)
 
 
 class RMSNormWeight(nn.Module):
@@ -189,8 +194,8 @@ class FeedForward(nn.Module):
         super().__init__()
         C, Fh = cfg.hidden_size, cfg.ffn_hidden_size
         self.hidden_size = Fh
-        self.w13 = nn.Linear(C, 2 * Fh, bias=False)  # rows [w1; w3]
-        self.w2 = nn.Linear(Fh, C, bias=False)
+        self.w13 = Linear(C, 2 * Fh, bias=False)  # rows [w1; w3]
+        self.w2 = Linear(Fh, C, bias=False)
 
 
 class LongCatBlock(nn.Module):
@@ -207,7 +212,7 @@ class LongCatBlock(nn.Module):
     def __init__(self, cfg: LongCatConfig):
         super().__init__()
         C = cfg.hidden_size
-        self.adaLN_modulation = nn.Linear(cfg.adaln_tembed_dim, 6 * C)
+        self.adaLN_modulation = Linear(cfg.adaln_tembed_dim, 6 * C)
         self.attn = SelfAttention(cfg)
         self.cross_attn = CrossAttention(cfg)
         self.pre_crs_attn_norm = AffineNormWeights(C)
@@ -306,10 +311,9 @@ class LongCatBlock(nn.Module):
             grid_q, grid_k = (frames_q, Hh, Ww), (frames_k, Hh, Ww)
             if bsa_grid_tiles(grid_q, bsa["chunk_3d_shape_q"]) and bsa_grid_tiles(grid_k, bsa["chunk_3d_shape_k"]):
                 with nvtx_range("op.block_sparse_attention"):
-                    out = block_sparse_attention(
+                    out = ops.block_sparse_attention(
                         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), grid_q, grid_k,
                         bsa["sparsity"], bsa["cdf_threshold"], bsa["chunk_3d_shape_q"], bsa["chunk_3d_shape_k"],
-                        impl=bsa_impl(ops.name, q.device, ctx.attention),
                     )
                 return out.transpose(1, 2)
             warnings.warn(
@@ -340,23 +344,11 @@ class LongCatBlock(nn.Module):
         return out
 
 
-def bsa_impl(kernels: str, device: torch.device, attention_backend: str) -> str:
-    """Which block-sparse attention runs: the Triton kernel with the fused kernels, and on CUDA
-    with every attention backend but ``"reference"``; the plain-PyTorch oracle otherwise.
-
-    BSA is an attention backend, so on a GPU the reference kernel path uses the same BSA kernel as
-    the fused one (as the official code does): the oracle does dense masked float32 attention,
-    about 470 TFLOP per block at 720p (N = 168,960), and is for checking, not for running."""
-    if kernels == "triton" or (device.type == "cuda" and attention_backend != "reference"):
-        return "triton"
-    return "reference"
-
-
 class FinalLayer(nn.Module):
     def __init__(self, cfg: LongCatConfig):
         super().__init__()
-        self.adaLN_modulation = nn.Linear(cfg.adaln_tembed_dim, 2 * cfg.hidden_size)
-        self.linear = nn.Linear(cfg.hidden_size, cfg.patch_volume * cfg.out_channels)
+        self.adaLN_modulation = Linear(cfg.adaln_tembed_dim, 2 * cfg.hidden_size)
+        self.linear = Linear(cfg.hidden_size, cfg.patch_volume * cfg.out_channels)
 
     def modulation(self, t):
         return linear_fp32(F.silu(t), self.adaLN_modulation).chunk(2, dim=-1)  # shift, scale
@@ -404,10 +396,11 @@ class LongCatTransformer(nn.Module):
         kv_sink,  # None, or a mapping that receives each block's (k, v) [B, N, heads, D]
         skip_crs_attn: bool,
         attention_backend: str,
-        kernels: str,
+        ops: Ops,  # the kernel path (kernels/__init__.py)
         cp=None,  # ContextParallel (runtime/parallel.py) or None: this rank embeds its tile only
+        block_fn: Optional[Callable] = None,  # called as block_fn(block, *args) instead of block(*args)
     ):
-        cfg, ops = self.cfg, get_ops(kernels)
+        cfg = self.cfg
         B, _, T, H, W = hidden_states.shape
         pt, ph, pw = cfg.patch_size
         grid = (T // pt, H // ph, W // pw)
@@ -455,10 +448,10 @@ class LongCatTransformer(nn.Module):
                 block_kv = None if kv_cache is None else kv_cache[i]
                 xh = [x, h]  # the block's to free (LongCatBlock's doc)
                 del x, h
-                if block_call is None:
+                if block_fn is None:
                     x, ffn_out, gate_mlp, new_kv = block(xh, mod, ctx, ops, block_kv)
-                else:
-                    x, ffn_out, gate_mlp, new_kv = block_call(block, xh, mod, ctx, ops, block_kv)
+                else:  # regional compilation: one compiled function runs every block (runtime/compiled.py)
+                    x, ffn_out, gate_mlp, new_kv = block_fn(block, xh, mod, ctx, ops, block_kv)
                 if new_kv is not None:
                     kv_sink[i] = new_kv
                 # The last gated residual of block i is fused with the next norm: block i+1's
