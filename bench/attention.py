@@ -22,7 +22,7 @@ kernel torch picks decides much of the MFU: these rows say what each gives at th
 FLOPs: ``4 * Nq * Nk * D * H`` per batch item (QK^T and PV, 2 FLOPs per multiply-add); for
 ``cross_varlen`` only the valid keys are counted. ``% peak`` divides TFLOP/s by the dense matmul
 peak measured in the same run (``torch.mm`` of two 8192 x 8192 matrices in the bench dtype on
-CUDA; 2048 x 2048 float32 on CPU). The issue's target: on an H100 the best backend's dense
+CUDA; 2048 x 2048 float32 on CPU). The target: on an H100 the best backend's dense
 self-attention reaches >= 60% of that peak (evaluated on CUDA; n/a on CPU). The last line is one
 JSON object (``{"bench": "attention", ...}``).
 """
@@ -30,12 +30,8 @@ JSON object (``{"bench": "attention", ...}``).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-_BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
-if _BENCH_DIR not in sys.path:
-    sys.path.insert(0, _BENCH_DIR)
 
 SIZES = {
     # tokens N (self-attention), text tokens L, heads, head dim
@@ -72,13 +68,12 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from _harness import (default_device, device_name, emit_json, ensure_repo_on_path, print_table,
-                          setup_triton_env, time_fn)
+    from longcat_native.bench.harness import (default_device, device_name, emit_json, print_table, setup_triton_env,
+                                              time_fn)
 
     has_cuda = setup_triton_env()  # before longcat_native imports triton
     import torch
 
-    ensure_repo_on_path()
     from longcat_native.runtime.attention import attention, resolve_attention_backend
 
     torch.set_grad_enabled(False)

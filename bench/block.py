@@ -2,7 +2,7 @@
 
     python bench/block.py                        # GPU: real width (C 4096, 32 heads), 480p tokens
     python bench/block.py --size 720p --repeats 5
-    python bench/block.py --ops                  # also print the per-op launch/byte breakdown
+    python bench/block.py --per-op               # also print the per-op launch/byte breakdown
 
 What is timed is one iteration of ``LongCatTransformer.run``'s block loop, i.e. the steady-state
 cost of a block::
@@ -17,21 +17,18 @@ Attention is SDPA in every path (the kernels under test are the ones around the 
 
 Columns: median time per block; TFLOP/s = analytic GEMM + attention FLOPs / time (see
 :func:`block_flops`); launches and bytes moved outside GEMMs/attention per block, from the
-dispatch counters of ``_harness.DispatchCounter`` (an eager count; torch.compile'd code is not
-counted by the dispatcher, on CUDA its real kernels are counted with torch.profiler).
-Targets (from the issue): fused bytes <= 40% of the reference's, <= 12 launches per block.
+dispatch counters of ``longcat_native.bench.harness.DispatchCounter`` (an eager count;
+torch.compile'd code is not counted by the dispatcher, on CUDA its real kernels are counted with
+torch.profiler).
+Targets: fused bytes <= 40% of the reference's, <= 12 launches per block.
 The last printed line is one JSON object (``{"bench": "block", ...}``).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-_BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
-if _BENCH_DIR not in sys.path:  # `from _harness import ...` whether run as a script or imported
-    sys.path.insert(0, _BENCH_DIR)
 
 SIZES = {
     # preset + overrides, batch, latent grid after patchify, text tokens
@@ -60,7 +57,7 @@ def block_flops(B: int, N: int, L: int, C: int, F: int, C_t: int, T: int, Nk: in
       FFN         w1|w3 2*N*C*2F + w2 2*N*F*C
       adaLN       2*T*C_t*6C (the next block's modulation, part of the timed iteration)
 
-    all times B. Per token this is SPEC section 7's 2*(4C^2 + 2C^2 + 3*C*F) + 4*N*C (+ the text
+    all times B. Per token this is docs/workloads.md's 2*(4C^2 + 2C^2 + 3*C*F) + 4*N*C (+ the text
     terms). Element-wise work (norms, RoPE, SwiGLU, residuals) is not counted.
     """
     Nk = N if Nk is None else Nk
@@ -84,19 +81,18 @@ def parse_args(argv=None):
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile column")
     p.add_argument("--count-only", action="store_true",
                    help="only count launches and bytes, with fake tensors (any size on any machine, no timing)")
-    p.add_argument("--ops", action="store_true", help="print the per-op launch/byte breakdown of each path")
+    p.add_argument("--per-op", action="store_true", help="print the per-op launch/byte breakdown of each path")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from _harness import (
+    from longcat_native.bench.harness import (
         count_cuda_kernels,
         count_ops,
         default_device,
         device_name,
         emit_json,
-        ensure_repo_on_path,
         fmt_num,
         load_ops,
         print_table,
@@ -112,7 +108,6 @@ def main(argv=None) -> int:
 
     stack = contextlib.ExitStack()
 
-    ensure_repo_on_path()
     from longcat_native.runtime.config import resolve_config
     from longcat_native.runtime.model import ForwardContext, LongCatBlock
 
@@ -275,7 +270,7 @@ def main(argv=None) -> int:
     if max_diff is not None:
         print(f"fused vs reference block outputs: max |diff| {fmt_num(max_diff)} (max |ref| {fmt_num(ref_scale)})")
 
-    if args.ops:
+    if args.per_op:
         for name in ("reference", "fused"):
             c = results[name]["counter"]
             print()

@@ -1,8 +1,8 @@
 """Block-sparse attention (BSA): chunk selection, the sparse Triton kernel, and dense attention.
 
-    python bench/bsa.py                                  # GPU: 720p (48 x 88 x 160 latent, N = 168,960), bf16
-    python bench/bsa.py --chunk 4,4,8 --sparsities 0.875,0.9375
-    python bench/bsa.py --size small --repeats 1         # CPU (triton interpreter): small shape
+    python bench/block_sparse_attention.py                    # GPU: 720p (latent 48 x 88 x 160, N = 168,960), bf16
+    python bench/block_sparse_attention.py --chunk 4,4,8 --sparsities 0.875,0.9375
+    python bench/block_sparse_attention.py --size small --repeats 1   # CPU (triton interpreter): small
 
 At the 720p refinement shape (B = 1, 32 heads x 128, N = 168,960 tokens, the official checkpoint's
 4x4x4 chunks unless ``--chunk`` says otherwise), for each sparsity, all in one run:
@@ -10,29 +10,23 @@ At the 720p refinement shape (B = 1, 32 heads x 128, N = 168,960 tokens, the off
 - ``select``: :func:`bsa_select` (Triton pooling of q and k per chunk, chunk scores, top-k / cdf);
 - ``sparse``: :func:`bsa_sparse_attention` for that selection, q/k/v strided ``[B, H, N, D]`` views of
   one ``[B, N, 3, H, D]`` qkv tensor in (t, h, w) order, as the model passes them;
-- ``sparse (chunk order)``: the same kernel on contiguous ``[B, N, H, D]`` tensors already in
-  3D-chunk order (what ``qk_rmsnorm_rope3d(chunk_shape=...)`` writes), output back in raster order;
 - ``dense``: full attention with the best backend here (``longcat_native.runtime.attention``, auto);
 - ``flashinfer``: ``flashinfer.sparse.VariableBlockSparseAttentionWrapper`` with the same chunk mask
   (only when flashinfer imports; its ``plan`` is not timed).
 
 FLOPs: dense ``4 * B * H * Nq * Nk * D``; sparse counts only the computed blocks,
 ``4 * D * cs_q * cs_k * (number of selected (query chunk, key chunk) pairs over B and H)``.
-``TFLOP/s`` of the sparse kernel is on the computed blocks. The issue's targets (CUDA, stated for
+``TFLOP/s`` of the sparse kernel is on the computed blocks. The targets (CUDA, stated for
 an H100): sparse TFLOP/s >= 70% of dense TFLOP/s, and selection <= 5% of the sparse kernel time.
-The last line is one JSON object (``{"bench": "bsa", ...}``).
+The last line is one JSON object (``{"bench": "block_sparse_attention", ...}``).
 """
 
 from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 
-_BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
-if _BENCH_DIR not in sys.path:
-    sys.path.insert(0, _BENCH_DIR)
 
 SIZES = {
     # latent grid (T, H, W) of the tokens, heads, head dim
@@ -69,9 +63,10 @@ def _key(sparsity: float) -> str:
     return "s" + f"{sparsity:g}".replace(".", "")
 
 
-def _flashinfer_runner(q_c, k_c, v_c, mask, cs_q, cs_k):
-    """A zero-argument callable running flashinfer's variable block-sparse wrapper on chunk-order
-    ``[N, H, D]`` tensors (batch 1) with the chunk mask ``[H, n_q, n_k]``, or the reason it cannot."""
+def _flashinfer_runner(q, k, v, mask, cs_q, cs_k):
+    """A zero-argument callable running flashinfer's variable block-sparse wrapper on contiguous
+    chunk-order ``[H, N, D]`` tensors (batch 1) with the chunk mask ``[H, n_q, n_k]``, or the reason
+    it cannot."""
     try:
         from flashinfer.sparse import VariableBlockSparseAttentionWrapper
     except Exception as e:  # noqa: BLE001 - any import failure means "not available"
@@ -80,7 +75,6 @@ def _flashinfer_runner(q_c, k_c, v_c, mask, cs_q, cs_k):
 
     try:
         H, n_q, n_k = mask.shape
-        q, k, v = (x.transpose(0, 1).contiguous() for x in (q_c, k_c, v_c))  # HND
         ws = torch.empty(128 * 1024 * 1024, dtype=torch.uint8, device=q.device)
         wrapper = VariableBlockSparseAttentionWrapper(ws, backend="auto")
         wrapper.plan(
@@ -97,19 +91,19 @@ def _flashinfer_runner(q_c, k_c, v_c, mask, cs_q, cs_k):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from _harness import default_device, device_name, emit_json, ensure_repo_on_path, print_table, setup_triton_env, time_fn
+    from longcat_native.bench.harness import (default_device, device_name, emit_json, print_table, setup_triton_env,
+                                              time_fn)
 
     has_cuda = setup_triton_env()  # before longcat_native imports triton
     import torch
 
-    ensure_repo_on_path()
     from longcat_native.kernels.block_sparse_attention import (
         block_sparse_attention_reference,
         bsa_select,
         bsa_selection_mask,
         bsa_sparse_attention,
+        bsa_to_chunk_order,
     )
-    from longcat_native.kernels.qk_rmsnorm_rope3d import chunk_order_index
     from longcat_native.runtime.attention import attention, resolve_attention_backend
 
     torch.set_grad_enabled(False)
@@ -130,15 +124,13 @@ def main(argv=None) -> int:
     n_chunks = math.prod(g // c for g, c in zip(grid, chunk))
     dev_name = device_name(device)
     print(f"device: {dev_name}")
-    print(f"bsa {size}: batch {B}, latent {grid} (N {N:,}), heads {H} x {D}, chunks {chunk} ({cs} tokens, "
+    print(f"block-sparse attention {size}: batch {B}, latent {grid} (N {N:,}), heads {H} x {D}, chunks {chunk} ({cs} tokens, "
           f"{n_chunks:,} per head), {dtype}".replace("torch.", ""))
 
     g = torch.Generator(device=device).manual_seed(0)
     qkv = torch.randn(B, N, 3, H, D, generator=g, device=device, dtype=dtype)
     q_s, k_s, v_s = qkv.unbind(2)  # [B, N, H, D] strided views, as the model has them
     q, k, v = (x.transpose(1, 2) for x in (q_s, k_s, v_s))  # [B, H, N, D] views, raster order
-    perm = chunk_order_index(grid, chunk, device=device)
-    q_c, k_c, v_c = (x[:, perm].contiguous() for x in (q_s, k_s, v_s))  # [B, N, H, D] in chunk order
 
     # -- dense ------------------------------------------------------------------------------------
     dense_backend = resolve_attention_backend("auto", device, dtype)
@@ -161,37 +153,27 @@ def main(argv=None) -> int:
         t_sel = time_fn(lambda: bsa_select(q, k, *sel_args), device, repeats=repeats, warmup=warmup, name=f"select_{key}")
         run_sparse = lambda: bsa_sparse_attention(q, k, v, idx, counts, grid, grid, chunk, chunk)  # noqa: E731
         t_sp = time_fn(run_sparse, device, repeats=repeats, warmup=warmup, name=f"sparse_{key}")
-        run_chunk = lambda: bsa_sparse_attention(  # noqa: E731
-            q_c.transpose(1, 2), k_c.transpose(1, 2), v_c.transpose(1, 2), idx, counts, grid, grid, chunk, chunk,
-            chunk_order=True, output_order="raster")
-        t_spc = time_fn(run_chunk, device, repeats=repeats, warmup=warmup, name=f"sparse_chunk_{key}")
         computed = pairs / (B * H * n_chunks * n_chunks)
         sp_tflops = sparse_flops / t_sp / 1e12
-        spc_tflops = sparse_flops / t_spc / 1e12
-        best_sp = min(t_sp, t_spc)
-        total = t_sel + best_sp
+        total = t_sel + t_sp
         rows += [
             ["select", f"sparsity {s:g}", f"{computed:.4f}", t_sel * 1e3, None, None],
             ["sparse (raster, strided)", f"sparsity {s:g}", f"{computed:.4f}", t_sp * 1e3, sp_tflops, sp_tflops / dense_tflops],
-            ["sparse (chunk order)", f"sparsity {s:g}", f"{computed:.4f}", t_spc * 1e3, spc_tflops, spc_tflops / dense_tflops],
         ]
         record_items.update({
             f"{key}_select_ms": t_sel * 1e3,
             f"{key}_sparse_ms": t_sp * 1e3,
-            f"{key}_sparse_chunk_order_ms": t_spc * 1e3,
             f"{key}_sparse_tflops": sp_tflops,
-            f"{key}_sparse_chunk_order_tflops": spc_tflops,
             f"{key}_computed_fraction": computed,
             f"{key}_flop_reduction": dense_flops / sparse_flops,
-            f"{key}_sparse_vs_dense_tflops_ratio": max(sp_tflops, spc_tflops) / dense_tflops,
-            f"{key}_select_share": t_sel / best_sp,
+            f"{key}_sparse_vs_dense_tflops_ratio": sp_tflops / dense_tflops,
+            f"{key}_select_share": t_sel / t_sp,
             f"{key}_speedup_vs_dense": t_dense / total,
             f"{key}_ideal_speedup": dense_flops / sparse_flops,
         })
         if has_cuda:
-            targets[key] = (max(sp_tflops, spc_tflops) / dense_tflops >= TFLOPS_RATIO_TARGET,
-                            t_sel / best_sp <= SELECT_SHARE_TARGET)
-        # correctness: against the float32 oracle where it fits, else one sparse path against the other
+            targets[key] = (sp_tflops / dense_tflops >= TFLOPS_RATIO_TARGET, t_sel / t_sp <= SELECT_SHARE_TARGET)
+        # correctness: against the float32 oracle where it fits (the small sizes)
         out = run_sparse()
         if B * H * N * N <= 2**26:
             ref = block_sparse_attention_reference(q.float(), k.float(), v.float(), *sel_args)
@@ -200,12 +182,10 @@ def main(argv=None) -> int:
                 (out.float() - ref).abs().max() / ref.abs().max().clamp_min(1e-12))
             record_items[f"{key}_selection_matches_fp32"] = bool(
                 torch.equal(bsa_selection_mask(idx, counts, n_chunks), mask_ref))
-        else:
-            record_items[f"{key}_max_abs_diff_raster_vs_chunk_order"] = float((out.float() - run_chunk().float()).abs().max())
         # flashinfer, same selection
         if B == 1 and has_cuda:
             mask = bsa_selection_mask(idx, counts, n_chunks)[0]
-            fi, why = _flashinfer_runner(q_c[0], k_c[0], v_c[0], mask, cs, cs)
+            fi, why = _flashinfer_runner(*(bsa_to_chunk_order(x, grid, chunk)[0] for x in (q, k, v)), mask, cs, cs)
             if fi is None:
                 skipped["flashinfer"] = why
             else:
@@ -213,7 +193,7 @@ def main(argv=None) -> int:
                 fi_tflops = sparse_flops / t_fi / 1e12
                 rows.append(["flashinfer", f"sparsity {s:g}", f"{computed:.4f}", t_fi * 1e3, fi_tflops, fi_tflops / dense_tflops])
                 record_items.update({f"{key}_flashinfer_ms": t_fi * 1e3, f"{key}_flashinfer_tflops": fi_tflops,
-                                     f"{key}_ours_vs_flashinfer_speedup": t_fi / best_sp})
+                                     f"{key}_ours_vs_flashinfer_speedup": t_fi / t_sp})
         elif has_cuda:
             skipped["flashinfer"] = "run with --batch 1"
         del out
@@ -235,7 +215,7 @@ def main(argv=None) -> int:
               "CPU timings run the triton interpreter)")
 
     record = {
-        "bench": "bsa",
+        "bench": "block_sparse_attention",
         "device": dev_name,
         "size": size,
         "dtype": str(dtype).replace("torch.", ""),

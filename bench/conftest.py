@@ -1,19 +1,17 @@
-"""Bench test setup: the triton interpreter on machines without CUDA, repo root importable.
+"""Bench test setup: the triton interpreter on machines without CUDA, bench/ importable.
 
-TRITON_INTERPRET must be set before triton is first imported (longcat_native imports it), so it
-is set here, before the test module imports anything from longcat_native.
+TRITON_INTERPRET must be set before triton is first imported (the fused kernels import it), so
+it is set here, before the test module imports anything from ``longcat_native.kernels``.
+``longcat_native`` itself comes from the editable install (or PYTHONPATH, bench/device_check.sh).
 """
 
 import os
 import sys
 
-import torch
+from longcat_native.bench.harness import setup_triton_env
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+setup_triton_env()
 
 _BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
-_REPO_ROOT = os.path.dirname(_BENCH_DIR)
-for _p in (_REPO_ROOT, _BENCH_DIR):
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
+if _BENCH_DIR not in sys.path:  # the tests import bench/suite.py
+    sys.path.insert(0, _BENCH_DIR)

@@ -15,7 +15,7 @@
 #      model path compiled for the GPU, BSA, attention backends, real CUDA-graph capture (whole
 #      forward, denoise, unmerged-LoRA switches), pinned KV offload; in parallel (pytest-xdist,
 #      on the machine's image) since Triton compiles each new kernel specialization once
-#   3  bench/model.py at 480p (CFG batch 2) on 8 of the 48 blocks: issue 9's four columns (eager
+#   3  bench/model.py at 480p (CFG batch 2) on 8 of the 48 blocks: the four columns (eager
 #      reference, compiled reference, fused, fused + compile + CUDA graphs). The ratios and the MFU
 #      hardly depend on the depth (the embedders and the final layer are < 0.1% of the FLOPs), and 8
 #      blocks compile in a sixth of the time of 48
@@ -84,8 +84,8 @@ if want 3; then
 fi
 
 if want 4; then
-  step "4 kernels, block, attention, bsa at the real shapes (limit ${LIMIT_KERNELS:-45} s each)"
-  "$PY" bench/suite.py --only kernels,block,attention,bsa --out-dir "$OUT" --timeout-s "${LIMIT_KERNELS:-45}" \
+  step "4 kernels, block, attention, block_sparse_attention at the real shapes (limit ${LIMIT_KERNELS:-45} s each)"
+  "$PY" bench/suite.py --only kernels,block,attention,block_sparse_attention --out-dir "$OUT" --timeout-s "${LIMIT_KERNELS:-45}" \
     2>&1 | tee -a "$LOG" | tail -n 2
 fi
 

@@ -10,7 +10,7 @@ the measured device copy bandwidth, and its speedup over (a) the eager plain-PyT
 and (b) ``torch.compile`` of that reference, all measured in the same run. The last line printed
 is one JSON object (``{"bench": "kernels", ...}``).
 
-Shapes (SPEC section 7): ``480p`` is 93 frames at 480x832 -> latent grid 24 x 30 x 52 after the
+Shapes (docs/workloads.md): ``480p`` is 93 frames at 480x832 -> latent grid 24 x 30 x 52 after the
 1x2x2 patch = 37,440 tokens; ``720p`` is 48 x 44 x 80 = 168,960 tokens; both C = 4096, 32 heads
 of 128, FFN hidden 11008. ``small`` is a 2 x 4 x 4 grid, C = 256, 4 heads, FFN 768 (CPU sized: the
 triton interpreter is very slow). On CPU the fused numbers time the triton *interpreter*: they
@@ -20,12 +20,8 @@ check that the pipeline runs, not kernel performance.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-_BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
-if _BENCH_DIR not in sys.path:  # `from _harness import ...` whether run as a script or imported
-    sys.path.insert(0, _BENCH_DIR)
 
 SIZES = {
     # batch, latent grid after patchify (T, H, W), hidden C, heads, FFN hidden
@@ -34,7 +30,8 @@ SIZES = {
     "720p": dict(batch=1, grid=(48, 44, 80), hidden=4096, heads=32, ffn=11008),
 }
 
-KERNELS = (
+# The rows, one per (op, call) pair: --ops selects a subset.
+OPS = (
     "layernorm_modulate",
     "layernorm_affine",
     "residual_layernorm_modulate",
@@ -55,7 +52,7 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=None, help="batch size (default 1; CFG runs batch 2)")
     p.add_argument("--repeats", type=int, default=None, help="timed repeats, median reported (default 20 GPU, 5 CPU)")
     p.add_argument("--warmup", type=int, default=None, help="untimed warmup calls (default 5 GPU, 1 CPU)")
-    p.add_argument("--kernels", default=",".join(KERNELS), help="comma-separated subset of: " + ", ".join(KERNELS))
+    p.add_argument("--ops", default=",".join(OPS), help="comma-separated subset of the rows: " + ", ".join(OPS))
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile column")
     return p.parse_args(argv)
 
@@ -112,7 +109,7 @@ def _flat_tensors(obj):
 
 def minimal_bytes(args, kwargs, outputs) -> int:
     """Inputs read once (distinct elements of each tensor argument) + outputs written once."""
-    from _harness import tensor_bytes
+    from longcat_native.bench.harness import tensor_bytes
 
     read = sum(tensor_bytes(t) for t in _flat_tensors(args) + _flat_tensors(kwargs))
     written = sum(tensor_bytes(t, distinct=False) for t in _flat_tensors(outputs))
@@ -128,7 +125,7 @@ def max_abs_diff(a, b) -> float:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from _harness import (
+    from longcat_native.bench.harness import (
         copy_bandwidth_gbps,
         default_device,
         device_name,
@@ -151,10 +148,10 @@ def main(argv=None) -> int:
     dtype = getattr(torch, DTYPES[args.dtype])
     repeats = args.repeats if args.repeats is not None else (20 if has_cuda else 5)
     warmup = args.warmup if args.warmup is not None else (5 if has_cuda else 1)
-    names = [n.strip() for n in args.kernels.split(",") if n.strip()]
-    unknown = sorted(set(names) - set(KERNELS))
+    names = [n.strip() for n in args.ops.split(",") if n.strip()]
+    unknown = sorted(set(names) - set(OPS))
     if unknown:
-        raise SystemExit(f"unknown kernels {unknown}; choose from {', '.join(KERNELS)}")
+        raise SystemExit(f"unknown ops {unknown}; choose from {', '.join(OPS)}")
 
     ref, fused, ops_source = load_ops()
     T, Hh, Ww = shape["grid"]

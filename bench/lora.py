@@ -31,9 +31,6 @@ import sys
 import tempfile
 import time
 
-_BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
-if _BENCH_DIR not in sys.path:
-    sys.path.insert(0, _BENCH_DIR)
 
 SIZES = {
     # preset + overrides; step latent (T, H, W) before the 1x2x2 patch; text tokens
@@ -92,8 +89,8 @@ def random_lora_state_dict(cfg, rank, seed, dtype):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from _harness import (default_device, device_name, emit_json, ensure_repo_on_path, print_table,
-                          setup_triton_env, sync, time_fn)
+    from longcat_native.bench.harness import (default_device, device_name, emit_json, print_table, setup_triton_env,
+                                              sync, time_fn)
 
     has_cuda = setup_triton_env()  # before longcat_native imports triton
     import statistics
@@ -101,7 +98,6 @@ def main(argv=None) -> int:
     import torch
     from safetensors.torch import save_file
 
-    ensure_repo_on_path()
     import longcat_native as lcn
     from longcat_native.runtime import lora as lora_mod
 
@@ -154,7 +150,7 @@ def main(argv=None) -> int:
 
     with torch.no_grad():
         first_merge_s = timed(lambda: dit.enable_loras(["A"]))
-        touched = sum(p.numel() for n, p in dit.named_parameters() if n in lora_mod._state(dit).merged)
+        touched = sum(p.numel() for n, p in dit.named_parameters() if n in dit.lora_state.merged)
         restore, merge, switch, both = [], [], [], []
         for _ in range(repeats):
             restore.append(timed(dit.disable_all_loras))

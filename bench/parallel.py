@@ -3,7 +3,7 @@
     python bench/parallel.py                                   # computed figures + the single-rank time
     torchrun --nproc-per-node 4 bench/parallel.py --depth 8    # multi-GPU: measured scaling too
 
-Computed, for the real config at SPEC section 7's shapes (480p: CFG batch 2, N = 37,440; 720p
+Computed, for the real config at docs/workloads.md's shapes (480p: CFG batch 2, N = 37,440; 720p
 refinement: batch 1, N = 168,960, BSA) and each ``cp_size``: the bytes each rank sends per block
 (the qkv all-to-all and the attention output's way back: ``(P-1)/P`` of ``4 * B * N/P * C`` bf16
 elements, ``runtime/parallel.comm_bytes_per_block``), the model FLOPs each rank computes per block,
@@ -25,20 +25,15 @@ from __future__ import annotations
 import os
 import sys
 
-_BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
-if _BENCH_DIR not in sys.path:
-    sys.path.insert(0, _BENCH_DIR)
-
-from _harness import (  # noqa: E402
-    device_name, emit_json, ensure_repo_on_path, fmt_num, print_table, setup_triton_env, sync, time_fn,
+from longcat_native.bench.harness import (
+    device_name, emit_json, fmt_num, print_table, setup_triton_env, sync, time_fn,
 )
 
 setup_triton_env()  # before longcat_native imports triton
-ensure_repo_on_path()
 
 import torch  # noqa: E402
 
-from longcat_native.runtime.benchmark import SIZES, matmul_peak_tflops, model_flops  # noqa: E402
+from longcat_native.bench.model import SIZES, matmul_peak_tflops, model_flops  # noqa: E402
 from longcat_native.runtime.config import resolve_config  # noqa: E402
 from longcat_native.runtime.parallel import comm_bytes_per_block  # noqa: E402
 
@@ -139,7 +134,7 @@ def main(argv=None) -> int:
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cp-sizes", default="1,2,4,8", help="cp sizes of the computed table")
-    p.add_argument("--sizes", default="480p,720p", help="shapes of the computed table (SPEC section 7)")
+    p.add_argument("--sizes", default="480p,720p", help="shapes of the computed table (docs/workloads.md)")
     p.add_argument("--link-gbps", type=float, default=450.0,
                    help="assumed per-rank send bandwidth in GB/s for the comm-time estimate (H100 NVLink 4: 450)")
     p.add_argument("--size", default=None, help="shape of the measured forward (CUDA default 480p, CPU small)")

@@ -7,7 +7,7 @@
     python bench/suite.py --only model --tag 720p --args 'model=--size 720p'  # filed as "model:720p"
 
 Runs each ``bench/<name>.py`` as its own process (so one crash or OOM does not take the others
-down), at each script's default sizes: SPEC section 7's real shapes on CUDA, small ones on the
+down), at each script's default sizes: docs/workloads.md's real shapes on CUDA, small ones on the
 CPU. Each script's last stdout line is its JSON record of headline figures; the suite collects
 them with the script's exit code, wall time and the tail of its output, and on CUDA (or with
 ``--save``) writes ``<out-dir>/<date>-<gpu>.json`` (merged into an existing file of that name, so
@@ -30,10 +30,8 @@ from typing import Any, Dict, List, Optional
 
 _BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 _REPO = os.path.dirname(_BENCH_DIR)
-if _BENCH_DIR not in sys.path:
-    sys.path.insert(0, _BENCH_DIR)
 
-BENCHES = ("kernels", "block", "attention", "bsa", "lora", "model", "parallel")
+BENCHES = ("kernels", "block", "attention", "block_sparse_attention", "lora", "model", "parallel")
 
 
 def device_slug(name: str) -> str:
@@ -161,7 +159,7 @@ def main(argv=None) -> int:
     import torch
     import triton  # noqa: F401  (version only; the benches set the interpreter themselves)
 
-    from _harness import device_name, emit_json
+    from longcat_native.bench.harness import device_name, emit_json
 
     on_cuda = torch.cuda.is_available()
     device = device_name(torch.device("cuda" if on_cuda else "cpu"))

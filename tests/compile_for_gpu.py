@@ -64,10 +64,10 @@ for dt in (torch.bfloat16, torch.float16, torch.float32):
     qkv = torch.randn(1, 24, 3, 32, 128).to(dt)
     q, k, v = qkv.unbind(2)
     qw = torch.randn(128).to(dt)
-    for kw in (dict(grid=(1, 4, 6)), dict(grid=(1, 4, 6), chunk_shape=(1, 2, 2)), dict(grid=None)):
-        Q._qk_rmsnorm_rope3d_launch(q, k, qw, qw, kw["grid"], 0, 1e-6, torch.empty(1, 24, 32, 128, dtype=dt), torch.empty(1, 24, 32, 128, dtype=dt), torch.empty(1, 24, 32, 128, dtype=dt), chunk_shape=kw.get("chunk_shape"))
+    for grid in ((1, 4, 6), None):
+        Q._qk_rmsnorm_rope3d_launch(q, k, qw, qw, grid, 0, 1e-6, torch.empty(1, 24, 32, 128, dtype=dt), torch.empty(1, 24, 32, 128, dtype=dt), torch.empty(1, 24, 32, 128, dtype=dt))
     # Block-sparse attention: pooling and the sparse kernel for the real chunks (4x4x4, 64 tokens),
-    # head_dim 128 (the model), 64 and 96 (padded), raster and chunk order, q as a transposed view
+    # head_dim 128 (the model), 64 and 96 (padded), q as a transposed view
     # of a [B, N, H, D] buffer (the model's layout), Tq != Tk, and forced int64 offsets. A small
     # grid stands in for 720p's 48x88x160: sizes enter the kernel as runtime ints, and the int64
     # variant is what needs_int64_offsets picks past 2**31 elements (720p's q|k|v buffer holds
@@ -78,12 +78,11 @@ for dt in (torch.bfloat16, torch.float16, torch.float32):
         nq, nk = grid_q[0] * grid_q[1] * grid_q[2], grid_k[0] * grid_k[1] * grid_k[2]
         qt = torch.randn(1, nq, Hh, D).to(dt).transpose(1, 2)
         kk = torch.randn(1, Hh, nk, D).to(dt); vv = torch.randn(1, Hh, nk, D).to(dt)
-        for order in (False, True):
-            gq, gk = BSA._geometry(grid_q, chunk, order), BSA._geometry(grid_k, chunk, order)
-            BSA._bsa_pool_launch(qt, gq, torch.empty(1, Hh, gq.n_chunks, D))
-            idx = torch.zeros(1, Hh, gq.n_chunks, 3, dtype=torch.int32); cnt = torch.ones(1, Hh, gq.n_chunks, dtype=torch.int32)
-            BSA._bsa_attention_launch(qt, kk, vv, idx, cnt, gq, gk, gq, torch.empty_like(qt), D ** -0.5)
-        BSA._bsa_attention_launch(qt, kk, vv, idx, cnt, gq, gk, BSA._geometry(grid_q, chunk, False), torch.empty_like(qt), D ** -0.5, _force_int64=True)
+        gq, gk = BSA._geometry(grid_q, chunk), BSA._geometry(grid_k, chunk)
+        BSA._bsa_pool_launch(qt, gq, torch.empty(1, Hh, gq.n_chunks, D))
+        idx = torch.zeros(1, Hh, gq.n_chunks, 3, dtype=torch.int32); cnt = torch.ones(1, Hh, gq.n_chunks, dtype=torch.int32)
+        BSA._bsa_attention_launch(qt, kk, vv, idx, cnt, gq, gk, torch.empty_like(qt), D ** -0.5)
+        BSA._bsa_attention_launch(qt, kk, vv, idx, cnt, gq, gk, torch.empty_like(qt), D ** -0.5, _force_int64=True)
         BSA._bsa_pool_launch(kk, gk, torch.empty(1, Hh, gk.n_chunks, D), _force_int64=True)
 for r in results: print(r)
 print("compiled", len(results))

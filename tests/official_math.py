@@ -1,4 +1,4 @@
-"""A second, independent transcription of the official forward (SPEC sections 2-3), for tests.
+"""A second, independent transcription of the official forward (docs/model.md), for tests.
 
 It reads the OFFICIAL parameter names and layouts (Conv3d patch embed, separate ffn.w1/w3,
 ``adaLN_modulation.1``) straight from a state dict and does everything the slow, obvious way:

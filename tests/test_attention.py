@@ -186,12 +186,13 @@ def fresh_flash_cache():
 @pytest.fixture
 def fake_flash(monkeypatch, fresh_flash_cache):
     """Installs fake flash_attn (FA2) and flash_attn_interface (FA3) modules and lets the flash
-    backends resolve on CPU. Yields {'flash2': FakeFlash, 'flash3': FakeFlash}."""
+    backends resolve on CPU (the CPU passes for a Hopper GPU). Yields {'flash2': FakeFlash,
+    'flash3': FakeFlash}."""
     fakes = {"flash2": FakeFlash("flash_attn", returns_tuple=False),
              "flash3": FakeFlash("flash_attn_interface", returns_tuple=True)}
     monkeypatch.setitem(sys.modules, "flash_attn", fakes["flash2"].module)
     monkeypatch.setitem(sys.modules, "flash_attn_interface", fakes["flash3"].module)
-    monkeypatch.setattr(attn_mod, "_ALLOW_CPU_FOR_TESTS", True)
+    monkeypatch.setattr(attn_mod, "_device_capability", lambda device: (9, 0))
     yield fakes
 
 
@@ -410,7 +411,7 @@ def test_auto_on_cpu_is_sdpa_without_touching_flash(monkeypatch, fresh_flash_cac
         raise AssertionError("auto on CPU must not import flash-attn or query CUDA")
 
     monkeypatch.setattr(attn_mod, "_flash_module", boom)
-    monkeypatch.setattr(attn_mod, "_capability", boom)
+    monkeypatch.setattr(attn_mod, "_cuda_capability", boom)
     for dtype in (None, torch.float32, torch.bfloat16):
         assert resolve_attention_backend("auto", torch.device("cpu"), dtype) == "sdpa"
     assert resolve_attention_backend("sdpa", "cpu") == "sdpa"
@@ -456,7 +457,8 @@ def test_unknown_names():
 def simulated_cuda(monkeypatch, fresh_flash_cache):
     """Resolution on a pretend CUDA device: capability and importability are monkeypatched."""
     state = {"capability": (9, 0), "have": {"flash2": True, "flash3": True}}
-    monkeypatch.setattr(attn_mod, "_capability", lambda device: state["capability"])
+    monkeypatch.setattr(attn_mod, "_device_capability",
+                        lambda device: state["capability"] if device.type == "cuda" else None)
     monkeypatch.setattr(attn_mod, "_flash_module",
                         lambda b: (types.ModuleType(b), None) if state["have"][b] else (None, "ImportError: no"))
     return state
@@ -532,7 +534,7 @@ def test_importability_is_cached(monkeypatch, fresh_flash_cache):
 
     monkeypatch.setitem(sys.modules, "flash_attn", None)
     monkeypatch.setattr(attn_mod.importlib, "import_module", counting_import)
-    monkeypatch.setattr(attn_mod, "_ALLOW_CPU_FOR_TESTS", True)
+    monkeypatch.setattr(attn_mod, "_device_capability", lambda device: (9, 0))  # a pretend Hopper
     for _ in range(5):
         assert resolve_attention_backend("auto", "cpu", torch.bfloat16) in ("sdpa", "flash3")
     assert imports.count("flash_attn") == 1

@@ -12,17 +12,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 from cases import load_case
-from helpers import KERNEL_RTOL, MODEL_RTOL, assert_close_rel, requires_cuda
+from helpers import DEVICE, KERNEL_RTOL, MODEL_RTOL, assert_close_rel, randn, requires_cuda
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from longcat_native.kernels import _common
 from longcat_native.kernels import block_sparse_attention as bsa_mod
 from longcat_native.kernels.block_sparse_attention import (
     _bsa_attention_launch,
     _geometry,
     block_sparse_attention,
-    block_sparse_attention_chunked,
     block_sparse_attention_reference,
+    bsa_from_chunk_order,
     bsa_grid_tiles,
     bsa_mask_to_indices,
     bsa_masked_attention_reference,
@@ -30,10 +31,9 @@ from longcat_native.kernels.block_sparse_attention import (
     bsa_select_reference,
     bsa_selection_mask,
     bsa_sparse_attention,
+    bsa_to_chunk_order,
 )
-from longcat_native.kernels.qk_rmsnorm_rope3d import chunk_order_index, qk_rmsnorm_rope3d
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BSA_CASES = ["bsa_op_topk", "bsa_op_cdf", "bsa_op_cdf_topk", "bsa_op_tq_lt_tk"]
 
 
@@ -54,20 +54,15 @@ def _n_chunks(grid, chunk):
 
 
 def _rand(shape, dtype=torch.float32, seed=0, scale=1.0):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(*shape, generator=g) * scale).to(device=DEVICE, dtype=dtype)
-
-
-def _to_chunk(x, grid, chunk):
-    return x[:, :, chunk_order_index(grid, chunk, device=x.device)]
+    return randn(*shape, seed=seed, dtype=dtype, mul=scale)
 
 
 def _expected_masked(q, k, v, grid_q, grid_k, chunk_q, chunk_k, block_mask):
     """Oracle in float32 (raster in, raster out) for an explicit chunk mask."""
-    qc, kc, vc = _to_chunk(q.float(), grid_q, chunk_q), _to_chunk(k.float(), grid_k, chunk_k), _to_chunk(v.float(), grid_k, chunk_k)
+    qc = bsa_to_chunk_order(q.float(), grid_q, chunk_q)
+    kc, vc = (bsa_to_chunk_order(x.float(), grid_k, chunk_k) for x in (k, v))
     o = bsa_masked_attention_reference(qc, kc, vc, block_mask, math.prod(chunk_q), math.prod(chunk_k))
-    inv = torch.argsort(chunk_order_index(grid_q, chunk_q, device=q.device))
-    return o[:, :, inv]
+    return bsa_from_chunk_order(o, grid_q, chunk_q)
 
 
 def _random_mask(B, H, n_q, n_k, seed, p=0.4, empty_rows=True):
@@ -143,7 +138,7 @@ def test_kernel_vs_masked_reference(i):
     assert_close_rel(out, _expected_masked(q, k, v, grid_q, grid_k, chunk_q, chunk_k, mask), KERNEL_RTOL[dtype], str(cfg))
     # the query chunk with no selected key chunk is exactly zero
     empty = ~mask.any(-1)
-    rows = _to_chunk(out, grid_q, chunk_q).unflatten(2, (-1, math.prod(chunk_q)))[empty]
+    rows = bsa_to_chunk_order(out, grid_q, chunk_q).unflatten(2, (-1, math.prod(chunk_q)))[empty]
     assert rows.numel() > 0 and torch.all(rows == 0)
 
 
@@ -175,11 +170,11 @@ def test_outputs_poisoned_before_launch_and_int64_path():
     q, k, v = (_rand((2, 2, 32, 32), torch.float32, s) for s in (40, 41, 42))
     mask = _random_mask(2, 2, 4, 4, 43)
     idx, counts = bsa_mask_to_indices(mask)
-    geom = _geometry(grid, chunk, False)
+    geom = _geometry(grid, chunk)
     expected = _expected_masked(q, k, v, grid, grid, chunk, chunk, mask)
     for force in (False, True):
         out = torch.full_like(q, float("nan"))
-        _bsa_attention_launch(q, k, v, idx, counts, geom, geom, geom, out, 32 ** -0.5, _force_int64=force)
+        _bsa_attention_launch(q, k, v, idx, counts, geom, geom, out, 32 ** -0.5, _force_int64=force)
         assert_close_rel(out, expected, KERNEL_RTOL[torch.float32], f"int64={force}")
 
 
@@ -212,9 +207,6 @@ def test_selection_matches_reference(sparsity, cdf):
     assert torch.equal(bsa_selection_mask(idx, counts, 8), bsa_selection_mask(ridx, rcounts, 8))
     if sparsity is not None:
         assert int(counts.min()) >= int((1 - sparsity) * 8)
-    # the chunk-order path selects the same chunks
-    cidx, ccounts = bsa_select(_to_chunk(q, grid_q, chunk_q), _to_chunk(k, grid_k, chunk_k), *args, chunk_order=True)
-    assert torch.equal(bsa_selection_mask(cidx, ccounts, 8), bsa_selection_mask(idx, counts, 8))
 
 
 def _official_select_mask(q_pool, k_pool, sparsity, cdf_threshold):
@@ -268,10 +260,19 @@ def test_reference_attention_query_slices(monkeypatch):
     s = (q @ k.transpose(-1, -2) * D ** -0.5).masked_fill(~tok, float("-inf"))
     expected = torch.nan_to_num(torch.softmax(s, dim=-1), nan=0.0) @ v
     for rows in (1, 4, 7, n_q * cs_q):  # 4 and 7 rows per slice cut through chunks of 6
-        monkeypatch.setattr(bsa_mod, "_REFERENCE_SCORE_BYTES", B * H * n_k * cs_k * 4 * rows)
+        monkeypatch.setattr(_common, "REFERENCE_SCORE_BYTES", B * H * n_k * cs_k * 4 * rows)
         out = bsa_masked_attention_reference(q, k, v, mask, cs_q, cs_k)
         assert_close_rel(out, expected, KERNEL_RTOL[torch.float32], f"{rows} rows per slice")
         assert torch.equal(out[0, 0, cs_q : 2 * cs_q], torch.zeros_like(out[0, 0, :cs_q]))  # the empty chunk
+
+
+def test_chunk_order_rearrange():
+    """The official rearrange the oracle uses: grid (1, 2, 4), chunks (1, 2, 2): raster 0 1 2 3 /
+    4 5 6 7 -> chunk 0 = 0 1 4 5, chunk 1 = 2 3 6 7; and back."""
+    x = torch.arange(8.0).view(1, 1, 8, 1)
+    assert bsa_to_chunk_order(x, (1, 2, 4), (1, 2, 2)).flatten().tolist() == [0, 1, 4, 5, 2, 3, 6, 7]
+    y = _rand((2, 3, 96, 4), torch.float32, 71)
+    assert torch.equal(bsa_from_chunk_order(bsa_to_chunk_order(y, (4, 6, 4), (2, 3, 2)), (4, 6, 4), (2, 3, 2)), y)
 
 
 def test_mask_indices_roundtrip():
@@ -292,40 +293,6 @@ def test_sparsity_zero_is_dense(dtype):
     out = block_sparse_attention(q, k, v, grid_q, grid_k, 0.0, None, chunk_q, chunk_k)
     dense = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
     assert_close_rel(out, dense, KERNEL_RTOL[dtype], f"sparsity 0 {dtype}")
-
-
-def test_chunk_order_variant_equals_raster():
-    grid_q, grid_k, chunk_q, chunk_k = (2, 4, 4), (4, 4, 4), (1, 2, 4), (2, 2, 2)
-    q = _rand((1, 2, 32, 32), torch.float32, 90)
-    k = _rand((1, 2, 64, 32), torch.float32, 91)
-    v = _rand((1, 2, 64, 32), torch.float32, 92)
-    args = (grid_q, grid_k, 0.5, None, chunk_q, chunk_k)
-    raster = block_sparse_attention(q, k, v, *args)
-    qc, kc, vc = _to_chunk(q, grid_q, chunk_q), _to_chunk(k, grid_k, chunk_k), _to_chunk(v, grid_k, chunk_k)
-    chunked = block_sparse_attention_chunked(qc, kc, vc, *args)
-    assert_close_rel(chunked, _to_chunk(raster, grid_q, chunk_q), KERNEL_RTOL[torch.float32], "chunk -> chunk")
-    back = block_sparse_attention_chunked(qc, kc, vc, *args, output_order="raster")
-    assert_close_rel(back, raster, KERNEL_RTOL[torch.float32], "chunk -> raster")
-    ref = block_sparse_attention_chunked(qc, kc, vc, *args, impl="reference")
-    assert_close_rel(ref, chunked, KERNEL_RTOL[torch.float32], "chunked reference")
-
-
-def test_chunk_order_straight_from_qk_rmsnorm_rope3d():
-    """The model's no-copy path: q, k in chunk order from the fused RoPE kernel ([B, N, H, D],
-    transposed to [B, H, N, D]), v in raster order re-indexed, output back in raster order."""
-    grid, chunk, H, D = (2, 4, 4), (2, 2, 2), 2, 32
-    g = torch.Generator().manual_seed(95)
-    qkv = torch.randn(1, 32, 3, H, D, generator=g).to(DEVICE)
-    q, k, v = qkv.unbind(2)
-    qw = (1 + 0.1 * torch.randn(D, generator=g)).to(DEVICE)
-    q_r, k_r = qk_rmsnorm_rope3d(q, k, qw, qw, grid)
-    q_c, k_c = qk_rmsnorm_rope3d(q, k, qw, qw, grid, chunk_shape=chunk)
-    v_c = v[:, chunk_order_index(grid, chunk, device=DEVICE)]
-    args = (grid, grid, 0.5, None, chunk, chunk)
-    out = block_sparse_attention_chunked(q_c.transpose(1, 2), k_c.transpose(1, 2), v_c.transpose(1, 2), *args,
-                                         output_order="raster")
-    expected = block_sparse_attention(q_r.transpose(1, 2), k_r.transpose(1, 2), v.transpose(1, 2), *args)
-    assert_close_rel(out, expected, KERNEL_RTOL[torch.float32], "rope chunk order")
 
 
 def test_torch_compile_fullgraph_matches_eager():
@@ -359,8 +326,6 @@ def test_errors():
     big = _rand((1, 1, 8, 272), torch.float32, 111)
     with pytest.raises(ValueError, match="head_dim"):
         block_sparse_attention(big, big, big, (1, 2, 4), (1, 2, 4), 0.0, None, (1, 2, 2), (1, 2, 2))
-    with pytest.raises(ValueError, match="output_order"):
-        block_sparse_attention_chunked(q, q, q, (2, 4, 4), (2, 4, 4), 0.5, None, (2, 2, 2), (2, 2, 2), output_order="x")
 
 
 def test_registered_ops():

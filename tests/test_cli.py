@@ -9,8 +9,11 @@ import pytest
 import torch
 from cases import FIXTURE_ROOT
 
-from longcat_native.cli import activation_bytes, latent_shape, main, refine_memory_estimate
+from longcat_native.cli import main
+from longcat_native.pipelines.run import refine_memory_estimate
+from longcat_native.pipelines.shapes import latent_size
 from longcat_native.runtime.config import resolve_config
+from longcat_native.runtime.memory import activation_bytes
 
 
 def _json_out(capsys, argv):
@@ -22,7 +25,7 @@ def test_info_real_config(capsys):
     info = _json_out(capsys, ["info", "--config", "longcat-video", "--json"])
     assert abs(info["parameters"] - 13.6e9) / 13.6e9 < 0.01
     assert info["weight_bytes_in_dtype"] == 2 * info["parameters"]  # bf16 by default
-    assert info["latent_thw"] == [24, 60, 104] and info["tokens"] == 37440  # SPEC section 7, 480p
+    assert info["latent_thw"] == [24, 60, 104] and info["tokens"] == 37440  # docs/workloads.md, 480p
     assert info["peak_activation_bytes"] > 37440 * 4096 * 2
     weights_and_inputs = info["peak_forward_bytes"] - info["peak_activation_bytes"]
     assert 0 < weights_and_inputs - info["weight_bytes_in_dtype"] < 0.001 * info["weight_bytes_in_dtype"]
@@ -55,7 +58,7 @@ def test_traced_activations_scale_with_tokens():
 
 
 def test_info_refinement_estimate(capsys):
-    """The 480p -> 720p refinement of 93 frames on the real config (SPEC section 7: 168,960
+    """The 480p -> 720p refinement of 93 frames on the real config (docs/workloads.md: 168,960
     tokens): an estimate made of its documented parts (denoising activations traced with BSA on),
     reported as one, and whether it fits 48 GB."""
     info = _json_out(capsys, ["info", "--config", "longcat-video", "--json"])
@@ -92,12 +95,12 @@ def test_refine_memory_estimate_assumptions():
 
 
 def test_latent_shape_rules():
-    assert latent_shape(93, 480, 832) == (24, 60, 104)
-    assert latent_shape(1, 16, 16) == (1, 2, 2)
-    with pytest.raises(ValueError, match="1 \\+ 4k"):
-        latent_shape(92, 480, 832)
+    assert latent_size(93, 480, 832) == (24, 60, 104)
+    assert latent_size(1, 16, 16) == (1, 2, 2)
+    with pytest.raises(ValueError, match="4k \\+ 1"):
+        latent_size(92, 480, 832)
     with pytest.raises(ValueError, match="multiples of 16"):
-        latent_shape(93, 480, 840)
+        latent_size(93, 480, 840)
 
 
 def test_forward_tiny(capsys):
@@ -127,3 +130,37 @@ def test_console_script_or_module_runs():
     r = subprocess.run(cmd + ["forward", "--config", "tiny", "--json"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout.strip().splitlines()[-1])["output_finite"]
+
+
+# What the parser path imports: --help and an argument error must not pay for torch (item 8).
+_IMPORT_DRIVER = """
+import json, sys
+from longcat_native.cli import main
+try:
+    main(sys.argv[1:])
+except SystemExit as e:
+    code = e.code
+heavy = [m for m in sys.modules if m in ("torch", "triton", "numpy") or m.startswith(("torch.", "triton."))
+         or m.startswith("longcat_native.kernels.")]
+print(json.dumps({"code": code, "heavy": sorted(heavy)}))
+"""
+
+
+@pytest.mark.parametrize("argv,code", [(["--help"], 0), (["generate", "--help"], 0), (["bench", "--help"], 0),
+                                       (["generate", "--task", "nope"], 2), (["forward", "--kernels", "x"], 2)])
+def test_parser_path_imports_no_torch(argv, code):
+    r = subprocess.run([sys.executable, "-c", _IMPORT_DRIVER, *argv], capture_output=True, text=True, timeout=120)
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    assert result == {"code": code, "heavy": []}, r.stderr[-2000:]
+
+
+def test_help_as_module_imports_no_torch():
+    """``python -m longcat_native.cli --help`` under ``-X importtime``: every module it imports is
+    listed on stderr; none is torch, triton, torch._dynamo or a kernel module."""
+    r = subprocess.run([sys.executable, "-X", "importtime", "-m", "longcat_native.cli", "--help"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "generate" in r.stdout
+    modules = [line.rsplit("|", 1)[-1].strip() for line in r.stderr.splitlines() if line.startswith("import time:")]
+    assert "longcat_native.runtime.names" in modules  # what the parser imports (the CLI runs as __main__)
+    heavy = [m for m in modules if m.split(".")[0] in ("torch", "triton") or m.startswith("longcat_native.kernels.")]
+    assert heavy == []

@@ -274,3 +274,14 @@ def test_resolution_flag():
     assert cli.parse_resolution("64x96") == ("64x96", (64, 96))
     with pytest.raises(Exception, match="HxW"):
         cli.parse_resolution("1080p")
+
+
+def test_generate_flags_default_to_the_request_defaults():
+    """`generate`'s flags and GenerateRequest (the same run from Python) have the same defaults."""
+    import dataclasses
+
+    from longcat_native.pipelines.run import GenerateRequest
+
+    args = vars(cli.build_parser().parse_args(["generate"]))
+    assert {f.name: f.default for f in dataclasses.fields(GenerateRequest)} == \
+        {f.name: args[f.name] for f in dataclasses.fields(GenerateRequest)}

@@ -22,4 +22,4 @@ def test_fused_kernels_compile_for_sm90():
     if r.returncode != 0 and ("ptxas" in r.stderr and "not found" in r.stderr):
         pytest.skip("triton's bundled ptxas is missing")
     assert r.returncode == 0, r.stderr[-3000:]
-    assert r.stdout.strip().splitlines()[-1] == "compiled 87", r.stdout[-2000:]
+    assert r.stdout.strip().splitlines()[-1] == "compiled 66", r.stdout[-2000:]

@@ -2,37 +2,22 @@
 
 import pytest
 import torch
-from helpers import KERNEL_RTOL, assert_close_rel, requires_cuda
+from helpers import (CPU_DTYPES, DEVICE, KERNEL_RTOL, NAN, assert_close_rel, layernorm_affine, modulation, randn,
+                     requires_cuda)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from longcat_native.kernels.layernorm_modulate import (
     _layernorm_modulate_launch,
     layernorm_modulate,
+    layernorm_modulate_launch_config,
     layernorm_modulate_reference,
-    ln_modulate_launch_config,
 )
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-CPU_DTYPES = [torch.float32, torch.float16]
-NAN = float("nan")
-
-
-def _randn(*shape, seed, dtype=torch.float32, mul=1.0, add=0.0):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(*shape, generator=g) * mul + add).to(device=DEVICE, dtype=dtype)
 
 
 def _mod(B, frames, C, seed):
-    """shift, scale as the model has them: chunks of a contiguous float32 [B, frames, 6C]."""
-    mod = _randn(B, frames, 6 * C, seed=seed, mul=0.5)
-    shift, scale = mod.chunk(6, dim=-1)[:2]
-    assert shift.stride() == (frames * 6 * C, 6 * C, 1)
-    return shift, scale
-
-
-def _affine(C, seed):
-    return _randn(C, seed=seed, mul=0.5, add=1.0), _randn(C, seed=seed + 1, mul=0.5)
+    """shift, scale as the model has them (helpers.modulation)."""
+    return modulation(B, frames, C, seed)[:2]
 
 
 def _expected(x, shift=None, scale=None, weight=None, bias=None, eps=1e-6):
@@ -51,9 +36,9 @@ def _check(out, x, shift=None, scale=None, weight=None, bias=None, eps=1e-6, wha
 @pytest.mark.parametrize("C", [8, 24, 100, 128, 257])
 def test_shapes(C, frames, dtype):
     B, N = 2, 5 * frames  # odd token counts
-    x = _randn(B, N, C, seed=C, dtype=dtype)
+    x = randn(B, N, C, seed=C, dtype=dtype)
     shift, scale = _mod(B, frames, C, seed=C + 1)
-    weight, bias = _affine(C, seed=C + 2)
+    weight, bias = layernorm_affine(C, seed=C + 2)
     for mod in (False, True):
         for affine in (False, True):
             args = (shift, scale) if mod else (None, None)
@@ -66,35 +51,35 @@ def test_shapes(C, frames, dtype):
 @pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
 def test_model_width(dtype):
     # C = 4096 (the model), whole row in one tile; few tokens to keep the interpreter fast.
-    assert ln_modulate_launch_config(4096)[:3] == (1, 4096, True)
-    x = _randn(1, 3, 4096, seed=1, dtype=dtype)
+    assert layernorm_modulate_launch_config(4096)[:3] == (1, 4096, True)
+    x = randn(1, 3, 4096, seed=1, dtype=dtype)
     shift, scale = _mod(1, 3, 4096, seed=2)
     _check(layernorm_modulate(x, shift, scale), x, shift, scale, what=f"C=4096 {dtype}")
 
 
 def test_wide_rows_are_chunked():
     C = 8200  # > 8192: streamed in 4096-wide chunks, the last one partial
-    block_r, block_c, one_tile, _ = ln_modulate_launch_config(C)
+    block_r, block_c, one_tile, _ = layernorm_modulate_launch_config(C)
     assert (block_r, block_c, one_tile) == (1, 4096, False)
-    x = _randn(1, 2, C, seed=3)
+    x = randn(1, 2, C, seed=3)
     shift, scale = _mod(1, 2, C, seed=4)
-    weight, bias = _affine(C, seed=5)
+    weight, bias = layernorm_affine(C, seed=5)
     _check(layernorm_modulate(x, shift, scale, weight, bias), x, shift, scale, weight, bias, what="C=8200")
 
 
 def test_launch_config_small_c():
-    assert ln_modulate_launch_config(8) == (16, 16, True, 2)
-    assert ln_modulate_launch_config(257) == (8, 512, True, 8)
-    assert ln_modulate_launch_config(100, max_tile_c=32)[:3] == (16, 32, False)
+    assert layernorm_modulate_launch_config(8) == (16, 16, True, 2)
+    assert layernorm_modulate_launch_config(257) == (8, 512, True, 8)
+    assert layernorm_modulate_launch_config(100, max_tile_c=32)[:3] == (16, 32, False)
 
 
 @pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
 @pytest.mark.parametrize("C", [33, 100, 257])
 def test_chunked_path_small_c(C, dtype):
     # The wide-row path forced on small rows: several 32-wide chunks, the last partial, 16 rows.
-    x = _randn(2, 9, C, seed=C, dtype=dtype)
+    x = randn(2, 9, C, seed=C, dtype=dtype)
     shift, scale = _mod(2, 3, C, seed=C + 1)
-    weight, bias = _affine(C, seed=C + 2)
+    weight, bias = layernorm_affine(C, seed=C + 2)
     for args in ((shift, scale, None, None), (None, None, weight, bias), (shift, scale, weight, bias)):
         out = torch.full_like(x, NAN)
         _layernorm_modulate_launch(x, *args, 1e-6, out, _max_tile_c=32)
@@ -104,7 +89,7 @@ def test_chunked_path_small_c(C, dtype):
 @pytest.mark.parametrize("max_tile_c", [8192, 32], ids=["one_tile", "chunked"])
 def test_large_mean_is_stable(max_tile_c):
     # |mean| >> std: a running sum of squares would cancel catastrophically in float32.
-    x = _randn(2, 6, 257, seed=6, add=1000.0)
+    x = randn(2, 6, 257, seed=6, add=1000.0)
     out = torch.full_like(x, NAN)
     _layernorm_modulate_launch(x, None, None, None, None, 1e-6, out, _max_tile_c=max_tile_c)
     expected = layernorm_modulate_reference(x.double()).float()
@@ -112,7 +97,7 @@ def test_large_mean_is_stable(max_tile_c):
 
 
 def test_eps_is_used():
-    x = _randn(2, 3, 24, seed=7, mul=0.05)
+    x = randn(2, 3, 24, seed=7, mul=0.05)
     for eps in (1e-6, 1e-2):
         _check(layernorm_modulate(x, eps=eps), x, eps=eps, what=f"eps={eps}")
     assert not torch.allclose(layernorm_modulate(x, eps=1e-6), layernorm_modulate(x, eps=1e-2))
@@ -120,13 +105,13 @@ def test_eps_is_used():
 
 def _x_views():
     """(name, x) pairs of non-contiguous [B, N, C] inputs, C = 40."""
-    base = _randn(3, 14, 48, seed=8)
+    base = randn(3, 14, 48, seed=8)
     return [
         ("token_slice", base[:, 2:11, 4:44]),
         ("token_stride", base[:, ::2, :40]),  # N = 7
         ("batch_stride", base[::2, 1:10, 8:]),
-        ("channel_stride", _randn(2, 9, 80, seed=9)[..., ::2]),
-        ("transposed", _randn(2, 40, 9, seed=10).transpose(1, 2)),  # channel stride 9
+        ("channel_stride", randn(2, 9, 80, seed=9)[..., ::2]),
+        ("transposed", randn(2, 40, 9, seed=10).transpose(1, 2)),  # channel stride 9
     ]
 
 
@@ -139,18 +124,18 @@ def test_non_contiguous_x(name):
     assert not x.is_contiguous()
     B, N, C = x.shape
     shift, scale = _mod(B, N // 3 if N % 3 == 0 else 1, C, seed=11)
-    weight, bias = _affine(C, seed=12)
+    weight, bias = layernorm_affine(C, seed=12)
     _check(layernorm_modulate(x, shift, scale, weight, bias), x, shift, scale, weight, bias, what=name)
 
 
 def test_strided_and_expanded_params():
     B, N, C = 2, 6, 24
-    x = _randn(B, N, C, seed=13)
-    mod = _randn(B, 2, 2 * C, seed=14, mul=0.5)
+    x = randn(B, N, C, seed=13)
+    mod = randn(B, 2, 2 * C, seed=14, mul=0.5)
     shift, scale = mod[..., ::2], mod[..., 1::2]  # channel stride 2
-    shift_b = _randn(1, 3, C, seed=15, mul=0.5).expand(B, 3, C)  # batch stride 0
-    scale_b = _randn(1, 3, C, seed=16, mul=0.5).expand(B, 3, C)
-    w2, b2 = _randn(2 * C, seed=17, add=1.0), _randn(2 * C, seed=18)
+    shift_b = randn(1, 3, C, seed=15, mul=0.5).expand(B, 3, C)  # batch stride 0
+    scale_b = randn(1, 3, C, seed=16, mul=0.5).expand(B, 3, C)
+    w2, b2 = randn(2 * C, seed=17, add=1.0), randn(2 * C, seed=18)
     weight, bias = w2[::2], b2[1::2]
     _check(layernorm_modulate(x, shift, scale), x, shift, scale, what="channel-strided mod")
     _check(layernorm_modulate(x, shift_b, scale_b), x, shift_b, scale_b, what="expanded mod")
@@ -170,7 +155,7 @@ def test_poisoned_output(dtype, max_tile_c, force_int64):
     x = dict(_x_views())["transposed"].to(dtype)
     B, N, C = x.shape
     shift, scale = _mod(B, 3, C, seed=19)
-    weight, bias = _affine(C, seed=20)
+    weight, bias = layernorm_affine(C, seed=20)
     args = (x, shift, scale, weight, bias, 1e-6)
     kw = dict(_force_int64=force_int64, _max_tile_c=max_tile_c)
     out = torch.full_like(x, NAN)
@@ -186,7 +171,7 @@ def test_poisoned_output(dtype, max_tile_c, force_int64):
 
 @pytest.mark.parametrize("max_tile_c", [8192, 32], ids=["one_tile", "chunked"])
 def test_int64_offsets_match_int32(max_tile_c):
-    x = _randn(2, 9, 100, seed=21, dtype=torch.float16)
+    x = randn(2, 9, 100, seed=21, dtype=torch.float16)
     shift, scale = _mod(2, 3, 100, seed=22)
     outs = []
     for force in (False, True):
@@ -198,7 +183,7 @@ def test_int64_offsets_match_int32(max_tile_c):
 
 @pytest.mark.parametrize("max_tile_c", [8192, 32], ids=["one_tile", "chunked"])
 def test_in_place(max_tile_c):
-    x = _randn(2, 6, 100, seed=23)
+    x = randn(2, 6, 100, seed=23)
     shift, scale = _mod(2, 2, 100, seed=24)
     expected = _expected(x, shift, scale)
     buf = x.clone()
@@ -251,7 +236,7 @@ def test_empty_input():
 
 
 def test_registered_op():
-    x = _randn(2, 3, 24, seed=25)
+    x = randn(2, 3, 24, seed=25)
     shift, scale = _mod(2, 3, 24, seed=26)
     out = torch.ops.longcat_native.layernorm_modulate(x, shift, scale, None, None, 1e-6)
     _check(out, x, shift, scale, what="torch.ops.longcat_native.layernorm_modulate")
@@ -266,10 +251,10 @@ def test_torch_compile_fullgraph_matches_eager():
         return h * mod[2].mean(1, keepdim=True) + layernorm_modulate(x[:, 1:], None, None, weight, bias)
 
     B, frames, C = 2, 3, 16
-    x = _randn(B, 3 * frames + 1, C, seed=27)
-    t = _randn(B, frames, 8, seed=28)
-    w_mod = _randn(8, 6 * C, seed=29, mul=0.2)
-    weight, bias = _affine(C, seed=30)
+    x = randn(B, 3 * frames + 1, C, seed=27)
+    t = randn(B, frames, 8, seed=28)
+    w_mod = randn(8, 6 * C, seed=29, mul=0.2)
+    weight, bias = layernorm_affine(C, seed=30)
     compiled = torch.compile(adaln, fullgraph=True)
     assert_close_rel(
         compiled(x, t, w_mod, weight, bias), adaln(x, t, w_mod, weight, bias), KERNEL_RTOL[torch.float32], "compiled"
@@ -291,9 +276,9 @@ def test_torch_compile_fullgraph_matches_eager():
     seed=st.integers(0, 2**16),
 )
 def test_hypothesis(B, frames, tokens_per_frame, C, dtype, mod, affine, chunked, x_scale, x_offset, seed):
-    x = _randn(B, frames * tokens_per_frame, C, seed=seed, dtype=dtype, mul=x_scale, add=x_offset)
+    x = randn(B, frames * tokens_per_frame, C, seed=seed, dtype=dtype, mul=x_scale, add=x_offset)
     args = _mod(B, frames, C, seed=seed + 1) if mod else (None, None)
-    args += _affine(C, seed=seed + 2) if affine else (None, None)
+    args += layernorm_affine(C, seed=seed + 2) if affine else (None, None)
     out = torch.full_like(x, NAN)
     _layernorm_modulate_launch(x, *args, 1e-6, out, _max_tile_c=32 if chunked else 8192)
     _check(out, x, *args, what=f"B={B} frames={frames} tpf={tokens_per_frame} C={C} {dtype}")
@@ -302,9 +287,9 @@ def test_hypothesis(B, frames, tokens_per_frame, C, dtype, mod, affine, chunked,
 @requires_cuda
 @pytest.mark.parametrize("C", [257, 4096, 8200])
 def test_bf16_cuda(C):
-    x = _randn(2, 33, C, seed=31, dtype=torch.bfloat16)
+    x = randn(2, 33, C, seed=31, dtype=torch.bfloat16)
     shift, scale = _mod(2, 3, C, seed=32)
-    weight, bias = _affine(C, seed=33)
+    weight, bias = layernorm_affine(C, seed=33)
     _check(layernorm_modulate(x, shift, scale), x, shift, scale, what=f"bf16 C={C}")
     _check(layernorm_modulate(x, None, None, weight, bias), x, None, None, weight, bias, what=f"bf16 affine C={C}")
     xv = x[:, 1::2]

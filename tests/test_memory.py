@@ -96,7 +96,7 @@ def test_bsa_select_workspace_bounds_its_implementation(monkeypatch, sparsity, c
     g = torch.Generator().manual_seed(3)
     q = torch.randn(B, H, 1024, D, generator=g).to(device, dtype)
     k = torch.randn(B, H, 1024, D, generator=g).to(device, dtype)
-    args = (q, k, list(grid), list(grid), sparsity, cdf, list(chunk), list(chunk), False)
+    args = (q, k, list(grid), list(grid), sparsity, cdf, list(chunk), list(chunk))
     with MemoryTracer(workspace={}) as tracer:
         idx, counts = bsa_mod._bsa_select_impl(*args)
     tr = tracer.result()

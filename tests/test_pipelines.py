@@ -246,6 +246,28 @@ def test_bad_inputs_fail_before_model_work(dit, text):
     assert spy.calls == []
 
 
+def test_unknown_keywords_are_type_errors_naming_them(dit, text):
+    """Every task states its own arguments and takes the shared SamplingOptions: anything else is a
+    TypeError naming it, as Python's own, before any model work."""
+    spy = Spy(dit)
+    pe, pm, ne, nm = text
+    with pytest.raises(TypeError, match=r"^generate_t2v\(\) got an unexpected keyword argument 'num_step'$"):
+        P.generate_t2v(spy, pe, pm, ne, nm, latent=(2, 8, 12), num_step=3)
+    with pytest.raises(TypeError, match=r"generate_vc\(\) got an unexpected keyword argument 'first_latents'"):
+        P.generate(spy, "vc", pe, pm, ne, nm, video_latents=_lat(1, 16, 3, 8, 12), first_latents=None)
+    for shared_elsewhere in ("guidance_scale", "distill"):  # refinement runs without guidance
+        with pytest.raises(TypeError, match=f"generate_refine\\(\\) got an unexpected keyword argument "
+                                            f"'{shared_elsewhere}'"):
+            P.generate_refine(spy, _lat(1, 16, 2, 4, 6), pe, pm, **{shared_elsewhere: 1.0})
+    with pytest.raises(TypeError, match="unexpected keyword argument 'height'"):
+        P.generate_i2v(spy, _lat(1, 16, 1, 8, 12), pe, pm, ne, nm, height=64)
+    assert spy.calls == []
+    opts = P.SamplingOptions(num_steps=3, progress=False)
+    a = P.generate_t2v(dit, pe, pm, ne, nm, latent=(2, 8, 12), **opts.as_kwargs(seed=2))
+    b = P.generate_t2v(dit, pe, pm, ne, nm, latent=(2, 8, 12), seed=2, **SMALL)
+    assert torch.equal(a, b)
+
+
 @pytest.mark.skipif(not hasattr(LongCatDiT, "enable_loras"), reason="the model has no LoRA support yet")
 def test_refine_with_the_checkpoint_lora(text):
     from cases import FIXTURE_ROOT
@@ -400,6 +422,10 @@ def test_pipeline_errors_before_any_work(pipe, monkeypatch):
         P.LongCatVideoPipeline(spy, None, pipe.vae).generate_t2v("a cat", num_frames=9, **PIX)
     with pytest.raises(ValueError, match="not loaded"):
         sp.generate_t2v("a cat", num_frames=9, lora="no_such_lora", **PIX)
+    with pytest.raises(TypeError, match=r"generate_t2v\(\) got an unexpected keyword argument 'num_step'"):
+        sp.generate_t2v("a cat", num_frames=9, num_step=3, **PIX)
+    with pytest.raises(TypeError, match=r"generate_refine\(\) got an unexpected keyword argument 'guidance_scale'"):
+        sp.generate_refine(vid, "a cat", guidance_scale=4.0, **PIX)
     assert spy.calls == [] and encoded == []
     with pytest.raises(ValueError, match="caption_channels 32"):
         P.LongCatVideoPipeline(SimpleNamespace(config=SimpleNamespace(caption_channels=32, in_channels=16)),

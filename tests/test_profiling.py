@@ -37,6 +37,19 @@ def test_disabled_ranges_are_one_shared_null_context():
         enable_nvtx(previous)
 
 
+def test_forced_range_marks_a_region_while_ranges_are_off():
+    """``force=True`` (the benchmarks' timed regions) is a real range whatever the setting."""
+    previous = enable_nvtx(False)
+    try:
+        forced = nvtx_range("bench", force=True)
+        assert forced is not nvtx_range("bench") and isinstance(forced, profiling._Range)
+        with torch.profiler.profile() as prof, forced:
+            torch.ones(2) + 1
+        assert "bench" in {e.name for e in prof.events()}
+    finally:
+        enable_nvtx(previous)
+
+
 def test_ranges_compile_fullgraph_without_breaks_enabled_or_not():
     toy, x = _Toy(), torch.randn(2, 8)
     for enabled in (False, True):

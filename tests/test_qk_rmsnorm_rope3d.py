@@ -4,21 +4,18 @@ import json
 
 import pytest
 import torch
-from helpers import KERNEL_RTOL, assert_close_rel, requires_cuda
+from helpers import CPU_DTYPES, DEVICE, KERNEL_RTOL, NAN, assert_close_rel, requires_cuda
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
 
 from longcat_native.kernels.qk_rmsnorm_rope3d import (
     _qk_rmsnorm_rope3d_launch,
-    chunk_order_index,
     qk_rmsnorm_rope3d,
     qk_rmsnorm_rope3d_reference,
     rope3d_split,
 )
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-CPU_DTYPES = [torch.float32, torch.float16]
 HEAD_DIMS = [8, 16, 24, 32, 40, 64, 72, 128]
 
 
@@ -41,12 +38,10 @@ def _f32(x):
     return None if x is None else x.float()
 
 
-def _expected(q, k, qw, kw, grid, t_offset=0, return_k_unroped=True, chunk_shape=None):
+def _expected(q, k, qw, kw, grid, t_offset=0, return_k_unroped=True):
     """Reference in float32 from the same (already rounded) inputs."""
-    return qk_rmsnorm_rope3d_reference(
-        _f32(q), _f32(k), _f32(qw), _f32(kw), grid, t_offset,
-        return_k_unroped=return_k_unroped, chunk_shape=chunk_shape,
-    )
+    return qk_rmsnorm_rope3d_reference(_f32(q), _f32(k), _f32(qw), _f32(kw), grid, t_offset,
+                                       return_k_unroped=return_k_unroped)
 
 
 def _check(outs, exps, dtype, what):
@@ -60,10 +55,10 @@ def _check(outs, exps, dtype, what):
         assert_close_rel(out, exp, KERNEL_RTOL[dtype], f"{what} {name}")
 
 
-def _run_and_check(q, k, qw, kw, grid, t_offset=0, chunk_shape=None, what=""):
+def _run_and_check(q, k, qw, kw, grid, t_offset=0, what=""):
     dtype = (q if q is not None else k).dtype
-    outs = qk_rmsnorm_rope3d(q, k, qw, kw, grid, t_offset, return_k_unroped=True, chunk_shape=chunk_shape)
-    _check(outs, _expected(q, k, qw, kw, grid, t_offset, chunk_shape=chunk_shape), dtype, what)
+    outs = qk_rmsnorm_rope3d(q, k, qw, kw, grid, t_offset, return_k_unroped=True)
+    _check(outs, _expected(q, k, qw, kw, grid, t_offset), dtype, what)
     return outs
 
 
@@ -151,25 +146,22 @@ def test_any_input_strides():
 
 
 @pytest.mark.parametrize("force_int64", [False, True])
-@pytest.mark.parametrize("chunk_shape", [None, (1, 2, 2)], ids=str)
-def test_poisoned_outputs(force_int64, chunk_shape):
+def test_poisoned_outputs(force_int64):
     """Every output element is written by the launcher (NaN-filled preallocated outputs)."""
     grid, D, heads = (2, 4, 2), 40, 3  # D = 40: padded to 64 channels, masked lanes
     q, k = _qkv(2, _n(grid), heads, D, torch.float32, seed=15)
     qw, kw = _weights(D, torch.float32, seed=15)
-    outs = [torch.full(q.shape, float("nan"), device=DEVICE) for _ in range(3)]
-    _qk_rmsnorm_rope3d_launch(
-        q, k, qw, kw, grid, 2, 1e-6, *outs, chunk_shape=chunk_shape, _force_int64=force_int64
-    )
-    _check(outs, _expected(q, k, qw, kw, grid, 2, chunk_shape=chunk_shape), torch.float32, "poisoned")
+    outs = [torch.full(q.shape, NAN, device=DEVICE) for _ in range(3)]
+    _qk_rmsnorm_rope3d_launch(q, k, qw, kw, grid, 2, 1e-6, *outs, _force_int64=force_int64)
+    _check(outs, _expected(q, k, qw, kw, grid, 2), torch.float32, "poisoned")
 
 
 def test_poisoned_outputs_cross_attention_fp16():
     q, _ = _qkv(2, 37, 2, 24, torch.float16, seed=16)  # 37 tokens: a ragged last block
     _, k = _qkv(2, 5, 2, 24, torch.float16, seed=17)
     qw, kw = _weights(24, torch.float16, seed=16)
-    q_out = torch.full(q.shape, float("nan"), dtype=torch.float16, device=DEVICE)
-    k_out = torch.full(k.shape, float("nan"), dtype=torch.float16, device=DEVICE)
+    q_out = torch.full(q.shape, NAN, dtype=torch.float16, device=DEVICE)
+    k_out = torch.full(k.shape, NAN, dtype=torch.float16, device=DEVICE)
     _qk_rmsnorm_rope3d_launch(q, k, qw, kw, None, 0, 1e-6, q_out, k_out)
     _check((q_out, k_out), _expected(q, k, qw, kw, None, return_k_unroped=False), torch.float16, "cross")
 
@@ -233,50 +225,6 @@ def test_cross_attention_different_lengths(n_q, n_k, dtype):
     assert torch.equal(outs[1], outs[2])
 
 
-# --- chunk order -------------------------------------------------------------------------------
-
-
-def test_chunk_order_index_small_example():
-    # grid (1, 2, 4), chunks (1, 2, 2): raster 0 1 2 3 / 4 5 6 7 -> chunk 0 = 0 1 4 5, chunk 1 = 2 3 6 7
-    assert chunk_order_index((1, 2, 4), (1, 2, 2)).tolist() == [0, 1, 4, 5, 2, 3, 6, 7]
-    idx = chunk_order_index((4, 6, 4), (2, 3, 2))
-    assert idx.dtype == torch.long and torch.equal(idx.sort().values, torch.arange(96))
-    assert torch.equal(chunk_order_index((2, 3, 4), (2, 3, 4)), torch.arange(24))  # one chunk
-    # tokens of the first chunk are the 2x3x2 corner of the grid, in raster order
-    t, h, w = idx[:12] // 24, idx[:12] // 4 % 6, idx[:12] % 4
-    assert t.tolist() == [0] * 6 + [1] * 6 and h.max() == 2 and w.max() == 1
-
-
-@pytest.mark.parametrize(
-    "grid,chunk_shape", [((2, 4, 4), (1, 2, 2)), ((4, 4, 4), (4, 4, 4)), ((2, 6, 4), (2, 3, 1)), ((3, 2, 4), (1, 1, 4))],
-    ids=str,
-)
-def test_reference_chunk_order_is_permuted_raster(grid, chunk_shape):
-    q, k = _qkv(2, _n(grid), 2, 16, torch.float32, seed=22)
-    qw, kw = _weights(16, torch.float32, seed=22)
-    raster = qk_rmsnorm_rope3d_reference(q, k, qw, kw, grid, 1, return_k_unroped=True)
-    chunked = qk_rmsnorm_rope3d_reference(q, k, qw, kw, grid, 1, return_k_unroped=True, chunk_shape=chunk_shape)
-    perm = chunk_order_index(grid, chunk_shape)
-    for r, c in zip(raster, chunked):
-        assert torch.equal(c, r[:, perm])
-
-
-@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
-@pytest.mark.parametrize(
-    "grid,chunk_shape", [((2, 4, 4), (1, 2, 2)), ((2, 6, 4), (2, 3, 2)), ((3, 2, 4), (3, 1, 2)), ((4, 4, 8), (4, 4, 4))],
-    ids=str,
-)
-def test_kernel_chunk_order(grid, chunk_shape, dtype):
-    D = 24
-    q, k = _qkv(2, _n(grid), 2, D, dtype, seed=23)
-    qw, kw = _weights(D, dtype, seed=23)
-    outs = _run_and_check(q, k, qw, kw, grid, 2, chunk_shape=chunk_shape, what=f"chunk {chunk_shape}")
-    raster = qk_rmsnorm_rope3d(q, k, qw, kw, grid, 2, return_k_unroped=True)
-    perm = chunk_order_index(grid, chunk_shape)
-    for c, r in zip(outs, raster):
-        assert torch.equal(c, r[:, perm])  # same arithmetic, only the token order differs
-
-
 # --- official fixture --------------------------------------------------------------------------
 
 
@@ -320,17 +268,6 @@ def test_validation_errors():
         qk_rmsnorm_rope3d(q, k, None, None, (1, 3, 3))
     with pytest.raises(ValueError, match="tokens"):
         qk_rmsnorm_rope3d_reference(q, k, None, None, (1, 3, 3))
-    for fn in (qk_rmsnorm_rope3d, qk_rmsnorm_rope3d_reference):
-        with pytest.raises(ValueError, match="divide"):
-            fn(q, k, None, None, (1, 2, 4), chunk_shape=(1, 2, 3))
-        with pytest.raises(ValueError, match="divide"):
-            fn(q, k, None, None, (1, 2, 4), chunk_shape=(0, 2, 2))
-        with pytest.raises(ValueError, match=r"\(ct, ch, cw\)"):
-            fn(q, k, None, None, (1, 2, 4), chunk_shape=(2, 2))
-        with pytest.raises(ValueError, match="needs a grid"):
-            fn(q, k, None, None, None, chunk_shape=(1, 2, 2))
-    with pytest.raises(ValueError, match="divide"):
-        chunk_order_index((2, 4, 4), (1, 3, 2))
     with pytest.raises(ValueError, match="share batch size, head count and head_dim"):
         qk_rmsnorm_rope3d(q, torch.randn(1, 8, 3, 16, device=DEVICE), None, None)
     with pytest.raises(ValueError, match="q_weight"):
@@ -381,7 +318,7 @@ def test_registered_op():
     grid = (1, 2, 4)
     q, k = _qkv(1, 8, 2, 16, torch.float32, seed=26)
     qw, kw = _weights(16, torch.float32, seed=26)
-    q_out, k_out, k_un = torch.ops.longcat_native.qk_rmsnorm_rope3d(q, k, qw, kw, list(grid), 0, 1e-6, True, None)
+    q_out, k_out, k_un = torch.ops.longcat_native.qk_rmsnorm_rope3d(q, k, qw, kw, list(grid), 0, 1e-6, True)
     _check((q_out, k_out, k_un), _expected(q, k, qw, kw, grid), torch.float32, "torch.ops")
 
 
@@ -392,7 +329,7 @@ def test_torch_compile_fullgraph_matches_eager():
     def attn_prologue(qkv, qw, kw, text_kv):
         B, N, _ = qkv.shape
         q, k, v = qkv.view(B, N, 3, heads, D).unbind(2)
-        q, k, k_un = qk_rmsnorm_rope3d(q, k, qw, kw, grid, 1, return_k_unroped=True, chunk_shape=(1, 2, 2))
+        q, k, k_un = qk_rmsnorm_rope3d(q, k, qw, kw, grid, 1, return_k_unroped=True)
         tk = text_kv.view(B, -1, 2, heads, D)[:, :, 0]
         cq, ck = qk_rmsnorm_rope3d(q * 2.0, tk, qw, kw)  # cross-attention: different lengths
         return q.sum(1) + k_un.sum(1) + v.sum(1), k, cq, ck
@@ -408,12 +345,11 @@ def test_torch_compile_fullgraph_matches_eager():
 
 @requires_cuda
 @pytest.mark.parametrize("D", [64, 128])
-@pytest.mark.parametrize("chunk_shape", [None, (2, 2, 2)], ids=str)
-def test_bf16_cuda(D, chunk_shape):
+def test_bf16_cuda(D):
     grid = (4, 6, 8)
     q, k = _qkv(2, _n(grid), 4, D, torch.bfloat16, seed=28)
     qw, kw = _weights(D, torch.bfloat16, seed=28)
-    _run_and_check(q, k, qw, kw, grid, 5, chunk_shape=chunk_shape, what=f"bf16 D={D}")
+    _run_and_check(q, k, qw, kw, grid, 5, what=f"bf16 D={D}")
 
 
 @requires_cuda

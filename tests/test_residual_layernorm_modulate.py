@@ -2,11 +2,12 @@
 
 import pytest
 import torch
-from helpers import KERNEL_RTOL, assert_close_rel, requires_cuda
+from helpers import (CPU_DTYPES, DEVICE, KERNEL_RTOL, NAN, assert_close_rel, layernorm_affine, modulation, randn,
+                     requires_cuda)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from longcat_native.kernels.layernorm_modulate import layernorm_modulate_reference, ln_modulate_launch_config
+from longcat_native.kernels.layernorm_modulate import layernorm_modulate_launch_config, layernorm_modulate_reference
 from longcat_native.kernels.residual_layernorm_modulate import (
     _residual_layernorm_modulate_launch,
     gated_residual_reference,
@@ -14,26 +15,11 @@ from longcat_native.kernels.residual_layernorm_modulate import (
     residual_layernorm_modulate_reference,
 )
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-CPU_DTYPES = [torch.float32, torch.float16]
-NAN = float("nan")
-
-
-def _randn(*shape, seed, dtype=torch.float32, mul=1.0, add=0.0):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(*shape, generator=g) * mul + add).to(device=DEVICE, dtype=dtype)
-
 
 def _mod(B, frames, C, seed):
-    """gate, shift, scale as the model has them: chunks of a contiguous float32 [B, frames, 6C]."""
-    mod = _randn(B, frames, 6 * C, seed=seed, mul=0.5)
-    shift, scale, gate = mod.chunk(6, dim=-1)[:3]
-    assert gate.stride() == (frames * 6 * C, 6 * C, 1)
+    """gate, shift, scale as the model has them (helpers.modulation)."""
+    shift, scale, gate = modulation(B, frames, C, seed)[:3]
     return gate, shift, scale
-
-
-def _affine(C, seed):
-    return _randn(C, seed=seed, mul=0.5, add=1.0), _randn(C, seed=seed + 1, mul=0.5)
 
 
 def _check(x_new, h, x, y, gate=None, shift=None, scale=None, weight=None, bias=None, eps=1e-6, what=""):
@@ -60,10 +46,10 @@ def _launch(x, y, *args, eps=1e-6, **kw):
 @pytest.mark.parametrize("C", [8, 24, 100, 128, 257])
 def test_shapes(C, frames, dtype):
     B, N = 2, 5 * frames  # odd token counts
-    x = _randn(B, N, C, seed=C, dtype=dtype)
-    y = _randn(B, N, C, seed=C + 1, dtype=dtype)
+    x = randn(B, N, C, seed=C, dtype=dtype)
+    y = randn(B, N, C, seed=C + 1, dtype=dtype)
     gate, shift, scale = _mod(B, frames, C, seed=C + 2)
-    weight, bias = _affine(C, seed=C + 3)
+    weight, bias = layernorm_affine(C, seed=C + 3)
     cases = {
         "self_attn": (gate, shift, scale, None, None),  # x + gate * attn, then the FFN's norm
         "cross_norm": (gate, None, None, weight, bias),  # x + gate * attn, then the affine norm
@@ -79,19 +65,19 @@ def test_shapes(C, frames, dtype):
 
 @pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
 def test_model_width(dtype):
-    x = _randn(1, 3, 4096, seed=1, dtype=dtype)
-    y = _randn(1, 3, 4096, seed=2, dtype=dtype)
+    x = randn(1, 3, 4096, seed=1, dtype=dtype)
+    y = randn(1, 3, 4096, seed=2, dtype=dtype)
     gate, shift, scale = _mod(1, 3, 4096, seed=3)
     _check(*residual_layernorm_modulate(x, y, gate, shift, scale), x, y, gate, shift, scale, what=f"C=4096 {dtype}")
 
 
 def test_wide_rows_are_chunked():
     C = 8200
-    assert not ln_modulate_launch_config(C)[2]
-    x = _randn(1, 2, C, seed=4)
-    y = _randn(1, 2, C, seed=5)
+    assert not layernorm_modulate_launch_config(C)[2]
+    x = randn(1, 2, C, seed=4)
+    y = randn(1, 2, C, seed=5)
     gate, shift, scale = _mod(1, 2, C, seed=6)
-    weight, bias = _affine(C, seed=7)
+    weight, bias = layernorm_affine(C, seed=7)
     args = (gate, shift, scale, weight, bias)
     _check(*residual_layernorm_modulate(x, y, *args), x, y, *args, what="C=8200")
 
@@ -99,18 +85,18 @@ def test_wide_rows_are_chunked():
 @pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
 @pytest.mark.parametrize("C", [33, 257])
 def test_chunked_path_small_c(C, dtype):
-    x = _randn(2, 9, C, seed=C, dtype=dtype)
-    y = _randn(2, 9, C, seed=C + 1, dtype=dtype)
+    x = randn(2, 9, C, seed=C, dtype=dtype)
+    y = randn(2, 9, C, seed=C + 1, dtype=dtype)
     gate, shift, scale = _mod(2, 3, C, seed=C + 2)
-    weight, bias = _affine(C, seed=C + 3)
+    weight, bias = layernorm_affine(C, seed=C + 3)
     cases = ((gate, shift, scale, None, None), (None, None, None, weight, bias), (gate, shift, scale, weight, bias))
     for args in cases:
         _check(*_launch(x, y, *args, _max_tile_c=32), x, y, *args, what=f"chunked C={C} {dtype}")
 
 
 def test_gate_and_modulation_frame_counts_differ():
-    x = _randn(2, 12, 24, seed=8)
-    y = _randn(2, 12, 24, seed=9)
+    x = randn(2, 12, 24, seed=8)
+    y = randn(2, 12, 24, seed=9)
     gate = _mod(2, 4, 24, seed=10)[0]
     _, shift, scale = _mod(2, 3, 24, seed=11)
     _check(*residual_layernorm_modulate(x, y, gate, shift, scale), x, y, gate, shift, scale, what="4 vs 3 frames")
@@ -118,15 +104,15 @@ def test_gate_and_modulation_frame_counts_differ():
 
 def test_mixed_dtypes():
     # fp16 activations, a float32 branch output and half-precision gate/params: float32 math.
-    x = _randn(2, 6, 40, seed=12, dtype=torch.float16)
-    y = _randn(2, 6, 40, seed=13)
+    x = randn(2, 6, 40, seed=12, dtype=torch.float16)
+    y = randn(2, 6, 40, seed=13)
     gate, shift, scale = (t.half() for t in _mod(2, 2, 40, seed=14))
     _check(*residual_layernorm_modulate(x, y, gate, shift, scale), x, y, gate, shift, scale, what="mixed")
 
 
 def test_large_mean_is_stable():
-    x = _randn(2, 6, 257, seed=15, add=1000.0)
-    y = _randn(2, 6, 257, seed=16)
+    x = randn(2, 6, 257, seed=15, add=1000.0)
+    y = randn(2, 6, 257, seed=16)
     expected_h = layernorm_modulate_reference((x + y).double()).float()
     for max_tile_c in (8192, 32):
         x_new, h = _launch(x, y, None, None, None, None, None, _max_tile_c=max_tile_c)
@@ -140,8 +126,8 @@ def test_h_normalizes_the_rounded_residual(max_tile_c):
     # rounded x_new (what the unfused path reads back), not of the float32 sum.
     from longcat_native.kernels.layernorm_modulate import _layernorm_modulate_launch
 
-    x = _randn(2, 6, 100, seed=45, dtype=torch.float16, mul=100.0)
-    y = _randn(2, 6, 100, seed=46, dtype=torch.float16, mul=0.1)
+    x = randn(2, 6, 100, seed=45, dtype=torch.float16, mul=100.0)
+    y = randn(2, 6, 100, seed=46, dtype=torch.float16, mul=0.1)
     args = _mod(2, 2, 100, seed=47) + (None, None)
     x_new, h = _launch(x, y, *args, _max_tile_c=max_tile_c)
     h_of_rounded = torch.full_like(x, NAN)
@@ -158,12 +144,12 @@ def test_h_normalizes_the_rounded_residual(max_tile_c):
 
 def _views(seed):
     """(name, view) pairs of non-contiguous [B, N, C] tensors, C = 40."""
-    base = _randn(4, 14, 48, seed=seed)  # every view is [2, 9, 40]
+    base = randn(4, 14, 48, seed=seed)  # every view is [2, 9, 40]
     return [
         ("token_slice", base[:2, 2:11, 4:44]),
         ("batch_stride", base[::2, 1:10, 8:]),
-        ("channel_stride", _randn(2, 9, 80, seed=seed + 1)[..., ::2]),
-        ("transposed", _randn(2, 40, 9, seed=seed + 2).transpose(1, 2)),
+        ("channel_stride", randn(2, 9, 80, seed=seed + 1)[..., ::2]),
+        ("transposed", randn(2, 40, 9, seed=seed + 2).transpose(1, 2)),
     ]
 
 
@@ -177,11 +163,11 @@ def test_non_contiguous_inputs(name):
     assert not x.is_contiguous() and not y.is_contiguous() and x.shape == y.shape
     B, N, C = x.shape
     gate, shift, scale = _mod(B, 3 if N % 3 == 0 else 1, C, seed=19)
-    weight, bias = _affine(C, seed=20)
+    weight, bias = layernorm_affine(C, seed=20)
     for args in ((gate, shift, scale, None, None), (None, shift, scale, weight, bias)):
         _check(*residual_layernorm_modulate(x, y, *args), x, y, *args, what=name)
     # strided, expanded gate/shift/scale
-    g, sh, sc = (_randn(1, 1, 2 * C, seed=21 + i, mul=0.5)[..., ::2].expand(B, 1, C) for i in range(3))
+    g, sh, sc = (randn(1, 1, 2 * C, seed=21 + i, mul=0.5)[..., ::2].expand(B, 1, C) for i in range(3))
     _check(*residual_layernorm_modulate(x, y, g, sh, sc), x, y, g, sh, sc, what=f"{name} expanded params")
 
 
@@ -211,8 +197,8 @@ def test_poisoned_output(gated, dtype, max_tile_c, force_int64):
 
 @pytest.mark.parametrize("max_tile_c", [8192, 32], ids=["one_tile", "chunked"])
 def test_int64_offsets_match_int32(max_tile_c):
-    x = _randn(2, 9, 100, seed=27, dtype=torch.float16)
-    y = _randn(2, 9, 100, seed=28, dtype=torch.float16)
+    x = randn(2, 9, 100, seed=27, dtype=torch.float16)
+    y = randn(2, 9, 100, seed=28, dtype=torch.float16)
     args = _mod(2, 3, 100, seed=29) + (None, None)
     a = _launch(x, y, *args, _max_tile_c=max_tile_c)
     b = _launch(x, y, *args, _max_tile_c=max_tile_c, _force_int64=True)
@@ -223,8 +209,8 @@ def test_int64_offsets_match_int32(max_tile_c):
 @pytest.mark.parametrize("alias", ["x", "y"])
 def test_in_place_residual(alias, max_tile_c):
     # x_out may be x (the residual stream updated in place) or y.
-    x = _randn(2, 6, 100, seed=30, dtype=torch.float16)
-    y = _randn(2, 6, 100, seed=31, dtype=torch.float16)
+    x = randn(2, 6, 100, seed=30, dtype=torch.float16)
+    y = randn(2, 6, 100, seed=31, dtype=torch.float16)
     args = _mod(2, 2, 100, seed=32) + (None, None)
     x_buf, y_buf = x.clone(), y.clone()
     h = torch.full_like(x, NAN)
@@ -283,9 +269,9 @@ def test_empty_input():
 
 
 def test_matches_reference_function():
-    x = _randn(2, 6, 24, seed=33, dtype=torch.float16)
-    y = _randn(2, 6, 24, seed=34, dtype=torch.float16)
-    args = _mod(2, 3, 24, seed=35) + _affine(24, seed=36)
+    x = randn(2, 6, 24, seed=33, dtype=torch.float16)
+    y = randn(2, 6, 24, seed=34, dtype=torch.float16)
+    args = _mod(2, 3, 24, seed=35) + layernorm_affine(24, seed=36)
     x_ref, h_ref = residual_layernorm_modulate_reference(x, y, *args)
     x_new, h = torch.ops.longcat_native.residual_layernorm_modulate(x, y, *args, 1e-6)
     assert torch.equal(x_new, x_ref)
@@ -302,10 +288,10 @@ def test_torch_compile_fullgraph_matches_eager():
         return x2, h2 * 2.0
 
     B, frames, C = 2, 3, 16
-    x = _randn(B, 3 * frames, C, seed=37)
-    y = _randn(B, 3 * frames, C, seed=38)
-    t = _randn(B, frames, 8, seed=39)
-    w_mod = _randn(8, 3 * C, seed=40, mul=0.2)
+    x = randn(B, 3 * frames, C, seed=37)
+    y = randn(B, 3 * frames, C, seed=38)
+    t = randn(B, frames, 8, seed=39)
+    w_mod = randn(8, 3 * C, seed=40, mul=0.2)
     compiled = torch.compile(block_tail, fullgraph=True)
     for got, want, what in zip(compiled(x, y, t, w_mod), block_tail(x, y, t, w_mod), ("x", "h")):
         assert_close_rel(got, want, KERNEL_RTOL[torch.float32], f"compiled {what}")
@@ -327,11 +313,11 @@ def test_torch_compile_fullgraph_matches_eager():
 )
 def test_hypothesis(B, frames, tokens_per_frame, C, dtype, gated, mod, affine, chunked, x_scale, seed):
     N = frames * tokens_per_frame
-    x = _randn(B, N, C, seed=seed, dtype=dtype, mul=x_scale)
-    y = _randn(B, N, C, seed=seed + 1, dtype=dtype)
+    x = randn(B, N, C, seed=seed, dtype=dtype, mul=x_scale)
+    y = randn(B, N, C, seed=seed + 1, dtype=dtype)
     gate, shift, scale = _mod(B, frames, C, seed=seed + 2)
     args = (gate if gated else None,) + ((shift, scale) if mod else (None, None))
-    args += _affine(C, seed=seed + 3) if affine else (None, None)
+    args += layernorm_affine(C, seed=seed + 3) if affine else (None, None)
     x_new, h = _launch(x, y, *args, _max_tile_c=32 if chunked else 8192)
     _check(x_new, h, x, y, *args, what=f"B={B} frames={frames} tpf={tokens_per_frame} C={C} {dtype}")
 
@@ -339,9 +325,9 @@ def test_hypothesis(B, frames, tokens_per_frame, C, dtype, gated, mod, affine, c
 @requires_cuda
 @pytest.mark.parametrize("C", [257, 4096, 8200])
 def test_bf16_cuda(C):
-    x = _randn(2, 33, C, seed=41, dtype=torch.bfloat16)
-    y = _randn(2, 33, C, seed=42, dtype=torch.bfloat16)
+    x = randn(2, 33, C, seed=41, dtype=torch.bfloat16)
+    y = randn(2, 33, C, seed=42, dtype=torch.bfloat16)
     gate, shift, scale = _mod(2, 3, C, seed=43)
-    weight, bias = _affine(C, seed=44)
+    weight, bias = layernorm_affine(C, seed=44)
     for args in ((gate, shift, scale, None, None), (None, shift, scale, None, None), (gate, None, None, weight, bias)):
         _check(*residual_layernorm_modulate(x, y, *args), x, y, *args, what=f"bf16 C={C}")

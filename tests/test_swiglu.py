@@ -2,15 +2,11 @@
 
 import pytest
 import torch
-from helpers import KERNEL_RTOL, assert_close_rel, requires_cuda
+from helpers import CPU_DTYPES, DEVICE, KERNEL_RTOL, assert_close_rel, requires_cuda
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from longcat_native.kernels.swiglu import _collapse_leading, _swiglu_launch, swiglu, swiglu_reference
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-CPU_DTYPES = [torch.float32, torch.float16]
-
 
 def _ab(lead, n_feat, dtype, seed=0):
     g = torch.Generator().manual_seed(seed)

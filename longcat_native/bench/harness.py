@@ -1,44 +1,12 @@
-"""Shared benchmark plumbing: timing, copy bandwidth, dispatch counters, tables, JSON.
+"""Shared benchmark plumbing: timing, copy bandwidth, dispatch counters, tables, JSON. Importing
+it imports no triton and touches no device; scripts call :func:`setup_triton_env` before the
+kernels.
 
-Nothing here touches CUDA (or imports triton / longcat_native) at import time: device queries
-happen inside the functions, so a script can still set ``TRITON_INTERPRET=1`` after importing
-this module and before it imports ``longcat_native`` (which imports triton).
-
-Counting model (device independent, see :class:`DispatchCounter`)
-------------------------------------------------------------------
-Every tensor operation that reaches the ATen dispatcher is seen by a
-``TorchDispatchMode``. Composite ops (``F.linear``, ``F.scaled_dot_product_attention``,
-``Tensor.reshape``...) are decomposed before they reach the mode, so the mode sees what eager
-PyTorch actually executes; a ``torch.library`` custom op (``longcat_native::*``, one fused Triton
-kernel each) is seen as a single op, its insides are not.
-
-* **launches**: the number of dispatched ops that are neither views (``OpOverload.is_view`` or
-  ``_unsafe_view``/``_reshape_alias``, which only make metadata) nor pure allocations
-  (``empty*``: no kernel runs). Each such eager op is (at least) one kernel launch on a GPU; a
-  custom op counts as 1. On CUDA :func:`count_cuda_kernels` additionally counts the real kernels
-  with ``torch.profiler``.
-* **bytes** (bytes moved outside GEMMs and attention): the sum, over the counted ops that are not
-  GEMMs (``mm, addmm, bmm, baddbmm, addbmm, linear, matmul, _addmm_activation, _scaled_mm,
-  _int_mm``) and not attention (``*scaled_dot_product*``, ``_flash_*``, ``_efficient_*``,
-  ``_cudnn_attention*``, ``flash_attn*``), of
-
-    - the bytes of every tensor input it reads, counted once per distinct element
-      (a broadcast / expanded input with stride 0 on a dim counts that dim once), and
-    - the bytes of every tensor output it writes (``numel * itemsize``; an argument an in-place
-      or ``out=`` op writes counts as written, and as read too unless the op only overwrites it,
-      e.g. ``copy_``/``fill_``/``zero_``).
-
-  This is an estimate of DRAM/HBM traffic under the assumption that each op streams its operands
-  from memory once and keeps nothing on chip between ops (no fusion across ops, perfect reuse
-  inside an op). It ignores caches (a small operand re-read by many ops is charged each time),
-  reduction scratch and the traffic of GEMMs/attention themselves, which fusing the element-wise
-  ops does not change. Fusion shows up as fewer ops and no intermediate tensors written and read
-  back.
+Design notes (the counting model of launches and bytes): docs/design/benchmarks.md.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import statistics
@@ -53,7 +21,6 @@ __all__ = [
     "default_device",
     "device_name",
     "sync",
-    "nvtx_range",
     "time_fn",
     "copy_bandwidth_gbps",
     "DispatchCounter",
@@ -66,21 +33,10 @@ __all__ = [
     "fmt_num",
     "emit_json",
     "json_ready",
-    "ensure_repo_on_path",
+    "error_text",
     "load_ops",
     "setup_triton_env",
 ]
-
-REPO_ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
-
-
-def ensure_repo_on_path() -> None:
-    """Make ``import longcat_native`` work when a script runs as ``python bench/x.py``."""
-    import sys
-
-    root = str(REPO_ROOT)
-    if root not in sys.path:
-        sys.path.insert(0, root)
 
 
 def setup_triton_env() -> bool:
@@ -99,7 +55,6 @@ def setup_triton_env() -> bool:
 
 def load_ops():
     """``(reference_ops, fused_ops, source)``: the two namespaces the model's call sites use."""
-    ensure_repo_on_path()
     from longcat_native.kernels import get_ops
 
     return get_ops("reference"), get_ops("triton"), "get_ops('triton')"
@@ -142,19 +97,6 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-@contextlib.contextmanager
-def nvtx_range(name: str):
-    """An NVTX range on CUDA (visible in Nsight Systems), nothing elsewhere."""
-    if cuda_available():
-        torch.cuda.nvtx.range_push(name)
-        try:
-            yield
-        finally:
-            torch.cuda.nvtx.range_pop()
-    else:
-        yield
-
-
 # ---------------------------------------------------------------------------------------------
 # Timing
 # ---------------------------------------------------------------------------------------------
@@ -167,30 +109,37 @@ def time_fn(
     warmup: int = 3,
     min_repeat_s: Optional[float] = None,
     name: Optional[str] = None,
+    number: Optional[int] = None,
 ) -> float:
     """Median seconds per call of ``fn()`` over ``repeats`` timed repeats.
 
     CUDA: CUDA events around each repeat after ``warmup`` untimed calls. CPU: ``perf_counter``.
-    A repeat runs ``fn`` ``number`` times back to back, with ``number`` chosen from one probe so a
-    repeat lasts at least ``min_repeat_s`` (default 1 ms on CUDA, 5 ms on CPU), which keeps
-    microsecond kernels above the timer's resolution; the result is divided by ``number``.
-    The whole measurement sits in an NVTX range ``name`` on CUDA.
+    A repeat runs ``fn`` ``number`` times back to back; by default ``number`` is chosen from one
+    probe call so a repeat lasts at least ``min_repeat_s`` (default 1 ms on CUDA, 5 ms on CPU),
+    which keeps microsecond kernels above the timer's resolution; the result is divided by
+    ``number``. ``number=1`` times single calls, with no probe (whole-model forwards). The whole
+    measurement sits in an NVTX range ``name`` (:func:`longcat_native.runtime.profiling.nvtx_range`
+    with ``force=True``: on CUDA whether or not the model's own ranges are on).
     """
+    from longcat_native.runtime.profiling import nvtx_range
+
     device = torch.device(device)
     on_cuda = device.type == "cuda"
     repeats = max(1, int(repeats))
     if min_repeat_s is None:
         min_repeat_s = 1e-3 if on_cuda else 5e-3
-    with nvtx_range(name or getattr(fn, "__name__", "bench")):
+    with nvtx_range(name or getattr(fn, "__name__", "bench"), force=True):
         for _ in range(max(0, int(warmup))):
             fn()
         sync(device)
-        # Probe one call to size the inner loop.
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        probe = max(time.perf_counter() - t0, 1e-9)
-        number = max(1, min(1000, math.ceil(min_repeat_s / probe)))
+        if number is None:
+            # Probe one call to size the inner loop.
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            probe = max(time.perf_counter() - t0, 1e-9)
+            number = max(1, min(1000, math.ceil(min_repeat_s / probe)))
+        number = max(1, int(number))
         samples: List[float] = []
         if on_cuda:
             for _ in range(repeats):
@@ -436,8 +385,13 @@ def try_compile(fn: Callable, example: Callable[[Callable], Any], **compile_kwar
         example(compiled)
         return compiled, None, time.perf_counter() - t0
     except Exception as e:  # noqa: BLE001 - any compile failure is reported as n/a
-        reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
-        return None, reason[:200], None
+        return None, error_text(e), None
+
+
+def error_text(e: BaseException) -> str:
+    """``"TypeName: first line of the message"``, at most 200 characters (a reported failure)."""
+    msg = str(e).strip()
+    return f"{type(e).__name__}: {msg.splitlines()[0] if msg else ''}"[:200]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,52 +1,17 @@
-"""The full-model benchmark (``bench/model.py`` and ``longcat-native bench``).
+"""The full-model benchmark (``bench/model.py`` and ``longcat-native bench``): one forward of the
+whole DiT per column (eager_ref, compile_ref, fused, fused_compile_graphs), model FLOPs and MFU.
+Importing this module imports no torch (the CLI's ``--help`` stays light).
 
-One forward of the whole DiT with random weights, side by side in one run:
-
-| column | what runs |
-|---|---|
-| ``eager_ref`` | ``kernels="reference"`` eagerly (plain PyTorch, the official math) |
-| ``compile_ref`` | the same under ``compile_model(fullgraph=False)``: graph breaks allowed, as the official code's ``torch.compile(dit)`` |
-| ``fused`` | ``kernels="triton"`` eagerly (the fused Triton kernels) |
-| ``fused_compile_graphs`` | fused + :func:`compile_model` (the whole forward; one block shared by all with ``--regional``) + :class:`CUDAGraphRunner` (graphs only on CUDA; on CPU the runner falls back to the compiled model) |
-
-Every column uses the same model object (the kernel path is switched with ``dit.kernels``; the
-13.6B weights exist once) and the same attention backend (``--attention``, default "auto"; with BSA on,
-the Triton block-sparse kernel on both kernel paths: ``runtime.model.bsa_impl``).
-
-Sizes (SPEC section 7): ``480p``: the real config, CFG batch 2, latent 24x60x104 (N = 37,440),
-512 text tokens; ``720p``: batch 1, latent 48x88x160 (N = 168,960), BSA on (``enable_bsa()``),
-512 text tokens; ``small`` (the CPU default): the ``tiny`` preset, batch 2, latent 2x8x8, 16 text
-tokens, and ``small_bsa``: tiny, batch 1, latent 2x8x8, one block, with BSA on (chunks 2x2x2, sparsity 0.5).
-
-Peak memory: each column's ``torch.cuda.max_memory_allocated`` (CUDA), and, on every device, the
-fused path's peak traced op by op on fake tensors (``runtime.memory.trace_forward_memory``), so a
-GPU run checks the trace and a CPU run still reports the real sizes' figure.
-
-Model FLOPs per forward (:func:`model_flops`): per block, per batch item, N tokens, L text tokens
-
-    self-attention  qkv 2*N*C*3C + proj 2*N*C^2 + scores and PV 4*N*N*C*keep
-    cross-attention q 2*N*C^2 + kv 2*L*C*2C + scores and PV 4*N*L*C + proj 2*N*C^2
-    FFN             2*N*C*2F + 2*N*F*C
-    adaLN           2*T*C_t*6C
-
-plus the embedders and the final layer (2*N*C_in*C, 2*L*(C_cap*C + C^2), 2*N*C*C_out_patch).
-``keep`` = 1 for dense attention, ``1 - sparsity`` with BSA (the fraction of key blocks each
-query block attends; executed FLOPs, not dense-equivalent). Per token this is SPEC section 7's
-2*(4C^2 + 2C^2 + 3CF) + 4NC (plus the text terms). Element-wise work is not counted.
-MFU = model FLOPs / seconds / the matmul peak measured in the same run (a square GEMM of the
-model dtype: 8192^3 bf16 on CUDA, 1024^3 on CPU).
+Design notes: docs/design/benchmarks.md.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import statistics
 import time
 import warnings
 from typing import Any, Callable, Dict, List, Optional
-
-import torch
 
 __all__ = ["SIZES", "COLUMNS", "model_flops", "matmul_peak_tflops", "run_benchmark", "format_results", "headline"]
 
@@ -82,34 +47,17 @@ def model_flops(cfg, batch: int, latent, text_len: int, bsa: bool = False) -> in
     return int(batch * (blocks + embed + final))
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def time_forward(fn: Callable[[], Any], device, repeats: int, warmup: int) -> float:
+    """Median seconds per call of single calls (CUDA events on CUDA, perf_counter elsewhere)."""
+    from .harness import time_fn
+
+    return time_fn(fn, device, repeats=repeats, warmup=warmup, number=1, name="forward")
 
 
-def time_forward(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int) -> float:
-    """Median seconds per call (CUDA events on CUDA, perf_counter elsewhere)."""
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    samples = []
-    for _ in range(max(1, repeats)):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            samples.append(start.elapsed_time(end) * 1e-3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            samples.append(time.perf_counter() - t0)
-    return statistics.median(samples)
-
-
-def matmul_peak_tflops(device: torch.device, dtype: torch.dtype, timer=None) -> float:
+def matmul_peak_tflops(device, dtype, timer=None) -> float:
     """Measured dense GEMM throughput (TFLOP/s) of a square matmul in ``dtype``."""
+    import torch
+
     n = 8192 if device.type == "cuda" else 1024
     if device.type != "cuda":
         dtype = torch.float32
@@ -121,6 +69,8 @@ def matmul_peak_tflops(device: torch.device, dtype: torch.dtype, timer=None) -> 
 
 
 def _inputs(cfg, spec, device, dtype, seed=0):
+    import torch
+
     g = torch.Generator(device="cpu").manual_seed(seed)
     B, (T, H, W), L = spec["batch"], spec["latent"], spec["text"]
     x = torch.randn(B, cfg.in_channels, T, H, W, generator=g).to(device=device, dtype=dtype)
@@ -130,17 +80,15 @@ def _inputs(cfg, spec, device, dtype, seed=0):
     return x, t, text, mask
 
 
-def _error(e: BaseException) -> str:
-    msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
-    return f"{type(e).__name__}: {msg}"[:200]
-
-
-def run_size(size: str, device: torch.device, dtype: torch.dtype, columns=None, repeats: int = 3,
+def run_size(size: str, device, dtype, columns=None, repeats: int = 3,
              warmup: int = 1, depth: Optional[int] = None, peak_tflops: Optional[float] = None,
              timer=None, log=print, regional: bool = False, attention: str = "auto") -> Dict[str, Any]:
     """Benchmark one size; returns its result record (per-column seconds, MFU, peak memory)."""
-    from .compiled import CUDAGraphRunner, compile_model
-    from .dit import LongCatDiT
+    import torch
+
+    from ..runtime.compiled import CUDAGraphRunner, compile_model
+    from ..runtime.dit import LongCatDiT
+    from .harness import error_text, sync
 
     spec = SIZES[size]
     columns = columns or spec.get("default_columns", COLUMNS)
@@ -166,13 +114,13 @@ def run_size(size: str, device: torch.device, dtype: torch.dtype, columns=None, 
     }
     # The fused path's peak traced on fake tensors (runtime/memory.py), beside the measured ones.
     try:
-        from .memory import trace_forward_memory
+        from ..runtime.memory import trace_forward_memory
 
         traced = trace_forward_memory(cfg, batch=spec["batch"], latent=spec["latent"], text_len=spec["text"],
                                       bsa=spec["bsa"], dtype=dtype)
         rec["traced_peak_bytes"], rec["traced_peak_op"] = traced["peak"], traced["trace"].peak_op
     except Exception as e:  # noqa: BLE001 - a trace failure is reported, the timing goes on
-        rec["traced_peak_bytes"], rec["traced_peak_error"] = None, _error(e)
+        rec["traced_peak_bytes"], rec["traced_peak_error"] = None, error_text(e)
     for col in columns:
         r: Dict[str, Any] = {"seconds": None, "mfu": None, "tflops": None, "peak_mem_bytes": None, "error": None}
         rec["columns"][col] = r
@@ -197,7 +145,7 @@ def run_size(size: str, device: torch.device, dtype: torch.dtype, columns=None, 
             with torch.inference_mode(), warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # the runner's CPU fallback message, BSA notes
                 out = fn(*args)  # first call: compilation / capture
-                _sync(device)
+                sync(device)
                 r["first_call_s"] = time.perf_counter() - t0
                 seconds = timer(lambda: fn(*args))
             r["seconds"] = seconds
@@ -213,7 +161,7 @@ def run_size(size: str, device: torch.device, dtype: torch.dtype, columns=None, 
                 r["graph_replays"] = st["replays"]
             del out
         except Exception as e:  # noqa: BLE001 - a failing column (OOM, no compiler...) is reported, the run goes on
-            r["error"] = _error(e)
+            r["error"] = error_text(e)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
         log(f"  {size} {col}: " + (f"{r['seconds']:.4g} s" if r["seconds"] is not None else f"n/a ({r['error']})"))
@@ -229,6 +177,10 @@ def run_size(size: str, device: torch.device, dtype: torch.dtype, columns=None, 
 
 def run_benchmark(sizes: List[str], device=None, dtype=None, columns=None, repeats=None, warmup=None,
                   depth=None, timer=None, log=print, regional: bool = False, attention: str = "auto") -> Dict[str, Any]:
+    import torch
+
+    from .harness import device_name
+
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     on_cuda = device.type == "cuda"
     dtype = dtype or (torch.bfloat16 if on_cuda else torch.float32)
@@ -236,7 +188,7 @@ def run_benchmark(sizes: List[str], device=None, dtype=None, columns=None, repea
     warmup = warmup if warmup is not None else (1 if on_cuda else 0)  # the first (untimed) call warms up too
     peak = matmul_peak_tflops(device, dtype)
     log(f"matmul peak ({'8192^3 ' + str(dtype).replace('torch.', '') if on_cuda else '1024^3 float32'}): {peak:.4g} TFLOP/s")
-    results = {"device": _device_name(device), "dtype": str(dtype).replace("torch.", ""), "torch": torch.__version__,
+    results = {"device": device_name(device), "dtype": str(dtype).replace("torch.", ""), "torch": torch.__version__,
                "matmul_peak_tflops": peak, "repeats": repeats, "sizes": {}}
     for size in sizes:
         results["sizes"][size] = run_size(size, device, dtype, columns, repeats, warmup, depth, peak, timer, log,
@@ -244,21 +196,9 @@ def run_benchmark(sizes: List[str], device=None, dtype=None, columns=None, repea
     return results
 
 
-def _device_name(device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu x{os.cpu_count()} threads={torch.get_num_threads()}"
-
-
-def _fmt(v, digits=3):
-    if v is None:
-        return "n/a"
-    if isinstance(v, float):
-        return f"{v:.{digits}g}"
-    return str(v)
-
-
 def format_results(results: Dict[str, Any]) -> str:
+    from .harness import fmt_num
+
     lines = [f"device: {results['device']}  dtype {results['dtype']}  matmul peak {results['matmul_peak_tflops']:.4g} TFLOP/s"]
     for size, rec in results["sizes"].items():
         lines.append("")
@@ -278,7 +218,7 @@ def format_results(results: Dict[str, Any]) -> str:
             mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
             mem = f"{r['peak_mem_bytes'] / 1e9:.2f}" if r["peak_mem_bytes"] else "n/a"
             vs = f"{ref / sec:.2f}x" if ref and sec else "n/a"
-            lines.append(f"{col:<22} {_fmt(sec):>10} {_fmt(r['tflops']):>9} {mfu:>7} {mem:>12} {vs:>9}  {note}")
+            lines.append(f"{col:<22} {fmt_num(sec):>10} {fmt_num(r['tflops']):>9} {mfu:>7} {mem:>12} {vs:>9}  {note}")
         if rec.get("traced_peak_bytes"):
             lines.append(f"fused path peak memory traced on fake tensors: {rec['traced_peak_bytes'] / 1e9:.4g} GB "
                          f"(at {rec['traced_peak_op']}; weights + inputs + live activations)")
@@ -317,12 +257,12 @@ def default_sizes(on_cuda: bool) -> List[str]:
     return ["480p", "720p"] if on_cuda else ["small", "small_bsa"]
 
 
-def main(argv=None, default_out_dir: Optional[str] = None) -> int:
+def main(argv=None, default_out_dir: Optional[str] = None, prog: Optional[str] = "longcat-native bench",
+         description: Optional[str] = __doc__) -> int:
     """``longcat-native bench`` / ``python bench/model.py`` (same options)."""
     import argparse
 
-    p = argparse.ArgumentParser(prog="longcat-native bench", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(p)
     args = p.parse_args(argv)
     return run_from_args(args, default_out_dir=default_out_dir)
@@ -345,8 +285,13 @@ def add_arguments(p) -> None:
     p.add_argument("--out-dir", default=None, help="where results go (default bench/results)")
 
 
-def run_from_args(args, default_out_dir: Optional[str] = None, emit=None) -> int:
-    from .dit import resolve_dtype
+def run_from_args(args, default_out_dir: Optional[str] = None) -> int:
+    """Run the options :func:`add_arguments` declares; prints the tables, saves the full results
+    (on CUDA or with ``--save``) and ends with the one-line JSON record."""
+    import torch
+
+    from ..runtime.dit import resolve_dtype
+    from .harness import emit_json
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = resolve_dtype(args.dtype, device)
@@ -359,17 +304,5 @@ def run_from_args(args, default_out_dir: Optional[str] = None, emit=None) -> int
     if args.save or device.type == "cuda":
         path = save_results(results, out_dir)
         print(f"results: {path}", flush=True)
-    rec = headline(results)
-    if emit is not None:
-        emit(rec)
-    else:
-        print(json.dumps(_json_ready(rec), allow_nan=False), flush=True)
+    emit_json(headline(results))
     return 0
-
-
-def _json_ready(v):
-    if isinstance(v, float):
-        return float(f"{v:.6g}") if v == v and v not in (float("inf"), float("-inf")) else None
-    if isinstance(v, dict):
-        return {k: _json_ready(x) for k, x in v.items()}
-    return v

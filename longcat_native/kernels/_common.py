@@ -1,4 +1,5 @@
-"""Shared plumbing for the fused kernels: lazy triton import, block sizes, op registration.
+"""Shared plumbing for the fused kernels: lazy triton import, block sizes, op registration,
+argument checks, and the query slicing of the plain-PyTorch attention oracles.
 
 Registration: every fused op is a ``torch.library.custom_op`` with a ``register_fake``
 implementation, in the ``longcat_native`` namespace. Why not ``triton_op``/``wrap_triton``:
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Callable, Dict
+from typing import Callable, Dict, List, Tuple
 
 import torch
 
@@ -24,6 +25,12 @@ LIBRARY_NAMESPACE = "longcat_native"
 WORKSPACE_BYTES: Dict[str, Callable[..., int]] = {}
 
 ALLOCATOR_BLOCK_BYTES = 512  # CUDA caching allocator: every request is rounded up to this
+
+# Activation dtypes of the fused kernels.
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# float32 attention scores a plain-PyTorch oracle holds at once (:func:`query_row_slices`).
+REFERENCE_SCORE_BYTES = 256 * 2**20
 
 
 def allocator_bytes(nbytes: int) -> int:
@@ -87,3 +94,25 @@ def needs_int64_offsets(*tensors: torch.Tensor) -> bool:
         if span >= 2**31:
             return True
     return False
+
+
+def check_output(name: str, out: torch.Tensor, x: torch.Tensor) -> None:
+    """A preallocated output must match x's shape, dtype and device and not overlap itself."""
+    if out.shape != x.shape or out.dtype != x.dtype or out.device != x.device:
+        raise ValueError(
+            f"{name} must be shape {tuple(x.shape)}, dtype {x.dtype} on {x.device}; "
+            f"got shape {tuple(out.shape)}, dtype {out.dtype} on {out.device}"
+        )
+    # An expanded (stride 0) output would be written by several programs at once.
+    if torch._debug_has_internal_overlap(out) == 1:
+        raise ValueError(f"{name} has overlapping elements (an expanded view); it cannot be written")
+
+
+def query_row_slices(n_rows: int, score_bytes_per_row: int) -> List[Tuple[int, int]]:
+    """``(start, stop)`` of consecutive slices of ``n_rows`` query rows, each sized so its float32
+    scores (``score_bytes_per_row`` per row: batch * heads * keys * 4) stay near
+    ``REFERENCE_SCORE_BYTES`` whatever the sequence length (the scores of every row at once would
+    be 3.7 TB at 720p, N = 168,960). Used by the attention oracles (``runtime.attention``'s
+    reference backend, ``bsa_masked_attention_reference``); Python ints only, no device sync."""
+    n, rows = int(n_rows), max(1, REFERENCE_SCORE_BYTES // max(1, int(score_bytes_per_row)))
+    return [(start, min(n, start + rows)) for start in range(0, n, rows)]

@@ -1,52 +1,12 @@
-"""Block-sparse attention (BSA) over 3D chunks: chunk selection and a sparse FlashAttention kernel.
+"""Block-sparse attention (BSA) over 3D chunks: chunk selection and a sparse FlashAttention kernel,
+behind the official ``flash_attn_bsa_3d`` call; the oracle is ``block_sparse_attention_reference``.
 
-Semantics (official ``flash_attn_bsa_3d``, SPEC section 5)
------------------------------------------------------------
-q ``[B, H, Tq*Hq*Wq, D]``, k/v ``[B, H, Tk*Hk*Wk, D]``, tokens in (t, h, w) raster order. The
-query grid ``(Tq, Hq, Wq)`` is cut into 3D chunks of ``chunk_3d_shape_q = (ct, ch, cw)`` tokens and
-the key grid into chunks of ``chunk_3d_shape_k`` (the shapes may differ; each grid must tile
-exactly). Chunks are numbered in raster order of the chunk grid ("3D-chunk order",
-``b (nt ct) (nh ch) (nw cw) -> b (nt nh nw) (ct ch cw)``), tokens inside a chunk in raster order.
+Design notes (semantics, divergences from the official code, layouts):
+docs/design/block_sparse_attention.md.
 
-1. Pooling: ``q_pool[c] = mean of chunk c's query tokens`` (likewise ``k_pool``), in the input
-   dtype (float32 accumulation, one rounding, as ``Tensor.mean``).
-2. Score: ``score = q_pool @ k_pool^T`` per (batch, head), in the input dtype.
-3. Selection per query chunk, key chunks:
-   * top-k (``cdf_threshold=None``): the ``int((1 - sparsity) * n_k)`` largest scores;
-   * cdf (``sparsity=None``): ``w = softmax(score * D**-0.5)`` sorted descending, ``cdf`` its
-     cumulative sum, and the chunks of the longest prefix with ``cdf <= cdf_threshold``
-     (``searchsorted(cdf, threshold, right=True)``: the official rule, checked against the
-     fixtures; it can select zero chunks when the best chunk alone carries more mass);
-   * both: the cdf count raised to at least the top-k count.
-4. Exact softmax attention (scale ``D**-0.5``) of each query token over the tokens of its
-   chunk's selected key chunks only.
-
-Divergences from the official code, all on inputs where it fails: a query chunk with no selected
-key chunk gets a zero output (the official kernel divides 0 by 0 and writes NaN); top-k alone
-selecting zero chunks (``int((1 - sparsity) * n_k) == 0``) raises a ``ValueError``; grids that do
-not tile into chunks raise a ``ValueError`` (the official code asserts). Whoever calls the
-operator decides the fallback for such grids (pad, or dense attention): :func:`bsa_grid_tiles`
-tells in advance.
-
-Layouts and the no-copy path
-----------------------------
-The kernels address tokens by arithmetic on (chunk, token-in-chunk) -> row, so they read raster
-order directly (no permute copies, unlike the official code) and equally read tensors already in
-3D-chunk order, as :func:`longcat_native.kernels.qk_rmsnorm_rope3d.qk_rmsnorm_rope3d` writes them
-with ``chunk_shape=``. :func:`block_sparse_attention_chunked` takes chunk-order q, k, v and writes
-its output in chunk order or, with ``output_order="raster"``, straight back in (t, h, w) order
-for the output projection. q, k, v may have any strides (e.g. ``[B, N, H, D]`` transposed to
-``[B, H, N, D]``); the output is allocated ``[B, H, N, D]``-contiguous, or as a transposed
-``[B, N, H, D]``-contiguous buffer when q is laid out that way (so ``o.transpose(1, 2)`` flattens
-to ``[B, N, H*D]`` without a copy).
-
-Pieces: a Triton pooling kernel; selection with a few torch ops on the pooled chunks (the
-official ops; no host syncs: indices ``[B, H, n_q, S]`` and counts ``[B, H, n_q]`` stay on the
-device); the sparse attention kernel (online softmax over the selected key chunks only, float32
-accumulation, any head_dim up to 256 (padded to a power of 2 >= 16), fp16/bf16/fp32, chunks of
-any size, Tq != Tk). Registered as ``torch.ops.longcat_native.bsa_select`` and
-``torch.ops.longcat_native.bsa_attention`` (custom ops: ``torch.compile(fullgraph=True)`` traces
-them). The plain-PyTorch oracle is :func:`block_sparse_attention_reference`.
+Why one file of ~800 lines: it is one op in the one-file-per-op order, but that op has two
+Triton kernels (chunk pooling, the sparse attention) behind two custom ops (selection,
+attention), each with its reference; splitting it would scatter the shared chunk geometry.
 """
 
 from __future__ import annotations
@@ -64,6 +24,7 @@ from ._common import (
     import_triton,
     needs_int64_offsets,
     next_power_of_2,
+    query_row_slices,
     triton_usable_on,
 )
 
@@ -73,6 +34,8 @@ __all__ = [
     "bsa_select_from_pooled",
     "bsa_selection_mask",
     "bsa_mask_to_indices",
+    "bsa_to_chunk_order",
+    "bsa_from_chunk_order",
     "bsa_pool_reference",
     "bsa_select_reference",
     "bsa_masked_attention_reference",
@@ -80,7 +43,6 @@ __all__ = [
     "bsa_select",
     "bsa_sparse_attention",
     "block_sparse_attention",
-    "block_sparse_attention_chunked",
     "MAX_HEAD_DIM",
 ]
 
@@ -88,7 +50,6 @@ MAX_HEAD_DIM = 256
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _LOG2E = 1.4426950408889634
 _SELECT_SCORE_ELEMS = 1 << 28  # chunk scores scored/selected at once (heads are grouped to fit)
-_REFERENCE_SCORE_BYTES = 256 * 2**20  # float32 token scores the oracle holds at once (query rows sliced)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -114,7 +75,7 @@ def bsa_grid_tiles(latent_shape: Sequence[int], chunk_3d_shape: Sequence[int]) -
 
 
 class _Geom(NamedTuple):
-    """A token grid cut into chunks, with the row of (chunk, token-in-chunk) in one layout:
+    """A token grid cut into chunks, with the raster row of (chunk, token-in-chunk):
     ``row = ct_i*s_ct + ch_i*s_ch + cw_i*s_cw + rt*s_t + rh*s_h + rw``."""
 
     n_chunks: int
@@ -129,16 +90,11 @@ class _Geom(NamedTuple):
     s_h: int
 
 
-def _geometry(grid, chunk, chunk_order: bool) -> _Geom:
+def _geometry(grid, chunk) -> _Geom:
     T, Hh, Ww = grid
     ct, ch, cw = chunk
     nt, nh, nw = T // ct, Hh // ch, Ww // cw
-    cs = ct * ch * cw
-    if chunk_order:
-        strides = (nh * nw * cs, nw * cs, cs, ch * cw, cw)
-    else:
-        strides = (ct * Hh * Ww, ch * Ww, cw, Hh * Ww, Ww)
-    return _Geom(nt * nh * nw, cs, (ct, ch, cw), nh, nw, *strides)
+    return _Geom(nt * nh * nw, ct * ch * cw, (ct, ch, cw), nh, nw, ct * Hh * Ww, ch * Ww, cw, Hh * Ww, Ww)
 
 
 def _check_grid(name, grid, chunk, n_tokens):
@@ -218,15 +174,17 @@ def _check_qkv(q, k, v, latent_shape_q, latent_shape_k, chunk_q, chunk_k):
 # ---------------------------------------------------------------------------------------------
 
 
-def _to_chunk_order(x, grid, chunk):
-    """``b h (nt ct) (nh ch) (nw cw) d -> b h (nt nh nw ct ch cw) d`` (the official rearrange)."""
+def bsa_to_chunk_order(x: torch.Tensor, grid, chunk) -> torch.Tensor:
+    """x ``[B, H, T*Hh*Ww, D]`` in raster order -> 3D-chunk order (the official rearrange
+    ``b h (nt ct) (nh ch) (nw cw) d -> b h (nt nh nw ct ch cw) d``); a copy."""
     B, H, _, D = x.shape
     (T, Hh, Ww), (ct, ch, cw) = grid, chunk
     x = x.reshape(B, H, T // ct, ct, Hh // ch, ch, Ww // cw, cw, D).permute(0, 1, 2, 4, 6, 3, 5, 7, 8)
     return x.reshape(B, H, T * Hh * Ww, D)
 
 
-def _from_chunk_order(x, grid, chunk):
+def bsa_from_chunk_order(x: torch.Tensor, grid, chunk) -> torch.Tensor:
+    """The inverse of :func:`bsa_to_chunk_order`: 3D-chunk order -> raster order."""
     B, H, _, D = x.shape
     (T, Hh, Ww), (ct, ch, cw) = grid, chunk
     x = x.reshape(B, H, T // ct, Hh // ch, Ww // cw, ct, ch, cw, D).permute(0, 1, 2, 5, 3, 6, 4, 7, 8)
@@ -300,8 +258,8 @@ def bsa_select_reference(
                                                   chunk_3d_shape_q, chunk_3d_shape_k)
     n_k = math.prod([g // c for g, c in zip(grid_k, chunk_k)])  # a list: dynamo cannot trace prod(<generator>)
     _check_params(sparsity, cdf_threshold, n_k)
-    q_pool = bsa_pool_reference(_to_chunk_order(q, grid_q, chunk_q), math.prod(chunk_q))
-    k_pool = bsa_pool_reference(_to_chunk_order(k, grid_k, chunk_k), math.prod(chunk_k))
+    q_pool = bsa_pool_reference(bsa_to_chunk_order(q, grid_q, chunk_q), math.prod(chunk_q))
+    k_pool = bsa_pool_reference(bsa_to_chunk_order(k, grid_k, chunk_k), math.prod(chunk_k))
     return bsa_select_from_pooled(q_pool, k_pool, sparsity, cdf_threshold, q.shape[-1] ** -0.5)
 
 
@@ -320,11 +278,7 @@ def bsa_masked_attention_reference(
     Nk = k.shape[2]
     kf_t, vf = k.float().transpose(-1, -2), v.float()
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    # Query rows in slices: the float32 scores of all rows at once would be B*H*Nq*Nk*4 bytes
-    # (3.7 TB at 720p, N = 168,960); a slice keeps them near _REFERENCE_SCORE_BYTES.
-    rows = max(1, _REFERENCE_SCORE_BYTES // max(1, B * H * Nk * 4))
-    for r0 in range(0, Nq, rows):
-        r1 = min(Nq, r0 + rows)
+    for r0, r1 in query_row_slices(Nq, B * H * Nk * 4):  # [B, H, rows, Nk] float32 scores at a time
         chunk_of_row = torch.arange(r0, r1, device=q.device) // chunk_size_q
         tok_mask = block_mask[:, :, chunk_of_row].repeat_interleave(chunk_size_k, dim=3)
         s = torch.matmul(q[:, :, r0:r1].float(), kf_t) * scale
@@ -347,13 +301,13 @@ def block_sparse_attention_reference(
     n_k = math.prod([g // c for g, c in zip(grid_k, chunk_k)])  # a list: dynamo cannot trace prod(<generator>)
     _check_params(sparsity, cdf_threshold, n_k)
     cs_q, cs_k = math.prod(chunk_q), math.prod(chunk_k)
-    qc = _to_chunk_order(q, grid_q, chunk_q)
-    kc = _to_chunk_order(k, grid_k, chunk_k)
-    vc = _to_chunk_order(v, grid_k, chunk_k)
+    qc = bsa_to_chunk_order(q, grid_q, chunk_q)
+    kc = bsa_to_chunk_order(k, grid_k, chunk_k)
+    vc = bsa_to_chunk_order(v, grid_k, chunk_k)
     idx, counts = bsa_select_from_pooled(bsa_pool_reference(qc, cs_q), bsa_pool_reference(kc, cs_k),
                                          sparsity, cdf_threshold, q.shape[-1] ** -0.5)
     mask = bsa_selection_mask(idx, counts, n_k)
-    out = _from_chunk_order(bsa_masked_attention_reference(qc, kc, vc, mask, cs_q, cs_k), grid_q, chunk_q)
+    out = bsa_from_chunk_order(bsa_masked_attention_reference(qc, kc, vc, mask, cs_q, cs_k), grid_q, chunk_q)
     return (out, mask) if return_mask else out
 
 
@@ -365,15 +319,34 @@ triton, tl = import_triton()
 
 
 @triton.jit
+def _chunk_base(c, NCH, NCW, S_CT, S_CH, S_CW):
+    """Row of the first token of chunk ``c`` (a scalar; chunks in raster order of the chunk grid)."""
+    return (c // (NCH * NCW)) * S_CT + ((c // NCW) % NCH) * S_CH + (c % NCW) * S_CW
+
+
+@triton.jit
+def _in_chunk_rows(r, S_T, S_H, C_H: tl.constexpr, C_W: tl.constexpr):
+    """Row offsets from their chunk's first token of tokens ``r`` (a vector, token-in-chunk indices)."""
+    return (r // (C_H * C_W)) * S_T + ((r // C_W) % C_H) * S_H + r % C_W
+
+
+@triton.jit
 def _chunk_rows(c, r, NCH, NCW, S_CT, S_CH, S_CW, S_T, S_H, C_H: tl.constexpr, C_W: tl.constexpr):
     """Rows of tokens ``r`` (a vector, token-in-chunk indices) of chunk ``c`` (a scalar)."""
-    ct_i = c // (NCH * NCW)
-    ch_i = (c // NCW) % NCH
-    cw_i = c % NCW
-    rt = r // (C_H * C_W)
-    rh = (r // C_W) % C_H
-    rw = r % C_W
-    return ct_i * S_CT + ch_i * S_CH + cw_i * S_CW + rt * S_T + rh * S_H + rw
+    return _chunk_base(c, NCH, NCW, S_CT, S_CH, S_CW) + _in_chunk_rows(r, S_T, S_H, C_H, C_W)
+
+
+@triton.jit
+def _key_tile(rk, d, dmask, sk_n, sk_d, sv_n, sv_d, K_ST, K_SH, CK_H: tl.constexpr, CK_W: tl.constexpr,
+              CS_K: tl.constexpr, USE_INT64: tl.constexpr):
+    """Key tile ``rk`` (token-in-chunk indices): its element offsets in k and in v from its chunk's
+    first row, its token mask and its load mask."""
+    k_intra = _in_chunk_rows(rk, K_ST, K_SH, CK_H, CK_W)
+    if USE_INT64:
+        k_intra = k_intra.to(tl.int64)
+    kmask = rk < CS_K
+    return (k_intra[:, None] * sk_n + d[None, :] * sk_d, k_intra[:, None] * sv_n + d[None, :] * sv_d, kmask,
+            kmask[:, None] & dmask[None, :])
 
 
 @triton.jit
@@ -422,7 +395,6 @@ def _bsa_attn_kernel(
     si_b, si_h, si_m,
     sc_b, sc_h, sc_m,
     Q_NCH, Q_NCW, Q_SCT, Q_SCH, Q_SCW, Q_ST, Q_SH,
-    O_SCT, O_SCH, O_SCW, O_ST, O_SH,
     K_NCH, K_NCW, K_SCT, K_SCH, K_SCW, K_ST, K_SH,
     D: tl.constexpr,
     D_PAD: tl.constexpr,
@@ -459,20 +431,12 @@ def _bsa_attn_kernel(
     v_base = v_ptr + b64 * sv_b + h64 * sv_h
     o_base = o_ptr + b64 * so_b + h64 * so_h
 
-    # Query (and output) rows of this tile.
+    # Query (and output: the same layout) rows of this tile.
     r = qt * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = r < CS_Q
-    ct_i = qc // (Q_NCH * Q_NCW)
-    ch_i = (qc // Q_NCW) % Q_NCH
-    cw_i = qc % Q_NCW
-    rt = r // (CQ_H * CQ_W)
-    rh = (r // CQ_W) % CQ_H
-    rw = r % CQ_W
-    q_rows = ct_i * Q_SCT + ch_i * Q_SCH + cw_i * Q_SCW + rt * Q_ST + rh * Q_SH + rw
-    o_rows = ct_i * O_SCT + ch_i * O_SCH + cw_i * O_SCW + rt * O_ST + rh * O_SH + rw
+    q_rows = _chunk_rows(qc, r, Q_NCH, Q_NCW, Q_SCT, Q_SCH, Q_SCW, Q_ST, Q_SH, CQ_H, CQ_W)
     if USE_INT64:
         q_rows = q_rows.to(tl.int64)
-        o_rows = o_rows.to(tl.int64)
     d = tl.arange(0, D_PAD)
     dmask = d < D
     q = tl.load(q_base + q_rows[:, None] * sq_n + d[None, :] * sq_d, mask=rmask[:, None] & dmask[None, :], other=0.0)
@@ -482,14 +446,8 @@ def _bsa_attn_kernel(
 
     # In-chunk offsets of the first key tile (the only one when TILES_K == 1).
     rk0 = tl.arange(0, BLOCK_N)
-    k_intra0 = (rk0 // (CK_H * CK_W)) * K_ST + ((rk0 // CK_W) % CK_H) * K_SH + rk0 % CK_W
-    if USE_INT64:
-        k_intra0 = k_intra0.to(tl.int64)
-    k_off0 = k_intra0[:, None] * sk_n + d[None, :] * sk_d
-    v_off0 = k_intra0[:, None] * sv_n + d[None, :] * sv_d
-    kmask0 = rk0 < CS_K
-    kv_mask0 = kmask0[:, None] & dmask[None, :]
-    k_per_t = K_NCH * K_NCW
+    k_off0, v_off0, kmask0, kv_mask0 = _key_tile(rk0, d, dmask, sk_n, sk_d, sv_n, sv_d, K_ST, K_SH, CK_H, CK_W,
+                                                 CS_K, USE_INT64)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -504,15 +462,9 @@ def _bsa_attn_kernel(
             kv_mask = kv_mask0
         else:
             kc = tl.load(idx_base + it // TILES_K)
-            rk = (it % TILES_K) * BLOCK_N + rk0
-            k_intra = (rk // (CK_H * CK_W)) * K_ST + ((rk // CK_W) % CK_H) * K_SH + rk % CK_W
-            if USE_INT64:
-                k_intra = k_intra.to(tl.int64)
-            k_off = k_intra[:, None] * sk_n + d[None, :] * sk_d
-            v_off = k_intra[:, None] * sv_n + d[None, :] * sv_d
-            kmask = rk < CS_K
-            kv_mask = kmask[:, None] & dmask[None, :]
-        cb = (kc // k_per_t) * K_SCT + ((kc // K_NCW) % K_NCH) * K_SCH + (kc % K_NCW) * K_SCW
+            k_off, v_off, kmask, kv_mask = _key_tile((it % TILES_K) * BLOCK_N + rk0, d, dmask, sk_n, sk_d, sv_n,
+                                                     sv_d, K_ST, K_SH, CK_H, CK_W, CS_K, USE_INT64)
+        cb = _chunk_base(kc, K_NCH, K_NCW, K_SCT, K_SCH, K_SCW)
         if USE_INT64:
             cb = cb.to(tl.int64)
         k = tl.load(k_base + cb * sk_n + k_off, mask=kv_mask, other=0.0)
@@ -529,7 +481,7 @@ def _bsa_attn_kernel(
         m_i = m_ij
     # No selected chunk: l_i == 0 and acc == 0 -> output 0 (the official kernel writes NaN).
     out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
-    tl.store(o_base + o_rows[:, None] * so_n + d[None, :] * so_d, out.to(o_ptr.dtype.element_ty),
+    tl.store(o_base + q_rows[:, None] * so_n + d[None, :] * so_d, out.to(o_ptr.dtype.element_ty),
              mask=rmask[:, None] & dmask[None, :])
 
 
@@ -585,13 +537,13 @@ def _bsa_pool_launch(x: torch.Tensor, geom: _Geom, out: torch.Tensor, *, _force_
 def _bsa_attention_launch(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     indices: torch.Tensor, counts: torch.Tensor,
-    geom_q: _Geom, geom_k: _Geom, geom_o: _Geom,
+    geom_q: _Geom, geom_k: _Geom,
     out: torch.Tensor, sm_scale: float, *, _force_int64: bool = False,
 ) -> torch.Tensor:
     """Sparse attention into the preallocated ``out`` (q's shape and dtype, any strides).
 
-    q ``[B, H, Nq, D]`` laid out as ``geom_q``, k/v ``[B, H, Nk, D]`` as ``geom_k`` (any strides),
-    out written in ``geom_o``'s layout (same chunks as ``geom_q``). indices ``[B, H, n_q, S]``
+    q ``[B, H, Nq, D]`` cut into chunks as ``geom_q``, k/v ``[B, H, Nk, D]`` as ``geom_k`` (any
+    strides), all in raster order, out too. indices ``[B, H, n_q, S]``
     and counts ``[B, H, n_q]`` (int32, last dim of indices stride 1): query chunk i attends key
     chunks ``indices[..., i, :counts[..., i]]``.
     """
@@ -620,7 +572,6 @@ def _bsa_attention_launch(
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         *indices.stride()[:3], *counts.stride(),
         geom_q.nch, geom_q.ncw, *_geom_args(geom_q),
-        *_geom_args(geom_o),
         geom_k.nch, geom_k.ncw, *_geom_args(geom_k),
         D=D, D_PAD=_d_pad(D),
         CS_Q=geom_q.chunk_size, CQ_H=geom_q.chunk[1], CQ_W=geom_q.chunk[2],
@@ -665,13 +616,12 @@ def _bsa_select_impl(
     cdf_threshold: Optional[float],
     chunk_3d_shape_q: List[int],
     chunk_3d_shape_k: List[int],
-    chunk_order: bool,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     grid_q, grid_k, chunk_q, chunk_k = _check_qkv(q, k, None, latent_shape_q, latent_shape_k,
                                                   chunk_3d_shape_q, chunk_3d_shape_k)
     _select_shapes(q, k, grid_q, grid_k, chunk_q, chunk_k, sparsity, cdf_threshold)
-    geom_q = _geometry(grid_q, chunk_q, chunk_order)
-    geom_k = _geometry(grid_k, chunk_k, chunk_order)
+    geom_q = _geometry(grid_q, chunk_q)
+    geom_k = _geometry(grid_k, chunk_k)
     B, H, _, D = q.shape
     q_pool = torch.empty((B, H, geom_q.n_chunks, D), dtype=torch.float32, device=q.device)
     k_pool = torch.empty((B, H, geom_k.n_chunks, D), dtype=torch.float32, device=q.device)
@@ -700,7 +650,7 @@ _bsa_select_op = torch.library.custom_op(f"{LIBRARY_NAMESPACE}::bsa_select", mut
 
 
 def _bsa_select_workspace(q, k, latent_shape_q, latent_shape_k, sparsity, cdf_threshold, chunk_3d_shape_q,
-                          chunk_3d_shape_k, chunk_order) -> int:
+                          chunk_3d_shape_k) -> int:
     """Bytes :func:`_bsa_select_impl` holds at its peak beyond its outputs (WORKSPACE_BYTES): the
     pooled chunks (float32, then in q's dtype) and one head group's selection temporaries.
     tests/test_memory.py checks it against a trace of the implementation."""
@@ -733,7 +683,7 @@ WORKSPACE_BYTES[f"{LIBRARY_NAMESPACE}.bsa_select"] = _bsa_select_workspace
 
 @_bsa_select_op.register_fake
 def _bsa_select_fake(q, k, latent_shape_q, latent_shape_k, sparsity, cdf_threshold, chunk_3d_shape_q,
-                     chunk_3d_shape_k, chunk_order):
+                     chunk_3d_shape_k):
     grid_q, grid_k, chunk_q, chunk_k = _check_qkv(q, k, None, latent_shape_q, latent_shape_k,
                                                   chunk_3d_shape_q, chunk_3d_shape_k)
     idx_shape, cnt_shape = _select_shapes(q, k, grid_q, grid_k, chunk_q, chunk_k, sparsity, cdf_threshold)
@@ -751,23 +701,18 @@ def _bsa_attention_op(
     latent_shape_k: List[int],
     chunk_3d_shape_q: List[int],
     chunk_3d_shape_k: List[int],
-    chunk_order: bool,
-    output_chunk_order: bool,
     sm_scale: float,
 ) -> torch.Tensor:
     grid_q, grid_k, chunk_q, chunk_k = _check_qkv(q, k, v, latent_shape_q, latent_shape_k,
                                                   chunk_3d_shape_q, chunk_3d_shape_k)
     out = _alloc_like_q(q)
-    return _bsa_attention_launch(
-        q, k, v, indices.contiguous(), counts,
-        _geometry(grid_q, chunk_q, chunk_order), _geometry(grid_k, chunk_k, chunk_order),
-        _geometry(grid_q, chunk_q, output_chunk_order), out, sm_scale,
-    )
+    return _bsa_attention_launch(q, k, v, indices.contiguous(), counts, _geometry(grid_q, chunk_q),
+                                 _geometry(grid_k, chunk_k), out, sm_scale)
 
 
 @_bsa_attention_op.register_fake
 def _bsa_attention_fake(q, k, v, indices, counts, latent_shape_q, latent_shape_k, chunk_3d_shape_q,
-                        chunk_3d_shape_k, chunk_order, output_chunk_order, sm_scale):
+                        chunk_3d_shape_k, sm_scale):
     _check_qkv(q, k, v, latent_shape_q, latent_shape_k, chunk_3d_shape_q, chunk_3d_shape_k)
     return _alloc_like_q(q)
 
@@ -789,43 +734,34 @@ def _opt_float(x):
 def bsa_select(
     q: torch.Tensor, k: torch.Tensor, latent_shape_q, latent_shape_k, sparsity: Optional[float] = 0.875,
     cdf_threshold: Optional[float] = None, chunk_3d_shape_q=(4, 4, 8), chunk_3d_shape_k=(4, 4, 8),
-    *, chunk_order: bool = False,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Chunk selection (Triton pooling + the official selection ops), all on the device.
 
-    q ``[B, H, Nq, D]``, k ``[B, H, Nk, D]`` in raster order, or in 3D-chunk order with
-    ``chunk_order=True``. Returns ``(indices int32 [B, H, n_q, S], counts int32 [B, H, n_q])``
+    q ``[B, H, Nq, D]``, k ``[B, H, Nk, D]`` in raster order, any strides. Returns
+    ``(indices int32 [B, H, n_q, S], counts int32 [B, H, n_q])``
     (see :func:`bsa_select_from_pooled`; :func:`bsa_selection_mask` turns them into a mask).
     """
     _check_qkv(q, k, None, latent_shape_q, latent_shape_k, chunk_3d_shape_q, chunk_3d_shape_k)
     check_triton_device(q, k)
     gq, gk, cq, ck = _lists(latent_shape_q, latent_shape_k, chunk_3d_shape_q, chunk_3d_shape_k)
-    return _bsa_select_op(q, k, gq, gk, _opt_float(sparsity), _opt_float(cdf_threshold), cq, ck, bool(chunk_order))
+    return _bsa_select_op(q, k, gq, gk, _opt_float(sparsity), _opt_float(cdf_threshold), cq, ck)
 
 
 def bsa_sparse_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor,
     latent_shape_q, latent_shape_k, chunk_3d_shape_q=(4, 4, 8), chunk_3d_shape_k=(4, 4, 8),
-    *, chunk_order: bool = False, output_order: Optional[str] = None, sm_scale: Optional[float] = None,
+    *, sm_scale: Optional[float] = None,
 ) -> torch.Tensor:
     """The sparse attention kernel alone, for a given selection ``(indices, counts)``.
 
-    Inputs in raster order, or in 3D-chunk order with ``chunk_order=True``; the output in the
-    input order unless ``output_order`` is ``"raster"`` or ``"chunk"``. ``sm_scale`` defaults to
-    ``head_dim ** -0.5``.
+    q, k, v and the output in raster order (as :func:`block_sparse_attention`). ``sm_scale``
+    defaults to ``head_dim ** -0.5``.
     """
     _check_qkv(q, k, v, latent_shape_q, latent_shape_k, chunk_3d_shape_q, chunk_3d_shape_k)
     check_triton_device(q, k, v, indices, counts)
-    out_chunk = chunk_order if output_order is None else _output_chunk_order(output_order)
     gq, gk, cq, ck = _lists(latent_shape_q, latent_shape_k, chunk_3d_shape_q, chunk_3d_shape_k)
     scale = q.shape[-1] ** -0.5 if sm_scale is None else float(sm_scale)
-    return _bsa_attention_op(q, k, v, indices, counts, gq, gk, cq, ck, bool(chunk_order), bool(out_chunk), scale)
-
-
-def _output_chunk_order(output_order: str) -> bool:
-    if output_order not in ("chunk", "raster"):
-        raise ValueError(f"output_order must be 'chunk' or 'raster', got {output_order!r}")
-    return output_order == "chunk"
+    return _bsa_attention_op(q, k, v, indices, counts, gq, gk, cq, ck, scale)
 
 
 def _use_triton(q: torch.Tensor, impl: str) -> bool:
@@ -865,35 +801,3 @@ def block_sparse_attention(
     return bsa_sparse_attention(q, k, v, idx, counts, latent_shape_q, latent_shape_k,
                                 chunk_3d_shape_q, chunk_3d_shape_k)
 
-
-def block_sparse_attention_chunked(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    latent_shape_q,
-    latent_shape_k,
-    sparsity: Optional[float] = 0.875,
-    cdf_threshold: Optional[float] = None,
-    chunk_3d_shape_q=(4, 4, 8),
-    chunk_3d_shape_k=(4, 4, 8),
-    *,
-    output_order: str = "chunk",
-    impl: str = "auto",
-) -> torch.Tensor:
-    """:func:`block_sparse_attention` on tokens already in 3D-chunk order (q in chunks of
-    ``chunk_3d_shape_q`` over ``latent_shape_q``, k/v in chunks of ``chunk_3d_shape_k``), e.g.
-    ``qk_rmsnorm_rope3d(..., chunk_shape=...)`` outputs transposed to ``[B, H, N, D]``. The
-    output is in q's chunk order (``output_order="chunk"``) or back in (t, h, w) raster order
-    (``"raster"``), written directly by the kernel either way (no permute copy)."""
-    out_chunk = _output_chunk_order(output_order)
-    if not _use_triton(q, impl):
-        grid_q, grid_k, chunk_q, chunk_k = _check_qkv(q, k, v, latent_shape_q, latent_shape_k,
-                                                      chunk_3d_shape_q, chunk_3d_shape_k)
-        o = block_sparse_attention_reference(
-            _from_chunk_order(q, grid_q, chunk_q), _from_chunk_order(k, grid_k, chunk_k),
-            _from_chunk_order(v, grid_k, chunk_k), grid_q, grid_k, sparsity, cdf_threshold, chunk_q, chunk_k)
-        return _to_chunk_order(o, grid_q, chunk_q) if out_chunk else o
-    idx, counts = bsa_select(q, k, latent_shape_q, latent_shape_k, sparsity, cdf_threshold,
-                             chunk_3d_shape_q, chunk_3d_shape_k, chunk_order=True)
-    return bsa_sparse_attention(q, k, v, idx, counts, latent_shape_q, latent_shape_k, chunk_3d_shape_q,
-                                chunk_3d_shape_k, chunk_order=True, output_order=output_order)

@@ -1,7 +1,7 @@
 """layernorm_modulate: ``LayerNorm(x) * (1 + scale) + shift`` with per-frame shift/scale.
 
 The DiT modulates every token of latent frame ``f`` with ``shift[:, f]`` and ``scale[:, f]``
-(adaLN per frame, SPEC section 2 step 5). The same op, with an affine weight/bias and no
+(adaLN per frame, docs/model.md, forward pass step 5). The same op, with an affine weight/bias and no
 modulation, is the pre-cross-attention LayerNorm.
 """
 
@@ -73,7 +73,9 @@ def layernorm_modulate_reference(
 # ----------------------------------------------------------------------------------------------
 
 from ._common import (  # noqa: E402
+    FLOAT_DTYPES,
     LIBRARY_NAMESPACE,
+    check_output,
     check_triton_device,
     import_triton,
     needs_int64_offsets,
@@ -82,14 +84,17 @@ from ._common import (  # noqa: E402
 
 triton, tl = import_triton()
 
-__all__ += ["layernorm_modulate", "ln_modulate_launch_config"]
+__all__ += ["layernorm_modulate", "layernorm_modulate_launch_config", "check_layernorm_modulate_fused_args"]
 
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# The row tiling (layernorm_modulate_launch_config, row_tile, col_tile), the statistics
+# (normalize_tile, merge_chunk_stats), the affine + modulation (affine_modulate) and the argument
+# checks are shared with residual_layernorm_modulate, whose kernel is this one with a residual add
+# in front.
 
-# Rows up to _MAX_TILE_C channels are held whole in registers, so x is read once. Wider rows are
+# Rows up to MAX_TILE_C channels are held whole in registers, so x is read once. Wider rows are
 # streamed in _LOOP_BLOCK_C chunks and x is read twice (statistics pass, normalization pass):
 # a whole 16K-channel row would spill registers.
-_MAX_TILE_C = 8192
+MAX_TILE_C = 8192
 _LOOP_BLOCK_C = 4096
 # Elements per program tile (16 KiB of float32): small C gets several rows per program, so
 # launches are not dominated by per-program overhead (the CPU interpreter pays per program too).
@@ -97,7 +102,38 @@ _TILE_ELEMS = 4096
 
 
 @triton.jit
-def _merge_chunk_stats(x, mask, cmask, mean, m2, count):
+def row_tile(n_rows, N, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, USE_INT64: tl.constexpr):
+    """Program p's token rows ``[p*BLOCK_R, (p+1)*BLOCK_R)`` of the flattened ``[B*N]`` rows:
+    ``(cbase, rmask, b, n)``, the tile's column offsets, row mask, batch and token indices."""
+    pid = tl.program_id(0)
+    cbase = tl.arange(0, BLOCK_C)
+    if USE_INT64:
+        pid = pid.to(tl.int64)
+        cbase = cbase.to(tl.int64)
+    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+    return cbase, rows < n_rows, rows // N, rows % N
+
+
+@triton.jit
+def col_tile(c0, cbase, C, rmask):
+    """Columns ``c0 + cbase`` of a row tile: ``(cols, cmask, mask)`` (mask: rows x columns)."""
+    cols = c0 + cbase
+    cmask = cols < C
+    return cols, cmask, rmask[:, None] & cmask[None, :]
+
+
+@triton.jit
+def normalize_tile(x, mask, C, eps):
+    """Whole rows x (float32, masked lanes 0) normalized with two-pass statistics on the
+    registers: mean, then the biased variance of the deviations (as F.layer_norm)."""
+    mean = tl.sum(x, axis=1) / C
+    diff = tl.where(mask, x - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(diff * diff, axis=1) / C + eps)
+    return diff * rstd[:, None]
+
+
+@triton.jit
+def merge_chunk_stats(x, mask, cmask, mean, m2, count):
     """Folds one chunk's per-row (mean, M2) into the running ones (Chan et al. pairwise update).
 
     Chunk statistics are two-pass in registers and merged exactly, so there is none of the
@@ -116,7 +152,7 @@ def _merge_chunk_stats(x, mask, cmask, mean, m2, count):
 
 
 @triton.jit
-def _affine_modulate(
+def affine_modulate(
     h,  # [BLOCK_R, BLOCK_C] normalized float32
     cols,
     cmask,
@@ -141,8 +177,7 @@ def _affine_modulate(
 ):
     """``h * weight + bias``, then ``* (1 + scale[b, f]) + shift[b, f]``, all in float32.
 
-    Shared with the residual_layernorm_modulate kernel. rows_b / rows_f: batch and frame index
-    of each row.
+    rows_b / rows_f: batch and frame index of each row.
     """
     if HAS_WEIGHT:
         w = tl.load(weight_ptr + cols * stride_w, mask=cmask, other=0.0).to(tl.float32)
@@ -197,31 +232,16 @@ def _layernorm_modulate_kernel(
     # Program p normalizes token rows [p*BLOCK_R, (p+1)*BLOCK_R) of the flattened [B*N] rows.
     # Every stride is a runtime argument (triton specializes a unit channel stride to a
     # constant, so the usual contiguous rows still get vectorized accesses).
-    pid = tl.program_id(0)
-    cbase = tl.arange(0, BLOCK_C)
-    if USE_INT64:
-        pid = pid.to(tl.int64)
-        cbase = cbase.to(tl.int64)
-    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
-    rmask = rows < n_rows
-    b = rows // N
-    n = rows % N
+    cbase, rmask, b, n = row_tile(n_rows, N, BLOCK_R, BLOCK_C, USE_INT64)
     f = n // tokens_per_frame
     x_row = b * stride_xb + n * stride_xn
     o_row = b * stride_ob + n * stride_on
 
     if ONE_TILE:
-        cols = cbase
-        cmask = cols < C
-        mask = rmask[:, None] & cmask[None, :]
+        cols, cmask, mask = col_tile(0, cbase, C, rmask)
         x = tl.load(x_ptr + (x_row[:, None] + cols[None, :] * stride_xc), mask=mask, other=0.0).to(tl.float32)
-        # Two-pass statistics on the registers: mean, then the biased variance of the
-        # deviations (as F.layer_norm); masked lanes are zeroed so they add nothing.
-        mean = tl.sum(x, axis=1) / C
-        diff = tl.where(mask, x - mean[:, None], 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(diff * diff, axis=1) / C + eps)
-        h = _affine_modulate(
-            diff * rstd[:, None], cols, cmask, mask, b, f,
+        h = affine_modulate(
+            normalize_tile(x, mask, C, eps), cols, cmask, mask, b, f,
             shift_ptr, scale_ptr, weight_ptr, bias_ptr,
             stride_shb, stride_shf, stride_shc, stride_scb, stride_scf, stride_scc,
             stride_w, stride_bias,
@@ -233,18 +253,14 @@ def _layernorm_modulate_kernel(
         m2 = tl.zeros([BLOCK_R], dtype=tl.float32)
         count = tl.zeros([BLOCK_R], dtype=tl.float32)
         for c0 in range(0, C, BLOCK_C):
-            cols = c0 + cbase
-            cmask = cols < C
-            mask = rmask[:, None] & cmask[None, :]
+            cols, cmask, mask = col_tile(c0, cbase, C, rmask)
             x = tl.load(x_ptr + (x_row[:, None] + cols[None, :] * stride_xc), mask=mask, other=0.0).to(tl.float32)
-            mean, m2, count = _merge_chunk_stats(x, mask, cmask, mean, m2, count)
+            mean, m2, count = merge_chunk_stats(x, mask, cmask, mean, m2, count)
         rstd = 1.0 / tl.sqrt(m2 / C + eps)
         for c0 in range(0, C, BLOCK_C):
-            cols = c0 + cbase
-            cmask = cols < C
-            mask = rmask[:, None] & cmask[None, :]
+            cols, cmask, mask = col_tile(c0, cbase, C, rmask)
             x = tl.load(x_ptr + (x_row[:, None] + cols[None, :] * stride_xc), mask=mask, other=0.0).to(tl.float32)
-            h = _affine_modulate(
+            h = affine_modulate(
                 (x - mean[:, None]) * rstd[:, None], cols, cmask, mask, b, f,
                 shift_ptr, scale_ptr, weight_ptr, bias_ptr,
                 stride_shb, stride_shf, stride_shc, stride_scb, stride_scf, stride_scc,
@@ -256,7 +272,7 @@ def _layernorm_modulate_kernel(
             )
 
 
-def ln_modulate_launch_config(C: int, max_tile_c: int = _MAX_TILE_C):
+def layernorm_modulate_launch_config(C: int, max_tile_c: int = MAX_TILE_C):
     """``(BLOCK_R, BLOCK_C, ONE_TILE, num_warps)`` for rows of C channels; a fixed rule, no autotuning.
 
     ONE_TILE: next_power_of_2(C) <= max_tile_c, the whole row in one tile (C=4096, the model's
@@ -272,50 +288,38 @@ def ln_modulate_launch_config(C: int, max_tile_c: int = _MAX_TILE_C):
     return block_r, block_c, one_tile, num_warps
 
 
-def _check_fused_args(x, shift, scale, weight, bias):
+def check_layernorm_modulate_fused_args(x, shift, scale, weight, bias):
     """Argument checks of the fused op beyond the reference's shape checks; returns tokens/frame."""
     tokens_per_frame = check_layernorm_modulate_args(x, shift, scale, weight, bias)
-    if x.dtype not in _FLOAT_DTYPES:
+    if x.dtype not in FLOAT_DTYPES:
         raise ValueError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
     for name, t in (("shift", shift), ("scale", scale), ("weight", weight), ("bias", bias)):
         if t is None:
             continue
-        if t.dtype not in _FLOAT_DTYPES:
+        if t.dtype not in FLOAT_DTYPES:
             raise ValueError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
         if t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
     return tokens_per_frame
 
 
-def _check_output(name, out, x):
-    """A preallocated output must match x's shape, dtype and device and not overlap itself."""
-    if out.shape != x.shape or out.dtype != x.dtype or out.device != x.device:
-        raise ValueError(
-            f"{name} must be shape {tuple(x.shape)}, dtype {x.dtype} on {x.device}; "
-            f"got shape {tuple(out.shape)}, dtype {out.dtype} on {out.device}"
-        )
-    # An expanded (stride 0) output would be written by several programs at once.
-    if torch._debug_has_internal_overlap(out) == 1:
-        raise ValueError(f"{name} has overlapping elements (an expanded view); it cannot be written")
-
-
 def _layernorm_modulate_launch(
-    x, shift, scale, weight, bias, eps, out, *, _force_int64=False, _max_tile_c=_MAX_TILE_C
+    x, shift, scale, weight, bias, eps, out, *, _force_int64=False, _max_tile_c=MAX_TILE_C
 ):
     """Runs the kernel into the preallocated ``out`` (x's shape and dtype, any strides); writes
     every element. ``out`` may be x itself (in place) but must not otherwise overlap the inputs.
     Test hooks: ``_force_int64`` takes the int64-offset path on small tensors, ``_max_tile_c``
     forces the chunked (wide-row) path on small C.
     """
-    tokens_per_frame = _check_fused_args(x, shift, scale, weight, bias)
-    _check_output("out", out, x)
+    tokens_per_frame = check_layernorm_modulate_fused_args(x, shift, scale, weight, bias)
+    check_output("out", out, x)
     check_triton_device(x, shift, scale, weight, bias, out)
     B, N, C = x.shape
     if out.numel() == 0:
         return out
     has_mod = shift is not None
     dummy = out  # bound to absent operands; never read, their HAS_* flag is a constexpr False
-    block_r, block_c, one_tile, num_warps = ln_modulate_launch_config(C, _max_tile_c)
+    block_r, block_c, one_tile, num_warps = layernorm_modulate_launch_config(C, _max_tile_c)
     grid = (triton.cdiv(B * N, block_r),)
     _layernorm_modulate_kernel[grid](
         x,
@@ -366,7 +370,7 @@ def _layernorm_modulate_op(
 
 @_layernorm_modulate_op.register_fake
 def _(x, shift, scale, weight, bias, eps):
-    _check_fused_args(x, shift, scale, weight, bias)
+    check_layernorm_modulate_fused_args(x, shift, scale, weight, bias)
     return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 
@@ -383,5 +387,5 @@ def layernorm_modulate(
     x: [B, N, C] float32/float16/bfloat16, any strides; shift, scale: [B, frames, C] or None;
     weight, bias: [C] or None. Float32 math; returns a new contiguous tensor in x.dtype.
     """
-    _check_fused_args(x, shift, scale, weight, bias)
+    check_layernorm_modulate_fused_args(x, shift, scale, weight, bias)
     return torch.ops.longcat_native.layernorm_modulate(x, shift, scale, weight, bias, float(eps))

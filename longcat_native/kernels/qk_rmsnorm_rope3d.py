@@ -4,14 +4,9 @@ Layout: q and k are ``[B, N, heads, D]`` (token-major, as the fused qkv GEMM wri
 strides). Tokens are ordered t-major, then h, then w over a grid ``(T, Hh, Ww)``; ``t_offset``
 shifts every token's frame index (queries of the last T frames of a longer KV-cached grid).
 
-3D RoPE (SPEC section 3): the head vector is ``[t slice | h slice | w slice]`` of widths
+3D RoPE (docs/model.md, 3D RoPE): the head vector is ``[t slice | h slice | w slice]`` of widths
 ``D - 4*(D//6), 2*(D//6), 2*(D//6)``; in each slice frequency ``i`` rotates channel pair
 ``(2i, 2i+1)`` by ``pos * 10000**(-2i/width)``.
-
-Chunk order (``chunk_shape=(ct, ch, cw)``): the outputs can be written with their tokens in 3D-chunk
-order, ``b (nt ct) (nh ch) (nw cw) -> b (nt nh nw ct ch cw)`` (chunks in raster order of the chunk
-grid, tokens in raster order within a chunk), the layout block-sparse attention works on, so it
-needs no separate permute copy. Each token keeps its true (t, h, w) RoPE position.
 """
 
 from __future__ import annotations
@@ -34,7 +29,6 @@ __all__ = [
     "rope3d_cos_sin",
     "rope3d_reference",
     "rmsnorm_reference",
-    "chunk_order_index",
     "qk_rmsnorm_rope3d_reference",
     "rope3d_pair_freqs",
     "check_qk_rmsnorm_rope3d_args",
@@ -100,30 +94,6 @@ def rmsnorm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) 
     return normed * weight
 
 
-def _check_chunk_shape(grid: Optional[Sequence[int]], chunk_shape: Sequence[int]) -> Tuple[int, int, int]:
-    if grid is None:
-        raise ValueError("chunk_shape needs a grid: chunk order is defined on the (T, Hh, Ww) token grid")
-    chunk = tuple(int(c) for c in chunk_shape)
-    grid = tuple(int(g) for g in grid)
-    if len(chunk) != 3 or len(grid) != 3:
-        raise ValueError(f"chunk_shape must be (ct, ch, cw) for a grid (T, Hh, Ww), got {chunk} for {grid}")
-    if any(c <= 0 for c in chunk) or any(g % c for g, c in zip(grid, chunk)):
-        raise ValueError(f"chunk_shape {chunk} must be positive and divide the grid {grid} in every dim")
-    return chunk
-
-
-def chunk_order_index(grid: Sequence[int], chunk_shape: Sequence[int], device=None) -> torch.Tensor:
-    """LongTensor ``[T*Hh*Ww]``: ``x_chunked = x_raster[:, idx]`` for tokens on dim 1.
-
-    Entry ``o`` is the raster index of the token at chunk-order position ``o``
-    (``b (nt ct) (nh ch) (nw cw) -> b (nt nh nw ct ch cw)``); ``argsort`` inverts it.
-    """
-    ct, ch, cw = _check_chunk_shape(grid, chunk_shape)
-    T, Hh, Ww = (int(g) for g in grid)
-    idx = torch.arange(T * Hh * Ww, device=device).view(T // ct, ct, Hh // ch, ch, Ww // cw, cw)
-    return idx.permute(0, 2, 4, 1, 3, 5).reshape(-1)
-
-
 def qk_rmsnorm_rope3d_reference(
     q: Optional[torch.Tensor],
     k: Optional[torch.Tensor],
@@ -133,20 +103,14 @@ def qk_rmsnorm_rope3d_reference(
     t_offset: int = 0,
     eps: float = 1e-6,
     return_k_unroped: bool = False,
-    *,
-    chunk_shape: Optional[Sequence[int]] = None,
 ):
     """Normalize (when a weight is given) and rotate (when a grid is given) q and k.
 
     q, k: ``[B, N, heads, D]`` or None (skipped); q_weight/k_weight: ``[D]`` or None (no norm:
     the KV cache's keys are already normalized); grid: ``(T, Hh, Ww)`` of these tokens, or None
     for no RoPE (cross-attention). Returns ``(q_out, k_out)``, plus the normalized, un-rotated
-    k when ``return_k_unroped`` (what the KV cache stores). ``chunk_shape=(ct, ch, cw)`` (needs a
-    grid) returns every output with its tokens in 3D-chunk order (see :func:`chunk_order_index`).
+    k when ``return_k_unroped`` (what the KV cache stores).
     """
-    perm = None
-    if chunk_shape is not None:
-        perm = chunk_order_index(grid, chunk_shape, device=(q if q is not None else k).device)
     q_out = k_out = k_unroped = None
     if q is not None:
         q_out = rmsnorm_reference(q, q_weight, eps) if q_weight is not None else q
@@ -155,8 +119,6 @@ def qk_rmsnorm_rope3d_reference(
     if k is not None:
         k_unroped = rmsnorm_reference(k, k_weight, eps) if k_weight is not None else k
         k_out = rope3d_reference(k_unroped, grid, t_offset) if grid is not None else k_unroped
-    if perm is not None:
-        q_out, k_out, k_unroped = (None if x is None else x[:, perm] for x in (q_out, k_out, k_unroped))
     if return_k_unroped:
         return q_out, k_out, k_unroped
     return q_out, k_out
@@ -171,9 +133,9 @@ triton, tl = import_triton()
 
 @triton.jit
 def _norm_rope_one(
-    x_ptr, out_ptr, ku_ptr,
-    x_rows, o_rows, row_mask, s_h, s_d, HEADS,
-    w, cos, sin, eps,
+    x_ptr, out_ptr, ku_ptr, w_ptr,
+    x_rows, o_rows, row_mask, s_h, s_d, s_w, HEADS,
+    cos, sin, eps,
     D: tl.constexpr,
     D_PAD: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -185,9 +147,11 @@ def _norm_rope_one(
     """All heads of one tensor (q or k) for one block of tokens.
 
     x_rows: element offsets of the tokens' rows in x; o_rows: of their rows in the contiguous
-    ``[B, N, heads, D]`` outputs (already in output order).
+    ``[B, N, heads, D]`` outputs; w_ptr: the norm weight (``[D]``, stride s_w) when HAS_W.
     """
     d = tl.arange(0, D_PAD)
+    if HAS_W:
+        w = tl.load(w_ptr + d * s_w, mask=d < D, other=0.0).to(tl.float32)
     mask = row_mask[:, None] & (d < D)[None, :]
     if USE_INT64:
         d = d.to(tl.int64)
@@ -229,7 +193,7 @@ def _qk_rmsnorm_rope3d_kernel(
     sq_b, sq_n, sq_h, sq_d,
     sk_b, sk_n, sk_h, sk_d,
     s_qw, s_kw,
-    Hh, Ww, CT, CH, CW, NCH, NCW, t_offset, eps,
+    Hh, Ww, t_offset, eps,
     D: tl.constexpr,
     D_PAD: tl.constexpr,
     HALF_T: tl.constexpr,
@@ -247,21 +211,16 @@ def _qk_rmsnorm_rope3d_kernel(
     # and of k, so each token's cos/sin (one per channel pair) is computed once for all of them.
     pid_n = tl.program_id(0)
     b = tl.program_id(1)
-    o = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # output token index (chunk order if chunked)
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # token index (t-major raster order, in and out)
     if USE_INT64:
-        # Every row offset below derives from b or o, so these two casts make them all 64-bit.
+        # Every row offset below derives from b or n, so these two casts make them all 64-bit.
         b = b.to(tl.int64)
-        o = o.to(tl.int64)
+        n = n.to(tl.int64)
     j = tl.arange(0, D_PAD // 2)  # channel pair
     if ROPE:
-        # Output position -> (chunk, token within chunk) -> true (t, h, w) -> raster input index.
-        # Raster order is the special case of one chunk spanning the whole grid.
-        c = o // (CT * CH * CW)
-        r = o % (CT * CH * CW)
-        t = (c // (NCH * NCW)) * CT + r // (CH * CW)
-        hi = ((c // NCW) % NCH) * CH + (r // CW) % CH
-        wi = (c % NCW) * CW + r % CW
-        n = (t * Hh + hi) * Ww + wi
+        t = n // (Hh * Ww)
+        hi = (n // Ww) % Hh
+        wi = n % Ww
         # Integer positions are exact in float32, and pos * freq is the reference's own float32
         # product, so the angles match it bit for bit.
         pos_t = (t + t_offset).to(tl.float32)[:, None]
@@ -276,34 +235,18 @@ def _qk_rmsnorm_rope3d_kernel(
         cos = tl.cos(angle)
         sin = tl.sin(angle)
     else:
-        n = o
         cos = 0.0
         sin = 0.0
-    d = tl.arange(0, D_PAD)
     if HAS_Q:
         if pid_n * BLOCK_N < N_q:
-            if HAS_QW:
-                qw = tl.load(qw_ptr + d * s_qw, mask=d < D, other=0.0).to(tl.float32)
-            else:
-                qw = 0.0
-            _norm_rope_one(
-                q_ptr, q_out_ptr, q_out_ptr,
-                b * sq_b + n * sq_n, (b * N_q + o) * HEADS * D, o < N_q, sq_h, sq_d, HEADS,
-                qw, cos, sin, eps,
-                D, D_PAD, BLOCK_N, HAS_QW, ROPE, False, USE_INT64,
-            )
+            _norm_rope_one(q_ptr, q_out_ptr, q_out_ptr, qw_ptr,
+                           b * sq_b + n * sq_n, (b * N_q + n) * HEADS * D, n < N_q, sq_h, sq_d, s_qw, HEADS,
+                           cos, sin, eps, D, D_PAD, BLOCK_N, HAS_QW, ROPE, False, USE_INT64)
     if HAS_K:
         if pid_n * BLOCK_N < N_k:
-            if HAS_KW:
-                kw = tl.load(kw_ptr + d * s_kw, mask=d < D, other=0.0).to(tl.float32)
-            else:
-                kw = 0.0
-            _norm_rope_one(
-                k_ptr, k_out_ptr, ku_out_ptr,
-                b * sk_b + n * sk_n, (b * N_k + o) * HEADS * D, o < N_k, sk_h, sk_d, HEADS,
-                kw, cos, sin, eps,
-                D, D_PAD, BLOCK_N, HAS_KW, ROPE, STORE_KU, USE_INT64,
-            )
+            _norm_rope_one(k_ptr, k_out_ptr, ku_out_ptr, kw_ptr,
+                           b * sk_b + n * sk_n, (b * N_k + n) * HEADS * D, n < N_k, sk_h, sk_d, s_kw, HEADS,
+                           cos, sin, eps, D, D_PAD, BLOCK_N, HAS_KW, ROPE, STORE_KU, USE_INT64)
 
 
 @functools.lru_cache(maxsize=None)
@@ -322,7 +265,7 @@ def rope3d_pair_freqs(head_dim: int, device=None) -> torch.Tensor:
     return _pair_freqs_cached(int(head_dim), str(torch.device(device if device is not None else "cpu")))
 
 
-def check_qk_rmsnorm_rope3d_args(q, k, q_weight, k_weight, grid, chunk_shape=None) -> None:
+def check_qk_rmsnorm_rope3d_args(q, k, q_weight, k_weight, grid) -> None:
     """Shape checks of the fused op (clear ``ValueError``s); the reference is more lenient."""
     for name, x in (("q", q), ("k", k)):
         if x is None:
@@ -365,8 +308,6 @@ def check_qk_rmsnorm_rope3d_args(q, k, q_weight, k_weight, grid, chunk_shape=Non
                 raise ValueError(
                     f"{name} has {x.shape[1]} tokens but the grid {tuple(int(g) for g in grid)} has {n_grid}"
                 )
-    if chunk_shape is not None:
-        _check_chunk_shape(grid, chunk_shape)
 
 
 def _out_dtype(x: torch.Tensor, w: Optional[torch.Tensor]) -> torch.dtype:
@@ -393,7 +334,6 @@ def _qk_rmsnorm_rope3d_launch(
     k_out: Optional[torch.Tensor],
     k_unroped_out: Optional[torch.Tensor] = None,
     *,
-    chunk_shape: Optional[Sequence[int]] = None,
     _force_int64: bool = False,
 ) -> None:
     """Run the kernel into preallocated contiguous outputs (``[B, N, heads, D]`` each).
@@ -402,7 +342,7 @@ def _qk_rmsnorm_rope3d_launch(
     normalized, un-rotated k) is optional and written in the same launch. ``_force_int64``
     exercises the 64-bit offset path on small tensors (tests).
     """
-    check_qk_rmsnorm_rope3d_args(q, k, q_weight, k_weight, grid, chunk_shape)
+    check_qk_rmsnorm_rope3d_args(q, k, q_weight, k_weight, grid)
     check_triton_device(q, k, q_weight, k_weight)
     for name, x, out, w in (("q_out", q, q_out, q_weight), ("k_out", k, k_out, k_weight),
                             ("k_unroped_out", k, k_unroped_out, k_weight)):
@@ -429,11 +369,10 @@ def _qk_rmsnorm_rope3d_launch(
     d_t, d_h, _ = rope3d_split(D)
     rope = grid is not None
     if rope:
-        T, Hh, Ww = (int(g) for g in grid)
-        ct, ch, cw = (T, Hh, Ww) if chunk_shape is None else (int(c) for c in chunk_shape)
+        _, Hh, Ww = (int(g) for g in grid)
         freqs = rope3d_pair_freqs(D, ref.device)
     else:
-        Hh = Ww = ct = ch = cw = 1
+        Hh = Ww = 1
         freqs = ref  # never read: ROPE is a constexpr False
     use_int64 = _force_int64 or needs_int64_offsets(q, k, q_out, k_out, k_unroped_out)
     # Stand-ins for absent tensors; the constexpr flags keep the kernel from touching them.
@@ -451,7 +390,7 @@ def _qk_rmsnorm_rope3d_launch(
         *q_.stride(), *k_.stride(),
         qw.stride(0) if q_weight is not None else 0,
         kw.stride(0) if k_weight is not None else 0,
-        Hh, Ww, ct, ch, cw, Hh // ch, Ww // cw, int(t_offset), float(eps),
+        Hh, Ww, int(t_offset), float(eps),
         D=D, D_PAD=d_pad, HALF_T=d_t // 2, HALF_TH=(d_t + d_h) // 2,
         BLOCK_N=block_n,
         HAS_Q=q is not None, HAS_K=k is not None,
@@ -490,7 +429,6 @@ def _qk_rmsnorm_rope3d_op(
     t_offset: int,
     eps: float,
     return_k_unroped: bool,
-    chunk_shape: Optional[List[int]],
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     q_out, k_out, k_unroped = _alloc_outputs(q, k, q_weight, k_weight, return_k_unroped)
     _qk_rmsnorm_rope3d_launch(
@@ -498,14 +436,13 @@ def _qk_rmsnorm_rope3d_op(
         q_out if q is not None else None,
         k_out if k is not None else None,
         k_unroped if (k is not None and return_k_unroped) else None,
-        chunk_shape=chunk_shape,
     )
     return q_out, k_out, k_unroped
 
 
 @_qk_rmsnorm_rope3d_op.register_fake
-def _qk_rmsnorm_rope3d_fake(q, k, q_weight, k_weight, grid, t_offset, eps, return_k_unroped, chunk_shape):
-    check_qk_rmsnorm_rope3d_args(q, k, q_weight, k_weight, grid, chunk_shape)
+def _qk_rmsnorm_rope3d_fake(q, k, q_weight, k_weight, grid, t_offset, eps, return_k_unroped):
+    check_qk_rmsnorm_rope3d_args(q, k, q_weight, k_weight, grid)
     return _alloc_outputs(q, k, q_weight, k_weight, return_k_unroped)
 
 
@@ -518,8 +455,6 @@ def qk_rmsnorm_rope3d(
     t_offset: int = 0,
     eps: float = 1e-6,
     return_k_unroped: bool = False,
-    *,
-    chunk_shape: Optional[Sequence[int]] = None,
 ):
     """Fused Triton version of :func:`qk_rmsnorm_rope3d_reference` (same arguments and returns).
 
@@ -527,11 +462,11 @@ def qk_rmsnorm_rope3d(
     None; D a multiple of 8. Without a grid q and k may have different token counts
     (cross-attention). Returns fresh contiguous ``[B, N, heads, D]`` tensors (None for an absent
     input): ``(q_out, k_out)``, plus the normalized un-rotated k with ``return_k_unroped``, all
-    written by one kernel launch, in 3D-chunk order when ``chunk_shape`` is given. Registered as
+    written by one kernel launch. Registered as
     ``torch.ops.longcat_native.qk_rmsnorm_rope3d`` (``torch.compile`` traces it without graph
     breaks).
     """
-    check_qk_rmsnorm_rope3d_args(q, k, q_weight, k_weight, grid, chunk_shape)
+    check_qk_rmsnorm_rope3d_args(q, k, q_weight, k_weight, grid)
     if q is None and k is None:
         return (None, None, None) if return_k_unroped else (None, None)
     check_triton_device(q, k, q_weight, k_weight)
@@ -539,7 +474,6 @@ def qk_rmsnorm_rope3d(
         q, k, q_weight, k_weight,
         None if grid is None else [int(g) for g in grid],
         int(t_offset), float(eps), bool(return_k_unroped and k is not None),
-        None if chunk_shape is None else [int(c) for c in chunk_shape],
     )
     q_out = q_out if q is not None else None
     k_out = k_out if k is not None else None

@@ -52,15 +52,23 @@ def residual_layernorm_modulate_reference(
 # Fused Triton kernel
 # ----------------------------------------------------------------------------------------------
 
-from ._common import LIBRARY_NAMESPACE, check_triton_device, import_triton, needs_int64_offsets  # noqa: E402
+from ._common import (  # noqa: E402
+    FLOAT_DTYPES,
+    LIBRARY_NAMESPACE,
+    check_output,
+    check_triton_device,
+    import_triton,
+    needs_int64_offsets,
+)
 from .layernorm_modulate import (  # noqa: E402
-    _FLOAT_DTYPES,
-    _MAX_TILE_C,
-    _affine_modulate,
-    _check_fused_args,
-    _check_output,
-    _merge_chunk_stats,
-    ln_modulate_launch_config,
+    MAX_TILE_C,
+    affine_modulate,
+    check_layernorm_modulate_fused_args,
+    col_tile,
+    layernorm_modulate_launch_config,
+    merge_chunk_stats,
+    normalize_tile,
+    row_tile,
 )
 
 triton, tl = import_triton()
@@ -137,15 +145,7 @@ def _residual_layernorm_modulate_kernel(
     # and the norm reads the ROUNDED value: exactly what the unfused path (write x, read it
     # back) normalizes. A plain add (no gate) computed in float32 and rounded once equals the
     # low-precision add: float32 has >= 2p+2 bits for fp16/bf16, so double rounding is exact.
-    pid = tl.program_id(0)
-    cbase = tl.arange(0, BLOCK_C)
-    if USE_INT64:
-        pid = pid.to(tl.int64)
-        cbase = cbase.to(tl.int64)
-    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
-    rmask = rows < n_rows
-    b = rows // N
-    n = rows % N
+    cbase, rmask, b, n = row_tile(n_rows, N, BLOCK_R, BLOCK_C, USE_INT64)
     f_mod = n // tokens_per_frame_mod
     x_row = b * stride_xb + n * stride_xn
     y_row = b * stride_yb + n * stride_yn
@@ -154,19 +154,14 @@ def _residual_layernorm_modulate_kernel(
     ho_row = b * stride_hob + n * stride_hon
 
     if ONE_TILE:
-        cols = cbase
-        cmask = cols < C
-        mask = rmask[:, None] & cmask[None, :]
+        cols, cmask, mask = col_tile(0, cbase, C, rmask)
         x_new = _gated_residual_tile(
             x_ptr, y_ptr, gate_ptr, x_row, y_row, g_row, cols, mask, stride_xc, stride_yc, stride_gc, HAS_GATE
         ).to(x_out_ptr.dtype.element_ty)
         tl.store(x_out_ptr + (xo_row[:, None] + cols[None, :] * stride_xoc), x_new, mask=mask)
         xr = tl.where(mask, x_new.to(tl.float32), 0.0)
-        mean = tl.sum(xr, axis=1) / C
-        diff = tl.where(mask, xr - mean[:, None], 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(diff * diff, axis=1) / C + eps)
-        h = _affine_modulate(
-            diff * rstd[:, None], cols, cmask, mask, b, f_mod,
+        h = affine_modulate(
+            normalize_tile(xr, mask, C, eps), cols, cmask, mask, b, f_mod,
             shift_ptr, scale_ptr, weight_ptr, bias_ptr,
             stride_shb, stride_shf, stride_shc, stride_scb, stride_scf, stride_scc,
             stride_w, stride_bias,
@@ -182,27 +177,23 @@ def _residual_layernorm_modulate_kernel(
         m2 = tl.zeros([BLOCK_R], dtype=tl.float32)
         count = tl.zeros([BLOCK_R], dtype=tl.float32)
         for c0 in range(0, C, BLOCK_C):
-            cols = c0 + cbase
-            cmask = cols < C
-            mask = rmask[:, None] & cmask[None, :]
+            cols, cmask, mask = col_tile(c0, cbase, C, rmask)
             x_new = _gated_residual_tile(
                 x_ptr, y_ptr, gate_ptr, x_row, y_row, g_row, cols, mask, stride_xc, stride_yc, stride_gc, HAS_GATE
             ).to(x_out_ptr.dtype.element_ty)
             tl.store(x_out_ptr + (xo_row[:, None] + cols[None, :] * stride_xoc), x_new, mask=mask)
             xr = tl.where(mask, x_new.to(tl.float32), 0.0)
-            mean, m2, count = _merge_chunk_stats(xr, mask, cmask, mean, m2, count)
+            mean, m2, count = merge_chunk_stats(xr, mask, cmask, mean, m2, count)
         rstd = 1.0 / tl.sqrt(m2 / C + eps)
         # Threads of the program read back elements other threads stored: the CTA barrier
         # orders those global writes before the reads; .cg reads from L2, past any stale L1.
         tl.debug_barrier()
         for c0 in range(0, C, BLOCK_C):
-            cols = c0 + cbase
-            cmask = cols < C
-            mask = rmask[:, None] & cmask[None, :]
+            cols, cmask, mask = col_tile(c0, cbase, C, rmask)
             xr = tl.load(
                 x_out_ptr + (xo_row[:, None] + cols[None, :] * stride_xoc), mask=mask, other=0.0, cache_modifier=".cg"
             ).to(tl.float32)
-            h = _affine_modulate(
+            h = affine_modulate(
                 (xr - mean[:, None]) * rstd[:, None], cols, cmask, mask, b, f_mod,
                 shift_ptr, scale_ptr, weight_ptr, bias_ptr,
                 stride_shb, stride_shf, stride_shc, stride_scb, stride_scf, stride_scc,
@@ -216,12 +207,12 @@ def _residual_layernorm_modulate_kernel(
 
 def _check_residual_args(x, y, gate, shift, scale, weight, bias):
     """Checks of the fused op; returns (tokens per gate frame, tokens per modulation frame)."""
-    tokens_per_frame_mod = _check_fused_args(x, shift, scale, weight, bias)
+    tokens_per_frame_mod = check_layernorm_modulate_fused_args(x, shift, scale, weight, bias)
     if y.shape != x.shape:
         raise ValueError(f"residual operands differ in shape: x {tuple(x.shape)} vs y {tuple(y.shape)}")
     if y.device != x.device:
         raise ValueError(f"y is on {y.device} but x is on {x.device}")
-    if y.dtype not in _FLOAT_DTYPES:
+    if y.dtype not in FLOAT_DTYPES:
         raise ValueError(f"y must be float32, float16 or bfloat16, got {y.dtype}")
     B, N, C = x.shape
     if gate is None:
@@ -234,7 +225,7 @@ def _check_residual_args(x, y, gate, shift, scale, weight, bias):
         raise ValueError(
             f"gate must be [B, frames, C] = [{B}, *, {C}] with frames dividing N={N}, got {tuple(gate.shape)}"
         )
-    if gate.dtype not in _FLOAT_DTYPES:
+    if gate.dtype not in FLOAT_DTYPES:
         raise ValueError(f"gate must be float32, float16 or bfloat16, got {gate.dtype}")
     if gate.device != x.device:
         raise ValueError(f"gate is on {gate.device} but x is on {x.device}")
@@ -242,22 +233,22 @@ def _check_residual_args(x, y, gate, shift, scale, weight, bias):
 
 
 def _residual_layernorm_modulate_launch(
-    x, y, gate, shift, scale, weight, bias, eps, x_out, h_out, *, _force_int64=False, _max_tile_c=_MAX_TILE_C
+    x, y, gate, shift, scale, weight, bias, eps, x_out, h_out, *, _force_int64=False, _max_tile_c=MAX_TILE_C
 ):
     """Runs the kernel into preallocated ``x_out`` and ``h_out`` (x's shape and dtype, any strides);
     writes every element of both. ``x_out`` may be x or y itself (in place); otherwise outputs
     must not overlap the inputs or each other. Test hooks as in ``_layernorm_modulate_launch``.
     """
     tpf_gate, tpf_mod = _check_residual_args(x, y, gate, shift, scale, weight, bias)
-    _check_output("x_out", x_out, x)
-    _check_output("h_out", h_out, x)
+    check_output("x_out", x_out, x)
+    check_output("h_out", h_out, x)
     check_triton_device(x, y, gate, shift, scale, weight, bias, x_out, h_out)
     B, N, C = x.shape
     if x.numel() == 0:
         return x_out, h_out
     has_mod = shift is not None
     dummy = h_out  # bound to absent operands; never read, their HAS_* flag is a constexpr False
-    block_r, block_c, one_tile, num_warps = ln_modulate_launch_config(C, _max_tile_c)
+    block_r, block_c, one_tile, num_warps = layernorm_modulate_launch_config(C, _max_tile_c)
     grid = (triton.cdiv(B * N, block_r),)
     _residual_layernorm_modulate_kernel[grid](
         x,

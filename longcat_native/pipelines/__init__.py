@@ -1,26 +1,43 @@
-"""The generation layer: the denoising loop, the tensor-level tasks and ``LongCatVideoPipeline``.
+"""The generation layer, on top of :mod:`longcat_native.runtime` (which never imports it):
 
 - :mod:`.shapes`: VAE strides, resolution buckets, frames <-> latents, refinement padding;
 - :mod:`.sampler`: ``denoise`` (flow-matching Euler with CFG-zero) and the schedules;
-- :mod:`.tasks`: text-to-video, image-to-video, video continuation, long video and refinement on
-  tensors (umT5 embeddings and VAE latents);
+- :mod:`.tasks`: the tasks on tensors (umT5 embeddings, VAE latents) and ``SamplingOptions``;
 - :mod:`.components`, :mod:`.media`: the umT5 text encoder, the Wan VAE, image/video files;
-- :mod:`.pipeline`: ``LongCatVideoPipeline``, prompt strings and pixels in, decoded video out.
+- :mod:`.pipeline`: ``LongCatVideoPipeline``, prompt strings and pixels in, decoded video out;
+- :mod:`.run`: a whole ``longcat-native generate`` run (plan, then run) and its memory estimate.
 
-It is built on :mod:`longcat_native.runtime` (the model) and nothing here is imported by it.
+Names load on first use (PEP 562): importing this package, or :mod:`.shapes`, imports no torch.
 """
 
-from .media import PIPELINES_EXTRA
-from .pipeline import OUTPUT_TYPES, LongCatVideoPipeline, encode_prompts
-from .sampler import denoise
-from .shapes import (RESOLUTIONS, VAE_SPACE_STRIDE, VAE_TIME_STRIDE, frames_to_latents, latent_size, pixel_size,
-                     refine_frame_padding)
-from .tasks import (OFFICIAL_DEMO_NEGATIVE_PROMPT, TASKS, generate, generate_i2v, generate_long, generate_refine,
-                    generate_t2v, generate_vc, make_noise, upsample_latents)
+import importlib
 
-__all__ = [
-    "TASKS", "PIPELINES_EXTRA", "VAE_TIME_STRIDE", "VAE_SPACE_STRIDE", "RESOLUTIONS", "OUTPUT_TYPES",
-    "OFFICIAL_DEMO_NEGATIVE_PROMPT", "latent_size", "frames_to_latents", "make_noise", "generate", "generate_t2v",
-    "generate_i2v", "generate_vc", "generate_long", "generate_refine", "upsample_latents", "encode_prompts",
-    "refine_frame_padding", "pixel_size", "LongCatVideoPipeline", "denoise",
-]
+# public name -> submodule
+_EXPORTS = {
+    "PIPELINES_EXTRA": "media",
+    "OUTPUT_TYPES": "pipeline", "LongCatVideoPipeline": "pipeline", "encode_prompts": "pipeline",
+    "denoise": "sampler",
+    "RESOLUTIONS": "shapes", "VAE_SPACE_STRIDE": "shapes", "VAE_TIME_STRIDE": "shapes", "frames_to_latents": "shapes",
+    "latent_size": "shapes", "pixel_size": "shapes", "refine_frame_padding": "shapes",
+    "OFFICIAL_DEMO_NEGATIVE_PROMPT": "tasks", "TASKS": "tasks", "SamplingOptions": "tasks", "generate": "tasks",
+    "generate_t2v": "tasks", "generate_i2v": "tasks", "generate_vc": "tasks", "generate_long": "tasks",
+    "generate_refine": "tasks", "make_noise": "tasks", "upsample_latents": "tasks",
+    "GenerateRequest": "run", "plan_generate": "run", "run_generate": "run", "refine_memory_estimate": "run",
+}
+_SUBMODULES = ("components", "media", "pipeline", "run", "sampler", "shapes", "tasks")
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _SUBMODULES:
+        return importlib.import_module(f"{__name__}.{name}")
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__) | set(_SUBMODULES))

@@ -1,25 +1,9 @@
-"""The components around the DiT, loaded from an official checkpoint root: the umT5 text encoder
-with its tokenizer (``transformers``) and the Wan VAE (``diffusers``).
+"""The components around the DiT in an official checkpoint root (``tokenizer/``,
+``text_encoder/``, ``vae/``, ``dit/``): the umT5 text encoder with its tokenizer
+(``transformers``; prompts cleaned and padded to 512 tokens as officially) and the Wan VAE
+(``diffusers``; latents normalized per channel). Missing folders are errors before any loading.
 
-Layout of the official root (Hugging Face style)::
-
-    LongCat-Video/
-      tokenizer/      AutoTokenizer.from_pretrained(root, subfolder="tokenizer")
-      text_encoder/   UMT5EncoderModel (bf16), d_model = the DiT's caption_channels (4096)
-      vae/            AutoencoderKLWan (bf16), z_dim = the DiT's in_channels (16)
-      dit/  lora/  scheduler/
-
-``transformers``, ``diffusers`` and ``ftfy`` are imported only when a component is loaded or a
-prompt is cleaned; a missing one is a :class:`~longcat_native.pipelines.media.MissingExtraError`
-naming ``pip install 'longcat-native[pipelines]'``. A missing folder is a ``FileNotFoundError``
-naming it, raised by :func:`check_components` before anything heavy is loaded.
-
-Prompt encoding follows the official pipeline: each prompt is cleaned (``ftfy.fix_text``, HTML
-entities unescaped twice, whitespace runs collapsed to one space, stripped), tokenized with
-special tokens, padded to and truncated at 512 tokens, and run through the encoder with its
-attention mask; the last hidden state is returned as ``[B, 1, 512, C]`` with the mask ``[B, 512]``
-(int64, 1 = token). The VAE's latents are normalized per channel with ``latents_mean`` and
-``latents_std`` from its config: ``(z - mean) / std`` (the DiT works on normalized latents).
+Design notes: docs/design/pipelines.md.
 """
 
 from __future__ import annotations

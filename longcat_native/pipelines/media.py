@@ -1,18 +1,9 @@
 """Pixels in and out of the pipelines: images and videos read into ``[-1, 1]`` float tensors at a
-target size, decoded frames written to ``.mp4``.
+target size (Lanczos; ``resize="crop"`` covers and crops the centre, ``"stretch"`` resizes as is),
+decoded frames written to ``.mp4`` (H.264). Pillow, imageio and imageio-ffmpeg are optional and
+imported when first needed; a missing one is a :class:`MissingExtraError` naming the extra.
 
-Reading uses Pillow (images, and video frames given as PIL images) and imageio (video files;
-its ffmpeg plugin runs on the ``imageio-ffmpeg`` binary); writing ``.mp4`` uses
-``imageio-ffmpeg`` directly (H.264, ``yuv420p``, constant quality). All three are optional:
-``pip install 'longcat-native[pipelines]'``. They are imported when first needed, and a missing
-one is a :class:`MissingExtraError` naming that extra.
-
-Resizing the conditioning image/video follows the official pipeline's preprocessing (Lanczos
-resampling of each frame, then ``x / 255 * 2 - 1``). The official pipeline first picks, from its
-table of resolution buckets, the bucket whose aspect ratio is closest to the input's and resizes
-to it without cropping; here the target size is given (e.g. 480 x 832), so ``resize="crop"``
-(default) scales the frame to cover the target and crops the centre (no distortion), and
-``resize="stretch"`` resizes to the target as is, like the official resize.
+Design notes: docs/design/pipelines.md.
 """
 
 from __future__ import annotations

@@ -20,6 +20,7 @@ __all__ = ["OUTPUT_TYPES", "encode_prompts", "LongCatVideoPipeline"]
 # (the official default), "pt" float32 tensor [B, F, 3, H, W] in [0, 1], "video" uint8 [B, F, H, W, 3].
 OUTPUT_TYPES = ("latent", "np", "pt", "video")
 
+
 def encode_prompts(text_encoder, prompt, negative_prompt=None, guidance_scale: float = 4.0, *, dtype=None,
                    device=None, offload: bool = True):
     """Prompt string(s) -> (prompt_embeds [B, 1, L, C], prompt_mask [B, L], negative_embeds,
@@ -124,16 +125,18 @@ class LongCatVideoPipeline:
                              f"pipeline does not have (from_pretrained loads it from the checkpoint's {folder})")
         return comp
 
-    def _check(self, output_type: str, kwargs: Optional[dict] = None) -> None:
-        """The checks that need no model work: the output type, and the LoRA/BSA a task will
-        switch on (so a missing LoRA file fails before the prompts are encoded)."""
+    def _check(self, output_type: str, task=None, kwargs: Optional[dict] = None) -> None:
+        """The checks that need no model work: the output type, and for a call of the task function
+        ``task`` with ``kwargs``, their names and the LoRA/BSA they switch on (so a typo or a
+        missing LoRA file fails before the prompts are encoded)."""
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
         if output_type != "latent":
             self._need("vae", f"output_type={output_type!r}")
-        if kwargs:
-            T.LoRAAndBSA(self.dit, kwargs.get("lora"), kwargs.get("lora_path"), kwargs.get("enable_bsa", False),
-                    kwargs.get("lora_kwargs"))
+        if task is not None:
+            T.check_task_keywords(task, kwargs)
+            T.LoRAAndBSAEnabled(self.dit, kwargs.get("lora"), kwargs.get("lora_path"), kwargs.get("enable_bsa", False),
+                                kwargs.get("lora_kwargs"))
 
     def encode_prompt(self, prompt, negative_prompt=None, guidance_scale: float = 4.0, offload: bool = True):
         """:func:`encode_prompts` with this pipeline's text encoder, in the DiT's dtype on its device."""
@@ -219,11 +222,11 @@ class LongCatVideoPipeline:
                      width: int = 832, latent: Optional[Tuple[int, int, int]] = None, guidance_scale: float = 4.0,
                      output_type: str = "np", **kwargs):
         """Text-to-video (:func:`generate_t2v`) from prompt strings."""
-        self._check(output_type, kwargs)
+        self._check(output_type, T.generate_t2v, kwargs)
         T.resolve_latent_size(self.dit, latent, num_frames, height, width)
         text = self.encode_prompt(prompt, negative_prompt, guidance_scale)
         lat = T.generate_t2v(self.dit, *text, num_frames=num_frames, height=height, width=width, latent=latent,
-                           guidance_scale=guidance_scale, **kwargs)
+                             guidance_scale=guidance_scale, **kwargs)
         return self.decode(lat, output_type)
 
     def generate_i2v(self, image, prompt, negative_prompt=None, *, num_frames: int = 93,
@@ -231,7 +234,7 @@ class LongCatVideoPipeline:
                      resize: str = "crop", guidance_scale: float = 4.0, output_type: str = "np", **kwargs):
         """Image-to-video (:func:`generate_i2v`): ``image`` resized to ``height`` x ``width`` (or
         the ``resolution`` bucket) is encoded as the first latent frame."""
-        self._check(output_type, kwargs)
+        self._check(output_type, T.generate_i2v, kwargs)
         self._need("vae", "image-to-video from pixels")
         size = pixel_size(height, width, resolution, patch=T.model_patch(self.dit))
         if frames_to_latents(num_frames) < 2:
@@ -247,7 +250,7 @@ class LongCatVideoPipeline:
         """Video continuation (:func:`generate_vc`): the last ``num_cond_frames`` frames of
         ``video`` (4k + 1 of them; 13 officially), resized and encoded, condition a ``num_frames``
         segment; the result is that segment, conditioning frames included (as officially)."""
-        self._check(output_type, kwargs)
+        self._check(output_type, T.generate_vc, kwargs)
         self._need("vae", "video continuation from pixels")
         size = pixel_size(height, width, resolution, patch=T.model_patch(self.dit))
         frames_to_latents(num_cond_frames)
@@ -256,13 +259,13 @@ class LongCatVideoPipeline:
         text = self.encode_prompt(prompt, negative_prompt, guidance_scale)
         cond = self.encode_video(video, size, last_frames=num_cond_frames, resize=resize)
         lat = T.generate_vc(self.dit, cond, *text, num_frames=num_frames, num_cond_frames=num_cond_frames,
-                          guidance_scale=guidance_scale, **kwargs)
+                            guidance_scale=guidance_scale, **kwargs)
         return self.decode(lat, output_type)
 
     def generate_long(self, prompt, negative_prompt=None, *, guidance_scale: float = 4.0, output_type: str = "np",
                       **kwargs):
         """Long video (:func:`generate_long`, chained in latent space), decoded at the end."""
-        self._check(output_type, kwargs)
+        self._check(output_type, T.generate_long, kwargs)
         text = self.encode_prompt(prompt, negative_prompt, guidance_scale)
         lat = T.generate_long(self.dit, *text, guidance_scale=guidance_scale, **kwargs)
         return self.decode(lat, output_type)
@@ -278,7 +281,7 @@ class LongCatVideoPipeline:
         bucket (720p = 704 x 1280). Decoded output is cropped to the refined frames;
         ``output_type="latent"`` returns the padded latents. For stage-1 *latents*, call
         :func:`generate_refine` and :meth:`decode`."""
-        self._check(output_type, kwargs)
+        self._check(output_type, T.generate_refine, kwargs)
         self._need("vae", "refinement from a pixel video")
         size = pixel_size(height, width, resolution, default="720p", patch=T.model_patch(self.dit))
         for bad in ("size", "temporal_upsample", "pad_frames", "cond_latents"):
@@ -295,7 +298,7 @@ class LongCatVideoPipeline:
                                                       spatial_refine_only=spatial_refine_only, resize=resize,
                                                       granularity=granularity)
         lat = T.generate_refine(self.dit, latents, text[0], text[1], cond_latents=cond, size=latents.shape[3:],
-                              temporal_upsample=False, pad_frames=False, **kwargs)
+                                temporal_upsample=False, pad_frames=False, **kwargs)
         if output_type == "latent":
             return lat
         return self.decode(lat, output_type, frames=(pad["cond_added"], pad["cond_added"] + pad["frames"]))

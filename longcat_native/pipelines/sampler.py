@@ -1,26 +1,9 @@
-"""Flow-matching Euler sampling with the official LongCat-Video schedules and CFG-zero guidance.
+"""Flow-matching Euler sampling with the official LongCat-Video schedules and CFG-zero guidance,
+bit for bit in float32 as the official pipeline (its scheduler: shift 12, no dynamic shifting):
+the schedules (base, distilled, ``t_thresh`` truncation, the ``enhance_hf`` tail), ``cfg_zero``,
+and :func:`denoise`, the loop on latents with conditioning frames and the KV cache.
 
-The official pipeline (``LongCatVideoPipeline`` + its copy of diffusers'
-``FlowMatchEulerDiscreteScheduler`` with ``shift=12``, no dynamic shifting) does, per step:
-
-    v   = dit(x, t)                                  # negative prompt first when guiding
-    v   = CFG-zero(v_uncond, v_cond, g)              # only when g > 1
-    x  <- x + (sigma_next - sigma) * (-v)            # "negate for scheduler compatibility"
-
-with float32 latents and the model input cast to the DiT's dtype. This module reproduces that
-bit for bit in float32 (the fixtures' ``schedules.json`` is matched exactly):
-
-* :func:`base_sigmas` / :func:`distill_sigmas`: the unshifted sigmas (``linspace(1, 0.001, n)``;
-  the 16-step distilled grid), :func:`shift_sigmas` the scheduler's shift,
-  :func:`flow_schedule` = the scheduler's ``set_timesteps`` (timesteps = shifted sigma * 1000,
-  sigmas with a trailing 0);
-* :func:`truncate_schedule`: refinement's ``t_thresh`` truncation (t_thresh*1000 followed by the
-  schedule's timesteps below it; sigmas = timesteps / 1000);
-* :func:`enhance_hf_schedule`: video continuation's tail (timesteps above 500 kept, the rest
-  replaced by 10 uniform timesteps from 500 towards 0, 0 excluded; sigmas = timesteps / 1000);
-* :func:`cfg_zero`: CFG-zero's optimized scale, on the device, no host synchronization;
-* :func:`denoise`: the loop on latents (SPEC section 6), with conditioning frames (timestep 0,
-  kept bit-exact) and the video-continuation KV cache.
+Design notes: docs/design/sampler.md.
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
 """Shape arithmetic shared by the pipelines, the CLI and the memory estimates: the Wan VAE's
-strides, the resolution buckets, video frames <-> latent frames, and the refinement's padding."""
+strides and tiles, the resolution buckets, video frames <-> latent frames, and the refinement's
+padding. No torch."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import math
 from typing import Optional, Sequence, Tuple
 
 __all__ = ["VAE_TIME_STRIDE", "VAE_SPACE_STRIDE", "RESOLUTIONS", "BSA_LATENT_GRANULARITY", "frames_to_latents",
-           "latent_size", "cond_latent_count", "refine_frame_padding", "pixel_size"]
+           "latent_size", "cond_latent_count", "refine_frame_padding", "pixel_size", "square_vae_tile"]
 
 # Wan VAE compression: 4x in time (the first frame kept), 8x in space.
 VAE_TIME_STRIDE = 4
@@ -89,3 +90,10 @@ def pixel_size(height: Optional[int] = None, width: Optional[int] = None, resolu
         h, w = RESOLUTIONS[key]
     latent_size(1, h, w, patch)
     return h, w
+
+
+def square_vae_tile(pixels: int) -> Tuple[Tuple[int, int], Tuple[int, int]]:
+    """A square VAE tile of ``pixels`` pixels and its stride -> ``((n, n), (stride, stride))``:
+    overlapping its neighbours by a quarter (diffusers' default proportion: 256 every 192)."""
+    stride = max(8, (3 * pixels // 4) // 8 * 8)
+    return (pixels, pixels), (stride, stride)

@@ -1,37 +1,22 @@
 """The tensor-level tasks: text-to-video, image-to-video, video continuation, long video and
-480p -> 720p refinement, built on :func:`~longcat_native.pipelines.sampler.denoise`.
+480p -> 720p refinement, on umT5 embeddings and normalized VAE latents (latents out), built on
+:func:`~longcat_native.pipelines.sampler.denoise`. They follow the official pipeline step for
+step; where it decodes and re-encodes mid-task they stay in latent space (noted per function).
+The options every task shares are :class:`SamplingOptions`; noise is drawn on the CPU, so a seed
+gives the same latents on every device.
 
-Two levels, one job each:
-
-- The functions (``generate_t2v``, ``generate_i2v``, ``generate_vc``, ``generate_long``,
-  ``generate_refine``, ``generate``) work on tensors only: precomputed umT5 embeddings + masks in,
-  (normalized) VAE latents for conditioning, latents out. They need nothing but the DiT.
-- :class:`LongCatVideoPipeline` holds the DiT with the umT5 text encoder and the Wan VAE
-  (:mod:`~longcat_native.pipelines.components`, loaded by ``LongCatVideoPipeline.from_pretrained(root)``
-  from an official checkpoint root; ``pip install 'longcat-native[pipelines]'``). It takes prompt
-  strings and pixel images/videos, encodes them, calls the functions above, and decodes the result
-  (``output_type`` "np", "pt", "video" or "latent"). The text encoder leaves the GPU once the
-  prompts are encoded; the VAE decodes in tiles.
-
-They follow the official ``LongCatVideoPipeline`` (``generate_t2v``, ``generate_i2v``,
-``generate_vc``, ``generate_refine`` and ``run_demo_long_video.py``) step for step. Where the
-official pipeline decodes and re-encodes in the middle of a task, the functions stay in latent
-space (documented per function): video continuation and long video take the last
-``num_cond_frames`` frames' latents (``1 + (num_cond_frames - 1) // 4``) directly, and
-:func:`generate_refine` upsamples the stage-1 *latents* (trilinear, ``align_corners=True``).
-``LongCatVideoPipeline.generate_refine`` on a stage-1 *video* does what the official pipeline
-does: upsample the frames, pad them, encode them with the VAE.
-
-Noise is drawn from a CPU ``torch.Generator`` (``seed`` or ``generator``) in float32 and moved to
-the model's device, so a seed gives the same latents on every device.
+Design notes: docs/design/pipelines.md.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -42,8 +27,9 @@ from .shapes import (BSA_LATENT_GRANULARITY, VAE_TIME_STRIDE, cond_latent_count,
                      latent_size)
 
 __all__ = [
-    "TASKS", "OFFICIAL_DEMO_NEGATIVE_PROMPT", "LoRAAndBSA", "make_noise", "generate", "generate_t2v", "generate_i2v",
-    "generate_vc", "generate_long", "generate_refine", "upsample_latents",
+    "TASKS", "OFFICIAL_DEMO_NEGATIVE_PROMPT", "SamplingOptions", "LoRAAndBSAEnabled", "check_task_keywords",
+    "find_lora_file", "make_noise", "generate", "generate_t2v", "generate_i2v", "generate_vc", "generate_long",
+    "generate_refine", "upsample_latents", "model_patch", "model_channels", "model_device", "resolve_latent_size",
 ]
 
 TASKS = ("t2v", "i2v", "vc", "long", "refine")
@@ -168,10 +154,12 @@ def find_lora_file(dit, key: str) -> Optional[Path]:
     return None
 
 
-class LoRAAndBSA:
-    """Enables a LoRA and/or BSA on the model for the duration of a ``with`` block, if asked, and
-    only through the model's own ``load_lora``/``enable_loras``/``enable_bsa`` methods; what it
-    enabled is switched off again on exit (``disable_all_loras``/``disable_bsa``)."""
+class LoRAAndBSAEnabled:
+    """``with LoRAAndBSAEnabled(dit, lora="refinement_lora", bsa=True): ...``: the LoRA (loaded
+    first if need be) and/or BSA are on for the ``with`` block only, through the model's own
+    ``load_lora``/``enable_loras``/``enable_bsa``, and switched off again on exit
+    (``disable_all_loras``/``disable_bsa``). The constructor checks everything (missing LoRA
+    file, a model without those methods) before any work."""
 
     def __init__(self, dit, lora: Optional[str], lora_path=None, bsa: bool = False, lora_kwargs=None):
         self.dit, self.lora, self.lora_path, self.bsa = dit, lora, lora_path, bool(bsa)
@@ -214,129 +202,139 @@ class LoRAAndBSA:
         return False
 
 
-# -- pipelines -----------------------------------------------------------------------------------
+# -- the options every task shares ---------------------------------------------------------------
 
-def generate_t2v(
-    dit,
-    prompt_embeds: torch.Tensor,
-    prompt_mask: Optional[torch.Tensor] = None,
-    negative_embeds: Optional[torch.Tensor] = None,
-    negative_mask: Optional[torch.Tensor] = None,
-    *,
-    num_frames: int = 93,
-    height: int = 480,
-    width: int = 832,
-    latent: Optional[Tuple[int, int, int]] = None,
-    num_steps: int = 50,
-    guidance_scale: float = 4.0,
-    distill: bool = False,
-    shift: float = DEFAULT_SHIFT,
-    seed: Optional[int] = 0,
-    generator: Optional[torch.Generator] = None,
-    noise: Optional[torch.Tensor] = None,
-    lora: Optional[str] = None,
-    lora_path=None,
-    lora_kwargs: Optional[dict] = None,
-    output_type: str = "latent",
-    progress: bool = True,
-    callback: Optional[Callable] = None,
-) -> torch.Tensor:
-    """Text-to-video (official ``generate_t2v``): latents [B, 16, T, H, W] for ``num_frames`` x
-    ``height`` x ``width`` (or ``latent=(T, H, W)``). The official settings: 50 steps, guidance 4
-    (base); ``distill=True``, 16 steps, guidance 1 with ``lora='cfg_step_lora'`` (distilled)."""
-    _check_output_type(output_type)
-    _check_text(prompt_embeds, negative_embeds, guidance_scale)
-    T, H, W = resolve_latent_size(dit, latent, num_frames, height, width)
+@dataclass(frozen=True)
+class SamplingOptions:
+    """The keyword arguments every ``generate_*`` function takes besides its own (refinement takes
+    all but ``guidance_scale`` and ``distill``: it runs without guidance on the base schedule).
+
+    ``num_steps``, ``guidance_scale`` (CFG-zero; <= 1: none), ``distill`` (the 16-step distilled
+    schedule), ``shift``: the schedule (:func:`~.sampler.denoise`). ``seed`` or a CPU
+    ``generator``: the noise. ``lora`` (a key: loaded from the checkpoint's ``lora/`` folder, or
+    ``lora_path``, with ``lora_kwargs`` for ``load_lora``) is on for the call only.
+    ``output_type`` must be "latent" here (decoding: :class:`LongCatVideoPipeline`).
+    ``progress`` prints a line per step; ``callback(i, t, latents)`` is called after each."""
+
+    num_steps: int = 50
+    guidance_scale: float = 4.0
+    distill: bool = False
+    shift: float = DEFAULT_SHIFT
+    seed: Optional[int] = 0
+    generator: Optional[torch.Generator] = None
+    lora: Optional[str] = None
+    lora_path: Optional[str] = None
+    lora_kwargs: Optional[dict] = None
+    output_type: str = "latent"
+    progress: bool = True
+    callback: Optional[Callable] = None
+
+    @classmethod
+    def take(cls, fn: str, kwargs: dict) -> "SamplingOptions":
+        """``kwargs`` of the task function named ``fn`` -> the options; an argument it does not
+        take is a TypeError naming it, as Python's own; ``output_type`` is checked."""
+        _reject_unknown(fn, kwargs, _sampling_keywords(fn))
+        opts = cls(**kwargs)
+        _check_output_type(opts.output_type)
+        return opts
+
+    def as_kwargs(self, **changes) -> dict:
+        """The options as keyword arguments for another task function (with ``changes``)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)} | changes
+
+    def rng(self) -> torch.Generator:
+        return _generator(self.seed, self.generator)
+
+    def lora_and_bsa(self, dit, bsa: bool = False) -> "LoRAAndBSAEnabled":
+        return LoRAAndBSAEnabled(dit, self.lora, self.lora_path, bsa, self.lora_kwargs)
+
+    def sample(self, dit, shape, text, noise: Optional[torch.Tensor] = None, **denoise_kwargs) -> torch.Tensor:
+        """Noise of ``shape`` (unless given) denoised with ``text`` = (prompt_embeds, prompt_mask,
+        negative_embeds, negative_mask), the LoRA on; ``denoise_kwargs`` go to :func:`denoise`."""
+        extras = self.lora_and_bsa(dit)  # checked before the noise is drawn
+        if noise is None:
+            noise = make_noise(shape, generator=self.rng(), device=model_device(dit))
+        with extras:
+            return denoise(dit, noise, *text, num_steps=self.num_steps, guidance_scale=self.guidance_scale,
+                           distill=self.distill, shift=self.shift, progress=self.progress, callback=self.callback,
+                           **denoise_kwargs)
+
+
+_NOT_SHARED = {"generate_refine": ("guidance_scale", "distill")}
+
+
+def _sampling_keywords(fn: str) -> set:
+    return {f.name for f in dataclasses.fields(SamplingOptions)} - set(_NOT_SHARED.get(fn, ()))
+
+
+def _reject_unknown(fn: str, kwargs: dict, allowed: set) -> None:
+    for name in kwargs:
+        if name not in allowed:
+            raise TypeError(f"{fn}() got an unexpected keyword argument {name!r}")
+
+
+def check_task_keywords(fn: Callable, kwargs: dict) -> None:
+    """The TypeError ``fn(..., **kwargs)`` would raise for an argument it does not take, raised
+    now (a pipeline checks its pass-through arguments before encoding anything)."""
+    own = {p.name for p in inspect.signature(fn).parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    _reject_unknown(fn.__name__, kwargs, own | _sampling_keywords(fn.__name__))
+
+
+def _check_batch(name: str, lat: torch.Tensor, prompt_embeds: torch.Tensor) -> int:
     B = _batch(prompt_embeds)
-    shape = (B, model_channels(dit), T, H, W)
+    if lat.shape[0] not in (1, B):
+        raise ValueError(f"{name} has batch {lat.shape[0]}, the prompts {B}")
+    return B
+
+
+# -- tasks ---------------------------------------------------------------------------------------
+
+def generate_t2v(dit, prompt_embeds: torch.Tensor, prompt_mask=None, negative_embeds=None, negative_mask=None, *,
+                 num_frames: int = 93, height: int = 480, width: int = 832,
+                 latent: Optional[Tuple[int, int, int]] = None, noise: Optional[torch.Tensor] = None,
+                 **sampling) -> torch.Tensor:
+    """Text-to-video (official ``generate_t2v``): latents [B, 16, T, H, W] for ``num_frames`` x
+    ``height`` x ``width`` (or ``latent=(T, H, W)``), from ``noise`` if given. ``sampling``:
+    :class:`SamplingOptions`. The official settings: 50 steps, guidance 4 (base);
+    ``distill=True``, 16 steps, guidance 1 with ``lora='cfg_step_lora'`` (distilled)."""
+    s = SamplingOptions.take("generate_t2v", sampling)
+    _check_text(prompt_embeds, negative_embeds, s.guidance_scale)
+    T, H, W = resolve_latent_size(dit, latent, num_frames, height, width)
+    shape = (_batch(prompt_embeds), model_channels(dit), T, H, W)
     if noise is not None and tuple(noise.shape) != shape:
         raise ValueError(f"noise must be {shape}, got {tuple(noise.shape)}")
-    extras = LoRAAndBSA(dit, lora, lora_path, lora_kwargs=lora_kwargs)
-    if noise is None:
-        noise = make_noise(shape, generator=_generator(seed, generator), device=model_device(dit))
-    with extras:
-        return denoise(dit, noise, prompt_embeds, prompt_mask, negative_embeds, negative_mask,
-                       num_steps=num_steps, guidance_scale=guidance_scale, distill=distill, shift=shift,
-                       progress=progress, callback=callback)
+    return s.sample(dit, shape, (prompt_embeds, prompt_mask, negative_embeds, negative_mask), noise=noise)
 
 
-def generate_i2v(
-    dit,
-    image_latents: torch.Tensor,
-    prompt_embeds: torch.Tensor,
-    prompt_mask: Optional[torch.Tensor] = None,
-    negative_embeds: Optional[torch.Tensor] = None,
-    negative_mask: Optional[torch.Tensor] = None,
-    *,
-    num_frames: int = 93,
-    num_steps: int = 50,
-    guidance_scale: float = 4.0,
-    distill: bool = False,
-    shift: float = DEFAULT_SHIFT,
-    seed: Optional[int] = 0,
-    generator: Optional[torch.Generator] = None,
-    lora: Optional[str] = None,
-    lora_path=None,
-    lora_kwargs: Optional[dict] = None,
-    image=None,
-    output_type: str = "latent",
-    progress: bool = True,
-    callback: Optional[Callable] = None,
-) -> torch.Tensor:
+def generate_i2v(dit, image_latents: torch.Tensor, prompt_embeds: torch.Tensor, prompt_mask=None,
+                 negative_embeds=None, negative_mask=None, *, num_frames: int = 93, image=None,
+                 **sampling) -> torch.Tensor:
     """Image-to-video (official ``generate_i2v``): the first latent frame is ``image_latents``
     [B or 1, 16, 1, H, W] (the VAE latent of the image), kept fixed with timestep 0; the other
-    ``T - 1`` frames are generated. Returns [B, 16, T, H, W] with frame 0 equal to the image latent."""
-    _check_output_type(output_type)
+    ``T - 1`` frames are generated. Returns [B, 16, T, H, W] with frame 0 equal to the image latent.
+    ``sampling``: :class:`SamplingOptions`."""
+    s = SamplingOptions.take("generate_i2v", sampling)
     _check_pixels(image=image)
-    _check_text(prompt_embeds, negative_embeds, guidance_scale)
+    _check_text(prompt_embeds, negative_embeds, s.guidance_scale)
     image_latents = _check_cond("image_latents", image_latents, dit, frames=1)
     T = frames_to_latents(num_frames)
     if T < 2:
         raise ValueError(f"num_frames={num_frames} gives a single latent frame: nothing to generate after the image")
-    B = _batch(prompt_embeds)
-    if image_latents.shape[0] not in (1, B):
-        raise ValueError(f"image_latents has batch {image_latents.shape[0]}, the prompts {B}")
+    B = _check_batch("image_latents", image_latents, prompt_embeds)
     shape = (B, model_channels(dit), T, image_latents.shape[3], image_latents.shape[4])
-    extras = LoRAAndBSA(dit, lora, lora_path, lora_kwargs=lora_kwargs)
-    noise = make_noise(shape, generator=_generator(seed, generator), device=model_device(dit))
-    with extras:
-        return denoise(dit, noise, prompt_embeds, prompt_mask, negative_embeds, negative_mask,
-                       num_steps=num_steps, guidance_scale=guidance_scale, distill=distill, shift=shift,
-                       cond_latents=image_latents, progress=progress, callback=callback)
+    return s.sample(dit, shape, (prompt_embeds, prompt_mask, negative_embeds, negative_mask),
+                    cond_latents=image_latents)
 
 
-def generate_vc(
-    dit,
-    video_latents: torch.Tensor,
-    prompt_embeds: torch.Tensor,
-    prompt_mask: Optional[torch.Tensor] = None,
-    negative_embeds: Optional[torch.Tensor] = None,
-    negative_mask: Optional[torch.Tensor] = None,
-    *,
-    num_frames: int = 93,
-    num_cond_frames: int = 13,
-    num_steps: int = 50,
-    guidance_scale: float = 4.0,
-    distill: bool = False,
-    shift: float = DEFAULT_SHIFT,
-    enhance_hf: Optional[bool] = None,
-    use_kv_cache: bool = True,
-    offload_kv_cache: bool = False,
-    cfg_zero_cond_frames: bool = False,
-    seed: Optional[int] = 0,
-    generator: Optional[torch.Generator] = None,
-    lora: Optional[str] = None,
-    lora_path=None,
-    lora_kwargs: Optional[dict] = None,
-    video=None,
-    output_type: str = "latent",
-    progress: bool = True,
-    callback: Optional[Callable] = None,
-) -> torch.Tensor:
+def generate_vc(dit, video_latents: torch.Tensor, prompt_embeds: torch.Tensor, prompt_mask=None,
+                negative_embeds=None, negative_mask=None, *, num_frames: int = 93, num_cond_frames: int = 13,
+                enhance_hf: Optional[bool] = None, use_kv_cache: bool = True, offload_kv_cache: bool = False,
+                cfg_zero_cond_frames: bool = False, video=None, **sampling) -> torch.Tensor:
     """Video continuation (official ``generate_vc``). ``video_latents`` [B or 1, 16, Tv, H, W] are
     the latents of the video to continue; its last ``m = 1 + (num_cond_frames - 1) // 4`` latent
     frames (13 frames -> 4 latents, official default) condition a ``num_frames``-frame segment
     whose first m latent frames are those conditioning latents. Returns [B, 16, T, H, W].
+    ``sampling``: :class:`SamplingOptions`.
 
     ``use_kv_cache`` (official default): the conditioning frames run once through the DiT and
     their per-block k/v are reused by every step (``kv_cache_dict``); ``use_kv_cache=False`` runs
@@ -349,13 +347,13 @@ def generate_vc(
     Latent-space note: the official pipeline decodes, takes the last 13 *frames* and re-encodes
     them; here the last m latents are used directly.
     """
-    _check_output_type(output_type)
+    s = SamplingOptions.take("generate_vc", sampling)
     _check_pixels(video=video)
-    _check_text(prompt_embeds, negative_embeds, guidance_scale)
+    _check_text(prompt_embeds, negative_embeds, s.guidance_scale)
     video_latents = _check_cond("video_latents", video_latents, dit)
     if enhance_hf is None:
-        enhance_hf = not distill
-    if enhance_hf and distill:
+        enhance_hf = not s.distill
+    if enhance_hf and s.distill:
         raise ValueError("enhance_hf and distill cannot both be set (the official pipeline forbids it)")
     m = cond_latent_count(num_cond_frames)
     T = frames_to_latents(num_frames)
@@ -365,62 +363,31 @@ def generate_vc(
     if T <= m:
         raise ValueError(f"num_frames={num_frames} ({T} latents) leaves nothing to generate after {m} "
                          f"conditioning latents (num_cond_frames={num_cond_frames})")
-    B = _batch(prompt_embeds)
-    if video_latents.shape[0] not in (1, B):
-        raise ValueError(f"video_latents has batch {video_latents.shape[0]}, the prompts {B}")
+    B = _check_batch("video_latents", video_latents, prompt_embeds)
     cond = video_latents[:, :, -m:]
     shape = (B, model_channels(dit), T, cond.shape[3], cond.shape[4])
-    extras = LoRAAndBSA(dit, lora, lora_path, lora_kwargs=lora_kwargs)
-    noise = make_noise(shape, generator=_generator(seed, generator), device=model_device(dit))
-    with extras:
-        return denoise(dit, noise, prompt_embeds, prompt_mask, negative_embeds, negative_mask,
-                       num_steps=num_steps, guidance_scale=guidance_scale, distill=distill, shift=shift,
-                       cond_latents=cond, enhance_hf=enhance_hf, use_kv_cache=use_kv_cache,
-                       offload_kv_cache=offload_kv_cache, cfg_zero_cond_frames=cfg_zero_cond_frames,
-                       progress=progress, callback=callback)
+    return s.sample(dit, shape, (prompt_embeds, prompt_mask, negative_embeds, negative_mask), cond_latents=cond,
+                    enhance_hf=enhance_hf, use_kv_cache=use_kv_cache, offload_kv_cache=offload_kv_cache,
+                    cfg_zero_cond_frames=cfg_zero_cond_frames)
 
 
-def generate_long(
-    dit,
-    prompt_embeds: torch.Tensor,
-    prompt_mask: Optional[torch.Tensor] = None,
-    negative_embeds: Optional[torch.Tensor] = None,
-    negative_mask: Optional[torch.Tensor] = None,
-    *,
-    num_segments: int = 1,
-    num_frames: int = 93,
-    num_cond_frames: int = 13,
-    height: int = 480,
-    width: int = 832,
-    latent: Optional[Tuple[int, int, int]] = None,
-    first_latents: Optional[torch.Tensor] = None,
-    num_steps: int = 50,
-    guidance_scale: float = 4.0,
-    distill: bool = False,
-    shift: float = DEFAULT_SHIFT,
-    use_kv_cache: bool = True,
-    offload_kv_cache: bool = False,
-    seed: Optional[int] = 0,
-    generator: Optional[torch.Generator] = None,
-    lora: Optional[str] = None,
-    lora_path=None,
-    lora_kwargs: Optional[dict] = None,
-    output_type: str = "latent",
-    progress: bool = True,
-    callback: Optional[Callable] = None,
-) -> torch.Tensor:
+def generate_long(dit, prompt_embeds: torch.Tensor, prompt_mask=None, negative_embeds=None, negative_mask=None, *,
+                  num_segments: int = 1, num_frames: int = 93, num_cond_frames: int = 13, height: int = 480,
+                  width: int = 832, latent: Optional[Tuple[int, int, int]] = None,
+                  first_latents: Optional[torch.Tensor] = None, use_kv_cache: bool = True,
+                  offload_kv_cache: bool = False, **sampling) -> torch.Tensor:
     """Long video (official ``run_demo_long_video.py``): a text-to-video segment (or
     ``first_latents``), then ``num_segments`` continuation segments, each conditioned on the last
     ``num_cond_frames`` frames' latents of the previous one and contributing its T - m new
     latents. One generator feeds every segment. Each segment is ``num_frames`` frames (or
     ``latent=(T, H, W)``). Returns the concatenated latents [B, 16, T0 + num_segments * (T - m), H, W]
-    (T0 = T, or the length of ``first_latents``).
+    (T0 = T, or the length of ``first_latents``). ``sampling``: :class:`SamplingOptions`.
 
     Latent-space note: the official demo decodes each segment, resizes it and re-encodes the last
     13 frames; here the last m latents are used directly. The official demo then refines the whole
     video segment by segment at 720p; run :func:`generate_refine` on the result for that."""
-    _check_output_type(output_type)
-    _check_text(prompt_embeds, negative_embeds, guidance_scale)
+    s = SamplingOptions.take("generate_long", sampling)
+    _check_text(prompt_embeds, negative_embeds, s.guidance_scale)
     if isinstance(num_segments, bool) or not isinstance(num_segments, int) or num_segments < 0:
         raise ValueError(f"num_segments must be an int >= 0, got {num_segments!r}")
     m = cond_latent_count(num_cond_frames)
@@ -434,19 +401,15 @@ def generate_long(
         if first_latents.shape[2] < m:
             raise ValueError(f"first_latents has {first_latents.shape[2]} latent frames, fewer than the {m} "
                              "conditioning latents a continuation needs")
-    gen = _generator(seed, generator)
-    common = dict(num_steps=num_steps, guidance_scale=guidance_scale, distill=distill, shift=shift,
-                  generator=gen, lora=lora, lora_path=lora_path, lora_kwargs=lora_kwargs, progress=progress,
-                  callback=callback)
+    common = s.as_kwargs(generator=s.rng())
+    text = (prompt_embeds, prompt_mask, negative_embeds, negative_mask)
     if first_latents is None:
-        video = generate_t2v(dit, prompt_embeds, prompt_mask, negative_embeds, negative_mask,
-                             latent=(T, H, W), **common)
+        video = generate_t2v(dit, *text, latent=(T, H, W), **common)
     else:
         video = first_latents.to(device=model_device(dit), dtype=torch.float32)
     for _ in range(num_segments):
-        seg = generate_vc(dit, video, prompt_embeds, prompt_mask, negative_embeds, negative_mask,
-                          num_frames=num_frames, num_cond_frames=num_cond_frames, use_kv_cache=use_kv_cache,
-                          offload_kv_cache=offload_kv_cache, **common)
+        seg = generate_vc(dit, video, *text, num_frames=num_frames, num_cond_frames=num_cond_frames,
+                          use_kv_cache=use_kv_cache, offload_kv_cache=offload_kv_cache, **common)
         if video.shape[0] != seg.shape[0]:
             video = video.expand(seg.shape[0], -1, -1, -1, -1)
         video = torch.cat([video, seg[:, :, m:]], dim=2)
@@ -468,31 +431,11 @@ def _pad_frames(x: torch.Tensor, multiple: int, front: bool) -> Tuple[torch.Tens
     return (torch.cat([rep, x], dim=2) if front else torch.cat([x, rep], dim=2)), pad
 
 
-def generate_refine(
-    dit,
-    stage1_latents: torch.Tensor,
-    prompt_embeds: torch.Tensor,
-    prompt_mask: Optional[torch.Tensor] = None,
-    *,
-    cond_latents: Optional[torch.Tensor] = None,
-    size: Optional[Tuple[int, int]] = None,
-    temporal_upsample: bool = False,
-    num_steps: int = 50,
-    t_thresh: float = 0.5,
-    shift: float = DEFAULT_SHIFT,
-    pad_frames: bool = True,
-    granularity: int = BSA_LATENT_GRANULARITY,
-    lora: Optional[str] = None,
-    lora_path=None,
-    lora_kwargs: Optional[dict] = None,
-    enable_bsa: bool = False,
-    seed: Optional[int] = 0,
-    generator: Optional[torch.Generator] = None,
-    stage1_video=None,
-    output_type: str = "latent",
-    progress: bool = True,
-    callback: Optional[Callable] = None,
-) -> torch.Tensor:
+def generate_refine(dit, stage1_latents: torch.Tensor, prompt_embeds: torch.Tensor, prompt_mask=None, *,
+                    cond_latents: Optional[torch.Tensor] = None, size: Optional[Tuple[int, int]] = None,
+                    temporal_upsample: bool = False, t_thresh: float = 0.5, pad_frames: bool = True,
+                    granularity: int = BSA_LATENT_GRANULARITY, enable_bsa: bool = False, stage1_video=None,
+                    **sampling) -> torch.Tensor:
     """Refinement (official ``generate_refine``), on latents: upsample ``stage1_latents``
     [B, 16, T, H, W] to (T', H', W') (default ``size`` = (2H, 2W); ``temporal_upsample`` doubles
     the frame count as the official default does: T' = 2T - 1, the latents of 2x the frames),
@@ -510,20 +453,18 @@ def generate_refine(
     ``lora`` (e.g. ``'refinement_lora'``, loaded from the checkpoint's ``lora/`` folder if not
     already loaded) and ``enable_bsa`` switch those on for this call only (the official demo runs
     refinement with both), through the model's own methods; without them the model runs as is.
-    ``lora_kwargs`` go to ``load_lora`` (``multiplier``, ``lora_network_dim``, ...); every
-    pipeline takes ``lora``/``lora_path``/``lora_kwargs`` (e.g. ``'cfg_step_lora'`` with ``distill``).
+    ``lora_kwargs`` go to ``load_lora`` (``multiplier``, ``lora_network_dim``, ...).
+    ``sampling``: :class:`SamplingOptions` but ``guidance_scale`` and ``distill``.
 
     Latent-space note: the official pipeline upsamples the *decoded* stage-1 frames (bilinear,
     ``align_corners=True``, to the 720p bucket, e.g. 704 x 1280) and re-encodes them with the VAE;
     with no VAE here the latents themselves are interpolated, an approximation of that.
     """
-    _check_output_type(output_type)
+    s = SamplingOptions.take("generate_refine", sampling)
     _check_pixels(stage1_video=stage1_video)
     _check_text(prompt_embeds, None, 1.0)
     stage1_latents = _check_cond("stage1_latents", stage1_latents, dit)
-    B = _batch(prompt_embeds)
-    if stage1_latents.shape[0] not in (1, B):
-        raise ValueError(f"stage1_latents has batch {stage1_latents.shape[0]}, the prompts {B}")
+    B = _check_batch("stage1_latents", stage1_latents, prompt_embeds)
     _, _, T, H, W = stage1_latents.shape
     Hn, Wn = (2 * H, 2 * W) if size is None else tuple(size)
     _, ph, pw = model_patch(dit)
@@ -541,10 +482,10 @@ def generate_refine(
                              "(latents at the refined size)")
         if m >= Tn:
             raise ValueError(f"cond_latents has {m} frames; the refined video has {Tn}: nothing to refine")
-    extras = LoRAAndBSA(dit, lora, lora_path, enable_bsa, lora_kwargs)
+    extras = s.lora_and_bsa(dit, enable_bsa)
 
     device = model_device(dit)
-    gen = _generator(seed, generator)
+    gen = s.rng()
     up = upsample_latents(stage1_latents.to(device), (Tn, Hn, Wn))
     if up.shape[0] != B:
         up = up.expand(B, -1, -1, -1, -1)
@@ -562,8 +503,8 @@ def generate_refine(
             cond, pad_front = _pad_frames(cond, granularity, front=True)
         x = torch.cat([cond, x], dim=2)
     with extras:
-        out = denoise(dit, x, prompt_embeds, prompt_mask, num_steps=num_steps, guidance_scale=1.0,
-                      shift=shift, t_thresh=t_thresh, cond_latents=cond, progress=progress, callback=callback)
+        out = denoise(dit, x, prompt_embeds, prompt_mask, num_steps=s.num_steps, guidance_scale=1.0,
+                      shift=s.shift, t_thresh=t_thresh, cond_latents=cond, progress=s.progress, callback=s.callback)
     return out[:, :, pad_front: out.shape[2] - pad_back]
 
 

@@ -1,52 +1,8 @@
-"""Attention dispatch: one place that turns q, k, v into an attention output.
+"""Attention dispatch: one place that turns q, k, v (token-major ``[B, N, heads, D]``) into an
+attention output, for the backends flash3, flash2, cudnn, sdpa, reference and auto. No backend
+but ``reference`` may copy a device tensor to the host.
 
-Tensors are token-major ``[B, N, heads, D]`` (what the qkv GEMM and the fused RoPE kernel
-write); backends that want ``[B, heads, N, D]`` get transposed views, never copies.
-
-Backends (``attention=`` of the model; resolved by :func:`resolve_attention_backend`):
-
-- ``flash3``: FlashAttention-3 (package ``flash_attn_interface``, the Hopper build of
-  flash-attention), CUDA devices of compute capability 9.x, fp16/bf16 only.
-- ``flash2``: FlashAttention-2 (package ``flash_attn``), CUDA, fp16/bf16 only.
-- ``cudnn``: ``scaled_dot_product_attention`` with cuDNN's fused attention kernel first (then
-  SDPA's flash and memory-efficient kernels, for inputs cuDNN refuses), CUDA, fp16/bf16 only.
-  Needs no extra package. Torch's own order puts its FlashAttention-2 first; on Hopper cuDNN 9's
-  kernel is reported faster than FlashAttention-2 (NVIDIA's cuDNN 9 benchmarks), which matters
-  where flash-attn is not installed (attention is over half of a 480p forward's FLOPs). ``auto`` does not pick it yet:
-  ``bench/attention.py`` times it (rows ``cudnn`` and ``sdpa[cudnn]``) against the others.
-- ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention`` (every device; on CUDA it
-  dispatches to its flash/memory-efficient kernels).
-- ``reference``: explicit float32 softmax attention, the oracle; memory is bounded by
-  processing queries in chunks.
-- ``auto``: flash3 where usable, else flash2 where usable, else sdpa.
-
-The flash packages are imported lazily, the first time a flash backend is resolved (never at
-module import), and nothing here queries CUDA at import time.
-
-No device -> host synchronization
----------------------------------
-No backend but ``reference`` may copy a device tensor to the host (no ``.item()``,
-``.tolist()``, ``int(t)``, ``bool(t)``, Python ``max`` over a tensor): that stalls the GPU
-and breaks CUDA-graph capture. Everything shape-like is taken from Python ints (``.shape``).
-(The reference backend does not sync either; it loops over Python-int chunk bounds only.)
-
-Variable-length text on flash (``key_valid`` given)
----------------------------------------------------
-``flash_attn_varlen_func`` takes packed sequences: queries ``[total_q, H, D]``, keys/values
-``[total_k, H, D]`` and int32 cumulative lengths ``cu_seqlens_q/k`` of ``B + 1`` entries;
-item ``i`` uses rows ``[cu[i], cu[i+1])``. We build everything on the device:
-
-- queries: every query token of each item takes part, so ``q`` is reshaped to ``[B*Nq, H, D]``
-  and ``cu_seqlens_q = arange(B + 1) * Nq`` (``max_seqlen_q = Nq``);
-- keys/values: ``cu_seqlens_k = [0, cumsum(key_valid.sum(1))]`` (int32). The valid keys are
-  packed by ONE stable device-side argsort of the flattened ``~key_valid``: it is a permutation
-  of the ``B*Nk`` (item, position) pairs that puts every valid pair first, in (item, position)
-  order, which is exactly the packed layout (it also handles masks that are not prefixes). The
-  gathered buffers keep the fixed size ``B*Nk``; rows past ``cu_seqlens_k[-1]`` are padding the
-  kernel never reads. ``max_seqlen_k = Nk`` (the padded length) is an upper bound of every
-  item's key count, known without a sync, and valid for flash-attn (it only sizes the grid);
-- items with no valid key get a zero output: recent flash-attn already writes zeros for an
-  empty key range, and a ``torch.where`` on the device bool ``key_valid.any(1)`` makes sure.
+Design notes: docs/design/attention.md.
 """
 
 from __future__ import annotations
@@ -60,11 +16,12 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from ..kernels._common import query_row_slices
+from .names import ATTENTION_BACKENDS, ATTENTION_CHOICES
+
 __all__ = ["ATTENTION_BACKENDS", "ATTENTION_CHOICES", "check_attention_name", "resolve_attention_backend",
            "attention"]
 
-ATTENTION_BACKENDS = ("flash3", "flash2", "cudnn", "sdpa", "reference")
-ATTENTION_CHOICES = ("auto",) + ATTENTION_BACKENDS
 _FLASH_DTYPES = (torch.float16, torch.bfloat16)
 
 # Package that provides each flash backend, and how to get it.
@@ -80,14 +37,6 @@ _INSTALL_HINT = {
 # SDPA kernels the ``cudnn`` backend allows, in priority order (a module attribute so CPU tests can
 # put the math kernel here and run the dispatch path). Read when the backend runs, not at import.
 _CUDNN_SDPA_ORDER = ("CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION")
-
-# Test hook: lets tests resolve the flash backends on a CPU device (with a fake flash module
-# installed in sys.modules). Never set outside tests.
-_ALLOW_CPU_FOR_TESTS = False
-
-# The reference backend materializes [B, heads, q_chunk, Nk] float32 scores; chunking the
-# queries keeps that near 256 MiB whatever the sequence length.
-_REFERENCE_SCORE_BYTES = 256 * 2**20
 
 
 # ---------------------------------------------------------------------------------------------
@@ -114,7 +63,11 @@ def _cuda_capability(index: Optional[int]) -> Tuple[int, int]:
     return torch.cuda.get_device_capability(index)
 
 
-def _capability(device: torch.device) -> Tuple[int, int]:
+def _device_capability(device: torch.device) -> Optional[Tuple[int, int]]:
+    """The CUDA compute capability of ``device``, or None when it is not a CUDA device (decided
+    without any CUDA query). Resolution's one device check: tests pretend a GPU by patching it."""
+    if device.type != "cuda":
+        return None
     return _cuda_capability(device.index if device.index is not None else torch.cuda.current_device())
 
 
@@ -127,14 +80,14 @@ def check_attention_name(name: str) -> None:
 def _flash_problems(backend: str, device: torch.device, dtype: Optional[torch.dtype]) -> list:
     """Why ``backend`` cannot run here (empty list: it can)."""
     problems = []
-    on_cuda = device.type == "cuda"
-    if not on_cuda and not _ALLOW_CPU_FOR_TESTS:
+    capability = _device_capability(device)
+    if capability is None:
         problems.append(f"it needs a CUDA device and the model is on {device}")
     if dtype is not None and dtype not in _FLASH_DTYPES:
         problems.append(f"flash-attn computes in float16/bfloat16 only and the model dtype is {dtype} "
                         "(load the model in bfloat16, or use attention='sdpa')")
-    if backend == "flash3" and on_cuda:
-        major, minor = _capability(device)
+    if backend == "flash3" and capability is not None:
+        major, minor = capability
         if major != 9:
             problems.append(f"FlashAttention-3 needs a Hopper GPU (compute capability 9.x) and {device} is "
                             f"sm_{major}{minor} (use attention='flash2' or 'auto')")
@@ -145,7 +98,7 @@ def _flash_problems(backend: str, device: torch.device, dtype: Optional[torch.dt
 
 
 def _flash_usable(backend: str, device: torch.device, dtype: Optional[torch.dtype]) -> bool:
-    if device.type != "cuda" and not _ALLOW_CPU_FOR_TESTS:
+    if _device_capability(device) is None:
         return False  # decided before any CUDA query or import attempt
     if dtype is not None and dtype not in _FLASH_DTYPES:
         return False
@@ -169,7 +122,7 @@ def resolve_attention_backend(name: str, device, dtype: Optional[torch.dtype] = 
         return "sdpa"
     if name == "cudnn":
         problems = []
-        if device.type != "cuda" and not _ALLOW_CPU_FOR_TESTS:
+        if _device_capability(device) is None:
             problems.append(f"it needs a CUDA device and the model is on {device}")
         if dtype is not None and dtype not in _FLASH_DTYPES:
             problems.append(f"cuDNN's fused attention computes in float16/bfloat16 only and the model dtype is "
@@ -286,14 +239,13 @@ def _attention_reference(q, k, v, key_valid):
     scale = D**-0.5
     kf, vf = k.float(), v.float()
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    chunk = max(1, _REFERENCE_SCORE_BYTES // max(1, B * H * Nk * 4))
-    for s in range(0, Nq, chunk):
-        qf = q[:, s : s + chunk].float()
+    for s, e in query_row_slices(Nq, B * H * Nk * 4):  # [B, H, rows, Nk] float32 scores at a time
+        qf = q[:, s:e].float()
         scores = torch.einsum("bqhd,bkhd->bhqk", qf, kf) * scale
         if key_valid is not None:
             scores = scores.masked_fill(~key_valid[:, None, None, :], float("-inf"))
         probs = torch.softmax(scores, dim=-1)
         if key_valid is not None:
             probs = torch.nan_to_num(probs, nan=0.0)
-        out[:, s : s + chunk] = torch.einsum("bhqk,bkhd->bqhd", probs, vf).to(q.dtype)
+        out[:, s:e] = torch.einsum("bhqk,bkhd->bqhd", probs, vf).to(q.dtype)
     return out

@@ -20,7 +20,7 @@ __all__ = ["compile_model", "CompiledModel", "CUDAGraphRunner", "default_compile
 
 
 def default_compile_mode(device) -> str:
-    """"default" everywhere (see the module doc for the CUDA alternative)."""
+    """"default" everywhere (docs/design/compiled.md names the CUDA alternative)."""
     return "default"
 
 
@@ -117,7 +117,7 @@ class CompiledModel:
 def compile_model(model, mode: Optional[str] = None, fullgraph: bool = True, dynamic: bool = False,
                   backend="inductor", recompile_limit: int = 8, options: Optional[Dict[str, Any]] = None,
                   warn_on_recompile: bool = True, regional: bool = False) -> CompiledModel:
-    """``torch.compile`` the DiT with this runtime's defaults (module doc): the whole forward, or
+    """``torch.compile`` the DiT with this runtime's defaults (docs/design/compiled.md): the whole forward, or
     with ``regional=True`` one block shared by all blocks (far less compile time per shape);
     returns a :class:`CompiledModel` (call it like the model; ``.stats()`` for compile counts)."""
     return CompiledModel(model, mode=mode, fullgraph=fullgraph, dynamic=dynamic, backend=backend,
@@ -164,7 +164,7 @@ class _Entry:
 
 
 class CUDAGraphRunner:
-    """Whole-forward CUDA graphs per input shape (module doc). Call it like the DiT."""
+    """Whole-forward CUDA graphs per input shape (docs/design/compiled.md). Call it like the DiT."""
 
     def __init__(self, model, max_graphs: int = 4, text_len: Optional[int] = None, fallback: Optional[Callable] = None,
                  capture_fn: Optional[Callable] = None, warmup: int = 2, clone_output: bool = True, pool=None):
@@ -199,7 +199,7 @@ class CUDAGraphRunner:
 
     def prepare_text(self, text, mask):
         """``(text, mask)`` padded to ``text_len`` tokens with the mask marking the padding, when
-        padding is exact (module doc); unchanged otherwise. mask ``[B, 1, 1, L]`` becomes ``[B, L]``."""
+        padding is exact (docs/design/compiled.md); unchanged otherwise. mask ``[B, 1, 1, L]`` becomes ``[B, L]``."""
         if text is None:
             return text, mask
         if mask is not None and mask.dim() == 4:
@@ -254,7 +254,7 @@ class CUDAGraphRunner:
         return tuple(parts)
 
     def _check_weights(self) -> None:
-        """Drop every graph when a weight storage the graphs read has moved (module doc)."""
+        """Drop every graph when a weight storage the graphs read has moved (docs/design/compiled.md)."""
         fp = self.weights_fingerprint()
         if fp != self._weights_seen:
             if self._graphs:
@@ -354,7 +354,7 @@ class CUDAGraphRunner:
 
     def reset(self) -> None:
         """Drop every captured graph and forget failed captures (weights that move are noticed
-        on their own: module doc)."""
+        on their own: docs/design/compiled.md)."""
         self._graphs.clear()
         self._uncapturable.clear()
         self._weights_seen = None

@@ -1,7 +1,7 @@
 """The LongCat-Video DiT: one model definition for every kernel path.
 
 Read top to bottom: embedders, the block, the model's forward. The math mirrors the official
-``LongCatVideoTransformer3DModel`` (SPEC section 2); float32 islands (timestep embedding,
+``LongCatVideoTransformer3DModel`` (docs/model.md); float32 islands (timestep embedding,
 adaLN modulation, gated residuals, final projection) run in float32 with the weights upcast,
 exactly as the official autocast-to-float32 regions do.
 

@@ -1,33 +1,7 @@
-"""Context parallelism: one forward split over ``cp_size`` ranks with torch.distributed.
+"""Context parallelism: one forward split over ``cp_size`` ranks with torch.distributed (the
+official scheme: Ulysses attention over a 2D split of the token grid).
 
-The layout (official LongCat-Video scheme, Ulysses attention over a 2D token split):
-
-* The (Nh, Nw) token grid is cut into ``split_h x split_w`` tiles (``cp_split_hw``, the most square
-  factorization of ``cp_size`` by default, the smaller factor on H); rank ``r`` owns tile
-  ``(r // split_w, r % split_w)``: every latent frame's rows ``[h0, h1)`` and columns ``[w0, w1)``.
-  Each rank embeds, normalizes, modulates, projects and runs the FFN and cross-attention (text is
-  replicated) for its own tokens only: all GEMMs are split ``cp_size`` ways.
-* Self-attention: the fused ``qkv`` output ``[B, n, 3, heads, D]`` goes through one all-to-all
-  that trades tokens for heads, so each rank holds *every* token for ``heads / cp_size`` heads,
-  reordered into the global (t, h, w) order. From there the single-device code runs unchanged:
-  RMSNorm + 3D RoPE at the tokens' true global positions, the KV-cache concatenation, the
-  conditioning-frame split, dense or block-sparse attention. A second all-to-all trades back.
-  Because the attention sees the global order, BSA's chunk selection sees the global pooled
-  keys and a chunk may straddle tile boundaries: CP adds no constraint on chunk shapes; the
-  only constraints are ``Nh % split_h == 0``, ``Nw % split_w == 0`` and ``heads % cp_size == 0``.
-* KV cache: a rank needs only its heads of a cache (a slice, no communication); a ``return_kv``
-  call gathers the heads back so the returned cache is the single-device one.
-* The final layer's output is gathered (all-gather) so every rank returns the full tensor.
-
-Communication per block and rank (bf16, batch B, N tokens, C = hidden): the two all-to-alls send
-``(P-1)/P`` of ``3*B*N*C/P`` and ``B*N*C/P`` elements (``comm_bytes_per_block`` computes it).
-
-Collectives are ``torch.distributed._functional_collectives`` (traceable: ``torch.compile`` keeps
-the forward one graph) on the group's backend: NCCL on GPUs, gloo on the CPU (tests). Every
-collective is bounded by the process group's timeout: a rank that never arrives is an error after
-``timeout`` seconds on the others, not a hang. All checks that can fail (split, heads, grid) run
-before the first collective of a call and depend only on the call's inputs, which every rank
-passes in full, so a bad input raises the same error on every rank.
+Design notes: docs/design/parallel.md.
 """
 
 from __future__ import annotations
@@ -108,7 +82,7 @@ def init_context_parallel(cp_size: int, device: torch.device, timeout_s: Optiona
 
 
 class ContextParallel:
-    """The split of one forward over the ranks of ``group`` (see the module doc)."""
+    """The split of one forward over the ranks of ``group`` (docs/design/parallel.md)."""
 
     def __init__(self, group, split_hw: Tuple[int, int], num_heads: int, device=None):
         dist = _dist()

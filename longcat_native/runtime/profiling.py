@@ -1,26 +1,6 @@
 """Profiling: NVTX ranges (zero cost when off) and a ``torch.profiler`` run of a few forwards.
 
-NVTX ranges
------------
-``with nvtx_range("block", i): ...`` marks a region for Nsight Systems and, at the same time,
-for ``torch.profiler`` (a ``record_function`` range), so a CPU profile groups by the same names.
-
-* Off by default. Turned on by ``enable_nvtx(True)`` or the environment variable
-  ``LONGCAT_NVTX=1`` (read once, at import). When off, ``nvtx_range`` returns one shared
-  ``contextlib.nullcontext()`` instance after a single flag check: no allocation, no string
-  formatting (the optional ``index`` is only joined to the name when ranges are on).
-* Under ``torch.compile`` the ranges are always a no-op (``torch.compiler.is_compiling()``):
-  dynamo sees a null context and traces straight through with no graph break, whatever the
-  flag says (inductor fuses across the source lines anyway, so a range around a call site
-  would not mean anything in compiled code; profile compiled code by its kernels' names).
-  The flag is a module global, so dynamo guards on it: flipping it recompiles once.
-* Backend: the ``nvtx`` package when installed (``nvtx.push_range``/``pop_range``), else
-  ``torch.cuda.nvtx``; NVTX calls are made only when CUDA is available (on CPU only the
-  ``record_function`` half is active).
-
-``profile_forward(fn, steps, trace_path)`` runs ``fn()`` (one forward) ``steps`` times under
-``torch.profiler`` with ranges on, writes a Chrome/Perfetto trace and returns the top ops by
-self time, their share, grouped by the innermost enclosing range (see :func:`profile_forward`).
+Design notes: docs/design/profiling.md.
 """
 
 from __future__ import annotations
@@ -35,34 +15,41 @@ import torch
 __all__ = ["nvtx_range", "enable_nvtx", "nvtx_enabled", "profile_forward", "nsys_command", "format_profile_table"]
 
 _NULL = contextlib.nullcontext()
-_ENABLED = os.environ.get("LONGCAT_NVTX", "0").strip().lower() in ("1", "true", "yes", "on")
-_BACKEND = None  # (push, pop) resolved on first use
+
+
+class _NvtxSettings:
+    """Whether ranges are marked (process-wide: ``LONGCAT_NVTX=1`` or :func:`enable_nvtx`) and
+    the push/pop functions, resolved on first use (the ``nvtx`` package, else torch.cuda.nvtx)."""
+
+    def __init__(self):
+        self.enabled = os.environ.get("LONGCAT_NVTX", "0").strip().lower() in ("1", "true", "yes", "on")
+        self._backend = None
+
+    def backend(self):
+        if self._backend is None:
+            push = pop = None
+            if torch.cuda.is_available():
+                try:
+                    import nvtx  # type: ignore
+
+                    push, pop = (lambda name: nvtx.push_range(name, domain="longcat")), (lambda: nvtx.pop_range(domain="longcat"))
+                except ImportError:
+                    push, pop = torch.cuda.nvtx.range_push, (lambda: torch.cuda.nvtx.range_pop())
+            self._backend = (push, pop)
+        return self._backend
+
+
+_NVTX = _NvtxSettings()
 
 
 def enable_nvtx(enabled: bool = True) -> bool:
     """Turn NVTX/record_function ranges on or off; returns the previous setting."""
-    global _ENABLED
-    previous, _ENABLED = _ENABLED, bool(enabled)
+    previous, _NVTX.enabled = _NVTX.enabled, bool(enabled)
     return previous
 
 
 def nvtx_enabled() -> bool:
-    return _ENABLED
-
-
-def _backend():
-    global _BACKEND
-    if _BACKEND is None:
-        push = pop = None
-        if torch.cuda.is_available():
-            try:
-                import nvtx  # type: ignore
-
-                push, pop = (lambda name: nvtx.push_range(name, domain="longcat")), (lambda: nvtx.pop_range(domain="longcat"))
-            except ImportError:
-                push, pop = torch.cuda.nvtx.range_push, (lambda: torch.cuda.nvtx.range_pop())
-        _BACKEND = (push, pop)
-    return _BACKEND
+    return _NVTX.enabled
 
 
 class _Range:
@@ -73,7 +60,7 @@ class _Range:
         self.rf = None
 
     def __enter__(self):
-        push, _ = _backend()
+        push, _ = _NVTX.backend()
         if push is not None:
             push(self.name)
         self.rf = torch.profiler.record_function(self.name)
@@ -82,17 +69,18 @@ class _Range:
 
     def __exit__(self, *exc):
         self.rf.__exit__(*exc)
-        _, pop = _backend()
+        _, pop = _NVTX.backend()
         if pop is not None:
             pop()
         return False
 
 
-def nvtx_range(name: str, index: Optional[int] = None):
+def nvtx_range(name: str, index: Optional[int] = None, *, force: bool = False):
     """A context manager marking ``name`` (``f"{name}.{index}"`` with an index) as an NVTX range
     and a ``torch.profiler.record_function`` range; the shared null context when ranges are off
-    or while torch.compile traces."""
-    if not _ENABLED or torch.compiler.is_compiling():
+    (``force=True`` marks it even then: the benchmarks' timed regions) or while torch.compile
+    traces."""
+    if not (_NVTX.enabled or force) or torch.compiler.is_compiling():
         return _NULL
     return _Range(name if index is None else f"{name}.{index}")
 

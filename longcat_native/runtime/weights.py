@@ -32,10 +32,6 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be read into the model; the message names every problem."""
 
 
-def _has_weights(d: Path) -> bool:
-    return (d / SINGLE_FILE).is_file() or (d / INDEX_FILE).is_file() or any(d.glob("*.safetensors"))
-
-
 def find_dit_dir(path, subfolder: Optional[str] = None) -> Path:
     """The folder holding config.json and the weights: ``path[/subfolder]`` or its ``dit/``."""
     root = Path(os.fspath(path)).expanduser()
