@@ -1,6 +1,6 @@
 """The whole DiT, one forward, four ways: eager reference, compiled reference, fused, and fused +
 torch.compile + CUDA graphs (the logic lives in ``longcat_native/bench/model.py``, shared with
-``longcat-native bench``; read its docstring for the FLOP formulas and columns).
+``longcat-native bench``; the FLOP formulas and columns: docs/design/benchmarks.md).
 
     python bench/model.py                       # GPU: the real 13.6B config, 480p (CFG batch 2) and 720p (BSA)
     python bench/model.py --size 480p --depth 8 # a quick GPU run on 8 of the 48 blocks

@@ -246,9 +246,9 @@ def cmd_profile(args) -> int:
 
 def cmd_bench(args) -> int:
     """The full-model benchmark (bench/model.py): eager reference, compiled reference, fused, and
-    fused + compile + CUDA graphs. Without CUDA the fused columns need TRITON_INTERPRET=1 in the
-    environment (triton is imported with the package, too late to set it here); without it they
-    print n/a with the reason."""
+    fused + compile + CUDA graphs. Without CUDA the fused columns run only with TRITON_INTERPRET=1
+    in the environment (the slow CPU interpreter, so this command does not set it; bench/model.py
+    does); without it they print n/a with the reason."""
     import os
 
     from .bench import model

@@ -220,7 +220,7 @@ def _attention_flash(q, k, v, key_valid, backend):
     q_packed = q.reshape(B * Nq, H, D)
     cu_q = torch.arange(0, (B + 1) * Nq, Nq, dtype=torch.int32, device=device)
     # Packed keys/values: the stable argsort of ~valid lists the valid (item, position) pairs
-    # first, in order (module docstring); the tail rows are never read by the kernel.
+    # first, in order (docs/design/attention.md); the tail rows are never read by the kernel.
     valid = key_valid.to(device=device, dtype=torch.bool)
     perm = torch.argsort((~valid).reshape(-1).to(torch.int8), stable=True)
     b_idx, j_idx = perm // Nk, perm % Nk
