@@ -13,6 +13,25 @@ from typing import List, Optional
 from .runtime.names import ATTENTION_CHOICES, KERNEL_CHOICES
 
 
+def _fmt_count(n: int) -> str:
+    """768000 -> "768,000 (768 K)", 13.6e9 -> "13,600,000,000 (13.60 B)"."""
+    for div, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= div:
+            return f"{n:,} ({n / div:.2f} {unit})" if unit == "B" else f"{n:,} ({n / div:.3g} {unit})"
+    return f"{n:,}"
+
+
+def _seed(text: str) -> int:
+    """--seed: an integer a torch.Generator takes (0 <= seed < 2**64), checked before anything loads."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not 0 <= v < 2**64:
+        raise argparse.ArgumentTypeError(f"{text}: a seed must be in [0, 2**64)")
+    return v
+
+
 def _fmt_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if n < 1024 or unit == "TiB":
@@ -27,7 +46,9 @@ def cmd_info(args) -> int:
     the largest set of live tensors the forward allocates, custom-op scratch included, weights and
     inputs not; --kv-frames adds a batch-1 KV cache of that many frames as an input. Not counted:
     the CUDA context, cuBLAS/cuDNN workspaces and allocator fragmentation. Also the ESTIMATED peak
-    GPU memory of the official 480p -> 720p refinement (pipelines.run.refine_memory_estimate)."""
+    GPU memory of the official 480p -> 720p refinement (pipelines.run.refine_memory_estimate): by
+    default only for a model of the official size (it assumes the official umT5-XXL text encoder
+    and Wan VAE beside the DiT); --refine-estimate prints it for any config."""
     import torch
 
     from .pipelines.run import refine_memory_estimate
@@ -52,7 +73,10 @@ def cmd_info(args) -> int:
     params = meta.num_parameters()
     latent = latent_size(args.frames, args.height, args.width)
     act = activation_bytes(cfg, latent, args.batch, dtype, args.kv_frames)
-    refine = refine_memory_estimate(cfg, params, dtype_bytes)
+    # The estimate assumes the official components (umT5-XXL, Wan VAE) beside the DiT: meaningful
+    # for a model of the official size, not for a tiny test config.
+    official_size = cfg.hidden_size >= 4096 and cfg.depth >= 48
+    refine = refine_memory_estimate(cfg, params, dtype_bytes) if official_size or args.refine_estimate else None
     info = {
         "source": source,
         "config": cfg.to_dict(),
@@ -63,8 +87,9 @@ def cmd_info(args) -> int:
         "video": {"frames": args.frames, "height": args.height, "width": args.width, "batch": args.batch},
         "latent_thw": list(latent),
         **act,
-        "refine_720p_estimate": refine,
     }
+    if refine is not None:
+        info["refine_720p_estimate"] = refine
     if args.json:
         print(json.dumps(info))
         return 0
@@ -73,7 +98,7 @@ def cmd_info(args) -> int:
         print(f"  {k:26s} {v}")
     print(f"  {'head_dim':26s} {cfg.head_dim}")
     print(f"  {'ffn_hidden_size':26s} {cfg.ffn_hidden_size}")
-    print(f"parameters        {params:,} ({params / 1e9:.2f} B)")
+    print(f"parameters        {_fmt_count(params)}")
     print(f"weights in {info['dtype']:9s}{_fmt_bytes(params * dtype_bytes)}")
     if weight_bytes is not None:
         print(f"weight files      {_fmt_bytes(weight_bytes)}")
@@ -85,6 +110,10 @@ def cmd_info(args) -> int:
         print(f"kv cache          {_fmt_bytes(act['kv_cache_bytes'])} for {args.kv_frames} frames")
     print(f"forward peak      {_fmt_bytes(act['peak_forward_bytes'])} (weights + inputs + activations, traced; "
           "plus the CUDA context and library workspaces)")
+    if refine is None:
+        print("refinement 480p -> 720p: estimated for models of the official size only (--refine-estimate "
+              "prints it for this config)")
+        return 0
     r = refine
     print(f"refinement 480p -> 720p of {r['stage1_frames']} frames, ESTIMATED peak GPU memory (not measured; "
           f"denoising activations traced, the rest assumed: refine_memory_estimate's docstring):")
@@ -275,7 +304,7 @@ def _add_model_arguments(p, device_help: str = "default: cuda if available, else
     p.add_argument("--kernels", default="auto", choices=sorted(KERNEL_CHOICES))  # {auto,reference,triton}
     p.add_argument("--attention", default="auto", choices=ATTENTION_CHOICES)
     if seed:
-        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--seed", type=_seed, default=0)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -293,6 +322,9 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--batch", type=int, default=1)
     info.add_argument("--kv-frames", type=int, default=0, help="latent frames held in a KV cache (continuation)")
     info.add_argument("--dtype", default=None, help="weights/activations dtype (default bfloat16)")
+    info.add_argument("--refine-estimate", action="store_true",
+                      help="also estimate the 480p -> 720p refinement's peak GPU memory for a config smaller than "
+                           "the official one (printed by default for the official size)")
     info.add_argument("--json", action="store_true", help="print one JSON object")
     info.set_defaults(func=cmd_info)
 
@@ -391,6 +423,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (ValueError, FileNotFoundError, NotImplementedError, MissingExtraError) as e:
         print(f"longcat-native {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: one line, the shell's convention for SIGINT (128 + 2)
+        print(f"longcat-native {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

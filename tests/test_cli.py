@@ -43,7 +43,38 @@ def test_info_checkpoint_path(capsys):
 def test_info_human_readable(capsys):
     assert main(["info", "--config", "tiny"]) == 0
     out = capsys.readouterr().out
-    assert "parameters" in out and "768,000" in out and "peak activations" in out
+    assert "parameters" in out and "768,000 (768 K)" in out and "peak activations" in out
+    assert "0.00 B" not in out  # the count in a unit that fits it
+
+
+def test_info_refinement_estimate_only_where_it_fits(capsys):
+    """The refinement estimate assumes the official umT5-XXL and Wan VAE: shown for the official
+    size, a one-line pointer for a tiny config, and the estimate when asked for."""
+    tiny = _json_out(capsys, ["info", "--config", "tiny", "--json"])
+    assert "refine_720p_estimate" not in tiny
+    assert main(["info", "--config", "tiny"]) == 0
+    assert "--refine-estimate" in capsys.readouterr().out
+    asked = _json_out(capsys, ["info", "--config", "tiny", "--refine-estimate", "--json"])
+    assert asked["refine_720p_estimate"]["estimate"] is True
+
+
+@pytest.mark.parametrize("seed", ["1e23", "-1", str(2**64), "abc"])
+def test_seed_out_of_range_is_an_argument_error(seed, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["forward", "--config", "tiny", "--seed", seed])
+    assert e.value.code == 2 and "--seed" in capsys.readouterr().err
+
+
+def test_ctrl_c_is_one_line_and_exit_130(monkeypatch, capsys):
+    import longcat_native.cli as cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "cmd_forward", interrupted)
+    assert cli.main(["forward", "--config", "tiny"]) == 130
+    err = capsys.readouterr().err
+    assert err.strip() == "longcat-native forward: interrupted"
 
 
 def test_traced_activations_scale_with_tokens():
