@@ -28,6 +28,8 @@ import sys
 import time
 from typing import Any, Dict, List, Optional
 
+from longcat_native.runtime.files import write_json_atomic, write_text_atomic
+
 _BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 _REPO = os.path.dirname(_BENCH_DIR)
 
@@ -104,10 +106,9 @@ def _write(results: Dict[str, Any], out_dir: str) -> str:
             merged = json.load(f)
         merged["benches"].update(results["benches"])
         merged.update({k: results[k] for k in ("torch", "triton", "commit")})
-    with open(stem + ".json", "w", encoding="utf-8") as f:
-        json.dump(merged, f, indent=1)
-    with open(stem + ".md", "w", encoding="utf-8") as f:
-        f.write(markdown(merged))
+    # Each file complete or as it was (an interrupted run never leaves half a JSON file).
+    write_json_atomic(stem + ".json", merged, indent=1)
+    write_text_atomic(stem + ".md", markdown(merged))
     return stem
 
 

@@ -10,7 +10,7 @@ import sys
 import time
 from typing import List, Optional
 
-from .runtime.names import ATTENTION_CHOICES, KERNEL_CHOICES
+from .runtime.names import ATTENTION_CHOICES, KERNEL_CHOICES, MAX_STEPS
 
 
 def _fmt_count(n: int) -> str:
@@ -21,14 +21,35 @@ def _fmt_count(n: int) -> str:
     return f"{n:,}"
 
 
-def _seed(text: str) -> int:
-    """--seed: an integer a torch.Generator takes (0 <= seed < 2**64), checked before anything loads."""
+def _int_in(low: int, high: int, what: str):
+    """An argparse type: an integer in [low, high], checked before anything loads."""
+
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if not low <= v <= high:
+            raise argparse.ArgumentTypeError(f"{text}: {what} must be in [{low}, {high}]")
+        return v
+
+    return parse
+
+
+_seed = _int_in(0, 2**64 - 1, "a seed")  # what a torch.Generator takes
+_steps = _int_in(1, MAX_STEPS, "steps")
+
+
+def _finite(text: str) -> float:
+    """--guidance: a finite number (inf or nan would turn every latent non-finite)."""
+    import math
+
     try:
-        v = int(text)
+        v = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if not 0 <= v < 2**64:
-        raise argparse.ArgumentTypeError(f"{text}: a seed must be in [0, 2**64)")
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"{text}: must be a finite number")
     return v
 
 
@@ -209,8 +230,11 @@ def cmd_generate(args) -> int:
     from .pipelines.run import GenerateRequest, plan_generate, run_generate
 
     fields = {f.name for f in dataclasses.fields(GenerateRequest)} - {"resolution"}
+    # a bucket name stays a name (i2v / vc / refine then take the official bucket of the input's
+    # aspect ratio); HxW is a size
+    res = args.resolution
     request = GenerateRequest(**{k: v for k, v in vars(args).items() if k in fields},
-                              resolution=args.resolution[1] if args.resolution is not None else None)
+                              resolution=None if res is None else (res[0] if res[0] in ("480p", "720p") else res[1]))
     result = run_generate(plan_generate(request))
     s = result.summary
     if s is None:  # a rank other than 0 under context parallelism: rank 0 prints
@@ -234,6 +258,10 @@ def cmd_generate(args) -> int:
         print(f"           {row['stage']:16s} {_fmt_bytes(row['peak_bytes']):>12s}  ({row['seconds']:.2f} s)")
     print(f"output   {s['output']}" + (f" ({video_shape[0]} frames, {video_shape[1]}x{video_shape[2]})"
                                        if video_shape else ""))
+    if s["random_weights"]:
+        print("next     that was a smoke test on random weights; for a real video, with an official checkpoint "
+              "(pip install 'longcat-native[pipelines]'): longcat-native generate --checkpoint weights/LongCat-Video "
+              "--prompt \"a cat walking on grass\" --out cat.mp4")
     return 0 if s["output_finite"] else 1
 
 
@@ -358,11 +386,13 @@ def build_parser() -> argparse.ArgumentParser:
                                             "[B, 16, T, H, W]: the image latent (i2v), the video latents (vc) "
                                             "or the stage-1 latents (refine)")
     gen.add_argument("--resolution", type=parse_resolution, default=None,
-                     help="480p = 480x832, 720p = 704x1280, or HxW pixels (multiples of 16); default 480p with a "
-                          "checkpoint; for refine the refined size (default 720p)")
-    gen.add_argument("--resize", choices=["crop", "stretch"], default="crop",
-                     help="how --image/--video frames are fitted to the size: cover and crop the centre (default) "
-                          "or stretch")
+                     help="480p, 720p or HxW pixels (multiples of 16). A bucket name: t2v/long at 480x832 / "
+                          "704x1280; i2v/vc/refine at the official bucket closest to the input's aspect ratio "
+                          "(default 480p; refine: the 720p table with spatial factor 64, as officially). HxW: "
+                          "that size")
+    gen.add_argument("--resize", choices=["stretch", "crop"], default="stretch",
+                     help="how --image/--video frames are fitted to the size: stretch (default, official) or cover "
+                          "and crop the centre (keeps the aspect ratio, not the official pixels)")
     gen.add_argument("--spatial-refine-only", action="store_true",
                      help="refine: keep the frame count (default doubles it, as officially)")
     gen.add_argument("--latent", type=int, nargs=3, metavar=("T", "H", "W"),
@@ -370,21 +400,38 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--frames", type=int, help="video frames, 4k + 1 (default 93; 13 for the tiny default)")
     gen.add_argument("--cond-frames", type=int, help="conditioning video frames of vc/long (default 13; 5 tiny)")
     gen.add_argument("--segments", type=int, default=1, help="continuation segments of task long (default 1)")
-    gen.add_argument("--steps", type=int, help="denoising steps (default 50; 16 with --distill)")
-    gen.add_argument("--guidance", type=float, help="CFG scale (default 4.0; 1.0 with --distill); <= 1: no CFG")
+    gen.add_argument("--steps", type=_steps, help="length of the base schedule (default 50; 16 with --distill). What runs: "
+                                               "t2v/i2v that many steps; vc adds the 10-step enhance_hf tail "
+                                               "(not with --distill); long runs a t2v segment plus each vc "
+                                               "segment; refine runs the 50-step schedule cut at --t-thresh "
+                                               "(5 steps) and ignores --steps, except for the stage 1 the "
+                                               "random-weights default generates first. The output records the "
+                                               "steps run"),
+    gen.add_argument("--guidance", type=_finite, help="CFG scale (default 4.0; 1.0 with --distill); <= 1: no CFG")
     gen.add_argument("--distill", action="store_true", help="the distilled 16-step schedule (cfg_step LoRA)")
     gen.add_argument("--t-thresh", type=float, default=0.5, help="refinement noise level (default 0.5)")
     gen.add_argument("--lora-network-dim", type=int, help="rank passed to load_lora (default: the loader's, 128)")
     gen.add_argument("--lora-network-alpha", type=float, help="alpha passed to load_lora (default: the loader's)")
     gen.add_argument("--no-kv-cache", action="store_true", help="vc/long: run conditioning frames every step")
-    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--chain", choices=["pixels", "latent"], default=None,
+                     help="long: pixels = the official demo (each segment decoded to uint8 frames, the next one "
+                          "continuing its last --cond-frames frames re-encoded; needs --out .mp4 and a checkpoint), "
+                          "latent = the last latents condition the next segment directly (faster, not the official "
+                          "numbers). Default: pixels for .mp4 output with a checkpoint, else latent")
+    gen.add_argument("--seed", type=_seed, default=0)
     gen.add_argument("--out", help="output: .mp4 (decoded video; needs the VAE) or .safetensors (latents); "
                                    "default longcat_<task>_seed<seed>.safetensors")
     gen.add_argument("--fps", type=float, help="frame rate of the .mp4 (default 15; 30 for refine, as the official "
                                                "demos)")
-    gen.add_argument("--vae-tile", type=int, default=256,
-                     help="VAE tile size in pixels (square, overlapping by a quarter; default 256)")
-    gen.add_argument("--no-vae-tiling", action="store_true", help="decode whole frames (more memory)")
+    gen.add_argument("--vae-tiling", action="store_true",
+                     help="encode/decode in 256-pixel VAE tiles: less memory, but other pixels at the tile seams "
+                          "(default: whole frames, as officially)")
+    gen.add_argument("--vae-tile", type=int, default=None, metavar="N",
+                     help="tile the VAE with N-pixel square tiles, overlapping by a quarter (implies --vae-tiling)")
+    gen.add_argument("--no-vae-tiling", action="store_true", help="whole frames (the default; kept for old scripts)")
+    gen.add_argument("--vae-mean", action="store_true",
+                     help="encode --image/--video to the VAE posterior mean instead of sampling it with the seed's "
+                          "generator (deterministic per input, not the official numbers)")
     _add_model_arguments(gen, seed=False, device_help="default: cuda if available (this rank's GPU under torchrun), "
                                                       "else cpu")
     gen.add_argument("--cp-size", type=int, default=1,

@@ -235,7 +235,7 @@ def test_checkpoint_pixel_inputs(capsys, tmp_path, tiny_root, task):
     (["--resolution", "64x100"], (), "multiples of 16"),
     (["--task", "i2v", "--image", "{missing}"], (), "does not exist"),
     (["--task", "i2v", "--image", "{img}", "--cond-latents", "x.safetensors"], (), "replaces --image"),
-    (["--distill", "--negative-prompt", "blurred"], (), "no effect"),
+    (["--out", "x.mp4", "--vae-tile", "128", "--no-vae-tiling"], (), "contradicts"),
     (["--task", "refine", "--video", "{stage1}", "--frames", "9"], (), "fixes the frame count"),
     (["--out", "x.mp4", "--vae-tile", "100"], (), "--vae-tile must be a multiple of 8"),
 ])
@@ -269,6 +269,70 @@ def test_missing_extras_before_loading(capsys, monkeypatch, tmp_path, tiny_root,
     assert module in err and "pip install 'longcat-native[pipelines]'" in err
 
 
+def test_long_video_the_official_way(capsys, tmp_path, tiny_root):
+    """--task long to .mp4 with a checkpoint: the official demo's chain (each segment decoded to
+    uint8 frames, the next continuing its last frames re-encoded); --chain latent the latent chain."""
+    from longcat_native.pipelines.media import read_video_frames
+
+    base = ["--checkpoint", str(tiny_root), "--task", "long", "--segments", "1", "--cond-frames", "5",
+            "--latent", "3", "8", "12", *CKPT]
+    summary, _ = _run(capsys, [*base, "--out", str(tmp_path / "l.mp4")])
+    assert any("official way" in n for n in summary["notes"]) and summary["video_shape"] == [13, 64, 96, 3]
+    assert summary["latent_shape"] == [1, 16, 4, 8, 12] and read_video_frames(tmp_path / "l.mp4")[0].shape[0] == 13
+    summary, _ = _run(capsys, [*base, "--chain", "latent", "--out", str(tmp_path / "m.mp4")])
+    assert not any("official way" in n for n in summary["notes"]) and summary["video_shape"] == [13, 64, 96, 3]
+    assert main(["generate", *base, "--chain", "pixels", "--out", str(tmp_path / "x.safetensors")]) == 2
+    assert "--chain pixels" in capsys.readouterr().err
+
+
+def test_negative_prompt_without_guidance_is_ignored(capsys, tmp_path, tiny_root):
+    """As officially: guidance <= 1 runs no negative branch, and a negative prompt is ignored (a note says so)."""
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    base = ["--checkpoint", str(tiny_root), "--latent", "2", "8", "12", *CKPT, "--guidance", "1"]
+    summary, _ = _run(capsys, [*base, "--negative-prompt", "blurred", "--out", str(a)])
+    assert any("--negative-prompt ignored" in n for n in summary["notes"])
+    _run(capsys, [*base, "--out", str(b)])
+    assert torch.equal(_latents(a), _latents(b))
+
+
+def test_vae_tiling_is_asked_for(monkeypatch, tmp_path, tiny_root, capsys):
+    """Whole frames by default (official); --vae-tile N / --vae-tiling tile (N / 256 pixels)."""
+    from longcat_native.pipelines import components as C
+
+    seen = []
+    real = C.VideoVAE.__init__
+
+    def spy(self, vae, **kw):
+        seen.append((kw.get("tiling"), kw.get("tile")))
+        real(self, vae, **kw)
+
+    monkeypatch.setattr(C.VideoVAE, "__init__", spy)
+    base = ["--checkpoint", str(tiny_root), "--latent", "2", "8", "12", *CKPT]
+    for extra in ([], ["--vae-tile", "32"], ["--vae-tiling"]):
+        _run(capsys, [*base, *extra, "--out", str(tmp_path / "v.mp4")])
+    assert seen == [(False, (256, 256)), (True, (32, 32)), (True, (256, 256))]
+
+
+def test_pixel_inputs_take_the_official_bucket(capsys, tmp_path, tiny_root, monkeypatch):
+    """Without --latent / --resolution HxW, i2v resizes its image to the official 480p bucket of
+    its aspect ratio (checked on the plan: no model runs)."""
+    import numpy as np
+    from PIL import Image
+
+    from longcat_native.pipelines.run import GenerateRequest, plan_generate
+
+    Image.fromarray(np.zeros((90, 160, 3), dtype=np.uint8)).save(tmp_path / "wide.png")
+    plan = plan_generate(GenerateRequest(checkpoint=str(tiny_root), task="i2v", image=str(tmp_path / "wide.png"),
+                                         frames=5, out=str(tmp_path / "o.mp4")))
+    assert plan.latent == (2, 480 // 8, 832 // 8) and plan.pixels.shape == (1, 3, 480, 832)
+    plan = plan_generate(GenerateRequest(checkpoint=str(tiny_root), task="i2v", image=str(tmp_path / "wide.png"),
+                                         frames=5, resolution="720p", out=str(tmp_path / "o.mp4")))
+    assert plan.latent[1:] == (704 // 8, 1312 // 8)
+    plan = plan_generate(GenerateRequest(checkpoint=str(tiny_root), task="i2v", image=str(tmp_path / "wide.png"),
+                                         frames=5, resolution=(64, 96), out=str(tmp_path / "o.mp4")))
+    assert plan.latent[1:] == (8, 12) and plan.vae_tile is None
+
+
 def test_resolution_flag():
     assert cli.parse_resolution("480p") == ("480p", (480, 832))
     assert cli.parse_resolution("64x96") == ("64x96", (64, 96))
@@ -285,3 +349,80 @@ def test_generate_flags_default_to_the_request_defaults():
     args = vars(cli.build_parser().parse_args(["generate"]))
     assert {f.name: f.default for f in dataclasses.fields(GenerateRequest)} == \
         {f.name: args[f.name] for f in dataclasses.fields(GenerateRequest)}
+
+
+# -- nothing lost, nothing silently wrong (issue 19: outputs, paths, honest metadata) ----------------
+
+def test_out_path_checked_before_loading(capsys, tmp_path, monkeypatch):
+    """--out onto a folder, or into a folder that cannot be made, fails before anything loads;
+    a missing folder is created (as for .mp4)."""
+    from longcat_native.runtime.dit import LongCatDiT
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before --out was checked")
+
+    monkeypatch.setattr(LongCatDiT, "from_config", no_load)
+    folder = tmp_path / "taken.safetensors"
+    folder.mkdir()
+    assert main(["generate", "--out", str(folder)]) == 2
+    assert "is a folder" in capsys.readouterr().err
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert main(["generate", "--out", str(blocker / "sub" / "x.safetensors")]) == 2
+    assert "--out" in capsys.readouterr().err
+    monkeypatch.undo()
+    made = tmp_path / "new" / "deeper" / "x.safetensors"
+    assert main(["generate", "--steps", "1", "--out", str(made)]) == 0
+    assert _latents(made).shape == (1, 16, 4, 8, 12)
+
+
+def test_failed_write_leaves_the_previous_output(capsys, tmp_path, monkeypatch):
+    """The latents go to a temporary file renamed into place: a write that fails half-way leaves
+    the previous file byte-identical and no temporary file behind."""
+    out = tmp_path / "x.safetensors"
+    assert main(["generate", "--steps", "1", "--out", str(out)]) == 0
+    before = out.read_bytes()
+    capsys.readouterr()
+    import safetensors.torch
+
+    def half_written(tensors, path, metadata=None):
+        with open(path, "wb") as f:
+            f.write(b"\x00" * 100)
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", half_written)
+    with pytest.raises(OSError, match="disk full"):
+        main(["generate", "--steps", "2", "--seed", "5", "--out", str(out)])
+    assert out.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.safetensors"]
+    assert oct(out.stat().st_mode & 0o777) != oct(0o600)  # the usual permissions, not mkstemp's
+
+
+def test_metadata_records_the_steps_run(capsys, tmp_path):
+    """--steps is the base schedule's length: vc adds the enhance_hf tail; the file says what ran."""
+    out = tmp_path / "vc.safetensors"
+    s, _ = _run(capsys, ["--task", "vc", "--steps", "2", "--out", str(out)])
+    with safe_open(str(out), "pt") as f:
+        meta = f.metadata()
+    assert meta["steps_requested"] == "2" and int(meta["steps"]) == s["steps"] > 2
+
+
+def test_image_without_checkpoint_points_to_cond_latents(capsys, tmp_path):
+    assert main(["generate", "--task", "i2v", "--image", str(tmp_path / "x.png")]) == 2
+    assert "--cond-latents" in capsys.readouterr().err
+
+
+def test_smoke_run_says_what_next(capsys, tmp_path):
+    assert main(["generate", "--steps", "1", "--out", str(tmp_path / "x.safetensors")]) == 0
+    out = capsys.readouterr().out
+    assert "next" in out and "--checkpoint" in out and ".mp4" in out
+
+
+@pytest.mark.parametrize("argv, flag", [(["--steps", "0"], "--steps"), (["--steps", str(10**9)], "--steps"),
+                                        (["--guidance", "inf"], "--guidance"), (["--guidance", "nan"], "--guidance"),
+                                        (["--seed", "1e23"], "--seed"), (["--seed", str(2**64)], "--seed")])
+def test_absurd_numbers_are_argument_errors(argv, flag, capsys):
+    """Caught by the parser, before anything loads (exit 2, the flag named)."""
+    with pytest.raises(SystemExit) as e:
+        main(["generate", *argv])
+    assert e.value.code == 2 and flag in capsys.readouterr().err

@@ -86,6 +86,63 @@ def test_vae_encode_decode_and_normalization(vae):
     assert image.shape == (1, 16, 1, 4, 6)
 
 
+def test_vae_posterior_sampling_as_officially(vae):
+    """sample=True: mean + std * eps, eps drawn on the CPU per item from the generator (or torch's
+    global generator), as the official retrieve_latents; repeat: one encode, several samples."""
+    x = _pixels(2, 3, 5, 32, 48, seed=3)
+    dist = vae.vae.encode(x).latent_dist
+    g = torch.Generator().manual_seed(7)
+    got = vae.encode(x, generator=g, sample=True)
+    g2 = torch.Generator().manual_seed(7)
+    eps = torch.cat([torch.randn((1,) + tuple(dist.mean.shape[1:]), generator=g2) for _ in range(2)])
+    assert torch.equal(got, vae.normalize(dist.mean + dist.std * eps))
+    assert torch.equal(g.get_state(), g2.get_state())
+    torch.manual_seed(1)
+    a = vae.encode(x[:1], sample=True)  # no generator: the global RNG
+    torch.manual_seed(1)
+    assert torch.equal(a, vae.encode(x[:1], sample=True)) and not torch.equal(a, vae.encode(x[:1]))
+    r = vae.encode(x[:1], generator=torch.Generator().manual_seed(0), sample=True, repeat=3)
+    assert r.shape[0] == 3 and not torch.equal(r[0], r[1])
+    assert torch.equal(vae.encode(x[:1], repeat=2), vae.encode(x[:1]).expand(2, -1, -1, -1, -1))
+    # the official normalization arithmetic, and its inverse
+    z = dist.mean
+    inv = 1.0 / torch.tensor(vae.vae.config.latents_std).view(1, -1, 1, 1, 1)
+    mean = torch.tensor(vae.vae.config.latents_mean).view(1, -1, 1, 1, 1)
+    assert torch.equal(vae.normalize(z), (z - mean) * inv)
+    assert torch.equal(vae.denormalize(vae.normalize(z)), vae.normalize(z) / inv + mean)
+    with pytest.raises(ValueError, match="generators"):
+        vae.encode(x, generator=[g], sample=True)
+
+
+def test_scheduler_config(tiny_root, tmp_path):
+    import json
+
+    assert C.SchedulerConfig.from_pretrained(tiny_root) is None  # no scheduler/ folder: the defaults apply
+    assert C.SchedulerConfig() == C.SchedulerConfig(shift=12.0, num_train_timesteps=1000)
+    (tmp_path / "scheduler").mkdir()
+    cfg = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 5.0,
+           "use_dynamic_shifting": False}
+    (tmp_path / "scheduler" / "scheduler_config.json").write_text(json.dumps(cfg))
+    assert C.SchedulerConfig.from_pretrained(tmp_path).shift == 5.0
+    (tmp_path / "scheduler" / "scheduler_config.json").write_text(json.dumps(dict(cfg, use_dynamic_shifting=True)))
+    with pytest.raises(NotImplementedError, match="use_dynamic_shifting"):
+        C.SchedulerConfig.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="shift"):
+        C.SchedulerConfig.from_dict({"shift": -1})
+
+
+def test_vae_does_not_tile_by_default(tiny_root):
+    v = C.VideoVAE.from_pretrained(tiny_root, device="cpu")
+    assert v.tiling is False and not v.vae.use_tiling
+
+
+def test_max_sequence_length(te):
+    e, m = te.encode("a cat", max_length=16)
+    assert e.shape == (1, 1, 16, 64) and m.shape == (1, 16) and int(m.sum()) == 3
+    with pytest.raises(ValueError, match="max_sequence_length"):
+        te.tokenize("a cat", max_length=0)
+
+
 def test_vae_tiling_and_slicing(vae, monkeypatch):
     z = torch.randn(2, 16, 3, 8, 12, generator=torch.Generator().manual_seed(1))
     vae.set_tiling(False)

@@ -43,8 +43,9 @@ def test_load_image_crop_and_stretch(tmp_path):
 
     ramp = np.tile((np.arange(64) * 4).astype(np.uint8)[None, :, None], (16, 1, 3))  # 16 x 64, left dark
     Image.fromarray(ramp).save(tmp_path / "ramp.png")
-    crop = M.load_image(tmp_path / "ramp.png", (16, 16))
+    crop = M.load_image(tmp_path / "ramp.png", (16, 16), resize="crop")
     stretch = M.load_image(str(tmp_path / "ramp.png"), (16, 16), resize="stretch")
+    assert torch.equal(M.load_image(tmp_path / "ramp.png", (16, 16)), stretch)  # stretch: the official default
     assert crop.shape == stretch.shape == (1, 3, 16, 16) and crop.dtype == torch.float32
     # the crop keeps the middle of the ramp; stretching keeps all of it
     assert float(crop.min()) > -0.4 and float(crop.max()) < 0.4
@@ -77,6 +78,30 @@ def test_load_video(tmp_path):
         M.load_video([])
 
 
+def test_official_frame_conversions(tmp_path):
+    """uint8 frames read as they are (images too), the official 0..255 float view of a stage-1
+    video, the demos' truncation to uint8, and the bicubic resize of the long-video demo."""
+    from PIL import Image
+
+    frames = smooth_frames(5)
+    assert np.array_equal(M.load_frames([Image.fromarray(f) for f in frames]), frames)
+    assert np.array_equal(M.load_frames(frames), frames)
+    Image.fromarray(frames[0]).save(tmp_path / "f.png")
+    assert np.array_equal(M.load_frames(tmp_path / "f.png"), frames[:1])
+    v = M.frames_0_255(frames)
+    assert v.shape == (5, 3, 32, 48) and v.dtype == torch.float32 and torch.equal(v[0, 0], torch.from_numpy(
+        frames[0, :, :, 0]).float())
+    px = M.load_video(frames)  # [-1, 1]
+    assert torch.allclose(M.frames_0_255(px), v, atol=1e-4)
+    unit = np.array([0.0, 0.5, 0.999, 1.0], dtype=np.float32)
+    assert M.truncate_to_uint8(unit).tolist() == [0, 127, 254, 255]  # truncation, as the demos
+    small = M.resize_frames(frames, (16, 24), resample="bicubic")
+    ref = np.asarray(Image.fromarray(frames[2]).resize((24, 16), Image.BICUBIC))
+    assert small.shape == (5, 16, 24, 3) and np.array_equal(small[2], ref)
+    with pytest.raises(ValueError, match="resample"):
+        M.resize_frames(frames, (16, 24), resample="area")
+
+
 def test_file_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         M.load_image(tmp_path / "missing.png")
@@ -107,3 +132,85 @@ def test_missing_packages_name_the_extra(tmp_path, monkeypatch, module, call):
     monkeypatch.setitem(sys.modules, module, None)  # as if not installed
     with pytest.raises(M.MissingExtraError, match=r"pip install 'longcat-native\[pipelines\]'"):
         call(tmp_path)
+
+
+# -- write_video: atomic (issue 19) ----------------------------------------------------------------
+
+def _tmp_leftovers(folder):
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith(".tmp-"))
+
+
+def _wrap_write_frames(monkeypatch, make):
+    """Replace imageio_ffmpeg.write_frames by ``make(real_write_frames, path, *args, **kwargs)``."""
+    import imageio_ffmpeg
+
+    real = imageio_ffmpeg.write_frames
+    monkeypatch.setattr(imageio_ffmpeg, "write_frames", lambda path, *a, **k: make(real, path, *a, **k))
+
+
+@pytest.mark.parametrize("exc", [KeyboardInterrupt, BrokenPipeError])
+def test_interrupted_encode_leaves_the_previous_video_byte_identical(tmp_path, monkeypatch, exc):
+    path = M.write_video(tmp_path / "v.mp4", smooth_frames(5), fps=15)
+    before = open(path, "rb").read()
+
+    def make(real, out, *a, **k):
+        gen = real(out, *a, **k)
+
+        def interrupted():
+            gen.send(None)
+            sent = 0
+            try:
+                while True:
+                    frame = yield
+                    if sent == 2:
+                        raise exc("interrupted mid-encode")  # Ctrl-C, or ffmpeg dying
+                    gen.send(frame)
+                    sent += 1
+            finally:
+                gen.close()
+        return interrupted()
+
+    _wrap_write_frames(monkeypatch, make)
+    with pytest.raises(exc):
+        M.write_video(path, smooth_frames(9), fps=30)
+    assert open(path, "rb").read() == before and _tmp_leftovers(tmp_path) == []
+    monkeypatch.undo()
+    M.read_video_frames(path)  # still the good video
+
+
+def test_failed_encode_that_leaves_a_corrupt_file_is_an_error(tmp_path, monkeypatch):
+    """ffmpeg can exit without a complete file and without the pipe failing: the result is
+    checked (a finished MP4 has its moov box) before it replaces anything."""
+    path = M.write_video(tmp_path / "v.mp4", smooth_frames(5))
+    before = open(path, "rb").read()
+
+    def make(real, out, *a, **k):
+        def truncated():  # what a killed ffmpeg leaves: the start of an mp4, no moov atom
+            yield
+            with open(out, "wb") as f:
+                f.write(before[: len(before) // 3])
+            while True:
+                yield
+        return truncated()
+
+    _wrap_write_frames(monkeypatch, make)
+    with pytest.raises(OSError, match="incomplete"):
+        M.write_video(path, smooth_frames(9))
+    assert open(path, "rb").read() == before and _tmp_leftovers(tmp_path) == []
+
+
+def test_written_video_has_the_usual_permissions_and_replaces_the_previous(tmp_path):
+    import os
+    import stat
+
+    old = os.umask(0o027)
+    try:
+        path = M.write_video(tmp_path / "v.mp4", smooth_frames(3))
+        M.write_video(path, smooth_frames(7))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o640
+    assert M.read_video_frames(path)[0].shape[0] == 7 and _tmp_leftovers(tmp_path) == []
+    (tmp_path / "d.mp4").mkdir()
+    with pytest.raises(ValueError, match="is a folder"):
+        M.write_video(tmp_path / "d.mp4", smooth_frames(3))

@@ -122,7 +122,8 @@ def test_vc_kv_cache_matches_no_cache(dit, text, guidance):
     kw = dict(num_frames=13, num_cond_frames=5, num_steps=4, guidance_scale=guidance, seed=7, progress=False)
     spy = Spy(dit)
     cached = P.generate_vc(spy, video, *text, use_kv_cache=True, **kw)
-    full = P.generate_vc(dit, video, *text, use_kv_cache=False, **kw)
+    # without the cache, leaving the conditioning frames out of CFG-zero's scale (not the official default)
+    full = P.generate_vc(dit, video, *text, use_kv_cache=False, cfg_zero_cond_frames=False, **kw)
     assert cached.shape == (1, 16, 4, 8, 12)
     assert torch.equal(cached[:, :, :2], video[:, :, -2:]) and torch.equal(full[:, :, :2], video[:, :, -2:])
     assert_close_rel(cached, full, 1e-5, "vc cached vs not")
@@ -134,10 +135,13 @@ def test_vc_kv_cache_matches_no_cache(dit, text, guidance):
 
 
 def test_vc_official_no_cache_scale_differs(dit, text):
+    """Without the KV cache the official scale includes the conditioning frames (the default);
+    cfg_zero_cond_frames=False leaves them out, another result."""
     video = _lat(1, 16, 5, 8, 12)
     kw = dict(num_frames=13, num_cond_frames=5, num_steps=4, seed=7, progress=False, use_kv_cache=False)
-    a = P.generate_vc(dit, video, *text, **kw)
-    b = P.generate_vc(dit, video, *text, cfg_zero_cond_frames=True, **kw)
+    a = P.generate_vc(dit, video, *text, cfg_zero_cond_frames=False, **kw)
+    b = P.generate_vc(dit, video, *text, **kw)
+    assert torch.equal(b, P.generate_vc(dit, video, *text, cfg_zero_cond_frames=True, **kw))
     assert not torch.equal(a, b) and torch.equal(b[:, :, :2], video[:, :, -2:])
 
 
@@ -159,13 +163,22 @@ def test_refine(dit, text):
     pe, pm, _, _ = text
     stage1 = _lat(1, 16, 3, 8, 12)
     spy = Spy(dit)
+    torch.manual_seed(0)  # refinement's noise comes from the global RNG, as officially
     out = P.generate_refine(spy, stage1, pe, pm, seed=1, progress=False)
     assert out.shape == (1, 16, 3, 16, 24) and torch.isfinite(out).all()
     # official: t = 500 then the 50-step schedule below it (5 steps), no guidance, padded to 4 frames
     ts = [float(a[1][0, 0]) for a, _ in spy.calls]
     assert ts == pytest.approx(get_schedule(50, t_thresh=0.5).timesteps.tolist())
     assert all(a[0].shape == (1, 16, 4, 16, 24) for a, _ in spy.calls)
+    torch.manual_seed(0)
     assert torch.equal(out, P.generate_refine(dit, stage1, pe, pm, seed=1, progress=False))
+    assert not torch.equal(out, P.generate_refine(dit, stage1, pe, pm, seed=1, progress=False))  # state moved on
+    # refine_rng="generator": the call's seed instead (deterministic without seeding torch)
+    g1 = P.generate_refine(dit, stage1, pe, pm, seed=1, refine_rng="generator", progress=False)
+    assert torch.equal(g1, P.generate_refine(dit, stage1, pe, pm, seed=1, refine_rng="generator", progress=False))
+    assert not torch.equal(g1, P.generate_refine(dit, stage1, pe, pm, seed=2, refine_rng="generator", progress=False))
+    with pytest.raises(ValueError, match="refine_rng"):
+        P.generate_refine(dit, stage1, pe, pm, refine_rng="cuda", progress=False)
     # with refined conditioning latents and temporal doubling
     cond = _lat(1, 16, 2, 16, 24, seed=9)
     spy = Spy(dit)
@@ -275,12 +288,13 @@ def test_refine_with_the_checkpoint_lora(text):
     ckpt = LongCatDiT.from_pretrained(FIXTURE_ROOT, kernels="reference")
     pe, pm, _, _ = text
     stage1 = _lat(1, 16, 2, 8, 12)
-    plain = P.generate_refine(ckpt, stage1, pe, pm, seed=0, progress=False)
-    lora = P.generate_refine(ckpt, stage1, pe, pm, seed=0, progress=False, lora="refinement_lora",
-                             lora_kwargs=dict(lora_network_dim=4, lora_network_alpha=2.0))
+    kw = dict(seed=0, refine_rng="generator", progress=False)
+    plain = P.generate_refine(ckpt, stage1, pe, pm, **kw)
+    lora = P.generate_refine(ckpt, stage1, pe, pm, lora="refinement_lora",
+                             lora_kwargs=dict(lora_network_dim=4, lora_network_alpha=2.0), **kw)
     assert "refinement_lora" in ckpt.lora_dict and not torch.equal(plain, lora)
     # switched off again after the call
-    assert torch.equal(plain, P.generate_refine(ckpt, stage1, pe, pm, seed=0, progress=False))
+    assert torch.equal(plain, P.generate_refine(ckpt, stage1, pe, pm, **kw))
 
 
 # -- LongCatVideoPipeline: the text encoder and the VAE of the tiny checkpoint root ----------------
@@ -321,16 +335,44 @@ def test_pipeline_t2v_from_prompt_strings(pipe, monkeypatch):
     u8 = pipe.decode(lat, "video")
     assert pt.shape == (1, 9, 3, 64, 96) and np.array_equal(pt.permute(0, 1, 3, 4, 2).numpy(), video)
     assert u8.shape == (1, 9, 64, 96, 3) and u8.dtype == np.uint8
-    assert np.abs(u8.astype(np.float32) / 255 - video).max() <= 0.5 / 255 + 1e-6
-    # no guidance: no negative prompt encoded
+    assert np.array_equal(u8, (video * 255).astype(np.uint8))  # the official demos' truncation
+    # no guidance: no negative prompt encoded, a given one ignored (as officially)
     assert pipe.encode_prompt(["a cat", "a dog"], guidance_scale=1.0)[2] is None
+    assert pipe.encode_prompt(["a cat", "a dog"], "blurred", guidance_scale=1.0)[2] is None
+    unguided = dict(kw, guidance_scale=1.0, seed=1, output_type="latent")
+    assert torch.equal(pipe.generate_t2v("a cat walking", "blurred", **unguided),
+                       pipe.generate_t2v("a cat walking", **unguided))
+    # num_videos_per_prompt: each prompt's videos consecutively, from one noise draw
+    two = pipe.generate_t2v(["a cat walking", "a dog running"], num_videos_per_prompt=2, seed=1,
+                            output_type="latent", **kw)
+    pe, pm, ne, nm = pipe.encode_prompt(["a cat walking", "a dog running"], num_videos_per_prompt=2)
+    assert two.shape == (4, 16, 3, 8, 12) and pe.shape[0] == pm.shape[0] == ne.shape[0] == 4
+    assert torch.equal(pe[0], pe[1]) and torch.equal(pe[2], pe[3]) and not torch.equal(pe[1], pe[2])
+    assert torch.allclose(two, P.generate_t2v(pipe.dit, pe, pm, ne, nm, seed=1, **kw), atol=1e-6)
+    # latents= (official): the initial noise
+    noise = P.make_noise((1, 16, 3, 8, 12), seed=5)
+    assert torch.equal(pipe.generate_t2v("a cat walking", latents=noise, output_type="latent", **kw),
+                       pipe.generate_t2v("a cat walking", seed=5, output_type="latent", **kw))
 
 
 def test_pipeline_i2v_from_an_image(pipe):
     img = _frames(1)[0]
-    lat = pipe.generate_i2v(img, "a cat", num_frames=9, num_steps=2, seed=2, output_type="latent", **PIX)
+    kw = dict(num_frames=9, num_steps=2, output_type="latent", **PIX)
+    lat = pipe.generate_i2v(img, "a cat", seed=2, **kw)
     assert lat.shape == (1, 16, 3, 8, 12)
-    assert torch.equal(lat[:, :, :1], pipe.encode_image(img, (64, 96)))  # the image latent is untouched
+    # official: the noise first, then the posterior sampled with the same generator
+    g = torch.Generator().manual_seed(2)
+    P.make_noise((1, 16, 3, 8, 12), generator=g)
+    assert torch.equal(lat[:, :, :1], pipe.encode_image(img, (64, 96), generator=g, sample=True))
+    # vae_sample=False: the posterior mean (not the official numbers); the image latent untouched
+    mean = pipe.generate_i2v(img, "a cat", seed=2, vae_sample=False, **kw)
+    assert torch.equal(mean[:, :, :1], pipe.encode_image(img, (64, 96))) and not torch.equal(mean, lat)
+    # num_videos_per_prompt: one noise draw for all videos, then one posterior sample per video
+    two = pipe.generate_i2v(img, "a cat", seed=2, num_videos_per_prompt=2, **kw)
+    g = torch.Generator().manual_seed(2)
+    P.make_noise((2, 16, 3, 8, 12), generator=g)
+    assert two.shape == (2, 16, 3, 8, 12) and not torch.equal(two[0], two[1])
+    assert torch.equal(two[:, :, :1], pipe.encode_image(img, (64, 96), generator=g, sample=True, repeat=2))
     video = pipe.generate_i2v(img, "a cat", num_frames=9, num_steps=2, seed=2, output_type="video", **PIX)
     assert video.shape == (1, 9, 64, 96, 3) and video.dtype == np.uint8
 
@@ -338,10 +380,14 @@ def test_pipeline_i2v_from_an_image(pipe):
 def test_pipeline_vc_from_a_video(pipe):
     vid = _frames(9)
     kw = dict(num_frames=13, num_cond_frames=5, num_steps=2, seed=3, **PIX)
-    lat = pipe.generate_vc(vid, "a cat", output_type="latent", **kw)
+    lat = pipe.generate_vc(vid, "a cat", output_type="latent", vae_sample=False, **kw)
     cond = pipe.encode_video(vid, (64, 96), last_frames=5)
     assert lat.shape == (1, 16, 4, 8, 12) and cond.shape == (1, 16, 2, 8, 12)
     assert torch.equal(lat[:, :, :2], cond)
+    sampled = pipe.generate_vc(vid, "a cat", output_type="latent", **kw)
+    g = torch.Generator().manual_seed(3)
+    P.make_noise((1, 16, 4, 8, 12), generator=g)
+    assert torch.equal(sampled[:, :, :2], pipe.encode_video(vid, (64, 96), last_frames=5, generator=g, sample=True))
     assert pipe.generate_vc(vid, "a cat", output_type="np", **kw).shape == (1, 13, 64, 96, 3)
 
 
@@ -376,12 +422,23 @@ def test_pipeline_refine_from_a_stage1_video(pipe):
     # an image as conditioning: one frame padded in front to 13 frames -> 4 clean latents
     spy.calls.clear()
     img = _frames(1, 32, 48, seed=4)[0]
-    lat = sp.generate_refine(stage1, "a cat", image=img, output_type="latent", **PIX)
+    lat = sp.generate_refine(stage1, "a cat", image=img, output_type="latent", vae_sample=False, **PIX)
     assert lat.shape == (1, 16, 8, 8, 12) and spy.calls[0][1]["num_cond_latents"] == 4
     from longcat_native.pipelines.media import load_image
 
     padded = load_image(img, (64, 96)).unsqueeze(2).expand(-1, -1, 13, -1, -1)
     assert torch.equal(lat[:, :, :4], pipe.vae.encode(padded))
+    # by default the conditioning posterior is sampled with the generator
+    g = torch.Generator().manual_seed(0)
+    sampled = sp.generate_refine(stage1, "a cat", image=img, output_type="latent", generator=g, **PIX)
+    assert torch.equal(sampled[:, :, :4], pipe.vae.encode(padded, generator=torch.Generator().manual_seed(0),
+                                                          sample=True))
+    # the target size: the 720p bucket closest to the stage-1 aspect ratio, unless given (here small
+    # tables of the official shape; the official ones are tested against buckets.json)
+    spy.calls.clear()
+    sp.buckets = {"720p": {"0.50": (64, 128), "1.00": (64, 64), "2.00": (128, 64)}}
+    sp.generate_refine(stage1[:, :14, :32], "a cat", output_type="latent", progress=False)
+    assert spy.calls[0][0][0].shape[3:] == (8, 16)
 
 
 def test_pipeline_errors_before_any_work(pipe, monkeypatch):
@@ -406,8 +463,6 @@ def test_pipeline_errors_before_any_work(pipe, monkeypatch):
         sp.generate_vc(vid, "a cat", num_frames=13, num_cond_frames=6, **PIX)
     with pytest.raises(ValueError, match="resolution"):
         sp.generate_i2v(img, "a cat", resolution="1080p")
-    with pytest.raises(ValueError, match="negative_prompt has no effect"):
-        sp.generate_t2v("a cat", "blurred", guidance_scale=1.0, num_frames=9, **PIX)
     with pytest.raises(ValueError, match="not both"):
         sp.generate_refine(vid, "a cat", image=img, video=vid, **PIX)
     with pytest.raises(ValueError, match="without an image or video"):

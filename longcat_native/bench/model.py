@@ -7,11 +7,12 @@ Design notes: docs/design/benchmarks.md.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 import warnings
 from typing import Any, Callable, Dict, List, Optional
+
+from ..runtime.files import write_json_atomic
 
 __all__ = ["SIZES", "COLUMNS", "model_flops", "matmul_peak_tflops", "run_benchmark", "format_results", "headline"]
 
@@ -248,8 +249,7 @@ def save_results(results: Dict[str, Any], out_dir: str) -> str:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     kind = "cuda" if not results["device"].startswith("cpu") else "cpu"
     path = os.path.join(out_dir, f"model_{kind}_{stamp}.json")
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(results, f, indent=2, default=str)
+    write_json_atomic(path, results, indent=2, default=str)  # complete or not there at all
     return path
 
 

@@ -1,6 +1,6 @@
 """The generation layer, on top of :mod:`longcat_native.runtime` (which never imports it):
 
-- :mod:`.shapes`: VAE strides, resolution buckets, frames <-> latents, refinement padding;
+- :mod:`.shapes`: VAE strides, the official aspect-ratio buckets, frames <-> latents, refinement padding;
 - :mod:`.sampler`: ``denoise`` (flow-matching Euler with CFG-zero) and the schedules;
 - :mod:`.tasks`: the tasks on tensors (umT5 embeddings, VAE latents) and ``SamplingOptions``;
 - :mod:`.components`, :mod:`.media`: the umT5 text encoder, the Wan VAE, image/video files;
@@ -15,16 +15,18 @@ import importlib
 # public name -> submodule
 _EXPORTS = {
     "PIPELINES_EXTRA": "media",
-    "OUTPUT_TYPES": "pipeline", "LongCatVideoPipeline": "pipeline", "encode_prompts": "pipeline",
+    "OUTPUT_TYPES": "pipeline", "CHAINS": "pipeline", "LongCatVideoPipeline": "pipeline", "encode_prompts": "pipeline",
+    "SchedulerConfig": "components",
     "denoise": "sampler",
     "RESOLUTIONS": "shapes", "VAE_SPACE_STRIDE": "shapes", "VAE_TIME_STRIDE": "shapes", "frames_to_latents": "shapes",
-    "latent_size": "shapes", "pixel_size": "shapes", "refine_frame_padding": "shapes",
-    "OFFICIAL_DEMO_NEGATIVE_PROMPT": "tasks", "TASKS": "tasks", "SamplingOptions": "tasks", "generate": "tasks",
+    "latent_size": "shapes", "pixel_size": "shapes", "refine_frame_padding": "shapes", "BUCKET_TABLES": "shapes",
+    "get_bucket_config": "shapes", "closest_bucket": "shapes", "bucket_size": "shapes",
+    "OFFICIAL_DEMO_NEGATIVE_PROMPT": "tasks", "TASKS": "tasks", "SamplingOptions": "options", "generate": "tasks",
     "generate_t2v": "tasks", "generate_i2v": "tasks", "generate_vc": "tasks", "generate_long": "tasks",
-    "generate_refine": "tasks", "make_noise": "tasks", "upsample_latents": "tasks",
+    "generate_refine": "tasks", "make_noise": "options", "upsample_latents": "tasks", "REFINE_RNGS": "tasks",
     "GenerateRequest": "run", "plan_generate": "run", "run_generate": "run", "refine_memory_estimate": "run",
 }
-_SUBMODULES = ("components", "media", "pipeline", "run", "sampler", "shapes", "tasks")
+_SUBMODULES = ("components", "media", "options", "pipeline", "run", "sampler", "shapes", "tasks")
 
 __all__ = list(_EXPORTS)
 

@@ -1,7 +1,9 @@
 """The components around the DiT in an official checkpoint root (``tokenizer/``,
-``text_encoder/``, ``vae/``, ``dit/``): the umT5 text encoder with its tokenizer
-(``transformers``; prompts cleaned and padded to 512 tokens as officially) and the Wan VAE
-(``diffusers``; latents normalized per channel). Missing folders are errors before any loading.
+``text_encoder/``, ``vae/``, ``scheduler/``, ``dit/``): the umT5 text encoder with its tokenizer
+(``transformers``; prompts cleaned and padded to 512 tokens as officially), the Wan VAE
+(``diffusers``; the posterior sampled or its mean, latents normalized per channel, no tiling
+unless asked) and the flow-matching scheduler's settings. Missing folders are errors before any
+loading.
 
 Design notes: docs/design/pipelines.md.
 """
@@ -15,16 +17,20 @@ import re
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple, Union
 
+from dataclasses import dataclass
+
 import torch
 
 from .media import require
 
 __all__ = [
     "TOKENIZER_DIR", "TEXT_ENCODER_DIR", "VAE_DIR", "DIT_DIR", "MAX_TEXT_TOKENS", "checkpoint_root",
-    "check_components", "component_config", "clean_prompt", "TextEncoder", "VideoVAE",
+    "check_components", "component_config", "clean_prompt", "TextEncoder", "VideoVAE", "SchedulerConfig",
+    "SCHEDULER_DIR",
 ]
 
 TOKENIZER_DIR, TEXT_ENCODER_DIR, VAE_DIR, DIT_DIR = "tokenizer", "text_encoder", "vae", "dit"
+SCHEDULER_DIR = "scheduler"
 MAX_TEXT_TOKENS = 512  # the official max_sequence_length; the DiT was trained on 512 padded tokens
 # diffusers' defaults for the Wan VAE tiles, in pixels: 256 x 256 tiles every 192 pixels.
 DEFAULT_TILE, DEFAULT_TILE_STRIDE = (256, 256), (192, 192)
@@ -171,19 +177,25 @@ class TextEncoder:
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
 
-    def tokenize(self, prompts: Union[str, Sequence[str]]) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Cleaned prompts -> (input ids [B, L], attention mask [B, L] int64), L = ``max_length``."""
+    def tokenize(self, prompts: Union[str, Sequence[str]], max_length: Optional[int] = None
+                 ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Cleaned prompts -> (input ids [B, L], attention mask [B, L] int64), L = ``max_length``
+        (the official ``max_sequence_length``; default this encoder's, 512)."""
+        max_length = self.max_length if max_length is None else max_length
+        if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
+            raise ValueError(f"max_sequence_length must be a positive int, got {max_length!r}")
         prompts = [clean_prompt(p) for p in prompt_list(prompts)]
-        enc = self.tokenizer(prompts, padding="max_length", max_length=self.max_length, truncation=True,
+        enc = self.tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True,
                              add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
         return enc["input_ids"], enc["attention_mask"].to(torch.int64)
 
     @torch.no_grad()
-    def encode(self, prompts: Union[str, Sequence[str]], dtype: Optional[torch.dtype] = None
-               ) -> Tuple[torch.Tensor, torch.Tensor]:
+    def encode(self, prompts: Union[str, Sequence[str]], dtype: Optional[torch.dtype] = None,
+               max_length: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         """Prompt(s) -> (embeddings [B, 1, L, C] in ``dtype`` (default the encoder's), mask [B, L]),
-        both on ``self.device``. The encoder stays there until :meth:`offload`."""
-        ids, mask = self.tokenize(prompts)
+        both on ``self.device`` (L = ``max_length``, default 512). The encoder stays there until
+        :meth:`offload`."""
+        ids, mask = self.tokenize(prompts, max_length)
         if next(self.model.parameters()).device != self.device:
             self.model.to(self.device)
         ids, mask = ids.to(self.device), mask.to(self.device)
@@ -205,12 +217,17 @@ class VideoVAE:
     [B, 3, F, H, W] in [-1, 1] (F = 4k + 1, H and W multiples of 8) and returns normalized
     float32 latents [B, z, k + 1, H / 8, W / 8]; :meth:`decode` inverts it.
 
-    Memory: ``tiling`` decodes (and encodes) in overlapping spatial tiles of ``tile`` pixels
-    every ``tile_stride`` pixels, blended at the seams (diffusers' Wan VAE tiling; frames
-    smaller than a tile are not tiled); ``slicing`` runs batch items one at a time. Both are on
-    by default. The Wan VAE already runs frame chunk by frame chunk in time (causal cache)."""
+    Memory: ``tiling`` (off by default, as officially) decodes and encodes in overlapping spatial
+    tiles of ``tile`` pixels every ``tile_stride`` pixels, blended at the seams (diffusers' Wan
+    VAE tiling; frames smaller than a tile are not tiled): less memory at 480p/720p, but it
+    CHANGES PIXELS at the tile seams (the official pipeline never tiles). ``slicing`` (on) runs
+    batch items one at a time (the same values). The Wan VAE already runs frame chunk by frame
+    chunk in time (causal cache).
 
-    def __init__(self, vae, *, device=None, tiling: bool = True, slicing: bool = True,
+    Normalization is the official arithmetic: ``(z - mean) * (1 / std)`` and its inverse
+    ``z / (1 / std) + mean`` (``latents_mean``/``latents_std`` of the VAE config)."""
+
+    def __init__(self, vae, *, device=None, tiling: bool = False, slicing: bool = True,
                  tile: Tuple[int, int] = DEFAULT_TILE, tile_stride: Tuple[int, int] = DEFAULT_TILE_STRIDE):
         self.vae = vae.eval()
         for p in self.vae.parameters():
@@ -225,6 +242,7 @@ class VideoVAE:
                              f"{self.z_dim}")
         self._mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1, 1)
         self._std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1, 1)
+        self._inv_std = 1.0 / self._std  # the official pipeline's `latents_std` (1 / std)
         self.device = torch.device(device) if device is not None else next(vae.parameters()).device
         self.vae.to(self.device)
         self.set_tiling(tiling, tile, tile_stride)
@@ -263,19 +281,24 @@ class VideoVAE:
         (self.vae.enable_slicing if enabled else self.vae.disable_slicing)()
 
     def normalize(self, z: torch.Tensor) -> torch.Tensor:
-        return (z.float() - self._mean.to(z.device)) / self._std.to(z.device)
+        return (z.float() - self._mean.to(z.device)) * self._inv_std.to(z.device)
 
     def denormalize(self, latents: torch.Tensor) -> torch.Tensor:
-        return latents.float() * self._std.to(latents.device) + self._mean.to(latents.device)
+        return latents.float() / self._inv_std.to(latents.device) + self._mean.to(latents.device)
 
     @torch.no_grad()
-    def encode(self, pixels: torch.Tensor, generator: Optional[torch.Generator] = None,
-               sample: bool = False) -> torch.Tensor:
+    def encode(self, pixels: torch.Tensor, generator=None, sample: bool = False, repeat: int = 1) -> torch.Tensor:
         """Pixels [B, 3, F, H, W] in [-1, 1] -> normalized float32 latents on ``self.device``.
 
-        The posterior's mean by default (deterministic, and it leaves the noise generator alone);
-        ``sample=True`` draws from it with ``generator``, as the official pipeline does (the Wan
-        VAE's posterior is narrow, so the two differ little)."""
+        ``sample=False`` (this method's default): the posterior's mean, deterministic.
+        ``sample=True``: a posterior sample ``mean + std * eps`` as the official pipeline takes it
+        (``retrieve_latents``): ``eps`` standard normal float32 drawn on the CPU (so a seed gives
+        the same latents on every device), one batch item after the other, from ``generator`` (a
+        CPU ``torch.Generator``, or a list of them, one per item) or, with ``generator=None``,
+        from torch's global CPU generator (the official refinement's stage-1 draw). The
+        pipelines sample by default (their ``vae_sample=True``). ``repeat``: each input item
+        stands for that many consecutive output items (one encode, ``repeat`` samples: the
+        official ``num_videos_per_prompt`` with one conditioning input)."""
         if not isinstance(pixels, torch.Tensor) or pixels.dim() != 5 or pixels.shape[1] != 3:
             raise ValueError(f"pixels must be a tensor [B, 3, F, H, W], got "
                              f"{tuple(pixels.shape) if isinstance(pixels, torch.Tensor) else type(pixels).__name__}")
@@ -284,8 +307,24 @@ class VideoVAE:
             raise ValueError(f"the VAE encodes 4k + 1 frames ({self.time_stride}k + 1), got {F}")
         if H % self.space_stride or W % self.space_stride:
             raise ValueError(f"frame size {H} x {W} must be a multiple of {self.space_stride} for the VAE")
+        if isinstance(repeat, bool) or not isinstance(repeat, int) or repeat < 1:
+            raise ValueError(f"repeat must be a positive int, got {repeat!r}")
         dist = self.vae.encode(pixels.to(self.device, self.dtype)).latent_dist
-        z = dist.sample(generator) if sample else dist.mode()
+        mean, std = dist.mean, dist.std
+        if repeat > 1:
+            mean, std = mean.repeat_interleave(repeat, 0), std.repeat_interleave(repeat, 0)
+        if not sample:
+            return self.normalize(mean)
+        n = mean.shape[0]
+        gens = list(generator) if isinstance(generator, (list, tuple)) else [generator] * n
+        if len(gens) != n:
+            raise ValueError(f"{len(gens)} generators for a batch of {n}")
+        for g in gens:
+            if g is not None and g.device.type != "cpu":
+                raise ValueError("the posterior is sampled on the CPU: pass a CPU torch.Generator")
+        shape = (1,) + tuple(mean.shape[1:])
+        eps = torch.cat([torch.randn(shape, generator=g, dtype=torch.float32) for g in gens])
+        z = mean + std * eps.to(mean.device, mean.dtype)
         return self.normalize(z)
 
     @torch.no_grad()
@@ -308,3 +347,49 @@ class VideoVAE:
 
     def offload(self) -> None:
         self.to("cpu")
+
+
+# -- scheduler -----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """The settings of the checkpoint's ``scheduler/scheduler_config.json`` (the official
+    ``FlowMatchEulerDiscreteScheduler``) that the pipelines' schedules use: ``shift`` (12 in the
+    official checkpoint) and ``num_train_timesteps`` (1000). Settings that would make the
+    official scheduler compute other sigmas (dynamic shifting, Karras/exponential/beta sigmas,
+    ``shift_terminal``, ``invert_sigmas``, stochastic sampling) are errors here, not ignored."""
+
+    shift: float = 12.0
+    num_train_timesteps: int = 1000
+
+    _UNSUPPORTED = ("use_dynamic_shifting", "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas",
+                    "shift_terminal", "invert_sigmas", "stochastic_sampling")
+
+    @classmethod
+    def from_dict(cls, cfg: dict, where: str = "scheduler config") -> "SchedulerConfig":
+        for key in cls._UNSUPPORTED:
+            if cfg.get(key):
+                raise NotImplementedError(f"{where}: {key}={cfg[key]!r} is not supported (the pipelines implement "
+                                          "the official static shift only)")
+        shift = cfg.get("shift", 1.0)
+        steps = cfg.get("num_train_timesteps", 1000)
+        if isinstance(shift, bool) or not isinstance(shift, (int, float)) or not shift > 0:
+            raise ValueError(f"{where}: shift must be a positive number, got {shift!r}")
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"{where}: num_train_timesteps must be a positive int, got {steps!r}")
+        return cls(shift=float(shift), num_train_timesteps=int(steps))
+
+    @classmethod
+    def from_pretrained(cls, root) -> Optional["SchedulerConfig"]:
+        """``root/scheduler/scheduler_config.json``, or None when the checkpoint has no such file."""
+        path = checkpoint_root(root) / SCHEDULER_DIR / "scheduler_config.json"
+        if not path.is_file():
+            return None
+        try:
+            cfg = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{str(path)!r} is not valid JSON ({e})") from None
+        return cls.from_dict(cfg, str(path))
+
+    def sampling_kwargs(self) -> dict:
+        return {"shift": self.shift, "num_train_timesteps": self.num_train_timesteps}

@@ -1,6 +1,7 @@
 """Pixels in and out of the pipelines: images and videos read into ``[-1, 1]`` float tensors at a
-target size (Lanczos; ``resize="crop"`` covers and crops the centre, ``"stretch"`` resizes as is),
-decoded frames written to ``.mp4`` (H.264). Pillow, imageio and imageio-ffmpeg are optional and
+target size (Lanczos; ``resize="stretch"``, the official preprocessing and the default, resizes as
+is; ``"crop"`` covers the target and crops the centre, keeping the aspect ratio), the official
+demos' uint8 frames, decoded frames written to ``.mp4`` (H.264). Pillow, imageio and imageio-ffmpeg are optional and
 imported when first needed; a missing one is a :class:`MissingExtraError` naming the extra.
 
 Design notes: docs/design/pipelines.md.
@@ -20,13 +21,14 @@ import torch
 __all__ = [
     "PIPELINES_EXTRA", "MissingExtraError", "require", "missing_modules", "IMAGE_SUFFIXES", "VIDEO_SUFFIXES",
     "load_image", "load_video", "read_video_frames", "write_video", "read_video_meta", "pixels_to_uint8",
-    "resize_frames",
+    "resize_frames", "load_frames", "frames_0_255", "truncate_to_uint8", "RESIZE_MODES",
 ]
 
 PIPELINES_EXTRA = "pip install 'longcat-native[pipelines]'"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".gif")
-RESIZE_MODES = ("crop", "stretch")
+RESIZE_MODES = ("stretch", "crop")  # the first is the default (official)
+_RESAMPLE = {"lanczos": "LANCZOS", "bicubic": "BICUBIC", "bilinear": "BILINEAR", "nearest": "NEAREST"}
 
 # What each optional import is for (the error says which extra provides it).
 _PURPOSE = {
@@ -76,31 +78,40 @@ def _check_size(size) -> Tuple[int, int]:
     return int(size[0]), int(size[1])
 
 
-def _resize_pil(img, size: Optional[Tuple[int, int]], resize: str):
+def _resample(name: str):
     Image = require("PIL.Image", _PURPOSE["PIL"])
+    if name not in _RESAMPLE:
+        raise ValueError(f"resample must be one of {sorted(_RESAMPLE)}, got {name!r}")
+    return getattr(Image, _RESAMPLE[name])
+
+
+def _resize_pil(img, size: Optional[Tuple[int, int]], resize: str, resample: str = "lanczos"):
     img = img.convert("RGB")
     if size is None or (img.height, img.width) == size:
         return img
     h, w = size
-    if resize == "stretch":
-        return img.resize((w, h), resample=Image.LANCZOS)
+    if resize == "stretch":  # diffusers' VaeImageProcessor.resize, as the official pipeline
+        return img.resize((w, h), resample=_resample(resample))
     # cover the target, then crop the centre: keeps the aspect ratio
     scale = max(h / img.height, w / img.width)
     sh, sw = max(h, round(img.height * scale)), max(w, round(img.width * scale))
-    img = img.resize((sw, sh), resample=Image.LANCZOS)
+    img = img.resize((sw, sh), resample=_resample(resample))
     top, left = (sh - h) // 2, (sw - w) // 2
     return img.crop((left, top, left + w, top + h))
 
 
-def resize_frames(frames: np.ndarray, size: Optional[Tuple[int, int]], resize: str = "crop") -> np.ndarray:
-    """uint8 frames [F, H, W, 3] -> uint8 frames [F, h, w, 3], each resized like a conditioning image."""
+def resize_frames(frames: np.ndarray, size: Optional[Tuple[int, int]], resize: str = "stretch",
+                  resample: str = "lanczos") -> np.ndarray:
+    """uint8 frames [F, H, W, 3] -> uint8 frames [F, h, w, 3], each resized like a conditioning
+    image (Pillow, ``resample`` "lanczos" as the official preprocessing; the official long-video
+    demo resizes its segments back with "bicubic")."""
     if resize not in RESIZE_MODES:
         raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
     size = _check_size(size)
-    if size is None or frames.shape[1:3] == size:
+    if size is None or tuple(frames.shape[1:3]) == size:
         return frames
     Image = require("PIL.Image", _PURPOSE["PIL"])
-    return np.stack([np.asarray(_resize_pil(Image.fromarray(f), size, resize)) for f in frames])
+    return np.stack([np.asarray(_resize_pil(Image.fromarray(f), size, resize, resample)) for f in frames])
 
 
 def _to_unit(frames_u8: np.ndarray) -> torch.Tensor:
@@ -136,7 +147,7 @@ def _check_file(path, suffixes, what: str) -> Path:
     return p
 
 
-def load_image(image, size: Optional[Tuple[int, int]] = None, resize: str = "crop") -> torch.Tensor:
+def load_image(image, size: Optional[Tuple[int, int]] = None, resize: str = "stretch") -> torch.Tensor:
     """An image -> float32 [1, 3, H, W] in [-1, 1], resized to ``size`` = (H, W) if given.
 
     ``image``: a file path (png/jpg/webp/bmp), a PIL image, uint8 [H, W, 3] array, or a float
@@ -200,7 +211,7 @@ def read_video_frames(path) -> Tuple[np.ndarray, Optional[float]]:
     return frames, (float(fps) if fps else None)
 
 
-def load_video(video, size: Optional[Tuple[int, int]] = None, resize: str = "crop",
+def load_video(video, size: Optional[Tuple[int, int]] = None, resize: str = "stretch",
                last_frames: Optional[int] = None) -> torch.Tensor:
     """A video -> float32 [1, 3, F, H, W] in [-1, 1], each frame resized to ``size`` if given.
 
@@ -244,6 +255,49 @@ def load_video(video, size: Optional[Tuple[int, int]] = None, resize: str = "cro
     return _to_unit(frames).movedim(0, 1)[None]  # [F, 3, H, W] -> [1, 3, F, H, W]
 
 
+def load_frames(video) -> np.ndarray:
+    """A video or an image (file path, list of PIL images or uint8 arrays, one PIL image, uint8
+    array [F, H, W, 3] or [H, W, 3]) -> its uint8 frames [F, H, W, 3] (F = 1 for an image),
+    unresized."""
+    if isinstance(video, (str, os.PathLike)):
+        if Path(os.fspath(video)).suffix.lower() in IMAGE_SUFFIXES:
+            p = _check_file(video, IMAGE_SUFFIXES, "image")
+            Image = require("PIL.Image", _PURPOSE["PIL"])
+            try:
+                with Image.open(p) as f:
+                    return np.asarray(f.convert("RGB"))[None]
+            except OSError as e:
+                raise ValueError(f"image {str(p)!r}: not a readable image ({e})") from None
+        return read_video_frames(video)[0]
+    if isinstance(video, (list, tuple)):
+        if not video:
+            raise ValueError("video is an empty list of frames")
+        return np.stack([np.asarray(f.convert("RGB")) if hasattr(f, "convert") else _as_uint8_frames(f, "frame")[0]
+                         for f in video])
+    if hasattr(video, "convert") and hasattr(video, "size"):  # one PIL image
+        return np.asarray(video.convert("RGB"))[None]
+    return _as_uint8_frames(video, "video")
+
+
+def frames_0_255(video) -> torch.Tensor:
+    """A video -> float32 [F, 3, H, W] with values 0..255, as the official refinement reads its
+    stage-1 frames (``torch.from_numpy(np.array(frames)).permute(0, 3, 1, 2)``). A float tensor
+    [1, 3, F, H, W] or [3, F, H, W] in [-1, 1] is mapped back with ``(x + 1) * 127.5``."""
+    if isinstance(video, torch.Tensor) and video.is_floating_point():
+        t = video.unsqueeze(0) if video.dim() == 4 else video
+        if t.dim() != 5 or t.shape[:2] != (1, 3):
+            raise ValueError(f"a video tensor must be float [1, 3, F, H, W] in [-1, 1], got {tuple(video.shape)}")
+        return ((t[0].float() + 1) * 127.5).movedim(1, 0).contiguous()
+    return torch.from_numpy(np.ascontiguousarray(load_frames(video))).permute(0, 3, 1, 2).float()
+
+
+def truncate_to_uint8(frames) -> np.ndarray:
+    """Float frames in [0, 1] (the official ``output_type="np"``) -> uint8 the way the official
+    demos keep them: ``(x * 255).astype(np.uint8)`` (truncation, not rounding)."""
+    arr = frames.detach().cpu().numpy() if isinstance(frames, torch.Tensor) else np.asarray(frames)
+    return (arr * 255).astype(np.uint8)
+
+
 # -- writing -------------------------------------------------------------------------------------
 
 def pixels_to_uint8(pixels: torch.Tensor) -> np.ndarray:
@@ -258,29 +312,41 @@ def pixels_to_uint8(pixels: torch.Tensor) -> np.ndarray:
 def write_video(path, frames, fps: float = 15.0, crf: int = 18) -> str:
     """Write uint8 frames [F, H, W, 3] (or float frames in [0, 1], or pixels [1, 3, F, H, W] in
     [-1, 1]) to an H.264 ``.mp4`` with imageio-ffmpeg. H and W must be even (yuv420p); nothing is
-    resized. ``crf``: constant quality (the official demos use 18 at 480p, 10 for refinement)."""
+    resized. ``crf``: constant quality (the official demos use 18 at 480p, 10 for refinement).
+
+    The video is encoded into a temporary file next to ``path`` and renamed over it only when
+    ffmpeg finished a well-formed file (runtime/files.py): an interrupted or failed encode raises
+    and leaves a previous file at ``path`` byte-identical."""
+    from ..runtime.files import atomic_output, check_mp4
+
     p = Path(os.fspath(path)).expanduser()
     if p.suffix.lower() != ".mp4":
         raise ValueError(f"write_video writes .mp4 files, got {str(p)!r}")
+    if p.is_dir():
+        raise ValueError(f"write_video: {str(p)!r} is a folder; name an .mp4 file")
     if isinstance(frames, torch.Tensor) and frames.dim() == 5:
         if frames.shape[0] != 1:
             raise ValueError(f"write_video writes one video; got a batch of {frames.shape[0]}")
         frames = pixels_to_uint8(frames)[0]
     frames = _as_uint8_frames(frames.cpu().numpy() if isinstance(frames, torch.Tensor) else frames, "frames")
     F, H, W, _ = frames.shape
+    if F == 0:
+        raise ValueError("write_video: no frames to write")
     if H % 2 or W % 2:
         raise ValueError(f"frames are {H} x {W}: H.264 in yuv420p needs even height and width")
-    if not (isinstance(fps, (int, float)) and fps > 0):
-        raise ValueError(f"fps must be positive, got {fps!r}")
+    if isinstance(fps, bool) or not (isinstance(fps, (int, float)) and 0 < fps < float("inf")):
+        raise ValueError(f"fps must be a positive finite number, got {fps!r}")
+    if isinstance(crf, bool) or not isinstance(crf, (int, float)) or not 0 <= crf <= 51:
+        raise ValueError(f"crf must be a number in [0, 51] (H.264 constant quality), got {crf!r}")
     ffmpeg = require("imageio_ffmpeg", _PURPOSE["imageio_ffmpeg"])
-    p.parent.mkdir(parents=True, exist_ok=True)
-    writer = ffmpeg.write_frames(str(p), (W, H), fps=float(fps), codec="libx264", pix_fmt_in="rgb24",
-                                 pix_fmt_out="yuv420p", macro_block_size=1, output_params=["-crf", str(int(crf))],
-                                 ffmpeg_log_level="error")
-    writer.send(None)  # start the ffmpeg process
-    try:
-        for f in frames:
-            writer.send(np.ascontiguousarray(f))
-    finally:
-        writer.close()
+    with atomic_output(p, validate=check_mp4, make_parent=True) as tmp:
+        writer = ffmpeg.write_frames(tmp, (W, H), fps=float(fps), codec="libx264", pix_fmt_in="rgb24",
+                                     pix_fmt_out="yuv420p", macro_block_size=1, output_params=["-crf", str(int(crf))],
+                                     ffmpeg_log_level="error")
+        writer.send(None)  # start the ffmpeg process
+        try:
+            for f in frames:
+                writer.send(np.ascontiguousarray(f))
+        finally:
+            writer.close()  # on an error too: ffmpeg stops; the temporary file is then removed
     return str(p)

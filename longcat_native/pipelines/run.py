@@ -1,7 +1,10 @@
 """A whole ``longcat-native generate`` run as a library: :func:`plan_generate` makes every check
 that needs no model (errors name the command's flags) and reads the small input files, then
 :func:`run_generate` loads, encodes, denoises through :func:`~.tasks.generate`, decodes and
-writes, measuring each stage. :func:`refine_memory_estimate` estimates the official refinement."""
+writes, measuring each stage. :func:`refine_memory_estimate` estimates the official refinement.
+
+Why ~700 lines in one file: it is one command, read in order (request, plan with every check
+before loading, the run's stages); splitting it would scatter the flags' meaning over modules."""
 
 from __future__ import annotations
 
@@ -15,11 +18,13 @@ from typing import Any, List, Optional, Tuple
 
 import torch
 
+from ..runtime.files import atomic_output, check_output_path
 from ..runtime.memory import StageMemory, run_memory_estimate
 from .media import PIPELINES_EXTRA, MissingExtraError, missing_modules
-from .shapes import (RESOLUTIONS, VAE_SPACE_STRIDE, VAE_TIME_STRIDE, frames_to_latents, latent_size,
-                     refine_frame_padding, square_vae_tile)
-from .tasks import find_lora_file, generate
+from .shapes import (RESOLUTIONS, VAE_SPACE_STRIDE, VAE_TIME_STRIDE, bucket_scale_factor, bucket_size,
+                     frames_to_latents, latent_size, refine_frame_padding, square_vae_tile)
+from .options import find_lora_file, make_noise
+from .tasks import generate
 
 __all__ = ["TINY_DEFAULT_LATENT", "GenerateRequest", "GeneratePlan", "GenerateResult", "plan_generate",
            "run_generate", "refine_memory_estimate"]
@@ -33,8 +38,11 @@ TINY_TEXT_TOKENS = 16
 @dataclass
 class GenerateRequest:
     """What ``longcat-native generate`` is asked: one field per flag (``--cond-frames`` ->
-    ``cond_frames``), with the command's defaults; ``resolution`` is (height, width) in pixels,
-    ``prompt_embeds``/``cond_latents``/``image``/``video``/``out`` are file paths."""
+    ``cond_frames``), with the command's defaults; ``resolution`` is (height, width) in pixels or
+    a bucket name ("480p", "720p": image-to-video / continuation / refinement then take the
+    official bucket of the input's aspect ratio), ``prompt_embeds``/``cond_latents``/``image``/
+    ``video``/``out`` are file paths. ``vae_tile`` (pixels) or ``vae_tiling`` (256-pixel tiles)
+    tile the VAE, which otherwise decodes whole frames as officially."""
 
     checkpoint: Optional[str] = None
     task: str = "t2v"
@@ -44,8 +52,8 @@ class GenerateRequest:
     image: Optional[str] = None
     video: Optional[str] = None
     cond_latents: Optional[str] = None
-    resolution: Optional[Tuple[int, int]] = None
-    resize: str = "crop"
+    resolution: Optional[Any] = None
+    resize: str = "stretch"
     spatial_refine_only: bool = False
     latent: Optional[Tuple[int, int, int]] = None
     frames: Optional[int] = None
@@ -58,11 +66,14 @@ class GenerateRequest:
     lora_network_dim: Optional[int] = None
     lora_network_alpha: Optional[float] = None
     no_kv_cache: bool = False
+    chain: Optional[str] = None
     seed: int = 0
     out: Optional[str] = None
     fps: Optional[float] = None
-    vae_tile: int = 256
+    vae_tile: Optional[int] = None
+    vae_tiling: bool = False
     no_vae_tiling: bool = False
+    vae_mean: bool = False
     device: Optional[str] = None
     dtype: Optional[str] = None
     kernels: str = "auto"
@@ -91,6 +102,9 @@ class GeneratePlan:
     root: Optional[Path]  # the checkpoint root, when components are loaded from it
     need_vae: bool
     refine_size: Optional[Tuple[int, int]]  # refinement's target size in pixels (with a checkpoint)
+    vae_tile: Optional[int] = None  # VAE tile size in pixels, None: whole frames (official)
+    scheduler: Optional[dict] = None  # the checkpoint's scheduler settings (shift, num_train_timesteps)
+    chain: str = "latent"  # task long: "pixels" (official demo, decoded .mp4 output) or "latent"
 
 
 @dataclass
@@ -180,15 +194,30 @@ def _check_inputs(r: GenerateRequest, random_weights: bool, to_video: bool) -> N
         raise ValueError(f"--cond-latents is for tasks i2v, vc and refine; task {task!r} takes none")
     if r.cond_latents is not None and (r.image is not None or r.video is not None):
         raise ValueError("--cond-latents replaces --image/--video; give one or the other")
-    if random_weights and (r.image is not None or r.video is not None or to_video):
-        what = "--out .mp4 (decoding latents into frames)" if to_video else "--image/--video (encoding pixels)"
-        raise ValueError(f"{what} needs the Wan VAE; the embedded tiny default (no --checkpoint) has none: give "
-                         f"--checkpoint DIR with a vae/ folder, or write latents to a .safetensors file")
+    if random_weights and (r.image is not None or r.video is not None):
+        raise ValueError("--image/--video (encoding pixels) needs the Wan VAE; the embedded tiny default (no "
+                         "--checkpoint) has none: give --checkpoint DIR with a vae/ folder, or the conditioning "
+                         "latents with --cond-latents FILE.safetensors")
+    if random_weights and to_video:
+        raise ValueError("--out .mp4 (decoding latents into frames) needs the Wan VAE; the embedded tiny default (no "
+                         "--checkpoint) has none: give --checkpoint DIR with a vae/ folder, or write latents to a "
+                         ".safetensors file")
     if r.latent is not None and (r.resolution is not None or r.frames is not None):
         raise ValueError("--latent T H W replaces --resolution and --frames; give one or the other")
 
 
-def _plan_latent(r: GenerateRequest, random_weights: bool) -> Tuple[int, int, int]:
+def _resolution(r: GenerateRequest):
+    """--resolution -> (bucket name or None, (height, width) or None)."""
+    if r.resolution is None:
+        return None, None
+    if isinstance(r.resolution, str):
+        if r.resolution not in RESOLUTIONS:
+            raise ValueError(f"--resolution {r.resolution!r}: use {', '.join(sorted(RESOLUTIONS))} or HxW pixels")
+        return r.resolution, None
+    return None, tuple(r.resolution)
+
+
+def _plan_latent(r: GenerateRequest, random_weights: bool, cond_size=None) -> Tuple[int, int, int]:
     if r.latent is not None:
         latent = tuple(r.latent)
         if min(latent) <= 0 or latent[1] % 2 or latent[2] % 2:
@@ -197,23 +226,48 @@ def _plan_latent(r: GenerateRequest, random_weights: bool) -> Tuple[int, int, in
     if random_weights and r.resolution is None:
         T = TINY_DEFAULT_LATENT[0] if r.frames is None else frames_to_latents(r.frames)
         return (T,) + TINY_DEFAULT_LATENT[1:]
-    height, width = r.resolution if r.resolution is not None else RESOLUTIONS["480p"]
+    name, hw = _resolution(r)
+    height, width = cond_size or hw or RESOLUTIONS[name or "480p"]
     return latent_size(93 if r.frames is None else r.frames, height, width)
 
 
-def _read_pixels(r: GenerateRequest, latent, cond_frames: int) -> Optional[torch.Tensor]:
+def _read_frames(r: GenerateRequest):
+    """The --image / --video file's uint8 frames, unresized (None without one)."""
     if r.image is None and r.video is None:
+        return None
+    from .media import load_frames
+
+    return load_frames(r.image if r.image is not None else r.video)
+
+
+def _cond_size(r: GenerateRequest, raw, cp_split, refine: bool) -> Optional[Tuple[int, int]]:
+    """The size the --image / --video (i2v, vc) or the refined video (refine) is resized to: --latent
+    or --resolution HxW when given, else the official bucket of the input's aspect ratio (480p
+    for i2v / vc, 720p with spatial factor 64 for refinement, or the --resolution bucket)."""
+    name, hw = _resolution(r)
+    if r.latent is not None and not refine:
+        return r.latent[1] * VAE_SPACE_STRIDE, r.latent[2] * VAE_SPACE_STRIDE
+    if hw is not None:
+        return hw
+    if raw is None:
+        return RESOLUTIONS[name or ("720p" if refine else "480p")]
+    size = bucket_size(raw.shape[1], raw.shape[2], name or ("720p" if refine else "480p"),
+                       bucket_scale_factor(refine, cp_split))
+    latent_size(1, *size)
+    return size
+
+
+def _read_pixels(r: GenerateRequest, raw, size, cond_frames: int):
+    if raw is None:
         return None
     from .media import load_image, load_video
 
-    size = (latent[1] * VAE_SPACE_STRIDE, latent[2] * VAE_SPACE_STRIDE)
     if r.image is not None:
-        return load_image(r.image, size, r.resize)
+        return load_image(raw[0], size, r.resize)
     if r.task == "vc":
-        return load_video(r.video, size, r.resize, last_frames=cond_frames)
-    pixels = load_video(r.video)  # refine: the stage-1 video at its own size
-    refine_frame_padding(pixels.shape[2], 0, r.spatial_refine_only)
-    return pixels
+        return load_video(raw, size, r.resize, last_frames=cond_frames)
+    refine_frame_padding(raw.shape[0], 0, r.spatial_refine_only)
+    return raw  # refine: the stage-1 video's uint8 frames at their own size
 
 
 def plan_generate(r: GenerateRequest) -> GeneratePlan:
@@ -226,6 +280,9 @@ def plan_generate(r: GenerateRequest) -> GeneratePlan:
     ext = os.path.splitext(out)[1].lower()
     if ext not in (".safetensors", ".mp4"):
         raise ValueError(f"--out must end in .safetensors (latents) or .mp4 (decoded video), got {out}")
+    # Before anything loads: a folder, an unwritable place or a missing folder that cannot be
+    # created is an error now, not after the whole run.
+    out = str(check_output_path(out, make_parent=True, what="--out"))
     to_video = ext == ".mp4"
     _check_inputs(r, random_weights, to_video)
     pixels_in = r.image is not None or r.video is not None
@@ -233,12 +290,27 @@ def plan_generate(r: GenerateRequest) -> GeneratePlan:
     if stage1_fixed and (r.frames is not None or r.latent is not None):
         raise ValueError("task refine: the stage-1 input (--video / --cond-latents) fixes the frame count and size; "
                          "--frames/--latent are not used (--resolution sets the refined size)")
-    latent = _plan_latent(r, random_weights)
-    # The refined size (pixels): the --resolution bucket (default 720p, as officially) with a
-    # checkpoint; the random-weights default refines its own stage 1 at 2x.
+    _resolution(r)
+    dit_cfg = None
+    if not random_weights:
+        from ..runtime.config import LongCatConfig
+        from ..runtime.weights import find_dit_dir
+
+        dit_cfg = LongCatConfig.from_json_file(str(find_dit_dir(r.checkpoint) / "config.json"))
+    cp_split = None
+    if dit_cfg is not None:
+        from ..runtime.parallel import resolve_split_hw
+
+        cp_split = resolve_split_hw(r.cp_size, dit_cfg.cp_split_hw)
+    raw = _read_frames(r)
+    cond_size = _cond_size(r, raw, cp_split, False) if raw is not None and task in ("i2v", "vc") else None
+    latent = _plan_latent(r, random_weights, cond_size)
+    # The refined size (pixels): with a checkpoint, the official 720p bucket (spatial factor 64) of
+    # the stage-1 video's aspect ratio, or --resolution; the random-weights default refines its
+    # own stage 1 at 2x.
     refine_size = None
     if task == "refine" and not random_weights:
-        refine_size = r.resolution if r.resolution is not None else RESOLUTIONS["720p"]
+        refine_size = _cond_size(r, raw if r.video is not None else None, cp_split, True)
         latent_size(1, *refine_size)
     frames = (latent[0] - 1) * VAE_TIME_STRIDE + 1
     cond_frames = r.cond_frames if r.cond_frames is not None else (13 if not random_weights else 5)
@@ -254,16 +326,25 @@ def plan_generate(r: GenerateRequest) -> GeneratePlan:
     guidance = r.guidance if r.guidance is not None else (1.0 if r.distill else 4.0)
     if steps < 1:
         raise ValueError(f"--steps must be >= 1, got {steps}")
-    if r.vae_tile < 16 or r.vae_tile % VAE_SPACE_STRIDE:
+    if r.vae_tile is not None and (r.vae_tile < 16 or r.vae_tile % VAE_SPACE_STRIDE):
         raise ValueError(f"--vae-tile must be a multiple of {VAE_SPACE_STRIDE} pixels >= 16, got {r.vae_tile}")
+    if r.no_vae_tiling and (r.vae_tile is not None or r.vae_tiling):
+        raise ValueError("--no-vae-tiling (whole frames, the default) contradicts --vae-tile / --vae-tiling")
+    vae_tile = r.vae_tile if r.vae_tile is not None else (256 if r.vae_tiling else None)
     if r.fps is not None and r.fps <= 0:
         raise ValueError(f"--fps must be positive, got {r.fps}")
     if stage1_fixed:  # refinement runs without guidance (official)
         if r.guidance is not None and r.guidance > 1:
             raise ValueError(f"--guidance {r.guidance}: refinement runs without guidance (give no --guidance)")
         guidance = 1.0
-    if guidance <= 1 and r.negative_prompt and r.prompt_embeds is None:
-        raise ValueError(f"--negative-prompt has no effect with guidance {guidance} <= 1 (no negative branch runs)")
+    chain = r.chain if r.chain is not None else ("pixels" if to_video and not random_weights else "latent")
+    if chain not in ("pixels", "latent"):
+        raise ValueError(f"--chain must be pixels or latent, got {chain!r}")
+    if task == "long" and chain == "pixels" and not to_video:
+        raise ValueError("--chain pixels (the official long video: each segment decoded, the next one continuing its "
+                         "uint8 frames) writes decoded video: --out F.mp4, or --chain latent for latents")
+    if r.chain is not None and task != "long":
+        raise ValueError(f"--chain is for task long; task {task!r} has one segment")
     text_source = "file" if r.prompt_embeds is not None else ("random" if random_weights else "encoder")
     need_text, need_vae = text_source == "encoder", pixels_in or to_video
     if task in ("i2v", "vc") and r.cond_latents is None and not pixels_in and not random_weights:
@@ -272,17 +353,16 @@ def plan_generate(r: GenerateRequest) -> GeneratePlan:
     if task == "refine" and not stage1_fixed and not random_weights:
         raise ValueError("task refine needs the stage-1 video --video FILE, or its latents --cond-latents FILE.safetensors")
 
-    root = None
+    root = scheduler = None
     if not random_weights:
-        from ..runtime.config import LongCatConfig
         from ..runtime.weights import find_dit_dir, list_weight_files
-        from .components import check_components
+        from .components import SchedulerConfig, check_components
 
-        dit_dir = find_dit_dir(r.checkpoint)
-        list_weight_files(dit_dir)
-        dit_cfg = LongCatConfig.from_json_file(str(dit_dir / "config.json"))
+        list_weight_files(find_dit_dir(r.checkpoint))
         root = check_components(r.checkpoint, text_encoder=need_text, vae=need_vae,
                                 caption_channels=dit_cfg.caption_channels, latent_channels=dit_cfg.in_channels)
+        sched = SchedulerConfig.from_pretrained(root)
+        scheduler = sched.sampling_kwargs() if sched is not None else None
     modules = (["transformers", "ftfy"] if need_text else []) + (["diffusers"] if need_vae else []) \
         + (["PIL"] if pixels_in else []) + (["imageio", "imageio_ffmpeg"] if r.video is not None else []) \
         + (["imageio_ffmpeg"] if to_video else [])
@@ -296,11 +376,11 @@ def plan_generate(r: GenerateRequest) -> GeneratePlan:
         raise ValueError(f"--guidance {guidance} > 1 needs 'negative_embeds' in --prompt-embeds {r.prompt_embeds} "
                          "(or --guidance 1 for no guidance)")
     cond = _load_latents_file(r.cond_latents, "--cond-latents") if r.cond_latents is not None else None
-    pixels = _read_pixels(r, latent, cond_frames)
+    pixels = _read_pixels(r, raw, cond_size, cond_frames)
     return GeneratePlan(request=r, random_weights=random_weights, out=out, to_video=to_video, latent=latent,
                         frames=frames, steps=steps, guidance=guidance, cond_frames=cond_frames,
                         text_source=text_source, text=text, cond=cond, pixels=pixels, root=root, need_vae=need_vae,
-                        refine_size=refine_size)
+                        refine_size=refine_size, vae_tile=vae_tile, scheduler=scheduler, chain=chain)
 
 
 # -- run ---------------------------------------------------------------------------------------------
@@ -347,36 +427,46 @@ def _load(plan: GeneratePlan, mem: StageMemory, device, notes: List[str]):
         if plan.need_vae:
             from .components import VideoVAE
 
-            tile, stride = square_vae_tile(r.vae_tile)
+            tile, stride = square_vae_tile(plan.vae_tile or 256)
             vae = VideoVAE.from_pretrained(plan.root, dtype=dit.dtype, device=device,
-                                           tiling=not r.no_vae_tiling, tile=tile, tile_stride=stride)
+                                           tiling=plan.vae_tile is not None, tile=tile, tile_stride=stride)
     return dit, vae, source
 
 
-def _conditioning(plan: GeneratePlan, pipe, cfg, mem: StageMemory, notes: List[str]):
-    """The conditioning latents -> (cond, refine_cond, pad): read from a file, encoded from pixels
-    (refinement: the official pixel path, padded) or, for the random-weights default, random."""
-    r, cond, pixels, refine_cond, pad = plan.request, plan.cond, plan.pixels, None, None
+def _conditioning(plan: GeneratePlan, pipe, cfg, mem: StageMemory, notes: List[str], g: torch.Generator,
+                  batch: int):
+    """The conditioning latents -> (cond, refine_cond, pad, noise): read from a file, encoded from
+    pixels (refinement: the official pixel path, padded) or, for the random-weights default,
+    random. From pixels, the official order: the noise of all frames first (``noise``), then the
+    VAE posterior sampled with the same generator (``--vae-mean``: the posterior mean); the
+    refinement's stage-1 posterior from torch's global generator."""
+    r, cond, pixels, refine_cond, pad, noise = plan.request, plan.cond, plan.pixels, None, None, None
+    sample = not r.vae_mean
     if cond is None and plan.random_weights and r.task in ("i2v", "vc"):
         frames = 1 if r.task == "i2v" else 1 + (plan.cond_frames - 1) // VAE_TIME_STRIDE
         cond = torch.randn(1, cfg.in_channels, frames, plan.latent[1], plan.latent[2],
                            generator=torch.Generator(device="cpu").manual_seed(r.seed + 1))
         notes.append(f"conditioning latents: RANDOM ({frames} frame(s), no VAE)")
+    how = "posterior sampled" if sample else "posterior mean"
     if pixels is not None:
         with mem.stage("vae_encode"):
+            if r.task in ("i2v", "vc"):
+                noise = make_noise((batch, cfg.in_channels) + tuple(plan.latent), generator=g,
+                                   device=pipe.dit.device)
             if r.task == "i2v":
-                cond = pipe.encode_image(pixels, tuple(pixels.shape[2:]))
-                notes.append(f"image {r.image} -> {pixels.shape[2]}x{pixels.shape[3]}, encoded by the VAE")
+                cond = pipe.encode_image(pixels, tuple(pixels.shape[2:]), generator=g, sample=sample, repeat=batch)
+                notes.append(f"image {r.image} -> {pixels.shape[2]}x{pixels.shape[3]}, encoded by the VAE ({how})")
             elif r.task == "vc":
-                cond = pipe.encode_video(pixels, tuple(pixels.shape[3:]))
-                notes.append(f"last {pixels.shape[2]} frames of {r.video}, encoded by the VAE")
+                cond = pipe.encode_video(pixels, tuple(pixels.shape[3:]), generator=g, sample=sample, repeat=batch)
+                notes.append(f"last {pixels.shape[2]} frames of {r.video}, encoded by the VAE ({how})")
             else:  # refine from a stage-1 video, the official pixel path
                 cond, refine_cond, pad = pipe.encode_refine_input(pixels, plan.refine_size,
-                                                                  spatial_refine_only=r.spatial_refine_only)
-                notes.append(f"stage-1 video {r.video} ({pixels.shape[2]} frames) upsampled to "
+                                                                  spatial_refine_only=r.spatial_refine_only,
+                                                                  vae_sample=sample, generator=g)
+                notes.append(f"stage-1 video {r.video} ({pixels.shape[0]} frames) upsampled to "
                              f"{pad['frames']} frames at {plan.refine_size[0]}x{plan.refine_size[1]}, "
-                             "encoded by the VAE")
-    return cond, refine_cond, pad
+                             f"encoded by the VAE ({how})")
+    return cond, refine_cond, pad, noise
 
 
 def _refine_arguments(plan: GeneratePlan, dit, cond, refine_cond, pad, notes: List[str]) -> dict:
@@ -399,23 +489,75 @@ def _refine_arguments(plan: GeneratePlan, dit, cond, refine_cond, pad, notes: Li
     return dict(kw, stage1_latents=cond, t_thresh=r.t_thresh)
 
 
-def _task_arguments(plan: GeneratePlan, cond, lora_key, guided: dict) -> dict:
+def _task_arguments(plan: GeneratePlan, cond, lora_key, guided: dict, noise=None) -> dict:
     """tasks.generate's arguments for t2v, i2v, vc and long."""
     r = plan.request
     if r.task == "t2v":
         return dict(latent=plan.latent, lora=lora_key, **guided)
     if r.task == "i2v":
-        return dict(image_latents=cond, num_frames=plan.frames, lora=lora_key, **guided)
+        return dict(image_latents=cond, num_frames=plan.frames, lora=lora_key, latents=noise, **guided)
     cont = dict(num_cond_frames=plan.cond_frames, use_kv_cache=not r.no_kv_cache, lora=lora_key, **guided)
     if r.task == "vc":
-        return dict(video_latents=cond, num_frames=plan.frames, **cont)
+        return dict(video_latents=cond, num_frames=plan.frames, latents=noise, **cont)
     return dict(latent=plan.latent, num_segments=r.segments, **cont)
+
+
+class _PrecomputedText:
+    """A stand-in text encoder for the long-video pixel chain of the command: the prompts were
+    encoded before the DiT was loaded; each ``encode_prompts`` call gets the positive embeddings
+    first, then the negative ones (its order), and ``offload`` starts the next call."""
+
+    def __init__(self, text, caption_channels: int):
+        self.text, self.caption_channels, self._calls = text, caption_channels, 0
+
+    def encode(self, prompts, dtype=None, max_length=None):
+        pe, pm, ne, nm = self.text
+        out = (pe, pm) if self._calls == 0 else (ne, nm)
+        self._calls += 1
+        return out
+
+    def offload(self) -> None:
+        self._calls = 0
+
+
+def _long_pixels(plan: GeneratePlan, dit, vae, text, lora_key, guided: dict, notes: List[str]):
+    """Task long, the official demo: each segment decoded to uint8 frames, the next one
+    continuing the last --cond-frames of them, re-encoded -> (latents of every segment's new
+    frames concatenated, uint8 frames)."""
+    from .pipeline import LongCatVideoPipeline
+
+    r = plan.request
+    if text[0].shape[0] != 1:
+        raise ValueError(f"--chain pixels makes one video; the prompt embeddings have batch {text[0].shape[0]} "
+                         "(use --chain latent)")
+    pipe = LongCatVideoPipeline(dit, _PrecomputedText(text, dit.config.caption_channels), vae)
+    segs: List[torch.Tensor] = []
+    kw = {k: v for k, v in guided.items() if k != "guidance_scale"}
+    frames = pipe.generate_long(r.prompt, r.negative_prompt, num_segments=r.segments, num_frames=plan.frames,
+                                num_cond_frames=plan.cond_frames, latent=plan.latent, resize=r.resize,
+                                guidance_scale=guided["guidance_scale"], use_kv_cache=not r.no_kv_cache,
+                                vae_sample=not r.vae_mean, output_type="video", segment_latents=segs, lora=lora_key,
+                                **kw)[0]
+    m = 1 + (plan.cond_frames - 1) // VAE_TIME_STRIDE
+    notes.append(f"long video the official way: {len(segs)} segments, each decoded to uint8 frames and its last "
+                 f"{plan.cond_frames} frames re-encoded for the next")
+    return torch.cat([segs[0]] + [s[:, :, m:] for s in segs[1:]], dim=2), frames
 
 
 def run_generate(plan: GeneratePlan) -> GenerateResult:
     """Run a plan: text encoding (before the DiT is loaded), loading, VAE encoding, denoising,
     decoding and writing ``plan.out``, each a measured stage. Under context parallelism every
-    rank runs it (the DiT splits each forward); only rank 0 decodes and writes."""
+    rank runs it (the DiT splits each forward); only rank 0 decodes and writes.
+
+    The draws the official pipeline takes from torch's global generator (refinement's stage-1
+    posterior and t_thresh noise) come from it here too, seeded with ``seed`` for the run; the
+    global generator's state is restored afterwards."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(plan.request.seed)
+        return _run(plan)
+
+
+def _run(plan: GeneratePlan) -> GenerateResult:
     from safetensors.torch import save_file
 
     from ..runtime.dit import resolve_dtype
@@ -458,9 +600,11 @@ def run_generate(plan: GeneratePlan) -> GenerateResult:
         text_note = "RANDOM text embeddings derived from the prompt strings (no text encoder)"
     if guidance <= 1:
         ne = nm = None
+        if r.negative_prompt:
+            notes.append(f"--negative-prompt ignored: guidance {guidance} <= 1 runs no negative branch (as officially)")
 
     g = torch.Generator(device="cpu").manual_seed(r.seed)
-    cond, refine_cond, pad = _conditioning(plan, pipe, cfg, mem, notes)
+    cond, refine_cond, pad, noise = _conditioning(plan, pipe, cfg, mem, notes, g, pe.shape[0])
 
     step_times: List[float] = []
     clock = {"last": time.perf_counter()}
@@ -474,7 +618,8 @@ def run_generate(plan: GeneratePlan) -> GenerateResult:
 
     lora_kwargs = {k: v for k, v in (("lora_network_dim", r.lora_network_dim),
                                      ("lora_network_alpha", r.lora_network_alpha)) if v is not None}
-    sampling = dict(num_steps=plan.steps, generator=g, progress=lead, callback=on_step, lora_kwargs=lora_kwargs)
+    sampling = dict(num_steps=plan.steps, generator=g, progress=lead, callback=on_step, lora_kwargs=lora_kwargs,
+                    **(plan.scheduler or {}))
     guided = dict(sampling, guidance_scale=guidance, distill=r.distill)
     lora_key = None
     if r.distill and not plan.random_weights:
@@ -494,8 +639,10 @@ def run_generate(plan: GeneratePlan) -> GenerateResult:
             if task == "refine":  # no guidance, the base 50-step schedule truncated at t_thresh
                 out = generate(dit, "refine", pe, pm, **_refine_arguments(plan, dit, cond, refine_cond, pad, notes),
                                **dict(sampling, num_steps=50))
+            elif task == "long" and plan.chain == "pixels":
+                out, long_frames = _long_pixels(plan, dit, vae, (pe, pm, ne, nm), lora_key, guided, notes)
             else:
-                out = generate(dit, task, pe, pm, ne, nm, **_task_arguments(plan, cond, lora_key, guided))
+                out = generate(dit, task, pe, pm, ne, nm, **_task_arguments(plan, cond, lora_key, guided, noise))
     total = time.perf_counter() - t0
     finite = bool(torch.isfinite(out).all())
     if dit.cp is not None:
@@ -510,19 +657,26 @@ def run_generate(plan: GeneratePlan) -> GenerateResult:
         fps = r.fps if r.fps is not None else (30.0 if task == "refine" else 15.0)
         crop = (pad["cond_added"], pad["cond_added"] + pad["frames"]) if pad is not None else None
         with mem.stage("vae_decode"):
-            frames_u8 = pipe.decode(out, "video", frames=crop)[0]
+            frames_u8 = long_frames if task == "long" and plan.chain == "pixels" else \
+                pipe.decode(out, "video", frames=crop)[0]
         from .media import write_video
 
         write_video(plan.out, frames_u8, fps=fps, crf=10 if task == "refine" else 18)
         video_shape = list(frames_u8.shape)
-        tiled = not r.no_vae_tiling and max(video_shape[1:3]) > r.vae_tile
-        notes.append(f"decoded by the VAE ({f'in {r.vae_tile}-pixel tiles' if tiled else 'whole frames'}), "
+        tiled = plan.vae_tile is not None and max(video_shape[1:3]) > plan.vae_tile
+        notes.append(f"decoded by the VAE ({f'in {plan.vae_tile}-pixel tiles' if tiled else 'whole frames'}), "
                      f"{video_shape[0]} frames {video_shape[1]}x{video_shape[2]} written at {fps:g} fps")
     else:
-        meta = {"task": task, "seed": str(r.seed), "steps": str(plan.steps), "guidance": str(guidance),
-                "distill": str(bool(r.distill)), "random_weights": str(plan.random_weights), "source": source,
-                "text": text_note, "shape": json.dumps(list(out.shape))}
-        save_file({"latents": out.detach().float().cpu().contiguous()}, plan.out, metadata=meta)
+        # What ran, not what was asked: the denoising steps of every stage (--steps is the base
+        # schedule's length; vc/long add the enhance_hf tail, refine truncates its own schedule).
+        meta = {"task": task, "seed": str(r.seed), "steps": str(len(step_times)), "steps_requested": str(plan.steps),
+                "guidance": str(guidance), "distill": str(bool(r.distill)), "random_weights": str(plan.random_weights),
+                "source": source, "text": text_note, "shape": json.dumps(list(out.shape))}
+        if not finite:  # denoise checks its own result; this guards the other paths to the file
+            raise ValueError(f"the {task} result holds non-finite values; {plan.out} was not written")
+        latents = out.detach().float().cpu().contiguous()
+        with atomic_output(plan.out) as tmp:  # a failed or interrupted write leaves the previous file
+            save_file({"latents": latents}, tmp, metadata=meta)
     n = len(step_times)
     memory = mem.summary()
     summary = {

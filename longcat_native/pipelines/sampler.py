@@ -9,6 +9,7 @@ Design notes: docs/design/sampler.md.
 from __future__ import annotations
 
 import math
+import operator
 import sys
 import time
 from dataclasses import dataclass
@@ -17,11 +18,13 @@ from typing import Callable, Dict, Mapping, Optional, Tuple
 import torch
 
 from ..runtime.compiled import graph_runner_for
+from ..runtime.names import MAX_STEPS
 
 __all__ = [
     "NUM_TRAIN_TIMESTEPS", "NUM_DISTILL_STEPS", "DEFAULT_SHIFT", "Schedule",
     "base_sigmas", "distill_sigmas", "shift_sigmas", "flow_schedule", "truncate_schedule",
     "enhance_hf_schedule", "get_schedule", "cfg_zero", "euler_step", "compute_kv_cache", "denoise",
+    "NonFiniteLatentsError", "MAX_STEPS",
 ]
 
 NUM_TRAIN_TIMESTEPS = 1000   # scheduler config num_train_timesteps
@@ -83,11 +86,15 @@ def shift_sigmas(sigmas: torch.Tensor, shift: float = DEFAULT_SHIFT) -> torch.Te
     return shift * s / (1 + (shift - 1) * s)
 
 
-def flow_schedule(num_steps: int = 50, distill: bool = False, shift: float = DEFAULT_SHIFT) -> Schedule:
-    """The official ``scheduler.set_timesteps(n, sigmas=pipeline.get_timesteps_sigmas(n, distill))``."""
+def flow_schedule(num_steps: int = 50, distill: bool = False, shift: float = DEFAULT_SHIFT,
+                  num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) -> Schedule:
+    """The official ``scheduler.set_timesteps(n, sigmas=pipeline.get_timesteps_sigmas(n, distill))``
+    (``shift`` and ``num_train_timesteps``: the scheduler config's; timesteps = sigmas * the latter)."""
+    if isinstance(num_train_timesteps, bool) or not isinstance(num_train_timesteps, int) or num_train_timesteps < 1:
+        raise ValueError(f"num_train_timesteps must be a positive int, got {num_train_timesteps!r}")
     sig = distill_sigmas(num_steps) if distill else base_sigmas(num_steps)
     sig = shift_sigmas(sig, shift)
-    timesteps = sig * NUM_TRAIN_TIMESTEPS
+    timesteps = sig * num_train_timesteps
     return Schedule(timesteps, torch.cat([sig, torch.zeros(1, dtype=torch.float32)]))
 
 
@@ -119,15 +126,17 @@ def enhance_hf_schedule(schedule: Schedule, start: float = ENHANCE_HF_START,
 
 
 def get_schedule(num_steps: int = 50, distill: bool = False, shift: float = DEFAULT_SHIFT,
-                 t_thresh: Optional[float] = None, enhance_hf: bool = False) -> Schedule:
+                 t_thresh: Optional[float] = None, enhance_hf: bool = False,
+                 num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) -> Schedule:
     """One place for every official schedule. ``t_thresh`` (refinement) truncates the base
     schedule; ``enhance_hf`` (video continuation) replaces its tail. They exclude each other and
-    ``distill`` (the official pipeline asserts ``not (use_distill and enhance_hf)``)."""
+    ``distill`` (the official pipeline asserts ``not (use_distill and enhance_hf)``). ``shift``
+    and ``num_train_timesteps`` are the scheduler config's (:func:`flow_schedule`)."""
     if enhance_hf and distill:
         raise ValueError("enhance_hf and distill cannot both be set (the official pipeline forbids it)")
     if t_thresh is not None and (distill or enhance_hf):
         raise ValueError("t_thresh (refinement) runs the base schedule; do not combine it with distill or enhance_hf")
-    sched = flow_schedule(num_steps, distill=distill, shift=shift)
+    sched = flow_schedule(num_steps, distill=distill, shift=shift, num_train_timesteps=num_train_timesteps)
     if t_thresh is not None:
         sched = truncate_schedule(sched, t_thresh)
     if enhance_hf:
@@ -170,6 +179,10 @@ def _as_text(embeds, name: str, B: int, caption_channels: Optional[int]) -> torc
         )
     if not isinstance(embeds, torch.Tensor):
         raise ValueError(f"{name} must be a tensor [B, 1, L, C], got {type(embeds).__name__}")
+    if not embeds.is_floating_point():
+        raise ValueError(f"{name} must be floating point, got {embeds.dtype}")
+    if embeds.is_meta:
+        raise ValueError(f"{name} is on the meta device (shapes only, no data); pass a tensor with data")
     if embeds.dim() == 3:
         embeds = embeds[:, None]
     if embeds.dim() != 4 or embeds.shape[1] != 1:
@@ -186,6 +199,8 @@ def _as_mask(mask, name: str, embeds: torch.Tensor) -> Optional[torch.Tensor]:
         return None
     if not isinstance(mask, torch.Tensor):
         raise ValueError(f"{name} must be a tensor [B, L], got {type(mask).__name__}")
+    if mask.is_meta:
+        raise ValueError(f"{name} is on the meta device (shapes only, no data); pass a tensor with data")
     B, L = embeds.shape[0], embeds.shape[2]
     if mask.dim() != 2 or mask.shape[1] != L or mask.shape[0] not in (1, B):
         raise ValueError(f"{name} must be [B, L] = [{B}, {L}], got {tuple(mask.shape)}")
@@ -259,6 +274,51 @@ def _expand_cache(kv: Mapping[int, Tuple[torch.Tensor, torch.Tensor]], batch: in
     return {i: (k.repeat(reps, 1, 1, 1), v.repeat(reps, 1, 1, 1)) for i, (k, v) in kv.items()}
 
 
+
+
+class NonFiniteLatentsError(ValueError):
+    """:func:`denoise` produced NaN or Inf latents; the message names the step where they first
+    appeared. Raised instead of returning them, so nothing writes a poisoned output."""
+
+
+def _check_number(name: str, v) -> float:
+    """A finite real number (int, float, NumPy or one-element tensor) as a float."""
+    if isinstance(v, (bool, str, bytes)) or type(v).__name__ == "bool_":
+        raise ValueError(f"{name} must be a finite number, got {v!r}")
+    try:
+        f = float(v)
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"{name} must be a finite number, got {v!r}") from None
+    if not math.isfinite(f):
+        raise ValueError(f"{name} must be a finite number, got {f}")
+    return f
+
+
+def _check_num_steps(num_steps) -> int:
+    """An integer-like step count in [1, MAX_STEPS] as an int."""
+    if isinstance(num_steps, bool) or type(num_steps).__name__ == "bool_":
+        raise ValueError(f"num_steps must be a positive int, got {num_steps!r}")
+    try:
+        n = operator.index(num_steps)
+    except TypeError:
+        raise ValueError(f"num_steps must be a positive int, got {num_steps!r}") from None
+    if not 1 <= n <= MAX_STEPS:
+        raise ValueError(f"num_steps must be in [1, {MAX_STEPS}], got {n}")
+    return n
+
+
+def _check_finite_inputs(named) -> None:
+    """One host read for all of them: each (name, tensor or None) must hold finite values only."""
+    named = [(k, t) for k, t in named if t is not None and t.numel()]
+    if not named:
+        return
+    where = named[0][1].device
+    ok = torch.stack([torch.isfinite(t).all().to(where) for _, t in named]).tolist()
+    bad = [k for (k, _), good in zip(named, ok) if not good]
+    if bad:
+        raise ValueError(f"denoise: {', '.join(bad)} hold{'s' if len(bad) == 1 else ''} NaN or Inf values")
+
+
 def denoise(
     dit,
     noise: torch.Tensor,
@@ -313,16 +373,33 @@ def denoise(
     step to time it. With ``progress=False`` the loop makes no host synchronization of its own.
     """
     B, m = check_latent_inputs(dit, noise, cond_latents)
+    for name, t in (("noise", noise), ("cond_latents", cond_latents)):
+        if t is not None and t.is_meta:
+            raise ValueError(f"{name} is on the meta device (shapes only, no data); pass a tensor with data")
+    if cond_latents is not None and not cond_latents.is_floating_point():
+        raise ValueError(f"cond_latents must be floating point, got {cond_latents.dtype}")
     cfg = _dit_config(dit)
     caption = getattr(cfg, "caption_channels", None)
-    guidance_scale = float(guidance_scale)
+    guidance_scale = _check_number("guidance_scale", guidance_scale)
     do_cfg = guidance_scale > 1.0
+    if callback is not None and not callable(callback):
+        raise ValueError(f"callback must be callable, got {type(callback).__name__}")
     if (use_kv_cache or kv_cache is not None) and m == 0:
         raise ValueError("use_kv_cache / kv_cache need cond_latents (the frames the cache holds)")
+    if kv_cache is not None:
+        if not isinstance(kv_cache, Mapping) or not kv_cache:
+            raise ValueError("kv_cache must be a non-empty mapping {block: (k, v)} (what return_kv=True returns)")
+        check_origin = getattr(dit, "check_kv_cache_origin", None)
+        if check_origin is not None:  # a cache made for another grid or model: an error now
+            check_origin(kv_cache, tuple(noise.shape[3:5]))
     if schedule is None:
+        num_steps = _check_num_steps(num_steps)
+        shift = _check_number("shift", shift)
         schedule = get_schedule(num_steps, distill=distill, shift=shift, t_thresh=t_thresh, enhance_hf=enhance_hf)
     elif not isinstance(schedule, Schedule):
         raise ValueError(f"schedule must be a Schedule, got {type(schedule).__name__}")
+    if not 1 <= len(schedule) <= MAX_STEPS:
+        raise ValueError(f"the schedule has {len(schedule)} steps; it must have 1 to {MAX_STEPS}")
 
     pos = _as_text(prompt_embeds, "prompt_embeds", B, caption)
     pos_mask = _as_mask(prompt_mask, "prompt_mask", pos)
@@ -347,6 +424,11 @@ def denoise(
     else:
         text, mask = pos, pos_mask
 
+    # The inputs hold finite values (the valid text tokens only: masked ones may hold anything).
+    text_valid = text if mask is None else torch.where(mask.to(text.device)[:, None, :, None] != 0, text,
+                                                       text.new_zeros(()))
+    _check_finite_inputs([("noise", noise), ("cond_latents", cond_latents), ("the text embeddings", text_valid)])
+    del text_valid
     device = getattr(dit, "device", noise.device)
     text = text.to(device)
     mask = None if mask is None else mask.to(device)
@@ -381,6 +463,9 @@ def denoise(
     first_noisy = 0 if cached else m
 
     step_model = graph_runner_for(dit, graphs)
+    # The first step whose latents hold NaN/Inf, kept on the device (-1: none yet) by torch ops
+    # only: no host sync per step; read once after the loop.
+    first_bad = torch.full((), -1, dtype=torch.long, device=latents.device)
     start = time.perf_counter()
     with torch.no_grad():
         for i in range(n):
@@ -411,6 +496,7 @@ def denoise(
                 latents[:, :, first_noisy:] = euler_step(latents[:, :, first_noisy:], v, dts[i])
             else:
                 latents = euler_step(latents, v, dts[i])
+            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(latents).all(), i, first_bad)
             if progress:
                 _sync(device)
                 now = time.perf_counter()
@@ -419,6 +505,15 @@ def denoise(
                 start = now
             if callback is not None:
                 callback(i, ts_host[i], latents)
+    # The one host read, after the last step (torch.equal answers a Python bool); the step
+    # number is read only when there is an error to report.
+    if not torch.equal(first_bad, torch.full_like(first_bad, -1)):
+        bad = int(first_bad)
+        raise NonFiniteLatentsError(
+            f"denoise: the latents became non-finite (NaN or Inf) at step {bad + 1} of {n} (timestep "
+            f"{ts_host[bad]:.2f}); nothing is returned. Usual causes: a guidance_scale too large "
+            f"(here {guidance_scale:g}), float16 overflow (use bfloat16 or float32), non-finite model weights"
+        )
     if cached:
         latents = torch.cat([cond, latents], dim=2)
     return latents

@@ -10,6 +10,7 @@ torch_dtype=..., cp_split_hw=...)`` and ``torch.compile(dit)``; all of these wor
 from __future__ import annotations
 
 import math
+import operator
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Union
 
 import torch
@@ -19,11 +20,12 @@ from ..kernels._common import is_fake, triton_usable_on
 from . import lora
 from .attention import check_attention_name, resolve_attention_backend
 from .config import LongCatConfig, resolve_config
+from .kv_cache import IDENTITY_KEYS, DeviceKVCache, KVCache, KVSink
 from .model import LongCatTransformer
 from .names import KERNEL_CHOICES, merge_alias
-from .weights import find_dit_dir, list_weight_files, load_official_weights
+from .weights import cap_list, check_official_weights, copy_official_weights, find_dit_dir, list_weight_files
 
-__all__ = ["LongCatDiT", "resolve_dtype", "bsa_kernel_path"]
+__all__ = ["LongCatDiT", "resolve_dtype", "bsa_kernel_path", "free_memory_bytes"]
 
 _DTYPE_NAMES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -74,79 +76,25 @@ def bsa_kernel_path(kernels: str, device: torch.device, attention: str) -> str:
     return "reference"
 
 
-class _DeviceKVCache:
-    """The caller's ``kv_cache_dict`` seen block by block as ``[B, Nc, heads, D]`` tensors.
-
-    A block's cache is moved to the model's device and dtype only when that block needs it. When
-    the cache lives in host memory and the model on CUDA (``offload_kv_cache``), block i+1's copy
-    is issued on a side stream while block i computes, so at most two blocks' caches sit in device
-    memory and the transfer hides behind compute (pinned host memory makes it a true async DMA).
-    A batch-1 cache is shared by every item of the call (an expanded view, no copy).
-    """
-
-    def __init__(self, cache: Mapping[int, Tuple[torch.Tensor, torch.Tensor]], batch: int, device, dtype):
-        self.cache, self.batch, self.device, self.dtype = cache, batch, device, dtype
-        self.stream = None
-        if device.type == "cuda" and any(k.device.type == "cpu" for k, _ in cache.values()):
-            self.stream = torch.cuda.Stream(device=device)
-        self.pending: Dict[int, Any] = {}
-
-    def _load(self, i: int):
-        return tuple(t.to(device=self.device, dtype=self.dtype, non_blocking=True) for t in self.cache[i])
-
-    def _prefetch(self, i: int) -> None:
-        if self.stream is None or i not in self.cache or i in self.pending:
-            return
-        with torch.cuda.stream(self.stream):
-            kv = self._load(i)
-            ready = torch.cuda.Event()
-            ready.record(self.stream)
-        self.pending[i] = (kv, ready)
-
-    def __getitem__(self, i: int):
-        if i in self.pending:
-            kv, ready = self.pending.pop(i)
-            compute = torch.cuda.current_stream(self.device)
-            compute.wait_event(ready)
-            for t in kv:  # allocated on the side stream, used on the compute stream
-                t.record_stream(compute)
-        else:
-            kv = self._load(i)
-        self._prefetch(i + 1)
-        return tuple(t.transpose(1, 2).expand(self.batch, -1, -1, -1) for t in kv)
-
-
-class _KVSink:
-    """Receives each block's (k, v) [B, N, heads, D] as the forward produces it and keeps it in the
-    returned layout [B, heads, N, D]. With ``offload`` on CUDA, each block's copy to pinned host
-    memory runs on a side stream right away (overlapping later blocks, freeing device memory
-    early); ``finish`` waits for the copies once, at the end of the forward."""
-
-    def __init__(self, device: torch.device, offload: bool):
-        self.offload = offload
-        self.stream = torch.cuda.Stream(device=device) if offload and device.type == "cuda" else None
-        self.out: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def __setitem__(self, i: int, kv) -> None:
-        kv = tuple(t.transpose(1, 2).contiguous() for t in kv)
-        if self.stream is not None:
-            self.stream.wait_stream(torch.cuda.current_stream(kv[0].device))
-            host = []
-            with torch.cuda.stream(self.stream):
-                for t in kv:
-                    h = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-                    h.copy_(t, non_blocking=True)
-                    t.record_stream(self.stream)  # keep t's memory until the copy is done
-                    host.append(h)
-            kv = tuple(host)
-        elif self.offload:
-            kv = tuple(t.to("cpu") for t in kv)
-        self.out[i] = kv
-
-    def finish(self) -> Dict[int, Tuple[torch.Tensor, torch.Tensor]]:
-        if self.stream is not None:
-            self.stream.synchronize()  # host tensors are complete before the caller sees them
-        return self.out
+def free_memory_bytes(device) -> Optional[int]:
+    """Memory a new allocation can get on ``device``, where it can be known: on CUDA the driver's
+    free memory plus what PyTorch's caching allocator holds unused; on the CPU (Linux) the
+    kernel's MemAvailable plus free swap. None elsewhere (no check is made)."""
+    device = torch.device(device)
+    try:
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+        if device.type == "cpu":
+            fields = {}
+            with open("/proc/meminfo", encoding="ascii") as f:
+                for line in f:
+                    name, _, rest = line.partition(":")
+                    fields[name] = int(rest.split()[0]) * 1024
+            return fields["MemAvailable"] + fields.get("SwapFree", 0)
+    except (OSError, KeyError, ValueError, RuntimeError, IndexError):
+        return None
+    return None
 
 
 class LongCatDiT(LongCatTransformer):
@@ -210,9 +158,15 @@ class LongCatDiT(LongCatTransformer):
         cfg = LongCatConfig.from_json_file(str(dit_dir / "config.json"), config_overrides)
         files = list_weight_files(dit_dir)
         device = _resolve_device(device, cp_size)
+        dtype = resolve_dtype(dtype, device)
+        # Nothing is allocated before the checkpoint is checked: the model is built on the meta
+        # device (shapes only), the safetensors headers are checked against it, then its size
+        # against the device's free memory; only then does it get storage and the data is read.
+        model = cls._build_meta(cfg, dtype, kernels, attention)
+        plan = check_official_weights({n: tuple(p.shape) for n, p in model.named_parameters()}, files, cfg)
         cp = _context_parallel(cfg, cp_size, device)
-        model = cls._allocate(cfg, resolve_dtype(dtype, device), device, kernels, attention)
-        load_official_weights(model, files, cfg)
+        model = cls._materialize(model, device)
+        copy_official_weights(model, plan)
         model.checkpoint_path = str(dit_dir)
         model.cp = cp
         return model.eval()
@@ -252,15 +206,33 @@ class LongCatDiT(LongCatTransformer):
 
     @classmethod
     def _allocate(cls, cfg, dtype, device, kernels, attention) -> "LongCatDiT":
-        # Built on the meta device, then given uninitialized storage on the target device in the
-        # target dtype: no default init pass, no host copy.
+        return cls._materialize(cls._build_meta(cfg, dtype, kernels, attention), device)
+
+    @classmethod
+    def _build_meta(cls, cfg, dtype, kernels, attention) -> "LongCatDiT":
+        """The model on the meta device in ``dtype``: shapes only, nothing allocated."""
         with torch.device("meta"):
             model = cls(cfg, kernels=kernels, attention=attention)
         # An inference runtime: no autograd state (the fused kernels have no backward).
-        model = model.requires_grad_(False).to(dtype=dtype)
-        if device.type != "meta":
-            model = model.to_empty(device=device)
-        return model
+        return model.requires_grad_(False).to(dtype=dtype)
+
+    @staticmethod
+    def _materialize(model: "LongCatDiT", device: torch.device) -> "LongCatDiT":
+        """Uninitialized storage on ``device`` in the model's dtype (no default init pass, no host
+        copy), after checking that the weights fit the device's free memory where it is known."""
+        if device.type == "meta":
+            return model
+        need = sum(p.numel() * p.element_size() for p in model.parameters())
+        free = free_memory_bytes(device)
+        if free is not None and need > free:
+            c = model.cfg
+            raise ValueError(
+                f"the model's weights need {need / 2**30:.2f} GiB ({model.num_parameters():,} parameters in "
+                f"{str(model.dtype).replace('torch.', '')}; hidden_size={c.hidden_size}, depth={c.depth}) but "
+                f"only {free / 2**30:.2f} GiB are free on {device}: check the config, or use a smaller dtype or "
+                "another device"
+            )
+        return model.to_empty(device=device)
 
     @torch.no_grad()
     def _init_random(self, seed: int) -> None:
@@ -408,25 +380,68 @@ class LongCatDiT(LongCatTransformer):
             text, mask = self._check_text(encoder_hidden_states, encoder_attention_mask, B, x.device)
         cache = None
         cache_frames = 0
+        if kv_cache_dict is not None and not isinstance(kv_cache_dict, Mapping):
+            raise ValueError(f"kv_cache_dict must be a mapping {{block: (k, v)}} (what return_kv=True returns), "
+                             f"got {type(kv_cache_dict).__name__}")
         if kv_cache_dict:  # the official default is {} (no cache)
             cache_frames = self._check_kv_cache(kv_cache_dict, B, hidden_states.shape, num_cond_latents)
             if self.cp is not None:  # this rank attends with its heads only: move just those
                 kv_cache_dict = {i: tuple(self.cp.local_heads_of(t, 1) for t in kv) for i, kv in kv_cache_dict.items()}
-            cache = _DeviceKVCache(kv_cache_dict, B, x.device, self.dtype)
+            cache = DeviceKVCache(kv_cache_dict, B, x.device, self.dtype)
             num_cond_latents = 0  # conditioning lives in the cache; every token here is noisy
         else:
             num_cond_latents = _check_int("num_cond_latents", num_cond_latents)
             if not 0 <= num_cond_latents <= T:
                 raise ValueError(f"num_cond_latents must be in [0, {T}] (the latent frames), got {num_cond_latents}")
 
-        sink = _KVSink(x.device, bool(offload_kv_cache)) if return_kv else None
+        sink = KVSink(x.device, bool(offload_kv_cache)) if return_kv else None
         out = self.run(
             x, t, text, mask, num_cond_latents, cache, cache_frames, sink, bool(skip_crs_attn),
             attention_backend=self.resolved_attention(), ops=self.resolved_ops(), cp=self.cp, block_fn=block_fn,
         )
-        return (out, sink.finish()) if return_kv else out
+        if not return_kv:
+            return out
+        _, _, Tl, Hl, Wl = hidden_states.shape
+        return out, KVCache(sink.finish(), grid=(Tl, Hl, Wl), made_by=self.kv_cache_identity())
+
+    def kv_cache_identity(self) -> Dict[str, Any]:
+        """What a :class:`KVCache` made by this model records as ``made_by``: the config keys that
+        decide the cached keys and values, and the checkpoint folder (None for random weights)."""
+        c = self.cfg
+        ident = {k: (list(getattr(c, k)) if k == "patch_size" else getattr(c, k)) for k in IDENTITY_KEYS}
+        ident["checkpoint"] = self.checkpoint_path
+        return ident
+
+    def check_kv_cache_origin(self, cache, latent_hw: Tuple[int, int]) -> None:
+        """For a :class:`KVCache`: it was made by a model like this one, from a latent of this H x W
+        (a ValueError otherwise). Plain mappings carry no origin and pass."""
+        if not isinstance(cache, KVCache):
+            return
+        if cache.made_by is not None:
+            mine = self.kv_cache_identity()
+            differ = [f"{k} {cache.made_by.get(k)!r} (this model: {mine[k]!r})" for k in mine
+                      if cache.made_by.get(k) != mine[k]]
+            if differ:
+                raise ValueError("kv cache was made by a different model: " + ", ".join(differ)
+                                 + "; compute the cache with the model that uses it")
+        if cache.grid is not None:
+            Tc, Hc, Wc = cache.grid
+            H, W = latent_hw
+            if (Hc, Wc) != (int(H), int(W)):
+                raise ValueError(
+                    f"kv cache was made from a latent of T x H x W = {Tc} x {Hc} x {Wc}; this call's latent is "
+                    f"H x W = {H} x {W}. A cache serves calls at its own H and W only (its keys' positions "
+                    "depend on the grid): compute it from conditioning latents of this size"
+                )
 
     # -- input checking: every malformed input is a ValueError naming what is wrong -------------
+    def _is_meta(self) -> bool:
+        return next(self.parameters()).is_meta
+
+    def _check_not_meta(self, name: str, t: torch.Tensor) -> None:
+        if t.is_meta and not self._is_meta():
+            raise ValueError(f"{name} is on the meta device (shapes only, no data); pass a tensor with data")
+
     def _check_latents(self, hs):
         cfg = self.cfg
         if not isinstance(hs, torch.Tensor) or hs.dim() != 5:
@@ -437,6 +452,7 @@ class LongCatDiT(LongCatTransformer):
             raise ValueError(f"hidden_states has {Cin} channels, the model takes {cfg.in_channels}")
         if not hs.is_floating_point():
             raise ValueError(f"hidden_states must be floating point, got {hs.dtype}")
+        self._check_not_meta("hidden_states", hs)
         if min(B, T, H, W) == 0:
             raise ValueError(f"hidden_states has an empty dimension: {tuple(hs.shape)}")
         pt, ph, pw = cfg.patch_size
@@ -450,6 +466,9 @@ class LongCatDiT(LongCatTransformer):
     def _check_timestep(self, timestep, B, T, device):
         if not isinstance(timestep, torch.Tensor):
             raise ValueError(f"timestep must be a tensor [B] or [B, T], got {type(timestep).__name__}")
+        if timestep.is_complex() or timestep.dtype == torch.bool:
+            raise ValueError(f"timestep must hold real numbers, got {timestep.dtype}")
+        self._check_not_meta("timestep", timestep)
         if timestep.dim() == 1 and timestep.shape[0] == B:
             timestep = timestep[:, None].expand(B, T)
         elif timestep.dim() != 2 or tuple(timestep.shape) != (B, T):
@@ -461,17 +480,27 @@ class LongCatDiT(LongCatTransformer):
         cfg = self.cfg
         if text is None:
             raise ValueError("encoder_hidden_states is required unless skip_crs_attn=True")
+        if not isinstance(text, torch.Tensor):
+            raise ValueError(f"encoder_hidden_states must be a tensor [B, 1, L, {cfg.caption_channels}], got "
+                             f"{type(text).__name__}")
         if text.dim() == 4 and text.shape[1] == 1:
             text = text[:, 0]
         if text.dim() != 3 or text.shape[-1] != cfg.caption_channels:
             raise ValueError(f"encoder_hidden_states must be [B, 1, L, {cfg.caption_channels}] or "
                              f"[B, L, {cfg.caption_channels}], got {tuple(text.shape)}")
+        if not text.is_floating_point():
+            raise ValueError(f"encoder_hidden_states must be floating point, got {text.dtype}")
+        self._check_not_meta("encoder_hidden_states", text)
         if text.shape[0] != B:
             raise ValueError(f"encoder_hidden_states has batch {text.shape[0]}, hidden_states has batch {B}")
         if text.shape[1] == 0:
             raise ValueError("encoder_hidden_states has no tokens (L = 0)")
         L = text.shape[1]
         if mask is not None:
+            if not isinstance(mask, torch.Tensor):
+                raise ValueError(f"encoder_attention_mask must be a tensor [B, L] (nonzero = valid), got "
+                                 f"{type(mask).__name__}")
+            self._check_not_meta("encoder_attention_mask", mask)
             if mask.dim() == 4 and mask.shape[1] == 1 and mask.shape[2] == 1:
                 mask = mask[:, 0, 0]
             if mask.dim() != 2 or tuple(mask.shape) != (B, L):
@@ -485,7 +514,9 @@ class LongCatDiT(LongCatTransformer):
         depth, heads, D = cfg.depth, cfg.num_heads, cfg.head_dim
         keys = set(cache.keys())
         if keys != set(range(depth)):
-            raise ValueError(f"kv_cache_dict must have one (k, v) per block 0..{depth - 1}, got keys {sorted(keys, key=str)}")
+            shown = cap_list([repr(k) for k in sorted(keys, key=str)])
+            raise ValueError(f"kv_cache_dict must have one (k, v) per block 0..{depth - 1}, got keys [{shown}]")
+        self.check_kv_cache_origin(cache, (latent_shape[3], latent_shape[4]))
         tokens_per_frame = (latent_shape[3] // cfg.patch_size[1]) * (latent_shape[4] // cfg.patch_size[2])
         shape0 = None
         for i in range(depth):
@@ -493,6 +524,13 @@ class LongCatDiT(LongCatTransformer):
             if not (isinstance(entry, (tuple, list)) and len(entry) == 2):
                 raise ValueError(f"kv_cache_dict[{i}] must be a (k, v) pair")
             k, v = entry
+            if not (isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor)):
+                raise ValueError(f"kv_cache_dict[{i}]: k and v must be tensors [B, heads, N, D], got "
+                                 f"{type(k).__name__} and {type(v).__name__}")
+            if not (k.is_floating_point() and v.is_floating_point()):
+                raise ValueError(f"kv_cache_dict[{i}]: k and v must be floating point, got {k.dtype} and {v.dtype}")
+            self._check_not_meta(f"kv_cache_dict[{i}]", k)
+            self._check_not_meta(f"kv_cache_dict[{i}]", v)
             if k.dim() != 4 or k.shape != v.shape:
                 raise ValueError(f"kv_cache_dict[{i}]: k and v must both be [B, heads, N, D], got "
                                  f"{tuple(k.shape)} and {tuple(v.shape)}")
@@ -511,6 +549,9 @@ class LongCatDiT(LongCatTransformer):
                 f"(H x W = {latent_shape[3]} x {latent_shape[4]}): was it made for a different resolution?"
             )
         m = Nc // tokens_per_frame
+        if isinstance(cache, KVCache) and cache.grid is not None and cache.grid[0] != m:
+            raise ValueError(f"kv cache holds {m} frames of tokens but was made from a latent of {cache.grid[0]} "
+                             "frames: it was modified after it was made")
         num_cond_latents = _check_int("num_cond_latents", num_cond_latents)
         if num_cond_latents not in (0, m):
             raise ValueError(f"num_cond_latents={num_cond_latents} but the kv cache holds {m} frames")
@@ -518,11 +559,21 @@ class LongCatDiT(LongCatTransformer):
 
 
 def _check_int(name: str, v) -> int:
-    if isinstance(v, torch.Tensor) and v.numel() == 1:
-        v = int(v.item())
-    if isinstance(v, bool) or not isinstance(v, int):
+    """An integer-like ``v`` (int, NumPy integer, one-element integer tensor or integral float
+    tensor) as an int; anything else (bool, float, str, ...) is a ValueError."""
+    if isinstance(v, torch.Tensor):
+        if v.numel() != 1 or v.is_meta or v.is_complex() or v.dtype == torch.bool:
+            raise ValueError(f"{name} must be an int, got a tensor of shape {tuple(v.shape)} and dtype {v.dtype}")
+        x = v.item()
+        if isinstance(x, float) and not (math.isfinite(x) and x == int(x)):
+            raise ValueError(f"{name} must be an int, got {x!r}")
+        return int(x)
+    if isinstance(v, bool) or type(v).__name__ == "bool_":
         raise ValueError(f"{name} must be an int, got {v!r}")
-    return v
+    try:
+        return operator.index(v)
+    except TypeError:
+        raise ValueError(f"{name} must be an int, got {v!r}") from None
 
 
 def _check_cp_size(cp_size) -> int:

@@ -11,7 +11,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -28,6 +28,7 @@ LORA_PREFIX = "lora___lorahyphen___"
 LORA_HYPHEN = "___lorahyphen___"
 LORA_MODES = ("merged", "unmerged")
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+_MAX_PROBLEMS = 20  # a LoRA error lists this many problems, then counts the rest
 _KEY = re.compile(r"^(?P<stem>[^.]+)\."
                   r"(?P<kind>lora_down\.weight|lora_up\.weight|lora_up\.blocks\.(?P<blk>\d+)\.weight|alpha_scale)$")
 
@@ -168,6 +169,15 @@ def lora_from_state_dict(model: nn.Module, tensors: Dict[str, torch.Tensor], key
     multiplier = _check_multiplier(multiplier)
     if isinstance(lora_network_dim, bool) or not isinstance(lora_network_dim, int) or lora_network_dim <= 0:
         raise ValueError(f"lora_network_dim must be a positive int (the LoRA rank), got {lora_network_dim!r}")
+    if lora_network_alpha is not None:
+        if (isinstance(lora_network_alpha, (bool, str)) or not isinstance(lora_network_alpha, (int, float))
+                or not math.isfinite(float(lora_network_alpha))):
+            raise ValueError(f"lora_network_alpha must be a finite number or None, got {lora_network_alpha!r}")
+    if not isinstance(tensors, Mapping):
+        raise ValueError(f"LoRA tensors must be a mapping {{name: tensor}}, got {type(tensors).__name__}")
+    bad_names = [repr(k) for k in tensors if not isinstance(k, str)]
+    if bad_names:
+        raise ValueError(f"LoRA tensor names must be strings, got {', '.join(bad_names[:_MAX_PROBLEMS])}")
     targets = official_lora_targets(model)
     where = f"LoRA file {str(path)!r}" if path is not None else "LoRA state dict"
 
@@ -202,8 +212,17 @@ def lora_from_state_dict(model: nn.Module, tensors: Dict[str, torch.Tensor], key
         internal, row0, rows, fin = targets[official]
         ok = True
         for s, t in parts.items():
-            if not t.is_floating_point():
+            if not isinstance(t, torch.Tensor):
+                bad(f"not a tensor ({type(t).__name__})", s)
+                ok = False
+            elif not t.is_floating_point():
                 bad(f"dtype {t.dtype} is not floating point", s)
+                ok = False
+            elif t.is_meta:
+                bad("is on the meta device (no data)", s)
+                ok = False
+            elif not bool(torch.isfinite(t).all()):
+                bad("holds NaN or Inf values", s)
                 ok = False
         down = parts.get("lora_down.weight")
         if down is None:
@@ -256,8 +275,10 @@ def lora_from_state_dict(model: nn.Module, tensors: Dict[str, torch.Tensor], key
             alpha_scale=float(parts["alpha_scale"].detach().float().reshape(())), multiplier=multiplier,
         ))
     if problems:
+        shown = problems[:_MAX_PROBLEMS] + ([f"... and {len(problems) - _MAX_PROBLEMS} more"]
+                                            if len(problems) > _MAX_PROBLEMS else [])
         raise ValueError(f"{where} (key {key!r}) does not fit this model; {len(problems)} problem(s):\n  "
-                         + "\n  ".join(problems))
+                         + "\n  ".join(shown))
     alpha = None if lora_network_alpha is None else float(lora_network_alpha)
     return LoRA(key=key, path=None if path is None else str(path), multiplier=multiplier,
                 lora_network_dim=lora_network_dim, lora_network_alpha=alpha, loras=modules)
@@ -357,7 +378,15 @@ def enable_loras(dit, lora_key_list: Sequence = ()) -> None:
     """Make exactly ``lora_key_list`` active (replacing the active set), in ``dit.lora_mode``."""
     if isinstance(lora_key_list, str):
         lora_key_list = [lora_key_list]
+    if lora_key_list is None or not hasattr(lora_key_list, "__iter__"):
+        raise ValueError(f"enable_loras takes a list of loaded LoRA keys (e.g. ['cfg_step_lora']), got "
+                         f"{lora_key_list!r}; disable_all_loras() (or enable_loras([])) turns every LoRA off")
     keys = list(lora_key_list)
+    try:
+        for k in keys:
+            hash(k)
+    except TypeError:
+        raise ValueError(f"enable_loras: LoRA keys must be hashable (strings), got {keys!r}") from None
     st = _state(dit)
     unknown = [k for k in keys if k not in dit.lora_dict]
     if unknown:

@@ -418,10 +418,13 @@ class LongCatTransformer(nn.Module):
             if not skip_crs_attn:
                 y = self.y_embedder(text)  # [B, L, C]
         if y is not None and text_mask is not None:
-            if cfg.text_tokens_zero_pad:
-                # Padded tokens are zeroed, then every token is attended (official setting).
-                y = y * text_mask[:, :, None].to(y.dtype)
-            else:
+            # Masked-out tokens contribute nothing, whatever they hold: selected away with where
+            # (a multiply by 0 would keep a NaN or Inf). With text_tokens_zero_pad (the official
+            # setting) the zeroed tokens are then attended like the others; without it they are
+            # also left out of the attention, and zeroing them first keeps a non-finite value out
+            # of the attention's weighted sum (0 * NaN is NaN), for the same result otherwise.
+            y = torch.where(text_mask[:, :, None], y, y.new_zeros(()))
+            if not cfg.text_tokens_zero_pad:
                 text_valid = text_mask
 
         ctx = ForwardContext(

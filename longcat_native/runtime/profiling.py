@@ -157,8 +157,11 @@ def profile_forward(
     finally:
         enable_nvtx(previous)
     if trace_path:
-        os.makedirs(os.path.dirname(os.path.abspath(trace_path)), exist_ok=True)
-        prof.export_chrome_trace(trace_path)
+        from .files import atomic_output
+
+        # Written next to trace_path and renamed into place when complete (runtime/files.py).
+        with atomic_output(trace_path, make_parent=True) as tmp:
+            prof.export_chrome_trace(tmp)
 
     # Rows: profiler ops (aten ops, custom ops) by self time. On CUDA the time is the device
     # time of the kernels each op launched (its self_device_time_total), so kernels are grouped
