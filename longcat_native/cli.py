@@ -139,7 +139,8 @@ def cmd_info(args) -> int:
     print(f"refinement 480p -> 720p of {r['stage1_frames']} frames, ESTIMATED peak GPU memory (not measured; "
           f"denoising activations traced, the rest assumed: refine_memory_estimate's docstring):")
     print(f"  {r['frames']} frames at {r['size'][0]}x{r['size'][1]}, latent {tuple(r['latent_thw'])}, "
-          f"{r['tokens']:,} tokens, BSA on, no CFG, text encoder off the GPU, tiled VAE decode")
+          f"{r['tokens']:,} tokens, BSA on, no CFG, text encoder off the GPU, VAE decode in 256-pixel tiles "
+          "(--vae-tiling; whole frames, the default, take more)")
     print(f"  denoise: DiT weights {_fmt_bytes(r['dit_weight_bytes'])} + activations {_fmt_bytes(r['activation_bytes'])}"
           f" + latents {_fmt_bytes(r['latent_bytes'])}"
           f" + overhead {_fmt_bytes(r['overhead_bytes'])}")
