@@ -122,12 +122,16 @@ def test_fused_forward_holds_only_the_ffn_live_set_at_real_shapes():
 
 
 def test_kv_cache_is_an_input_not_an_activation():
+    # 6 cached frames for 2 new ones: the attention over the concatenated keys and values is then
+    # the peak (with fewer, the FFN's live set stays the largest; the block input is freed before
+    # the attention runs).
     base = trace_forward_memory("tiny", batch=1, latent=(2, 8, 8), text_len=4)
-    cached = trace_forward_memory("tiny", batch=1, latent=(2, 8, 8), text_len=4, kv_frames=3)
+    cached = trace_forward_memory("tiny", batch=1, latent=(2, 8, 8), text_len=4, kv_frames=6)
     cfg = LongCatDiT.from_config("tiny", device="meta").config
-    cache = 2 * cfg.depth * allocator_bytes(3 * 16 * cfg.hidden_size * 2)  # k and v per block, bf16
+    cache = 2 * cfg.depth * allocator_bytes(6 * 16 * cfg.hidden_size * 2)  # k and v per block, bf16
     assert cached["inputs"] - base["inputs"] == cache
     assert cached["activation_peak"] > base["activation_peak"]  # keys and values concatenated with the cache
+    assert cached["trace"].peak_op == "aten.scaled_dot_product_attention"
 
 
 @needs_cuda

@@ -235,8 +235,10 @@ class CUDAGraphRunner:
         bsa = None
         if getattr(cfg, "enable_bsa", False):
             bsa = tuple((k, repr(v)) for k, v in sorted(getattr(cfg, "bsa", {}).items()))
+        # The FFN slicing (LongCatDiT.enable_forward_chunking) is a Python loop baked into a graph.
+        ffn_chunk = getattr(m, "ffn_chunk_tokens", None)
         return tuple(parts) + (int(num_cond_latents), bool(skip_crs_attn), torch.is_inference_mode_enabled(),
-                               bsa, kernels, attention, active, mode)
+                               bsa, kernels, attention, active, mode, ffn_chunk)
 
     def weights_fingerprint(self) -> tuple:
         """The storages a captured graph reads besides its static inputs: every parameter and

@@ -334,6 +334,21 @@ class LongCatDiT(LongCatTransformer):
         """Keys of the active LoRAs, in the order given to :meth:`enable_loras` (a copy)."""
         return list(self.lora_state.active)
 
+    # -- memory -------------------------------------------------------------------------------
+    def enable_forward_chunking(self, chunk_size: int = 16384) -> None:
+        """Run each block's FFN ``chunk_size`` token rows at a time (w13 -> SwiGLU -> w2 per slice,
+        written into the output; diffusers' name). The same math, less activation memory: traced
+        (runtime/memory.py, bf16) the forward's activation peak drops from 11.69 to 9.09 GiB at 720p
+        (N = 168,960, BSA) and from 5.19 to 4.02 GiB at 480p (batch 2) with 16,384-token slices;
+        the self-attention's live set (qkv, q, k, the output, the residual) is then the largest.
+        Each slice is one more launch of each FFN op."""
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+            raise ValueError(f"chunk_size must be a positive int (token rows per FFN slice), got {chunk_size!r}")
+        self.ffn_chunk_tokens = chunk_size
+
+    def disable_forward_chunking(self) -> None:
+        self.ffn_chunk_tokens = None
+
     # -- block-sparse attention (official API) ------------------------------------------------
     def enable_bsa(self) -> None:
         """Self-attention becomes block-sparse (``config.bsa_params``) on latents of more than one

@@ -136,11 +136,13 @@ def _tensor_bytes(tensors) -> int:
 
 def trace_forward_memory(config="longcat-video", *, batch: int = 1, latent=(24, 60, 104), text_len: int = 512,
                          bsa: bool = False, dtype=torch.bfloat16, kv_frames: int = 0,
-                         config_overrides: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+                         config_overrides: Optional[Dict[str, Any]] = None,
+                         ffn_chunk_tokens: Optional[int] = None) -> Dict[str, Any]:
     """Peak memory of one forward of the fused path (what ``kernels="auto"`` runs on CUDA), traced
     on fake tensors: nothing is allocated or computed. ``latent`` is (T, H, W) of the call's own
     frames; ``kv_frames`` > 0 adds a batch-1 KV cache of that many frames (continuation), which
-    the forward receives as inputs. Returns bytes: ``weights``, ``inputs`` (latent, timestep, text,
+    the forward receives as inputs; ``ffn_chunk_tokens`` runs each FFN in slices of that many token
+    rows (``LongCatDiT.enable_forward_chunking``). Returns bytes: ``weights``, ``inputs`` (latent, timestep, text,
     KV cache), ``activation_peak`` (the trace's peak: new allocations, custom-op scratch
     included), ``peak`` (their sum: ``max_memory_allocated`` after a fresh start), and the trace."""
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -151,6 +153,8 @@ def trace_forward_memory(config="longcat-video", *, batch: int = 1, latent=(24, 
                                  **(config_overrides or {}))
     if bsa:
         dit.enable_bsa()
+    if ffn_chunk_tokens is not None:
+        dit.enable_forward_chunking(ffn_chunk_tokens)
     cfg = dit.config
     T, H, W = latent
     pt, ph, pw = cfg.patch_size

@@ -229,7 +229,9 @@ class LongCatBlock(nn.Module):
         xh.clear()
         _, _, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod
         with nvtx_range("block.self_attn"):
-            attn_out, new_kv = self._self_attention(h, ctx, ops, kv_cache)
+            hbox = [h]  # the attention's to free once qkv is computed (the class doc's rule)
+            del h
+            attn_out, new_kv = self._self_attention(hbox, ctx, ops, kv_cache)
         if ctx.skip_crs_attn:
             with nvtx_range("op.residual_layernorm_modulate"):
                 x, h = ops.residual_layernorm_modulate(x, attn_out, gate_msa, shift_mlp, scale_mlp)
@@ -245,20 +247,44 @@ class LongCatBlock(nn.Module):
                 x, h = ops.residual_layernorm_modulate(x, cross_out, None, shift_mlp, scale_mlp)
             del cross_out
         with nvtx_range("block.ffn"):
+            chunk = ctx.ffn_chunk_tokens
+            if chunk is not None and h.shape[0] * h.shape[1] > chunk:
+                ffn_out = self._chunked_ffn(h, ops, chunk)
+                del h
+            else:
+                with nvtx_range("op.ffn_w13"):
+                    ab = linear(h, self.ffn.w13)
+                del h
+                with nvtx_range("op.swiglu"):
+                    ab = ops.swiglu(ab)
+                with nvtx_range("op.ffn_w2"):
+                    ffn_out = linear(ab, self.ffn.w2)
+        return x, ffn_out, gate_mlp, new_kv
+
+    def _chunked_ffn(self, h, ops, chunk: int):
+        """The FFN ``chunk`` token rows at a time (w13 -> SwiGLU -> w2 per slice, written into the
+        output): the live set is x, h, the output and one slice's [chunk, 3F] instead of the whole
+        [N, 3F] of the w13 and SwiGLU outputs (traced at 720p: runtime/memory.py)."""
+        B, N, C = h.shape
+        rows = h.reshape(B * N, C)
+        out = rows.new_empty(B * N, self.ffn.w2.out_features)
+        for start in range(0, B * N, chunk):
             with nvtx_range("op.ffn_w13"):
-                ab = linear(h, self.ffn.w13)
-            del h
+                ab = linear(rows[start:start + chunk], self.ffn.w13)
             with nvtx_range("op.swiglu"):
                 ab = ops.swiglu(ab)
             with nvtx_range("op.ffn_w2"):
-                ffn_out = linear(ab, self.ffn.w2)
-        return x, ffn_out, gate_mlp, new_kv
+                out[start:start + chunk] = linear(ab, self.ffn.w2)
+            del ab
+        return out.view(B, N, -1)
 
-    def _self_attention(self, h, ctx, ops, kv_cache):
+    def _self_attention(self, hbox: list, ctx, ops, kv_cache):
         a = self.attn
+        h = hbox.pop()
         B, n, C = h.shape
         with nvtx_range("op.qkv"):
             qkv = linear(h, a.qkv).view(B, n, 3, a.num_heads, a.head_dim)
+        del h  # dead: the attention's live set is qkv and what it derives
         if ctx.cp is not None:
             # Ulysses: this rank's tokens x all heads -> all tokens (global order) x its heads; the
             # rest of the attention is the single-device code on fewer heads (runtime/parallel.py).
@@ -363,7 +389,7 @@ class ForwardContext:
     """Per-call facts every block reads (shapes, text, conditioning)."""
 
     __slots__ = ("grid", "cache_grid", "cache_frames", "num_cond_tokens", "num_cond_tokens_local", "text",
-                 "text_valid", "skip_crs_attn", "return_kv", "attention", "bsa", "cp")
+                 "text_valid", "skip_crs_attn", "return_kv", "attention", "bsa", "cp", "ffn_chunk_tokens")
 
     def __init__(self, **kw):
         for k in self.__slots__:
@@ -383,6 +409,8 @@ class LongCatTransformer(nn.Module):
         self.y_embedder = CaptionEmbedder(cfg)
         self.blocks = nn.ModuleList([LongCatBlock(cfg) for _ in range(cfg.depth)])
         self.final_layer = FinalLayer(cfg)
+        # Token rows per FFN slice (LongCatDiT.enable_forward_chunking), None: the whole sequence.
+        self.ffn_chunk_tokens: Optional[int] = None
 
     def run(
         self,
@@ -440,6 +468,7 @@ class LongCatTransformer(nn.Module):
             attention=attention_backend,
             bsa=cfg.bsa if cfg.enable_bsa else None,
             cp=cp,
+            ffn_chunk_tokens=self.ffn_chunk_tokens,
         )
 
         with nvtx_range("op.modulation"):
