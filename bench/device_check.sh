@@ -16,7 +16,8 @@
 #      forward, denoise, unmerged-LoRA switches), pinned KV offload; in parallel (pytest-xdist,
 #      on the machine's image) since Triton compiles each new kernel specialization once
 #   3  bench/model.py at 480p (CFG batch 2) on 8 of the 48 blocks: the four columns (eager
-#      reference, compiled reference, fused, fused + compile + CUDA graphs). The ratios and the MFU
+#      reference, compiled reference, fused, fused + compile + CUDA graphs) and the same best
+#      column on FP8 weights (--quantize fp8: FP8 vs bf16 forward time in one run). The ratios and the MFU
 #      hardly depend on the depth (the embedders and the final layer are < 0.1% of the FLOPs), and 8
 #      blocks compile in a sixth of the time of 48
 #   4  the memory-bound kernels, one block, attention (each SDPA kernel forced in turn) and BSA at
@@ -26,6 +27,9 @@
 #   6  (opt-in, for time left over) step 3's run with attention="cudnn" (SDPA with cuDNN's kernel
 #      first; filed as model:480p-cudnn), eager reference and fused + compile + graphs columns:
 #      whether cuDNN's attention should become auto's choice where flash-attn is not installed
+#   7  (opt-in) bench/quantize.py --real (FP8 vs bf16 GEMM TFLOP/s), bench/streaming.py (measured
+#      host-to-device bandwidth, streamed vs resident forward) and bench/step_cache.py --real
+#      (480p with and without the step cache), each time-limited
 #
 # Results: $OUT/steps.log (what ran, how long, the tables) and tests.log, and the suite's
 # $OUT/<date>-<gpu>.json + .md holding every bench step; file them in the repository with
@@ -78,9 +82,9 @@ if want 2; then
 fi
 
 if want 3; then
-  step "3 model 480p, 8 blocks, four columns (limit ${LIMIT_480P:-190} s)"
-  "$PY" bench/suite.py --only model --out-dir "$OUT" --timeout-s "${LIMIT_480P:-190}" \
-    --args "model=--size 480p --depth 8 --repeats 2" 2>&1 | tee -a "$LOG" | tail -n 2
+  step "3 model 480p, 8 blocks, four columns + fp8 (limit ${LIMIT_480P:-240} s)"
+  "$PY" bench/suite.py --only model --out-dir "$OUT" --timeout-s "${LIMIT_480P:-240}" \
+    --args "model=--size 480p --depth 8 --repeats 2 --quantize fp8" 2>&1 | tee -a "$LOG" | tail -n 2
 fi
 
 if want 4; then
@@ -100,6 +104,12 @@ if want 6; then
   "$PY" bench/suite.py --only model --tag 480p-cudnn --out-dir "$OUT" --timeout-s "${LIMIT_CUDNN:-150}" \
     --args "model=--size 480p --depth 8 --repeats 2 --attention cudnn --columns eager_ref fused_compile_graphs" \
     2>&1 | tee -a "$LOG" | tail -n 2
+fi
+
+if want 7; then
+  step "7 quantize, streaming, step cache at the real shapes (limit ${LIMIT_NEW:-90} s each)"
+  "$PY" bench/suite.py --only quantize,streaming,step_cache --out-dir "$OUT" --timeout-s "${LIMIT_NEW:-90}" \
+    --args "quantize=--real" --args "step_cache=--real" 2>&1 | tee -a "$LOG" | tail -n 2
 fi
 
 step "done (steps: $STEPS)"

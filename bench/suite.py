@@ -33,7 +33,8 @@ from longcat_native.runtime.files import write_json_atomic, write_text_atomic
 _BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 _REPO = os.path.dirname(_BENCH_DIR)
 
-BENCHES = ("kernels", "block", "attention", "block_sparse_attention", "lora", "model", "parallel")
+BENCHES = ("kernels", "block", "attention", "block_sparse_attention", "lora", "model", "parallel", "quantize",
+           "streaming", "step_cache")
 
 
 def device_slug(name: str) -> str:

@@ -336,18 +336,24 @@ def test_device_check_script(tmp_path):
     assert len(test_files) >= 10 and all(os.path.exists(os.path.join(REPO_ROOT, f)) for f in test_files), test_files
     joined = re.sub(r"\\\n\s*", " ", text)  # shell line continuations
     suite_lines = re.findall(r'"\$PY" bench/suite\.py (.*?)(?: 2>&1|$)', joined, flags=re.M)
-    assert len(suite_lines) == 4, suite_lines
+    assert len(suite_lines) == 5, suite_lines
     from suite import BENCHES
 
+    import importlib.util
+
     for line in suite_lines:
-        argv = shlex.split(line.replace('"$OUT"', "out").replace("${LIMIT_480P:-190}", "1")
-                           .replace("${LIMIT_KERNELS:-45}", "1").replace("${LIMIT_720P:-100}", "1")
-                           .replace("${LIMIT_CUDNN:-150}", "1"))
+        argv = shlex.split(re.sub(r"\$\{LIMIT_\w+:-\d+\}", "1", line.replace('"$OUT"', "out")))
         only = argv[argv.index("--only") + 1].split(",")
         assert set(only) <= set(BENCHES), only
         for spec in [argv[i + 1] for i, a in enumerate(argv) if a == "--args"]:
             name, _, rest = spec.partition("=")
-            assert name == "model"
-            p = argparse.ArgumentParser()
-            model.add_arguments(p)
-            p.parse_args(rest.split())  # exits (fails the test) on an unknown option
+            assert name in only, (name, only)
+            if name == "model":
+                p = argparse.ArgumentParser()
+                model.add_arguments(p)
+                p.parse_args(rest.split())  # exits (fails the test) on an unknown option
+                continue
+            spec_ = importlib.util.spec_from_file_location(f"bench_{name}", os.path.join(BENCH_DIR, f"{name}.py"))
+            mod = importlib.util.module_from_spec(spec_)
+            spec_.loader.exec_module(mod)
+            mod.parse_args(rest.split())  # the script's own parser; exits on an unknown option

@@ -26,6 +26,7 @@ _EXPORTS = {
     "block_sparse_attention": ("longcat_native.kernels.block_sparse_attention", "block_sparse_attention"),
     "LongCatVideoPipeline": ("longcat_native.pipelines.pipeline", "LongCatVideoPipeline"),
     "denoise": ("longcat_native.pipelines.sampler", "denoise"),
+    "StepCache": ("longcat_native.runtime.step_cache", "StepCache"),
 }
 
 __all__ = ["LongCatDiT", "LongCatConfig", "LongCatVideoPipeline", "CheckpointError", "CUDAGraphRunner",

@@ -10,7 +10,7 @@ import sys
 import time
 from typing import List, Optional
 
-from .runtime.names import ATTENTION_CHOICES, KERNEL_CHOICES, MAX_STEPS
+from .runtime.names import ATTENTION_CHOICES, KERNEL_CHOICES, MAX_STEPS, OFFLOAD_CHOICES, QUANTIZE_CHOICES
 
 
 def _fmt_count(n: int) -> str:
@@ -69,7 +69,9 @@ def cmd_info(args) -> int:
     the CUDA context, cuBLAS/cuDNN workspaces and allocator fragmentation. Also the ESTIMATED peak
     GPU memory of the official 480p -> 720p refinement (pipelines.run.refine_memory_estimate): by
     default only for a model of the official size (it assumes the official umT5-XXL text encoder
-    and Wan VAE beside the DiT); --refine-estimate prints it for any config."""
+    and Wan VAE beside the DiT); --refine-estimate prints it for any config. --quantize adds the
+    quantized weight bytes; --max-memory traces every stage of the official 3-stage run
+    (pipelines.budget.plan_memory) and prints each stage's device peak and the settings that fit."""
     import torch
 
     from .pipelines.run import refine_memory_estimate
@@ -93,7 +95,7 @@ def cmd_info(args) -> int:
     meta = LongCatDiT.from_config(cfg, device="meta", dtype=dtype, kernels="reference")
     params = meta.num_parameters()
     latent = latent_size(args.frames, args.height, args.width)
-    act = activation_bytes(cfg, latent, args.batch, dtype, args.kv_frames)
+    act = activation_bytes(cfg, latent, args.batch, dtype, args.kv_frames, quantize=args.quantize)
     # The estimate assumes the official components (umT5-XXL, Wan VAE) beside the DiT: meaningful
     # for a model of the official size, not for a tiny test config.
     official_size = cfg.hidden_size >= 4096 and cfg.depth >= 48
@@ -111,6 +113,23 @@ def cmd_info(args) -> int:
     }
     if refine is not None:
         info["refine_720p_estimate"] = refine
+    plan = None
+    if args.max_memory is not None:
+        from .pipelines.budget import format_plan, plan_memory
+        from .pipelines.components import TEXT_ENCODER_DIR, VAE_DIR, component_config
+
+        root_cfg = {}
+        if args.path:
+            from .pipelines.components import checkpoint_root
+
+            root = checkpoint_root(args.path)
+            root_cfg = {k: component_config(root, d) for k, d in (("text_encoder_config", TEXT_ENCODER_DIR),
+                                                                   ("vae_config", VAE_DIR)) if (root / d).is_dir()}
+        plan = plan_memory(args.max_memory, dit_config=cfg, quantize=args.quantize, dtype=dtype, **root_cfg)
+        info["memory_plan"] = plan.to_dict()
+    if args.quantize is not None:
+        qmeta = LongCatDiT.from_config(cfg, device="meta", dtype=dtype, kernels="reference", quantize=args.quantize)
+        info["quantized_weight_bytes"] = qmeta.weight_bytes()
     if args.json:
         print(json.dumps(info))
         return 0
@@ -121,6 +140,12 @@ def cmd_info(args) -> int:
     print(f"  {'ffn_hidden_size':26s} {cfg.ffn_hidden_size}")
     print(f"parameters        {_fmt_count(params)}")
     print(f"weights in {info['dtype']:9s}{_fmt_bytes(params * dtype_bytes)}")
+    if args.quantize is not None:
+        print(f"weights {args.quantize:10s}{_fmt_bytes(info['quantized_weight_bytes'])} (block GEMMs quantized, "
+              "the rest in the model dtype)")
+    if plan is not None:
+        print("official 3-stage run (480p base with CFG, stage-1 decode, 720p refinement), traced per stage:")
+        print(format_plan(plan))
     if weight_bytes is not None:
         print(f"weight files      {_fmt_bytes(weight_bytes)}")
     print(f"video {args.frames} x {args.height} x {args.width}, batch {args.batch} -> latent {latent}, "
@@ -257,6 +282,17 @@ def cmd_generate(args) -> int:
     print(f"memory   {s['memory']['label']}:")
     for row in s["memory"]["stages"]:
         print(f"           {row['stage']:16s} {_fmt_bytes(row['peak_bytes']):>12s}  ({row['seconds']:.2f} s)")
+    sc = s.get("step_cache")
+    if sc:
+        print(f"cache    {sc['cached_steps']}/{sc['steps']} steps cached, {sc['full_steps']} full, "
+              f"{sc['block_forwards_saved']}/{sc['block_forwards_total']} block forwards saved "
+              f"({100 * sc['saved_fraction']:.1f}%)")
+        chk = s.get("cache_check")
+        if chk:
+            psnr = chk.get("psnr_db")
+            print(f"check    without the cache: latents rel. L2 {chk['latents_rel_l2']:.3g}"
+                  + (f", decoded PSNR {psnr:.2f} dB" if psnr is not None else "")
+                  + f"; {chk['uncached_total_s']:.2f} s uncached vs {s['total_s']:.2f} s cached")
     print(f"output   {s['output']}" + (f" ({video_shape[0]} frames, {video_shape[1]}x{video_shape[2]})"
                                        if video_shape else ""))
     if s["random_weights"]:
@@ -354,6 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--refine-estimate", action="store_true",
                       help="also estimate the 480p -> 720p refinement's peak GPU memory for a config smaller than "
                            "the official one (printed by default for the official size)")
+    _add_memory_arguments(info)
     info.add_argument("--json", action="store_true", help="print one JSON object")
     info.set_defaults(func=cmd_info)
 
@@ -438,6 +475,18 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--cp-size", type=int, default=1,
                      help="context parallelism over N processes: run as `torchrun --nproc-per-node N -m "
                           "longcat_native.cli generate ... --cp-size N`; rank 0 writes the output and prints")
+    gen.add_argument("--cache", metavar="SPEC", default=None,
+                     help="step caching (docs/design/step_cache.md): dbcache or taylorseer, optionally "
+                          "':key=value,...' with fn, bn, threshold, warmup, interval, max_cached, max_continuous, "
+                          "order (or the StepCache names), e.g. taylorseer:fn=1,bn=0,threshold=0.12,warmup=8,"
+                          "interval=2,max_continuous=2; lossy: check quality with --cache-check")
+    gen.add_argument("--cache-check", action="store_true",
+                     help="with --cache: run again without the cache and report the deviation (relative L2 of the "
+                          "latents, PSNR of the decoded frames for .mp4 output)")
+    _add_memory_arguments(gen)
+    gen.add_argument("--offload", choices=OFFLOAD_CHOICES, default=None,
+                     help="blocks: keep as many DiT blocks on the device as fit, stream the others from host memory "
+                          "(docs/design/streaming.md; --max-memory picks the count itself)")
     gen.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     gen.set_defaults(func=cmd_generate)
 
@@ -460,6 +509,16 @@ def build_parser() -> argparse.ArgumentParser:
     _bench_arguments(bench)
     bench.set_defaults(func=cmd_bench)
     return p
+
+
+def _add_memory_arguments(p) -> None:
+    p.add_argument("--quantize", choices=QUANTIZE_CHOICES, default=None,
+                   help="DiT block GEMM weights quantized at load (docs/design/quantization.md): fp8 (FP8 GEMMs on "
+                        "FP8 GPUs), fp8-weight-only, int8-weight-only; about 13.3 GiB instead of 25.3 for the 13.6B model")
+    p.add_argument("--max-memory", metavar="BYTES", default=None,
+                   help="a device memory budget, e.g. 24GiB: every stage traced at its real shape and the settings "
+                        "that fit chosen (forward chunking, streamed blocks, model offload, VAE tiling; "
+                        "docs/design/memory.md); an error with the stage table when nothing fits")
 
 
 def main(argv: Optional[List[str]] = None) -> int:

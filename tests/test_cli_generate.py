@@ -426,3 +426,32 @@ def test_absurd_numbers_are_argument_errors(argv, flag, capsys):
     with pytest.raises(SystemExit) as e:
         main(["generate", *argv])
     assert e.value.code == 2 and flag in capsys.readouterr().err
+
+
+def test_quantize_and_memory_budget_flags(capsys, tmp_path):
+    """--quantize builds the quantized model (deviation from the plain run reported, not zero, not
+    huge); --max-memory plans the run's own stages and applies the plan (here: the tiny model's
+    one denoising stage); a budget nothing fits, a bad mode and conflicting flags are errors
+    before anything loads."""
+    plain_out, q_out = tmp_path / "plain.safetensors", tmp_path / "q.safetensors"
+    _run(capsys, ["--steps", "2", "--out", str(plain_out)])
+    s, _ = _run(capsys, ["--steps", "2", "--quantize", "int8-weight-only", "--out", str(q_out)])
+    plain, quant = _latents(plain_out), _latents(q_out)
+    rel = float((quant - plain).norm() / plain.norm())
+    assert 0 < rel < 0.05, rel
+    s, _ = _run(capsys, ["--steps", "2", "--max-memory", "4GiB", "--out", str(tmp_path / "m.safetensors")])
+    plan = s["memory_plan"]
+    assert plan["fits"] and [st["name"] for st in plan["stages"]] == ["denoise"]
+    assert plan["stages"][0]["device_bytes"] <= 4 * 2**30 and not plan["streams"]
+    assert torch.equal(_latents(tmp_path / "m.safetensors"), plain)  # nothing needed switching on
+    assert main(["generate", "--steps", "2", "--max-memory", "1KiB", "--out", str(tmp_path / "x.safetensors")]) != 0
+    assert "does not fit" in capsys.readouterr().err
+    assert not (tmp_path / "x.safetensors").exists()
+    for bad in (["--quantize", "int4"], ["--max-memory", "lots"], ["--max-memory", "4GiB", "--offload", "blocks"]):
+        try:  # argparse exits for a bad choice; main returns 2 for a ValueError
+            rc = main(["generate", "--steps", "2", *bad, "--out", str(tmp_path / "y.safetensors")])
+        except SystemExit as e:
+            rc = e.code
+        assert rc not in (0, None), bad
+        capsys.readouterr()
+    assert not (tmp_path / "y.safetensors").exists()

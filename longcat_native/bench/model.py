@@ -83,8 +83,10 @@ def _inputs(cfg, spec, device, dtype, seed=0):
 
 def run_size(size: str, device, dtype, columns=None, repeats: int = 3,
              warmup: int = 1, depth: Optional[int] = None, peak_tflops: Optional[float] = None,
-             timer=None, log=print, regional: bool = False, attention: str = "auto") -> Dict[str, Any]:
-    """Benchmark one size; returns its result record (per-column seconds, MFU, peak memory)."""
+             timer=None, log=print, regional: bool = False, attention: str = "auto",
+             quantize: Optional[str] = None) -> Dict[str, Any]:
+    """Benchmark one size; returns its result record (per-column seconds, MFU, peak memory).
+    ``quantize``: also the best column (compile + CUDA graphs) on the model quantized that way."""
     import torch
 
     from ..runtime.compiled import CUDAGraphRunner, compile_model
@@ -122,9 +124,11 @@ def run_size(size: str, device, dtype, columns=None, repeats: int = 3,
         rec["traced_peak_bytes"], rec["traced_peak_op"] = traced["peak"], traced["trace"].peak_op
     except Exception as e:  # noqa: BLE001 - a trace failure is reported, the timing goes on
         rec["traced_peak_bytes"], rec["traced_peak_error"] = None, error_text(e)
-    for col in columns:
+
+    def time_column(col, model, name):
+        dit = model
         r: Dict[str, Any] = {"seconds": None, "mfu": None, "tflops": None, "peak_mem_bytes": None, "error": None}
-        rec["columns"][col] = r
+        rec["columns"][name] = r
         try:
             dit.kernels = "reference" if col.endswith("_ref") else "triton"
             dit.resolved_kernels()  # a clear error when the fused path cannot run here
@@ -165,7 +169,23 @@ def run_size(size: str, device, dtype, columns=None, repeats: int = 3,
             r["error"] = error_text(e)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-        log(f"  {size} {col}: " + (f"{r['seconds']:.4g} s" if r["seconds"] is not None else f"n/a ({r['error']})"))
+        log(f"  {size} {name}: " + (f"{r['seconds']:.4g} s" if r["seconds"] is not None else f"n/a ({r['error']})"))
+    for col in columns:
+        time_column(col, dit, col)
+    if quantize is not None:
+        # The same seed's weights, quantized as they are drawn, timed as the best column: the
+        # quantized GEMMs vs the model dtype in one run (the unquantized model freed first).
+        del dit
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        qdit = LongCatDiT.from_config(spec["preset"], dtype=dtype, device=device, kernels="reference",
+                                      attention=attention, quantize=quantize, **overrides)
+        if spec["bsa"]:
+            qdit.enable_bsa()
+        rec["quantize"] = quantize
+        rec["quantized_weight_bytes"] = qdit.weight_bytes()
+        time_column("fused_compile_graphs", qdit, f"fused_compile_graphs_{quantize}")
+        dit = qdit
     torch._dynamo.reset()
     ref, best = rec["columns"].get("eager_ref", {}), rec["columns"].get("fused_compile_graphs", {})
     if ref.get("seconds") and best.get("seconds"):
@@ -177,7 +197,8 @@ def run_size(size: str, device, dtype, columns=None, repeats: int = 3,
 
 
 def run_benchmark(sizes: List[str], device=None, dtype=None, columns=None, repeats=None, warmup=None,
-                  depth=None, timer=None, log=print, regional: bool = False, attention: str = "auto") -> Dict[str, Any]:
+                  depth=None, timer=None, log=print, regional: bool = False, attention: str = "auto",
+                  quantize: Optional[str] = None) -> Dict[str, Any]:
     import torch
 
     from .harness import device_name
@@ -193,7 +214,7 @@ def run_benchmark(sizes: List[str], device=None, dtype=None, columns=None, repea
                "matmul_peak_tflops": peak, "repeats": repeats, "sizes": {}}
     for size in sizes:
         results["sizes"][size] = run_size(size, device, dtype, columns, repeats, warmup, depth, peak, timer, log,
-                                          regional=regional, attention=attention)
+                                          regional=regional, attention=attention, quantize=quantize)
     return results
 
 
@@ -207,7 +228,7 @@ def format_results(results: Dict[str, Any]) -> str:
                      f"text {rec['text_tokens']}, depth {rec['depth']}, C {rec['hidden_size']}, BSA {'on' if rec['bsa'] else 'off'}, "
                      f"attention {rec['attention']}, {rec['model_tflop']:.4g} TFLOP per forward"
                      + (", regional compile" if rec.get("regional_compile") else ""))
-        head = f"{'column':<22} {'s/forward':>10} {'TFLOP/s':>9} {'MFU':>7} {'peak mem GB':>12} {'vs eager':>9}  note"
+        head = f"{'column':<30} {'s/forward':>10} {'TFLOP/s':>9} {'MFU':>7} {'peak mem GB':>12} {'vs eager':>9}  note"
         lines.append(head)
         lines.append("-" * len(head))
         ref = rec["columns"].get("eager_ref", {}).get("seconds")
@@ -219,7 +240,7 @@ def format_results(results: Dict[str, Any]) -> str:
             mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
             mem = f"{r['peak_mem_bytes'] / 1e9:.2f}" if r["peak_mem_bytes"] else "n/a"
             vs = f"{ref / sec:.2f}x" if ref and sec else "n/a"
-            lines.append(f"{col:<22} {fmt_num(sec):>10} {fmt_num(r['tflops']):>9} {mfu:>7} {mem:>12} {vs:>9}  {note}")
+            lines.append(f"{col:<30} {fmt_num(sec):>10} {fmt_num(r['tflops']):>9} {mfu:>7} {mem:>12} {vs:>9}  {note}")
         if rec.get("traced_peak_bytes"):
             lines.append(f"fused path peak memory traced on fake tensors: {rec['traced_peak_bytes'] / 1e9:.4g} GB "
                          f"(at {rec['traced_peak_op']}; weights + inputs + live activations)")
@@ -281,6 +302,8 @@ def add_arguments(p) -> None:
     p.add_argument("--regional", action="store_true",
                    help="fused_compile_graphs compiles one block shared by all (compile_model(regional=True))")
     p.add_argument("--dtype", default=None, help="default bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--quantize", default=None, choices=("fp8", "fp8-weight-only", "int8-weight-only"),
+                   help="also time the best column on the block GEMM weights quantized (docs/design/quantization.md)")
     p.add_argument("--save", action="store_true", help="write the full results JSON (always on CUDA)")
     p.add_argument("--out-dir", default=None, help="where results go (default bench/results)")
 
@@ -298,7 +321,7 @@ def run_from_args(args, default_out_dir: Optional[str] = None) -> int:
     sizes = args.size or default_sizes(device.type == "cuda")
     columns = tuple(args.columns) if args.columns else None
     results = run_benchmark(sizes, device, dtype, columns, args.repeats, args.warmup, args.depth,
-                            regional=args.regional, attention=args.attention)
+                            regional=args.regional, attention=args.attention, quantize=args.quantize)
     print(format_results(results), flush=True)
     out_dir = args.out_dir or default_out_dir or os.path.join(os.getcwd(), "bench", "results")
     if args.save or device.type == "cuda":

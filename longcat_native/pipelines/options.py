@@ -10,7 +10,7 @@ import inspect
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Tuple
+from typing import Any, Callable, Optional, Tuple
 
 import torch
 
@@ -152,7 +152,9 @@ class SamplingOptions:
     (a key: loaded from the checkpoint's ``lora/`` folder, or ``lora_path``, with ``lora_kwargs``
     for ``load_lora``) is on for the call only. ``output_type`` must be "latent" here (decoding:
     :class:`LongCatVideoPipeline`). ``progress`` prints a line per step; ``callback(i, t,
-    latents)`` is called after each."""
+    latents)`` is called after each. ``cache``: a :class:`~longcat_native.runtime.step_cache.StepCache`
+    (step caching, docs/design/step_cache.md), used by every denoising call of the task; its
+    ``report()`` lists each call's run."""
 
     num_steps: int = 50
     guidance_scale: float = 4.0
@@ -168,6 +170,7 @@ class SamplingOptions:
     output_type: str = "latent"
     progress: bool = True
     callback: Optional[Callable] = None
+    cache: Optional[Any] = None  # a StepCache (runtime/step_cache.py): step caching; its report: cache.report()
 
     @classmethod
     def take(cls, fn: str, kwargs: dict) -> "SamplingOptions":
@@ -208,7 +211,7 @@ class SamplingOptions:
             noise = make_noise(shape, generator=self.rng(), device=model_device(dit))
         with extras:
             return denoise(dit, noise, *text, guidance_scale=self.guidance_scale, schedule=schedule,
-                           progress=self.progress, callback=self.callback, **denoise_kwargs)
+                           progress=self.progress, callback=self.callback, cache=self.cache, **denoise_kwargs)
 
 
 _NOT_SHARED = {"generate_refine": ("guidance_scale", "distill")}

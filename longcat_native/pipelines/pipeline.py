@@ -6,12 +6,15 @@ official ``LongCatVideoPipeline`` in float32). The tensor-level work is in
 
 Design notes: docs/design/pipelines.md.
 
-Why ~700 lines in one file: one class, one method per official call (its argument list and its
+Why ~800 lines in one file: one class, one method per official call (its argument list and its
 pixel-side steps: buckets, posterior draws in the official order, decoding) plus the two demo
-loops (long video, its refinement windows), which call those methods.
+loops (long video, its refinement windows), which call those methods, and the memory switches
+(model and sequential offload, a memory plan) that wrap its stages.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 from typing import Optional, Tuple
 
@@ -130,6 +133,12 @@ class LongCatVideoPipeline:
 
             scheduler = SchedulerConfig()
         self.dit, self.text_encoder, self.vae, self.scheduler = dit, text_encoder, vae, scheduler
+        # Model offload between stages (enable_model_cpu_offload): the DiT waits in host memory
+        # while the text encoder or the VAE runs; _home is where it runs (None: not offloading).
+        self._home: Optional[torch.device] = None
+        self._dit_away = False
+        # The MemoryPlan (pipelines/budget.py) this pipeline was set up with, when given a budget.
+        self.memory_plan = None
         # {resolution: {ratio_key: (height, width)}} instead of the official tables (None: official)
         self.buckets = buckets
 
@@ -137,7 +146,7 @@ class LongCatVideoPipeline:
     def from_pretrained(cls, path, *, dtype=None, device=None, kernels: str = "auto", attention: str = "auto",
                         text_encoder: bool = True, vae: bool = True, vae_tiling: bool = False,
                         vae_tile: Tuple[int, int] = (256, 256), vae_tile_stride: Tuple[int, int] = (192, 192),
-                        buckets=None, **dit_kwargs) -> "LongCatVideoPipeline":
+                        buckets=None, max_memory=None, **dit_kwargs) -> "LongCatVideoPipeline":
         """Load ``dit/`` (:meth:`LongCatDiT.from_pretrained` with ``dtype``, ``device``, ``kernels``,
         ``attention`` and config overrides), ``scheduler/scheduler_config.json`` (its ``shift`` and
         ``num_train_timesteps``; the official defaults when the file is missing) and, unless
@@ -145,7 +154,14 @@ class LongCatVideoPipeline:
         encoded) and ``vae/``, in the DiT's dtype. The VAE decodes and encodes whole frames, as
         officially; ``vae_tiling=True`` tiles them (``vae_tile`` pixels every ``vae_tile_stride``):
         less memory, but other pixels at the tile seams. Missing folders and packages, and
-        components that do not fit the DiT, are errors raised before anything is loaded."""
+        components that do not fit the DiT, are errors raised before anything is loaded.
+
+        ``quantize`` (and the other :meth:`LongCatDiT.from_pretrained` keywords, ``offload`` among
+        them) go to the DiT. ``max_memory`` (bytes or "24GiB"): a device budget for the official
+        3-stage run (:func:`~longcat_native.pipelines.budget.plan_memory` traces every stage at
+        its real shape): the pipeline is set up with the plan's forward chunking, streamed blocks,
+        model offload, text-encoder sequential offload and VAE tiling, kept as
+        ``pipe.memory_plan``; a budget nothing fits is a ValueError with the stage table."""
         from .components import SchedulerConfig, TextEncoder, VideoVAE, check_components
         from ..runtime.config import LongCatConfig
         from ..runtime.dit import LongCatDiT
@@ -159,12 +175,41 @@ class LongCatVideoPipeline:
         missing = missing_modules((["transformers", "ftfy"] if text_encoder else []) + (["diffusers"] if vae else []))
         if missing:
             raise MissingExtraError(f"the text encoder / VAE need {', '.join(missing)}, not installed: {PIPELINES_EXTRA}")
+        plan = None
+        if max_memory is not None:
+            plan = _budget_plan(root, dit_cfg, max_memory, dtype, device, dit_kwargs, text_encoder, vae)
+            if plan.streams:
+                dit_kwargs.update(offload="blocks", resident_blocks=plan.resident_blocks)
+            vae_tiling = vae_tiling or plan.vae_tiling
         dit = LongCatDiT.from_pretrained(path, dtype=dtype, device=device, kernels=kernels, attention=attention,
                                          **dit_kwargs)
         te = TextEncoder.from_pretrained(root, dtype=dit.dtype, device=dit.device) if text_encoder else None
         v = VideoVAE.from_pretrained(root, dtype=dit.dtype, device=dit.device, tiling=vae_tiling, tile=vae_tile,
                                      tile_stride=vae_tile_stride) if vae else None
-        return cls(dit, te, v, scheduler, buckets=buckets)
+        pipe = cls(dit, te, v, scheduler, buckets=buckets)
+        if plan is not None:
+            pipe.apply_memory_plan(plan)
+        return pipe
+
+    def apply_memory_plan(self, plan) -> None:
+        """Switch on what ``plan`` (a :class:`~longcat_native.pipelines.budget.MemoryPlan`) chose
+        that can change after loading: forward chunking, model offload, the text encoder's
+        sequential offload, VAE tiling (streaming is chosen at load). Warns once when the plan
+        tiles the VAE (other pixels at the seams)."""
+        import warnings
+
+        self.memory_plan = plan
+        if plan.ffn_chunk_tokens is not None:
+            self.dit.enable_forward_chunking(plan.ffn_chunk_tokens)
+        if plan.offload_dit:
+            self.enable_model_cpu_offload()
+        if plan.text_encoder_layer_by_layer and self.text_encoder is not None:
+            self.enable_sequential_cpu_offload()
+        if plan.vae_tiling and self.vae is not None and not self.vae.tiling:
+            self.vae.set_tiling(True, self.vae.tile, self.vae.tile_stride)
+        if plan.vae_tiling:
+            warnings.warn("the memory budget needs VAE tiling: decoded pixels differ from the official pipeline's "
+                          "at the tile seams", stacklevel=2)
 
     # -- building blocks --------------------------------------------------------------------------
 
@@ -199,7 +244,55 @@ class LongCatVideoPipeline:
         return gen, dict(kw, generator=gen)
 
     def _device(self):
-        return O.model_device(self.dit)
+        return self._home if self._dit_away else O.model_device(self.dit)
+
+    # -- memory switches (diffusers' names) ---------------------------------------------------------
+
+    def enable_model_cpu_offload(self) -> None:
+        """Keep the DiT in host memory while the text encoder or the VAE runs, and move it back to
+        its device for denoising: the stages never share the device. Costs one host round trip of
+        the DiT's device weights per text-encoder or VAE call (13.3 GiB in FP8, 25.3 in bf16:
+        about 0.5 to 1 s each way at 25 GB/s; a DiT that streams its blocks moves only its
+        resident part). The text encoder is on the device only while it encodes in any case."""
+        self._home = O.model_device(self.dit)
+
+    def disable_model_cpu_offload(self) -> None:
+        self._home = None
+
+    def enable_sequential_cpu_offload(self) -> None:
+        """The text encoder runs one layer at a time on the device (each moved there for its
+        forward and back after): its device peak is one layer and the embedding table, not the
+        whole 10.6 GiB umT5-XXL."""
+        self._need("text_encoder", "sequential offload").layer_by_layer = True
+
+    def _vae(self, fn, *args, **kwargs):
+        """A VAE encode or decode, with the DiT offloaded around it when offloading."""
+        with self._dit_offloaded():
+            return fn(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def _dit_offloaded(self):
+        """While the text encoder or the VAE runs: the DiT in host memory, when offloading."""
+        home = self._home
+        if home is None or self._dit_away or home.type == "cpu":
+            yield
+            return
+        streamer = getattr(self.dit, "weight_streamer", None)
+        if streamer is not None:
+            streamer.park()  # the resident part to the host, the staging sets freed
+        else:
+            self.dit.to("cpu")
+            if home.type == "cuda":
+                torch.cuda.empty_cache()
+        self._dit_away = True
+        try:
+            yield
+        finally:
+            self._dit_away = False
+            if streamer is not None:
+                streamer.unpark()
+            else:
+                self.dit.to(home)
 
     def _cond_size(self, hw: Tuple[int, int], resolution: str, height, width, refine: bool = False):
         """The size conditioning pixels are resized to: ``height`` x ``width`` when given, else the
@@ -216,9 +309,10 @@ class LongCatVideoPipeline:
                       num_videos_per_prompt: int = 1, max_sequence_length: Optional[int] = None):
         """:func:`encode_prompts` with this pipeline's text encoder, in the DiT's dtype on its device."""
         te = self._need("text_encoder", "a prompt string")
-        return encode_prompts(te, prompt, negative_prompt, guidance_scale, dtype=getattr(self.dit, "dtype", None),
-                              device=self._device(), offload=offload, num_videos_per_prompt=num_videos_per_prompt,
-                              max_sequence_length=max_sequence_length)
+        with self._dit_offloaded():
+            return encode_prompts(te, prompt, negative_prompt, guidance_scale, dtype=getattr(self.dit, "dtype", None),
+                                  device=self._device(), offload=offload, num_videos_per_prompt=num_videos_per_prompt,
+                                  max_sequence_length=max_sequence_length)
 
     def encode_image(self, image, size: Tuple[int, int], resize: str = "stretch", *, generator=None,
                      sample: bool = False, repeat: int = 1) -> torch.Tensor:
@@ -230,7 +324,7 @@ class LongCatVideoPipeline:
 
         vae = self._need("vae", "a pixel image")
         px = load_image(image, size, resize).unsqueeze(2)
-        return vae.encode(px, generator=generator, sample=sample, repeat=repeat).to(self._device())
+        return self._vae(vae.encode, px, generator=generator, sample=sample, repeat=repeat).to(self._device())
 
     def encode_video(self, video, size: Tuple[int, int], last_frames: Optional[int] = None,
                      resize: str = "stretch", *, generator=None, sample: bool = False, repeat: int = 1) -> torch.Tensor:
@@ -243,7 +337,7 @@ class LongCatVideoPipeline:
         if last_frames is not None:
             frames_to_latents(last_frames)
         px = load_video(video, size, resize, last_frames=last_frames)
-        return vae.encode(px, generator=generator, sample=sample, repeat=repeat).to(self._device())
+        return self._vae(vae.encode, px, generator=generator, sample=sample, repeat=repeat).to(self._device())
 
     def encode_refine_input(self, stage1_video, size: Tuple[int, int], *, image=None, video=None,
                             num_cond_frames: Optional[int] = None, spatial_refine_only: bool = False,
@@ -278,7 +372,7 @@ class LongCatVideoPipeline:
         # Without conditioning the padded video has 4n frames; the Wan VAE encodes 1 + 4(n - 1) of
         # them (the official call passes all and the encoder ignores the last 3 padding frames).
         stage1_gen = None if refine_rng == "global" else generator
-        latents = vae.encode(up[:, :, :pad["encoded_frames"]], generator=stage1_gen, sample=vae_sample)
+        latents = self._vae(vae.encode, up[:, :, :pad["encoded_frames"]], generator=stage1_gen, sample=vae_sample)
         del up
         cond = None
         if num_cond_frames:
@@ -287,7 +381,7 @@ class LongCatVideoPipeline:
             else:
                 px = load_video(video, size, resize, last_frames=num_cond_frames)
             px = torch.cat([px[:, :, :1].repeat(1, 1, pad["cond_added"], 1, 1), px], dim=2)
-            cond = vae.encode(px, generator=generator, sample=vae_sample, repeat=repeat).to(self._device())
+            cond = self._vae(vae.encode, px, generator=generator, sample=vae_sample, repeat=repeat).to(self._device())
         return latents.to(self._device()), cond, pad
 
     def decode(self, latents: torch.Tensor, output_type: str = "np", frames: Optional[Tuple[int, int]] = None):
@@ -299,7 +393,7 @@ class LongCatVideoPipeline:
         from ..runtime.compiled import release_graphs
 
         release_graphs(self.dit)  # the denoising graphs' memory goes to the decode instead
-        pixels = self.vae.decode(latents)
+        pixels = self._vae(self.vae.decode, latents)
         if frames is not None:
             pixels = pixels[:, :, frames[0]: frames[1]]
         return _postprocess(pixels, output_type)
@@ -321,7 +415,7 @@ class LongCatVideoPipeline:
         B = text[0].shape[0]
         if latents is None:
             latents = O.make_noise(shape_fn(B), generator=gen, device=self._device())
-        cond = self.vae.encode(pixels, generator=gen, sample=vae_sample, repeat=B).to(self._device())
+        cond = self._vae(self.vae.encode, pixels, generator=gen, sample=vae_sample, repeat=B).to(self._device())
         return latents, cond
 
     def _i2v_latents(self, image, prompt, negative_prompt, num_frames, resolution, height, width, resize,
@@ -654,6 +748,24 @@ class LongCatVideoPipeline:
 # refinement arguments of the pixel path (LongCatVideoPipeline.generate_refine's own)
 _REFINE_PIXEL_ARGS = ("resolution", "height", "width", "spatial_refine_only", "resize", "granularity", "vae_sample",
                       "refine_rng", "max_sequence_length")
+
+
+def _budget_plan(root, dit_cfg, max_memory, dtype, device, dit_kwargs, text_encoder: bool, vae: bool):
+    """The memory plan of the official 3-stage run for this checkpoint's components, or a
+    ValueError with its stage table when nothing fits ``max_memory``."""
+    from .budget import format_plan, plan_memory
+    from .components import TEXT_ENCODER_DIR, VAE_DIR, component_config
+    from ..runtime.dit import resolve_device, resolve_dtype
+
+    if dit_kwargs.get("offload") not in (None, "none") or dit_kwargs.get("resident_blocks") is not None:
+        raise ValueError("pass max_memory (the plan picks the streamed blocks) or offload/resident_blocks, not both")
+    dt = resolve_dtype(dtype, resolve_device(device))
+    plan = plan_memory(max_memory, dit_config=dit_cfg, quantize=dit_kwargs.get("quantize"), dtype=dt,
+                       text_encoder_config=component_config(root, TEXT_ENCODER_DIR) if text_encoder else None,
+                       vae_config=component_config(root, VAE_DIR) if vae else None)
+    if not plan.fits:
+        raise ValueError("the official run does not fit max_memory:\n" + format_plan(plan))
+    return plan
 
 
 def _refine_cond_frames(image, video, num_cond_frames: Optional[int]) -> int:

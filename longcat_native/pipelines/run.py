@@ -3,13 +3,15 @@ that needs no model (errors name the command's flags) and reads the small input 
 :func:`run_generate` loads, encodes, denoises through :func:`~.tasks.generate`, decodes and
 writes, measuring each stage. :func:`refine_memory_estimate` estimates the official refinement.
 
-Why ~700 lines in one file: it is one command, read in order (request, plan with every check
-before loading, the run's stages); splitting it would scatter the flags' meaning over modules."""
+Why ~830 lines in one file: it is one command, read in order (request, plan with every check
+before loading, the memory plan, the run's stages); splitting it would scatter the flags' meaning
+over modules."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -79,6 +81,11 @@ class GenerateRequest:
     kernels: str = "auto"
     attention: str = "auto"
     cp_size: int = 1
+    cache: Optional[str] = None  # --cache SPEC (runtime/step_cache.py parse_cache_spec)
+    cache_check: bool = False
+    quantize: Optional[str] = None  # --quantize: runtime/quantize.py's modes
+    offload: Optional[str] = None  # --offload blocks: weight streaming (runtime/streaming.py)
+    max_memory: Optional[str] = None  # --max-memory 24GiB: the run's stages planned to fit (pipelines/budget.py)
 
 
 @dataclass
@@ -276,6 +283,8 @@ def plan_generate(r: GenerateRequest) -> GeneratePlan:
     random_weights = r.checkpoint is None
     task = r.task
     _check_cp_launch(r.cp_size)
+    _step_cache(r)  # a bad --cache spec is an error before anything loads
+    _check_memory_flags(r)
     out = r.out or f"longcat_{task}_seed{r.seed}.safetensors"
     ext = os.path.splitext(out)[1].lower()
     if ext not in (".safetensors", ".mp4"):
@@ -407,21 +416,77 @@ def _finish_cp(dit) -> None:
     dist.destroy_process_group()
 
 
-def _load(plan: GeneratePlan, mem: StageMemory, device, notes: List[str]):
+def _check_memory_flags(r: GenerateRequest) -> None:
+    from ..runtime.names import OFFLOAD_CHOICES, QUANTIZE_CHOICES, parse_bytes
+
+    if r.quantize is not None and r.quantize not in QUANTIZE_CHOICES:
+        raise ValueError(f"--quantize must be one of {list(QUANTIZE_CHOICES)}, got {r.quantize!r}")
+    if r.offload is not None and r.offload not in OFFLOAD_CHOICES:
+        raise ValueError(f"--offload must be one of {list(OFFLOAD_CHOICES)}, got {r.offload!r}")
+    if r.max_memory is not None:
+        parse_bytes(r.max_memory)
+        if r.offload not in (None, "none"):
+            raise ValueError("--max-memory plans the streaming itself: drop --offload")
+        if r.cp_size > 1:
+            raise ValueError("--max-memory plans one device; with --cp-size each rank holds the whole model")
+
+
+def _memory_plan(plan: GeneratePlan, dtype):
+    """The run's own stages (text encoding, each denoising pass, VAE encode/decode) planned to fit
+    ``--max-memory`` (pipelines/budget.py), or a ValueError with the stage table."""
+    from .budget import Stage, format_plan, plan_memory
+    from .components import TEXT_ENCODER_DIR, VAE_DIR, component_config
+    from ..runtime.config import resolve_config
+    from ..runtime.weights import find_dit_dir
+
+    r = plan.request
+    cfg = resolve_config("tiny") if plan.random_weights else resolve_config(
+        str(find_dit_dir(r.checkpoint) / "config.json"))
+    cfg_batch = 2 if plan.guidance > 1 else 1
+    stages = []
+    if plan.text_source == "encoder":
+        stages.append(Stage("text_encode", "text_encode", batch=cfg_batch))
+    lat = tuple(plan.latent)
+    if r.task == "refine" and plan.refine_size is not None:  # the doubled, padded stage-1 video
+        pad = refine_frame_padding((lat[0] - 1) * VAE_TIME_STRIDE + 1)
+        lat = (pad["noise_latents"] + pad["cond_latents"], plan.refine_size[0] // VAE_SPACE_STRIDE,
+               plan.refine_size[1] // VAE_SPACE_STRIDE)
+    if plan.need_vae and plan.pixels is not None:
+        stages.append(Stage("vae_encode", "vae_encode", latent=lat))
+    stages.append(Stage("denoise", "denoise", batch=1 if r.task == "refine" else cfg_batch, latent=lat,
+                        bsa=r.task == "refine"))
+    if plan.to_video:
+        stages.append(Stage("vae_decode", "vae_decode", latent=lat))
+    root = plan.root
+    mplan = plan_memory(r.max_memory, dit_config=cfg, quantize=r.quantize, dtype=dtype, stages=stages,
+                        text_encoder_config=component_config(root, TEXT_ENCODER_DIR)
+                        if plan.text_source == "encoder" else None,
+                        vae_config=component_config(root, VAE_DIR) if plan.need_vae and root else None)
+    if not mplan.fits:
+        raise ValueError(f"the run does not fit --max-memory {r.max_memory}:\n" + format_plan(mplan))
+    return mplan
+
+
+def _load(plan: GeneratePlan, mem: StageMemory, device, notes: List[str], mplan=None):
     """The DiT (and the VAE when needed) -> (dit, vae, source)."""
     from ..runtime.dit import LongCatDiT
 
     r = plan.request
+    memory = {"quantize": r.quantize}
+    if mplan is not None and mplan.streams:
+        memory.update(offload="blocks", resident_blocks=mplan.resident_blocks)
+    elif r.offload not in (None, "none"):
+        memory.update(offload=r.offload)
     with mem.stage("load"):
         if plan.random_weights:
             dit = LongCatDiT.from_config("tiny", dtype=r.dtype, device=device, seed=0,
-                                         kernels=r.kernels, attention=r.attention, cp_size=r.cp_size)
+                                         kernels=r.kernels, attention=r.attention, cp_size=r.cp_size, **memory)
             source = "embedded tiny preset, RANDOM WEIGHTS"
             notes.insert(0, "RANDOM WEIGHTS: the tiny preset with seed-0 random parameters, not a trained model; "
                             "the latents are a smoke test, not a video")
         else:
             dit = LongCatDiT.from_pretrained(r.checkpoint, dtype=r.dtype, device=device,
-                                             kernels=r.kernels, attention=r.attention, cp_size=r.cp_size)
+                                             kernels=r.kernels, attention=r.attention, cp_size=r.cp_size, **memory)
             source = str(dit.checkpoint_path or r.checkpoint)
         vae = None
         if plan.need_vae:
@@ -429,7 +494,8 @@ def _load(plan: GeneratePlan, mem: StageMemory, device, notes: List[str]):
 
             tile, stride = square_vae_tile(plan.vae_tile or 256)
             vae = VideoVAE.from_pretrained(plan.root, dtype=dit.dtype, device=device,
-                                           tiling=plan.vae_tile is not None, tile=tile, tile_stride=stride)
+                                           tiling=plan.vae_tile is not None or bool(mplan and mplan.vae_tiling),
+                                           tile=tile, tile_stride=stride)
     return dit, vae, source
 
 
@@ -572,6 +638,9 @@ def _run(plan: GeneratePlan) -> GenerateResult:
     lead = int(os.environ.get("RANK", "0")) == 0 if r.cp_size > 1 else True
     mem = StageMemory(device)
 
+    mplan = _memory_plan(plan, dtype) if r.max_memory is not None else None
+    if mplan is not None:
+        notes.extend(f"memory plan ({r.max_memory}): {n}" for n in mplan.notes)
     text_note = None
     if plan.text_source == "encoder":
         # Before the DiT is loaded: the encoder never shares the GPU with the DiT's weights.
@@ -579,6 +648,7 @@ def _run(plan: GeneratePlan) -> GenerateResult:
 
         with mem.stage("text_encode"):
             te = TextEncoder.from_pretrained(plan.root, dtype=dtype, device=device)
+            te.layer_by_layer = bool(mplan and mplan.text_encoder_layer_by_layer)
             pe, pm, ne, nm = encode_prompts(te, r.prompt, r.negative_prompt if guidance > 1 else None,
                                             guidance, dtype=dtype, device=device, offload=True)
             del te
@@ -586,10 +656,12 @@ def _run(plan: GeneratePlan) -> GenerateResult:
                      "moved off the device after encoding")
 
     t_load = time.perf_counter()
-    dit, vae, source = _load(plan, mem, device, notes)
+    dit, vae, source = _load(plan, mem, device, notes, mplan)
     load_s = time.perf_counter() - t_load
     cfg = dit.config
     pipe = LongCatVideoPipeline(dit, None, vae)
+    if mplan is not None:
+        pipe.apply_memory_plan(mplan)
 
     if plan.text_source == "file":
         pe, pm, ne, nm = plan.text
@@ -628,6 +700,11 @@ def _run(plan: GeneratePlan) -> GenerateResult:
             notes.append("distilled schedule with the cfg_step LoRA")
         else:
             notes.append("distilled schedule WITHOUT the cfg_step LoRA (not found or not supported)")
+    cache = _step_cache(r)
+    if cache is not None:
+        sampling["cache"] = cache
+        guided["cache"] = cache
+    g_state = g.get_state()
     t0 = time.perf_counter()
     clock["last"] = t0
     with torch.inference_mode():
@@ -645,6 +722,26 @@ def _run(plan: GeneratePlan) -> GenerateResult:
                 out = generate(dit, task, pe, pm, ne, nm, **_task_arguments(plan, cond, lora_key, guided, noise))
     total = time.perf_counter() - t0
     finite = bool(torch.isfinite(out).all())
+    check = None
+    if cache is not None and r.cache_check:
+        # The same run without the cache: same generator state, same conditioning.
+        g.set_state(g_state)
+        plain_s = dict({k: v for k, v in sampling.items() if k != "cache"}, callback=None)
+        plain_g = dict({k: v for k, v in guided.items() if k != "cache"}, callback=None)
+        t1 = time.perf_counter()
+        with torch.inference_mode():
+            if task == "refine":
+                ref = generate(dit, "refine", pe, pm, **_refine_arguments(plan, dit, cond, refine_cond, pad, []),
+                               **dict(plain_s, num_steps=50))
+            elif task == "long" and plan.chain == "pixels":
+                ref = None
+                notes.append("--cache-check: not available for the long pixel chain")
+            else:
+                ref = generate(dit, task, pe, pm, ne, nm, **_task_arguments(plan, cond, lora_key, plain_g, noise))
+        if ref is not None:
+            check = {"uncached_total_s": time.perf_counter() - t1,
+                     "latents_rel_l2": float((out.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30)),
+                     "psnr_db": None, "_ref": ref}
     if dit.cp is not None:
         notes.append(f"context parallelism: {dit.cp.size} ranks, token grid split {dit.cp.split_h} x "
                      f"{dit.cp.split_w}; rank 0 writes the output")
@@ -659,6 +756,11 @@ def _run(plan: GeneratePlan) -> GenerateResult:
         with mem.stage("vae_decode"):
             frames_u8 = long_frames if task == "long" and plan.chain == "pixels" else \
                 pipe.decode(out, "video", frames=crop)[0]
+            if check is not None:
+                ref_u8 = pipe.decode(check["_ref"], "video", frames=crop)[0]
+                mse = float(((frames_u8.float() - ref_u8.float()) ** 2).mean())
+                check["psnr_db"] = float("inf") if mse == 0 else 10 * math.log10(255.0 ** 2 / mse)
+                del ref_u8
         from .media import write_video
 
         write_video(plan.out, frames_u8, fps=fps, crf=10 if task == "refine" else 18)
@@ -689,8 +791,26 @@ def _run(plan: GeneratePlan) -> GenerateResult:
         "peak_memory_bytes": memory["peak_bytes"], "peak_memory_kind": memory["kind"], "memory": memory,
         "output": plan.out, "output_finite": finite,
     }
+    if mplan is not None:
+        summary["memory_plan"] = mplan.to_dict()
+    if cache is not None:
+        summary["step_cache"] = cache.report()
+        if check is not None:
+            check.pop("_ref", None)
+            summary["cache_check"] = check
     _finish_cp(dit)
     return GenerateResult(summary=summary, finite=finite, config=cfg)
+
+
+def _step_cache(r: GenerateRequest):
+    """The StepCache of ``--cache`` (None without it); ``--cache-check`` needs ``--cache``."""
+    if r.cache is None:
+        if r.cache_check:
+            raise ValueError("--cache-check compares a cached run with an uncached one: it needs --cache")
+        return None
+    from ..runtime.step_cache import StepCache, parse_cache_spec
+
+    return StepCache(**parse_cache_spec(r.cache))
 
 
 # -- memory estimate ---------------------------------------------------------------------------------

@@ -342,6 +342,7 @@ def denoise(
     cfg_zero_cond_frames: bool = True,
     callback: Optional[Callable[[int, float, torch.Tensor], None]] = None,
     graphs="auto",
+    cache=None,
 ) -> torch.Tensor:
     """Run the official flow-matching Euler loop on latents; returns float32 latents like ``noise``.
 
@@ -371,6 +372,14 @@ def denoise(
     steps with a KV cache run without graphs, with a one-time message). ``progress``
     prints one line per step to stderr with seconds per step; it synchronizes the device once per
     step to time it. With ``progress=False`` the loop makes no host synchronization of its own.
+
+    ``cache``: a :class:`~longcat_native.runtime.step_cache.StepCache` (DBCache / TaylorSeer step
+    caching, docs/design/step_cache.md): steps whose first blocks' residual barely changed reuse
+    the middle blocks' residual; one host read per step decides. The CFG halves decide together
+    (one batch). The run's report is ``cache.stats`` afterwards. An inactive cache
+    (``residual_diff_threshold=0``) runs exactly as ``cache=None``. Steps with an active cache run
+    without CUDA graphs (one message); a whole-forward compiled model runs its blocks through a
+    regional compile then.
     """
     B, m = check_latent_inputs(dit, noise, cond_latents)
     for name, t in (("noise", noise), ("cond_latents", cond_latents)):
@@ -463,6 +472,16 @@ def denoise(
     first_noisy = 0 if cached else m
 
     step_model = graph_runner_for(dit, graphs)
+    sc = _check_cache(cache)
+    sc_call = None
+    if sc is not None:
+        sc.begin_run(_depth(dit), ts_host)
+        if sc.active:
+            sc_call = sc
+            if step_model is not dit and hasattr(step_model, "fn") and hasattr(step_model, "keys"):
+                _note_once("denoise: steps with an active step cache run without CUDA graphs (the decision "
+                           "between the first blocks and the rest is a host read); docs/design/step_cache.md")
+                step_model = step_model.fn
     # The first step whose latents hold NaN/Inf, kept on the device (-1: none yet) by torch ops
     # only: no host sync per step; read once after the loop.
     first_bad = torch.full((), -1, dtype=torch.long, device=latents.device)
@@ -480,7 +499,15 @@ def denoise(
                 kwargs = dict(num_cond_latents=m, kv_cache_dict=kv)
             elif m:
                 kwargs = dict(num_cond_latents=m)
+            if sc is not None:
+                if sc_call is not None:
+                    kwargs["step_cache"] = sc_call
+                    sc.begin_step(i, _cache_key(dit, model_in, text))
+                else:
+                    sc.begin_step(i)
             v = step_model(model_in, timestep, text, mask, **kwargs)
+            if sc is not None:
+                sc.end_step(full_without_hook=sc_call is None)
             if isinstance(v, tuple):
                 v = v[0]
             if do_cfg:
@@ -514,6 +541,50 @@ def denoise(
             f"{ts_host[bad]:.2f}); nothing is returned. Usual causes: a guidance_scale too large "
             f"(here {guidance_scale:g}), float16 overflow (use bfloat16 or float32), non-finite model weights"
         )
+    if sc is not None:
+        sc.end_run()
     if cached:
         latents = torch.cat([cond, latents], dim=2)
     return latents
+
+
+_NOTED: set = set()
+
+
+def _note_once(msg: str) -> None:
+    if msg not in _NOTED:
+        _NOTED.add(msg)
+        print(msg, file=sys.stderr, flush=True)
+
+
+def _check_cache(cache):
+    if cache is None:
+        return None
+    from ..runtime.step_cache import StepCache
+
+    if not isinstance(cache, StepCache):
+        raise ValueError(f"cache must be a StepCache (longcat_native.StepCache) or None, got {type(cache).__name__}")
+    return cache
+
+
+def _base_model(dit):
+    """The LongCatDiT under a CompiledModel or a CUDAGraphRunner."""
+    for _ in range(3):
+        inner = getattr(dit, "__dict__", {}).get("model")
+        if inner is None:
+            break
+        dit = inner
+    return dit
+
+
+def _depth(dit) -> int:
+    cfg = _dit_config(dit)
+    depth = getattr(cfg, "depth", None)
+    return int(depth) if depth is not None else len(_base_model(dit).blocks)
+
+
+def _cache_key(dit, model_in, text):
+    """What the cached residuals depend on besides the step: the LoRA state and the shapes."""
+    base = _base_model(dit)
+    loras = (tuple(getattr(base, "active_loras", ()) or ()), getattr(base, "lora_mode", None))
+    return (loras, tuple(model_in.shape), None if text is None else tuple(text.shape))

@@ -432,6 +432,7 @@ def generate_refine(dit, stage1_latents: torch.Tensor, prompt_embeds: torch.Tens
     x = (1 - t) * full + t * eps
     with extras:
         out = denoise(dit, x, *text, guidance_scale=1.0, schedule=schedule, cond_latents=cond, progress=s.progress,
+                      cache=s.cache,
                       callback=s.callback)
     return out[:, :, pad_front: out.shape[2] - pad_back]
 

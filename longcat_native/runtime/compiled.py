@@ -76,11 +76,21 @@ class CompiledModel:
         # mode is applied through the inductor wrapper (torch.compile forbids mode with a backend).
         target = _call_block if self.regional else model
         self.compiled = torch.compile(target, backend=counting_backend, fullgraph=fullgraph, dynamic=dynamic)
+        # A whole-forward compile cannot hold a step cache's data-dependent skip (a host read
+        # between the first blocks and the rest): steps with an active StepCache run the blocks
+        # through a regional compile of one block, made on first use (docs/design/step_cache.md).
+        self._block_compile = lambda: torch.compile(_call_block, backend=counting_backend, fullgraph=fullgraph,
+                                                    dynamic=dynamic)
+        self._step_cache_blocks = None
 
     def __call__(self, *args, **kwargs):
         self._calls += 1
         try:
             with torch._dynamo.config.patch(recompile_limit=self.recompile_limit):
+                if kwargs.get("step_cache") is not None and not self.regional:
+                    if self._step_cache_blocks is None:
+                        self._step_cache_blocks = self._block_compile()
+                    return self.model(*args, block_fn=self._step_cache_blocks, **kwargs)
                 if not self.regional:
                     return self.compiled(*args, **kwargs)
                 return self.model(*args, block_fn=self.compiled, **kwargs)

@@ -5,6 +5,10 @@ official call signature; the network itself is ``LongCatTransformer`` in model.p
 for the official module reads ``dit.config.<official key>``, ``dit.dtype``, ``dit.cp_split_hw``,
 ``dit.lora_dict``, calls ``dit.to(...)``, ``from_pretrained(root, subfolder="dit",
 torch_dtype=..., cp_split_hw=...)`` and ``torch.compile(dit)``; all of these work here.
+
+Why ~740 lines in one file: the official surface is one class (construction with its quantize and
+offload choices, the official attributes and LoRA/BSA methods, input checking); the work behind
+each lives in its own module (weights, quantize, streaming, lora, model).
 """
 
 from __future__ import annotations
@@ -17,15 +21,16 @@ import torch
 
 from ..kernels.ops import Ops, get_ops
 from ..kernels._common import is_fake, triton_usable_on
-from . import lora
+from . import lora, streaming
+from . import quantize as qz
 from .attention import check_attention_name, resolve_attention_backend
 from .config import LongCatConfig, resolve_config
 from .kv_cache import IDENTITY_KEYS, DeviceKVCache, KVCache, KVSink
 from .model import LongCatTransformer
 from .names import KERNEL_CHOICES, merge_alias
-from .weights import cap_list, check_official_weights, copy_official_weights, find_dit_dir, list_weight_files
+from .weights import cap_list, check_official_weights, copy_official_weights
 
-__all__ = ["LongCatDiT", "resolve_dtype", "bsa_kernel_path", "free_memory_bytes"]
+__all__ = ["LongCatDiT", "resolve_dtype", "resolve_device", "bsa_kernel_path", "free_memory_bytes"]
 
 _DTYPE_NAMES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -48,7 +53,7 @@ def resolve_dtype(dtype: Union[None, str, torch.dtype], device: torch.device) ->
     return dtype
 
 
-def _resolve_device(device, cp_size: int = 1) -> torch.device:
+def resolve_device(device, cp_size: int = 1) -> torch.device:
     """None -> CUDA when available (under context parallelism, this rank's GPU: ``LOCAL_RANK``
     as torchrun sets it), else the CPU."""
     if device is None:
@@ -141,9 +146,24 @@ class LongCatDiT(LongCatTransformer):
         subfolder: Optional[str] = None,
         torch_dtype=None,
         pretrained_model_name_or_path=None,
+        quantize: Optional[str] = None,
+        offload: Optional[str] = None,
+        max_memory=None,
+        resident_blocks: Optional[int] = None,
         **config_overrides,
     ) -> "LongCatDiT":
         """Load an official checkpoint: ``path`` is a ``dit/`` folder or a root that has one.
+
+        ``quantize`` (docs/design/quantization.md): None, "fp8", "fp8-weight-only" or
+        "int8-weight-only": the block GEMM weights are quantized tensor by tensor while loading.
+        ``path`` may also be an official INT8 folder (``quantization_config.json``, shards
+        ``quantized_model-*.safetensors``; a root's ``base_model_int8/``), read as stored
+        ("int8-weight-only"), or a folder written by :meth:`save_quantized` (its mode and dtype).
+
+        ``offload="blocks"`` (docs/design/streaming.md): weight streaming, with ``max_memory`` or
+        ``resident_blocks`` as in :meth:`enable_weight_streaming` (neither: what fits the device's
+        free memory); the streamed blocks are read straight into pinned host memory, never onto the
+        device, so a model larger than the device loads.
 
         ``torch_dtype``, ``pretrained_model_name_or_path`` and ``subfolder`` are the official
         (diffusers) spellings; other keyword arguments name ``config.json`` keys and override them
@@ -154,19 +174,30 @@ class LongCatDiT(LongCatTransformer):
             raise TypeError("from_pretrained() needs a checkpoint path")
         dtype = merge_alias(dtype, torch_dtype, "dtype", "torch_dtype")
         cp_size = _check_cp_size(cp_size)
-        dit_dir = find_dit_dir(path, subfolder)
+        quantize = qz.check_quantize(quantize)
+        offload = streaming.check_offload(offload, resident_blocks, max_memory)
+        dit_dir, kind = qz.find_checkpoint(path, subfolder, quantize)
+        mode, saved_dtype = qz.checkpoint_mode(dit_dir, kind, quantize)
         cfg = LongCatConfig.from_json_file(str(dit_dir / "config.json"), config_overrides)
-        files = list_weight_files(dit_dir)
-        device = _resolve_device(device, cp_size)
-        dtype = resolve_dtype(dtype, device)
+        files = qz.weight_files(dit_dir, kind)
+        device = resolve_device(device, cp_size)
+        dtype = resolve_dtype(dtype if dtype is not None else saved_dtype, device)
         # Nothing is allocated before the checkpoint is checked: the model is built on the meta
-        # device (shapes only), the safetensors headers are checked against it, then its size
-        # against the device's free memory; only then does it get storage and the data is read.
-        model = cls._build_meta(cfg, dtype, kernels, attention)
-        plan = check_official_weights({n: tuple(p.shape) for n, p in model.named_parameters()}, files, cfg)
+        # device (shapes only; quantized storage for a quantized mode), the safetensors headers are
+        # checked against it, then its size against the device's free memory; only then does it
+        # get storage and the data is read (and quantized) one tensor at a time.
+        model = cls._build_meta(cfg, dtype, kernels, attention, quantize=mode)
+        if kind == "official":
+            plan = check_official_weights({n: tuple(p.shape) for n, p in model.named_parameters()}, files, cfg)
+        else:
+            plan = qz.check_quantized_checkpoint(model, files, kind, cfg)
         cp = _context_parallel(cfg, cp_size, device)
-        model = cls._materialize(model, device)
-        copy_official_weights(model, plan)
+        model = cls._materialize(model, device, offload, resident_blocks, max_memory)
+        if kind == "official" and mode is None:
+            copy_official_weights(model, plan)
+        else:
+            qz.copy_weights(model, qz.plan_from_official(plan) if kind == "official" else plan)
+        streaming.finish_loading(model)  # streamed blocks filled in host memory: point them at staging
         model.checkpoint_path = str(dit_dir)
         model.cp = cp
         return model.eval()
@@ -183,6 +214,10 @@ class LongCatDiT(LongCatTransformer):
         attention: str = "auto",
         cp_size: int = 1,
         torch_dtype=None,
+        quantize: Optional[str] = None,
+        offload: Optional[str] = None,
+        max_memory=None,
+        resident_blocks: Optional[int] = None,
         **config_overrides,
     ) -> "LongCatDiT":
         """Random weights of a preset ("tiny", "longcat-video"), a config dict or a config.json.
@@ -192,37 +227,53 @@ class LongCatDiT(LongCatTransformer):
         ``device="meta"`` builds shapes only (parameter counting, planning). The values are for
         tests and benchmarks, not training: every weight, adaLN and the final layer included, is
         random so each path does real work (the official init zeroes adaLN, making the output 0).
+        ``quantize``: as in :meth:`from_pretrained`; each block weight is drawn in the model dtype
+        (the same values as without ``quantize``, seed for seed) and quantized one at a time.
+        ``offload``, ``max_memory``, ``resident_blocks``: as in :meth:`from_pretrained` (streamed
+        tensors are drawn on the device and copied to the host: the same values as without).
         """
         dtype = merge_alias(dtype, torch_dtype, "dtype", "torch_dtype")
+        quantize = qz.check_quantize(quantize)
+        offload = streaming.check_offload(offload, resident_blocks, max_memory)
         cp_size = _check_cp_size(cp_size)
         cfg = resolve_config(config_or_name, config_overrides)
-        device = _resolve_device(device, cp_size)
+        device = resolve_device(device, cp_size)
         cp = _context_parallel(cfg, cp_size, device)
-        model = cls._allocate(cfg, resolve_dtype(dtype, device), device, kernels, attention)
+        model = cls._allocate(cfg, resolve_dtype(dtype, device), device, kernels, attention, quantize,
+                              offload=offload, resident_blocks=resident_blocks, max_memory=max_memory)
         if device.type != "meta":
             model._init_random(seed)  # same seed on every rank: identical replicas
+        streaming.finish_loading(model)
         model.cp = cp
         return model.eval()
 
     @classmethod
-    def _allocate(cls, cfg, dtype, device, kernels, attention) -> "LongCatDiT":
-        return cls._materialize(cls._build_meta(cfg, dtype, kernels, attention), device)
+    def _allocate(cls, cfg, dtype, device, kernels, attention, quantize=None, **offload) -> "LongCatDiT":
+        return cls._materialize(cls._build_meta(cfg, dtype, kernels, attention, quantize), device, **offload)
 
     @classmethod
-    def _build_meta(cls, cfg, dtype, kernels, attention) -> "LongCatDiT":
-        """The model on the meta device in ``dtype``: shapes only, nothing allocated."""
+    def _build_meta(cls, cfg, dtype, kernels, attention, quantize=None) -> "LongCatDiT":
+        """The model on the meta device in ``dtype``: shapes only, nothing allocated; with
+        ``quantize``, the block GEMM weights as quantized meta storage (runtime/quantize.py)."""
         with torch.device("meta"):
             model = cls(cfg, kernels=kernels, attention=attention)
         # An inference runtime: no autograd state (the fused kernels have no backward).
-        return model.requires_grad_(False).to(dtype=dtype)
+        return qz.quantize_model(model.requires_grad_(False).to(dtype=dtype), quantize)
 
     @staticmethod
-    def _materialize(model: "LongCatDiT", device: torch.device) -> "LongCatDiT":
+    def _materialize(model: "LongCatDiT", device: torch.device, offload=None, resident_blocks=None,
+                     max_memory=None) -> "LongCatDiT":
         """Uninitialized storage on ``device`` in the model's dtype (no default init pass, no host
-        copy), after checking that the weights fit the device's free memory where it is known."""
+        copy), after checking that the weights fit the device's free memory where it is known.
+        ``offload="blocks"``: the streamed blocks get host storage instead (runtime/streaming.py;
+        the streamer is installed, pointing at the host copies until ``streaming.finish_loading``)."""
+        qz.place(model, device)  # "fp8" -> "fp8-weight-only" on GPUs without FP8 GEMMs (one warning)
         if device.type == "meta":
             return model
-        need = sum(p.numel() * p.element_size() for p in model.parameters())
+        if offload is not None:
+            return streaming.materialize_streamed(model, device, resident_blocks=resident_blocks,
+                                                  max_memory=max_memory)
+        need = model.weight_bytes()
         free = free_memory_bytes(device)
         if free is not None and need > free:
             c = model.cfg
@@ -238,13 +289,20 @@ class LongCatDiT(LongCatTransformer):
     def _init_random(self, seed: int) -> None:
         gen = torch.Generator(device=self.device).manual_seed(seed)
         for name, p in self.named_parameters():
+            direct = qz.init_target(p, self.dtype)  # a quantized weight: drawn in the model dtype, then quantized
+            # a streamed block's tensor (host memory) is drawn on the device: the same values
+            t = direct if direct.device == self.device else torch.empty_like(direct, device=self.device)
             if name.endswith("norm.weight"):  # RMSNorm and LayerNorm gains
-                p.normal_(1.0, 0.1, generator=gen)
-            elif p.dim() == 1:
-                p.normal_(0.0, 0.02, generator=gen)
+                t.normal_(1.0, 0.1, generator=gen)
+            elif t.dim() == 1:
+                t.normal_(0.0, 0.02, generator=gen)
             else:
                 # fan-in scaling keeps activations O(1) through depth, like nn.Linear's default.
-                p.uniform_(-1.0, 1.0, generator=gen).mul_(math.sqrt(3.0 / p.shape[1]))
+                t.uniform_(-1.0, 1.0, generator=gen).mul_(math.sqrt(3.0 / t.shape[1]))
+            if direct is not p:
+                qz.store_init(self, name, t)
+            elif t is not p:
+                p.copy_(t)
 
     # -- official attributes ------------------------------------------------------------------
     @property
@@ -265,6 +323,22 @@ class LongCatDiT(LongCatTransformer):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    @property
+    def quantization(self) -> Optional[str]:
+        """The quantized mode of the block GEMMs ("fp8", "fp8-weight-only", "int8-weight-only"),
+        or None (docs/design/quantization.md)."""
+        return qz.model_quantization(self)
+
+    def weight_bytes(self) -> int:
+        """Bytes of the weights (every parameter and buffer; quantized storage and scales as stored)."""
+        return qz.weight_bytes(self)
+
+    def save_quantized(self, path) -> str:
+        """Write the model to the folder ``path`` in longcat-native's quantized layout (internal
+        names, quantized tensors + float32 scales, config.json, longcat_quantized.json);
+        ``from_pretrained(path)`` loads it back bit-exactly (docs/design/quantization.md)."""
+        return str(qz.save_quantized(self, path))
 
     def resolved_kernels(self) -> str:
         """The kernel path a call uses: "auto" is the fused path on CUDA, the reference elsewhere."""
@@ -291,6 +365,7 @@ class LongCatDiT(LongCatTransformer):
         return (f"hidden_size={c.hidden_size}, depth={c.depth}, num_heads={c.num_heads}, "
                 f"kernels={self._describe(self.kernels, self.resolved_kernels)}, "
                 f"attention={self._describe(self.attention, self.resolved_attention)}"
+                + (f", quantization={self.quantization!r}" if self.quantization is not None else "")
                 + (f", cp={self.cp}" if self.cp is not None else ""))
 
     def _describe(self, choice: str, resolve) -> str:
@@ -313,6 +388,7 @@ class LongCatDiT(LongCatTransformer):
 
     def enable_loras(self, lora_key_list=()):
         """Make exactly these loaded LoRAs active (replaces the active set), in ``self.lora_mode``."""
+        streaming.check_lora(self, self.lora_mode, lora_key_list)  # a non-list is lora's ValueError
         lora.enable_loras(self, lora_key_list)
 
     def disable_all_loras(self):
@@ -327,6 +403,7 @@ class LongCatDiT(LongCatTransformer):
 
     @lora_mode.setter
     def lora_mode(self, mode: str) -> None:
+        streaming.check_lora(self, mode, self.lora_state.active)
         lora.set_lora_mode(self, mode)
 
     @property
@@ -337,17 +414,43 @@ class LongCatDiT(LongCatTransformer):
     # -- memory -------------------------------------------------------------------------------
     def enable_forward_chunking(self, chunk_size: int = 16384) -> None:
         """Run each block's FFN ``chunk_size`` token rows at a time (w13 -> SwiGLU -> w2 per slice,
-        written into the output; diffusers' name). The same math, less activation memory: traced
-        (runtime/memory.py, bf16) the forward's activation peak drops from 11.69 to 9.09 GiB at 720p
-        (N = 168,960, BSA) and from 5.19 to 4.02 GiB at 480p (batch 2) with 16,384-token slices;
-        the self-attention's live set (qkv, q, k, the output, the residual) is then the largest.
-        Each slice is one more launch of each FFN op."""
+        written into the output; diffusers' name) and its qkv projection + norm + RoPE in slices of
+        whole frames of at most ``chunk_size`` rows (one frame at least). The same math, less
+        activation memory: traced (runtime/memory.py, bf16) the forward's activation peak drops
+        from 11.69 to 6.51 GiB at 720p (N = 168,960, BSA) and from 5.19 to 3.02 GiB at 480p
+        (batch 2) with 16,384-token slices; the attention's x, q, k, v and output are then the
+        largest live set. Each slice is one more launch of its ops."""
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
             raise ValueError(f"chunk_size must be a positive int (token rows per FFN slice), got {chunk_size!r}")
         self.ffn_chunk_tokens = chunk_size
 
     def disable_forward_chunking(self) -> None:
         self.ffn_chunk_tokens = None
+
+    def enable_weight_streaming(self, resident_blocks: Optional[int] = None, *, max_memory=None,
+                                activation_reserve=None, num_staging: int = 2):
+        """Keep blocks 0..resident_blocks-1 (and the embedders, the final layer and every block's
+        adaLN modulation) on the device and stream the others from pinned host memory into
+        ``num_staging`` fixed device staging sets, one block ahead on a side stream
+        (docs/design/streaming.md). Or pick ``resident_blocks`` from a budget, ``max_memory``
+        (bytes or "24GiB"): the largest count whose resident weights + staging sets +
+        ``activation_reserve`` (default: the traced 480p CFG activation peak) fit it; neither
+        given: the budget is what the device can hold. Returns the ``WeightStreamer``
+        (``.memory_stats()``), or None when every block fits (nothing streams)."""
+        return streaming.enable_weight_streaming(self, resident_blocks, max_memory=max_memory,
+                                                 activation_reserve=activation_reserve, num_staging=num_staging)
+
+    def disable_weight_streaming(self) -> None:
+        """Every block resident on the device again, bit-exactly (from the host copies)."""
+        streaming.disable_weight_streaming(self)
+
+    def weight_bytes_on_device(self) -> int:
+        """Device bytes of the weights: the resident tensors, plus the staging sets when streaming."""
+        return streaming.weight_bytes_on_device(self)
+
+    def _apply(self, fn, recurse=True):  # .to(), .cuda(), .half(), to_empty(): the weights would move
+        streaming.check_not_streaming(self, "moving or casting the model")
+        return super()._apply(fn, recurse)
 
     # -- block-sparse attention (official API) ------------------------------------------------
     def enable_bsa(self) -> None:
@@ -372,6 +475,7 @@ class LongCatDiT(LongCatTransformer):
         offload_kv_cache: bool = False,
         *,
         block_fn: Optional[Callable] = None,
+        step_cache=None,
     ):
         """The official call. ``hidden_states`` [B, C_in, T, H, W]; ``timestep`` [B] or [B, T];
         ``encoder_hidden_states`` [B, 1, L, C_cap] or [B, L, C_cap] (may be None with
@@ -384,6 +488,8 @@ class LongCatDiT(LongCatTransformer):
         grid; ``num_cond_latents`` may be 0 (inferred from the cache) or must equal m.
         ``block_fn`` (not official): runs each block as ``block_fn(block, *args)``; regional
         compilation (``lcn.compile(dit, regional=True)``) passes its one compiled function.
+        ``step_cache`` (not official): a :class:`~longcat_native.runtime.step_cache.StepCache` in a
+        step of its run (``denoise(..., cache=...)`` drives it; docs/design/step_cache.md).
         """
         x, B, T = self._check_latents(hidden_states)
         if self.cp is not None:
@@ -413,6 +519,7 @@ class LongCatDiT(LongCatTransformer):
         out = self.run(
             x, t, text, mask, num_cond_latents, cache, cache_frames, sink, bool(skip_crs_attn),
             attention_backend=self.resolved_attention(), ops=self.resolved_ops(), cp=self.cp, block_fn=block_fn,
+            **({} if step_cache is None else {"step_cache": _check_step_cache(step_cache, return_kv)}),
         )
         if not return_kv:
             return out
@@ -571,6 +678,16 @@ class LongCatDiT(LongCatTransformer):
         if num_cond_latents not in (0, m):
             raise ValueError(f"num_cond_latents={num_cond_latents} but the kv cache holds {m} frames")
         return m
+
+
+def _check_step_cache(step_cache, return_kv):
+    from .step_cache import StepCache
+
+    if not isinstance(step_cache, StepCache):
+        raise ValueError(f"step_cache must be a StepCache, got {type(step_cache).__name__}")
+    if return_kv:
+        raise ValueError("step_cache cannot be combined with return_kv=True (a cached step has no middle blocks' KV)")
+    return step_cache
 
 
 def _check_int(name: str, v) -> int:

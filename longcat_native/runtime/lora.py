@@ -441,7 +441,11 @@ def set_lora_mode(dit, mode: str) -> None:
 
 
 def _params(dit) -> Dict[str, nn.Parameter]:
-    return dict(dit.named_parameters())
+    """Parameters, and the ``weight_scale`` buffers of quantized layers (runtime/quantize.py): a
+    merge into a quantized weight rewrites its scales too, so they get exact copies as well."""
+    params = dict(dit.named_parameters())
+    params.update((n, b) for n, b in dit.named_buffers() if n.endswith(".weight_scale"))
+    return params
 
 
 def _ensure_base_copy(st: _LoRAState, name: str, p: torch.Tensor) -> None:
@@ -484,11 +488,25 @@ def _merge(dit, st: _LoRAState, loras: List[LoRA]) -> None:
             for row0, down, up in m.targets():
                 plan.setdefault(m.internal_name + ".weight", []).append((row0, down, up, scale))
     # Weights merged before that the new set does not touch: back to the original.
-    for name in sorted(st.merged - plan.keys()):
+    touched = set(plan) | {n[: -len("weight")] + "weight_scale" for n in plan}
+    for name in sorted(st.merged - touched):
         _restore(st, name, params[name])
     for name, items in plan.items():
         p = params[name]
-        if name in st.merged:  # holds A's merge: start from the original copy
+        # A quantized weight (runtime/quantize.py): dequantize, add the deltas in float32,
+        # requantize per row (new scales); the exact copies cover the stored values and scales.
+        sname = name[: -len("weight")] + "weight_scale"
+        wscale = params.get(sname)
+        if wscale is not None:
+            from .quantize import dequantize
+
+            if name in st.merged:
+                w = dequantize(st.base[name].host.to(p.device), st.base[sname].host.to(p.device))
+            else:
+                _ensure_base_copy(st, name, p)
+                _ensure_base_copy(st, sname, wscale)
+                w = dequantize(p.detach(), wscale.detach())
+        elif name in st.merged:  # holds A's merge: start from the original copy
             w = _float32_copy(st.base[name].host, p.device)
         else:
             _ensure_base_copy(st, name, p)
@@ -501,7 +519,16 @@ def _merge(dit, st: _LoRAState, loras: List[LoRA]) -> None:
         w += delta
         del delta
         st.merged.add(name)  # before the write: if it fails half-way, restore still covers it
-        p.copy_(w)  # the one cast to the model dtype
+        if wscale is None:
+            p.copy_(w)  # the one cast to the model dtype
+        else:
+            from .quantize import quantize_weight
+
+            st.merged.add(sname)
+            q, s = quantize_weight(w, p.dtype)
+            p.copy_(q)
+            wscale.copy_(s)
+            del q, s
         del w
 
 

@@ -19,7 +19,7 @@ from torch.utils._pytree import tree_flatten
 from ..kernels._common import WORKSPACE_BYTES, allocator_bytes
 
 __all__ = ["MemoryTracer", "MemoryTrace", "trace_memory", "trace_forward_memory", "allocator_bytes",
-           "activation_bytes", "run_memory_estimate", "StageMemory", "UMT5_XXL_ENCODER_PARAMS", "WAN_VAE_PARAMS",
+           "storage_bytes", "activation_bytes", "run_memory_estimate", "StageMemory", "UMT5_XXL_ENCODER_PARAMS", "WAN_VAE_PARAMS",
            "GPU_BUDGET_BYTES"]
 
 @dataclass
@@ -124,7 +124,8 @@ def trace_memory(fn: Callable[..., Any], *args, collect_cycles: bool = False, **
     return out, tracer.result()
 
 
-def _tensor_bytes(tensors) -> int:
+def storage_bytes(tensors) -> int:
+    """Bytes the allocator holds for ``tensors``: each storage once, rounded to its block size."""
     seen, total = set(), 0
     for t in tensors:
         st = t.untyped_storage()
@@ -137,12 +138,13 @@ def _tensor_bytes(tensors) -> int:
 def trace_forward_memory(config="longcat-video", *, batch: int = 1, latent=(24, 60, 104), text_len: int = 512,
                          bsa: bool = False, dtype=torch.bfloat16, kv_frames: int = 0,
                          config_overrides: Optional[Dict[str, Any]] = None,
-                         ffn_chunk_tokens: Optional[int] = None) -> Dict[str, Any]:
+                         ffn_chunk_tokens: Optional[int] = None, quantize: Optional[str] = None) -> Dict[str, Any]:
     """Peak memory of one forward of the fused path (what ``kernels="auto"`` runs on CUDA), traced
     on fake tensors: nothing is allocated or computed. ``latent`` is (T, H, W) of the call's own
     frames; ``kv_frames`` > 0 adds a batch-1 KV cache of that many frames (continuation), which
     the forward receives as inputs; ``ffn_chunk_tokens`` runs each FFN in slices of that many token
-    rows (``LongCatDiT.enable_forward_chunking``). Returns bytes: ``weights``, ``inputs`` (latent, timestep, text,
+    rows (``LongCatDiT.enable_forward_chunking``); ``quantize`` builds the model with quantized block
+    weights (runtime/quantize.py: int8/float8 storage + float32 scales). Returns bytes: ``weights``, ``inputs`` (latent, timestep, text,
     KV cache), ``activation_peak`` (the trace's peak: new allocations, custom-op scratch
     included), ``peak`` (their sum: ``max_memory_allocated`` after a fresh start), and the trace."""
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -150,7 +152,7 @@ def trace_forward_memory(config="longcat-video", *, batch: int = 1, latent=(24, 
     from .dit import LongCatDiT
 
     dit = LongCatDiT.from_config(config, device="meta", dtype=dtype, kernels="triton", attention="sdpa",
-                                 **(config_overrides or {}))
+                                 quantize=quantize, **(config_overrides or {}))
     if bsa:
         dit.enable_bsa()
     if ffn_chunk_tokens is not None:
@@ -171,12 +173,12 @@ def trace_forward_memory(config="longcat-video", *, batch: int = 1, latent=(24, 
             shape = (1, cfg.num_heads, n_cache, cfg.head_dim)  # batch 1: shared by every item of the call
             cache = {i: (torch.empty(shape, dtype=dtype), torch.empty(shape, dtype=dtype)) for i in range(cfg.depth)}
             inputs += [kv for pair in cache.values() for kv in pair]
-        weights = _tensor_bytes(list(dit.parameters()) + list(dit.buffers()))
+        weights = storage_bytes(list(dit.parameters()) + list(dit.buffers()))
         # kernels="triton" on fake weights needs no interpreter (nothing is launched) and makes
         # block-sparse attention the Triton kernel's op (runtime.dit.bsa_kernel_path), as on CUDA.
         with torch.inference_mode():
             _, trace = trace_memory(dit, x, t, text, mask, kv_cache_dict=cache)
-    input_bytes = _tensor_bytes(inputs)
+    input_bytes = storage_bytes(inputs)
     N = (T // pt) * (H // ph) * (W // pw)
     return {
         "tokens": N, "batch": batch, "latent": list(latent), "text_tokens": text_len, "bsa": bool(bsa),
@@ -194,14 +196,15 @@ GPU_BUDGET_BYTES = 48 * 1024 ** 3  # the 48 GB cards users report running out of
 
 
 def activation_bytes(cfg, latent, batch: int, dtype, kv_frames: int = 0, bsa: bool = False,
-                     text_len: int = 512) -> Dict[str, Any]:
+                     text_len: int = 512, quantize: Optional[str] = None) -> Dict[str, Any]:
     """Peak activation memory of one forward of the fused path (what runs on CUDA), traced by
     :func:`trace_forward_memory` at ``latent`` = (T, H, W): the largest set of live tensors the
     forward allocates, custom-op scratch included, weights and inputs not. ``kv_frames`` > 0: a
-    batch-1 KV cache of that many frames is an input, reported as ``kv_cache_bytes``. Not counted:
-    the CUDA context, cuBLAS/cuDNN workspaces and allocator fragmentation."""
+    batch-1 KV cache of that many frames is an input, reported as ``kv_cache_bytes``; ``quantize``
+    traces the quantized model (runtime/quantize.py). Not counted: the CUDA context, cuBLAS/cuDNN
+    workspaces and allocator fragmentation."""
     r = trace_forward_memory(cfg, batch=batch, latent=tuple(latent), text_len=text_len, bsa=bsa, dtype=dtype,
-                             kv_frames=kv_frames)
+                             kv_frames=kv_frames, quantize=quantize)
     T, H, W = latent
     es = torch.empty((), dtype=dtype).element_size()
     kv_cache = 2 * cfg.depth * kv_frames * (H // cfg.patch_size[1]) * (W // cfg.patch_size[2]) * cfg.hidden_size * es

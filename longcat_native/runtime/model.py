@@ -10,6 +10,9 @@ Internal layout differs from the official module tree only where it buys speed:
 ``ffn.w13`` holds ``w1`` and ``w3`` stacked so the FFN's first GEMM is one launch.
 The call sites ``ops.<op>`` (a ``kernels.Ops``, resolved per call by ``LongCatDiT.resolved_ops``)
 pick the plain-PyTorch reference or the fused kernels, block-sparse attention included.
+
+Why ~620 lines: the whole network in one file, read top to bottom; forward chunking and the step
+cache's skip are a few lines each where they act, not separate layers.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from ..kernels.block_sparse_attention import bsa_grid_tiles
 from .attention import attention
 from .config import LongCatConfig
 from .profiling import nvtx_range
+from .quantize import dequantize, quantized_linear
 
 __all__ = ["LongCatTransformer", "Linear", "timestep_features", "patchify", "unpatchify"]
 
@@ -71,23 +75,55 @@ class Linear(nn.Linear):
     """``nn.Linear`` that owns the low-rank branches of unmerged LoRAs (runtime/lora.py):
     ``lora_branches`` lists ``(down [r, in], up [rows, r], scale, first_row)``, empty when none.
     It exists from construction on, so code compiled before a LoRA is loaded guards on it and
-    recompiles when branches appear (dynamo does not guard on an attribute that is absent)."""
+    recompiles when branches appear (dynamo does not guard on an attribute that is absent).
+
+    Quantization (runtime/quantize.py, docs/design/quantization.md): ``quant`` is None (``weight``
+    in the model dtype) or a mode string ("fp8", "fp8-weight-only", "int8-weight-only"): then
+    ``weight`` is a plain int8/float8_e4m3fn ``nn.Parameter(requires_grad=False)`` [out, in] and
+    ``weight_scale`` a float32 buffer [out] (``w = weight * weight_scale[:, None]``). Plain tensors,
+    not a tensor subclass, so weight streaming's copies into staging buffers, CUDA graphs, the LoRA
+    merge/restore copies and the fake-tensor memory tracer see ordinary storage. ``quant`` is set
+    here so compiled code guards on it, like ``lora_branches``."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True):
         super().__init__(in_features, out_features, bias=bias)
         self.lora_branches: list = []
+        self.quant: Optional[str] = None
+        self.register_buffer("weight_scale", None)
+
+    def _apply(self, fn, recurse=True):
+        # ``dit.to(torch.float16)`` casts every floating-point tensor, float8 weights and their
+        # float32 scales included: a quantized layer keeps its storage dtypes (moves still apply).
+        if self.quant is None:
+            return super()._apply(fn, recurse)
+        keep_w, keep_s = self.weight.data, self.weight_scale
+        super()._apply(fn, recurse)
+        if self.weight.dtype != keep_w.dtype:
+            self.weight.data = keep_w.to(self.weight.device)
+        if self.weight_scale.dtype != keep_s.dtype:
+            self._buffers["weight_scale"] = keep_s.to(self.weight_scale.device)
+        return self
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (f", quant={self.quant!r}" if self.quant is not None else "")
 
 
 def linear(x: torch.Tensor, layer: Linear) -> torch.Tensor:
-    """``layer(x)``, plus the low-rank branches of any unmerged LoRA on it (runtime/lora.py)."""
-    out = F.linear(x, layer.weight, layer.bias)
+    """``layer(x)`` (the quantized GEMM of its mode when ``layer.quant`` is set), plus the low-rank
+    branches of any unmerged LoRA on it (runtime/lora.py), in the model dtype."""
+    if layer.quant is None:
+        out = F.linear(x, layer.weight, layer.bias)
+    else:
+        out = quantized_linear(x, layer.weight, layer.weight_scale, layer.bias, layer.quant)
     return _add_lora(out, x, layer.lora_branches, out.dtype) if layer.lora_branches else out
 
 
 def linear_fp32(x: torch.Tensor, layer: Linear) -> torch.Tensor:
-    """A Linear in float32 with the weights upcast: the official autocast(float32) regions."""
+    """A Linear in float32 with the weights upcast: the official autocast(float32) regions (never
+    quantized by ``quantize=``; a quantized layer here is dequantized to float32)."""
     bias = None if layer.bias is None else layer.bias.float()
-    out = F.linear(x.float(), layer.weight.float(), bias)
+    weight = layer.weight.float() if layer.quant is None else dequantize(layer.weight, layer.weight_scale)
+    out = F.linear(x.float(), weight, bias)
     return _add_lora(out, x.float(), layer.lora_branches, torch.float32) if layer.lora_branches else out
 
 
@@ -282,18 +318,24 @@ class LongCatBlock(nn.Module):
         a = self.attn
         h = hbox.pop()
         B, n, C = h.shape
-        with nvtx_range("op.qkv"):
-            qkv = linear(h, a.qkv).view(B, n, 3, a.num_heads, a.head_dim)
-        del h  # dead: the attention's live set is qkv and what it derives
-        if ctx.cp is not None:
-            # Ulysses: this rank's tokens x all heads -> all tokens (global order) x its heads; the
-            # rest of the attention is the single-device code on fewer heads (runtime/parallel.py).
-            with nvtx_range("comm.qkv_all_to_all"):
-                qkv = ctx.cp.tokens_to_heads(qkv, ctx.grid)
-        q, k, v = qkv.unbind(2)
-        with nvtx_range("op.qk_rmsnorm_rope3d"):
-            normed = ops.qk_rmsnorm_rope3d(q, k, a.q_norm.weight, a.k_norm.weight, ctx.grid,
-                                           t_offset=ctx.cache_frames, return_k_unroped=ctx.return_kv)
+        chunk = ctx.ffn_chunk_tokens
+        if chunk is not None and ctx.cp is None and B * n > chunk:
+            normed, v = self._chunked_qkv(h, ctx, ops, chunk)
+            qkv = None
+            del h
+        else:
+            with nvtx_range("op.qkv"):
+                qkv = linear(h, a.qkv).view(B, n, 3, a.num_heads, a.head_dim)
+            del h  # dead: the attention's live set is qkv and what it derives
+            if ctx.cp is not None:
+                # Ulysses: this rank's tokens x all heads -> all tokens (global order) x its heads; the
+                # rest of the attention is the single-device code on fewer heads (runtime/parallel.py).
+                with nvtx_range("comm.qkv_all_to_all"):
+                    qkv = ctx.cp.tokens_to_heads(qkv, ctx.grid)
+            q, k, v = qkv.unbind(2)
+            with nvtx_range("op.qk_rmsnorm_rope3d"):
+                normed = ops.qk_rmsnorm_rope3d(q, k, a.q_norm.weight, a.k_norm.weight, ctx.grid,
+                                               t_offset=ctx.cache_frames, return_k_unroped=ctx.return_kv)
         q, k = normed[:2]
         new_kv = None
         if ctx.return_kv:
@@ -326,6 +368,40 @@ class LongCatBlock(nn.Module):
         with nvtx_range("op.proj"):
             out = linear(out.reshape(B, n, C), a.proj)
         return out, new_kv
+
+    def _chunked_qkv(self, h, ctx, ops, chunk: int):
+        """qkv -> RMSNorm + RoPE a few whole frames at a time (at least one; as many as fit in
+        ``chunk`` token rows), written into q (h's storage), k (and un-rotated k) and v: the live
+        set is x, those [N, C] buffers and one slice's [rows, 3C], not h and the whole [N, 3C] qkv
+        that the v view would keep alive through the attention. Whole frames keep RoPE's
+        positions right: a slice is the grid (frames, H, W) at t_offset = its first frame. Traced
+        at 720p (BSA, 16,384-row slices) this and the sliced FFN take the forward's activation peak
+        from 11.69 to 6.5 GiB (runtime/memory.py); each slice is one more qkv and norm launch."""
+        a = self.attn
+        B, n, C = h.shape
+        T, Hh, Ww = ctx.grid
+        per_frame = Hh * Ww
+        frames = max(1, chunk // (B * per_frame))
+        shape = (B, n, a.num_heads, a.head_dim)
+        # q goes into h's own storage: a slice's rows of h are dead once its qkv is computed, and
+        # the caller handed over its only reference (hbox), so the live set is one [N, C] smaller.
+        q_buf = h.view(shape) if h.is_contiguous() else h.new_empty(shape)
+        outs = [q_buf] + [h.new_empty(shape) for _ in range(2 if ctx.return_kv else 1)]
+        v = h.new_empty(shape)
+        for f0 in range(0, T, frames):
+            f1 = min(T, f0 + frames)
+            rows = slice(f0 * per_frame, f1 * per_frame)
+            with nvtx_range("op.qkv"):
+                qkv = linear(h[:, rows], a.qkv).view(B, (f1 - f0) * per_frame, 3, a.num_heads, a.head_dim)
+            q, k, v_rows = qkv.unbind(2)
+            v[:, rows] = v_rows
+            with nvtx_range("op.qk_rmsnorm_rope3d"):
+                part = ops.qk_rmsnorm_rope3d(q, k, a.q_norm.weight, a.k_norm.weight, (f1 - f0, Hh, Ww),
+                                             t_offset=ctx.cache_frames + f0, return_k_unroped=ctx.return_kv)
+            for buf, piece in zip(outs, part):
+                buf[:, rows] = piece
+            del qkv, q, k, v_rows, part
+        return tuple(outs), v
 
     @staticmethod
     def _attend(q, k, v, frames_q, frames_k, ctx, ops):
@@ -411,6 +487,9 @@ class LongCatTransformer(nn.Module):
         self.final_layer = FinalLayer(cfg)
         # Token rows per FFN slice (LongCatDiT.enable_forward_chunking), None: the whole sequence.
         self.ffn_chunk_tokens: Optional[int] = None
+        # A WeightStreamer (runtime/streaming.py) when some blocks' weights live in host memory and
+        # are copied into device staging buffers ahead of use; None: every block is resident.
+        self.weight_streamer = None
 
     def run(
         self,
@@ -427,6 +506,7 @@ class LongCatTransformer(nn.Module):
         ops: Ops,  # the kernel path (kernels/__init__.py)
         cp=None,  # ContextParallel (runtime/parallel.py) or None: this rank embeds its tile only
         block_fn: Optional[Callable] = None,  # called as block_fn(block, *args) instead of block(*args)
+        step_cache=None,  # a StepCache (runtime/step_cache.py) that may skip the middle blocks, or None
     ):
         cfg = self.cfg
         B, _, T, H, W = hidden_states.shape
@@ -475,8 +555,38 @@ class LongCatTransformer(nn.Module):
             mod = self.blocks[0].modulation(t)
         with nvtx_range("op.layernorm_modulate"):
             h = ops.layernorm_modulate(x, mod[0], mod[1])
-        for i, block in enumerate(self.blocks):
+        streamer = self.weight_streamer
+        depth = len(self.blocks)
+        # Step caching (runtime/step_cache.py, docs/design/step_cache.md): after the first Fn
+        # blocks the cache decides (one host read); a cached step adds the middle blocks' cached
+        # residual to the stream and resumes at block depth - Bn with that block's norm.
+        sc = step_cache
+        x_in = x if sc is not None else None  # the stream entering block 0
+        x_mid_in = None  # on a full step: the stream entering the middle blocks
+        mid_end = depth - sc.Bn_compute_blocks if sc is not None else depth
+        i = 0
+        while i < depth:
+            block = self.blocks[i]
+            if sc is not None and i == sc.Fn_compute_blocks and x_in is not None:
+                with nvtx_range("step_cache.decide"):
+                    cached = sc.after_first_blocks(x, x_in, ctx.num_cond_tokens_local, cp)
+                x_in = None
+                if cached is not None:
+                    with nvtx_range("op.modulation"):
+                        if mid_end < depth:
+                            mod = self.blocks[mid_end].modulation(t)
+                            shift, scale = mod[0], mod[1]
+                        else:
+                            shift, scale = self.final_layer.modulation(t)
+                    with nvtx_range("op.residual_layernorm_modulate"):
+                        x, h = ops.residual_layernorm_modulate(x, cached, None, shift, scale)
+                    del cached
+                    i = mid_end
+                    continue
+                x_mid_in = x
             with nvtx_range("block", i):  # "block.{i}"
+                if streamer is not None:  # block i's weights on the device, the next one's on the way
+                    streamer.before_block(i)
                 block_kv = None if kv_cache is None else kv_cache[i]
                 xh = [x, h]  # the block's to free (LongCatBlock's doc)
                 del x, h
@@ -489,7 +599,7 @@ class LongCatTransformer(nn.Module):
                 # The last gated residual of block i is fused with the next norm: block i+1's
                 # attention norm, or the final layer's.
                 with nvtx_range("op.modulation"):
-                    if i + 1 < len(self.blocks):
+                    if i + 1 < depth:
                         mod = self.blocks[i + 1].modulation(t)
                         shift, scale = mod[0], mod[1]
                     else:
@@ -497,6 +607,10 @@ class LongCatTransformer(nn.Module):
                 with nvtx_range("op.residual_layernorm_modulate"):
                     x, h = ops.residual_layernorm_modulate(x, ffn_out, gate_mlp, shift, scale)
                 del ffn_out  # not held through the next block
+            if x_mid_in is not None and i + 1 == mid_end:  # a full step: the middle residual, for later steps
+                sc.store_middle(x - x_mid_in)
+                x_mid_in = None
+            i += 1
 
         with nvtx_range("final.linear"):
             out = linear_fp32(h, self.final_layer.linear)  # [B, N, pt*ph*pw*C_out] float32

@@ -23,7 +23,8 @@ from typing import Dict, Iterator, List, Optional, Tuple
 import torch
 
 __all__ = ["CheckpointError", "find_dit_dir", "list_weight_files", "official_to_internal", "read_headers",
-           "check_official_weights", "copy_official_weights", "load_official_weights", "cap_list"]
+           "check_official_weights", "copy_official_weights", "load_official_weights", "cap_list",
+           "index_shards", "expected_official_shape", "internal_to_official"]
 
 SINGLE_FILE = "diffusion_pytorch_model.safetensors"
 INDEX_FILE = "diffusion_pytorch_model.safetensors.index.json"
@@ -59,7 +60,7 @@ def list_weight_files(dit_dir: Path) -> List[Path]:
     dit_dir = Path(dit_dir)
     index = dit_dir / INDEX_FILE
     if index.is_file():
-        return _index_shards(dit_dir, index)
+        return index_shards(dit_dir, index)
     single = dit_dir / SINGLE_FILE
     if single.is_file():
         return [single]
@@ -75,7 +76,7 @@ def list_weight_files(dit_dir: Path) -> List[Path]:
     raise CheckpointError(f"no {SINGLE_FILE} or {INDEX_FILE} in {dit_dir}")
 
 
-def _index_shards(dit_dir: Path, index: Path) -> List[Path]:
+def index_shards(dit_dir: Path, index: Path) -> List[Path]:
     try:
         data = json.loads(index.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
@@ -146,7 +147,7 @@ def official_to_internal(name: str) -> Tuple[str, Optional[int]]:
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2", "F8_E4M3FNUZ", "F8_E5M2FNUZ")
 
 
-def _expected_official_shape(shape: Tuple[int, ...], internal: str, half: Optional[int], cfg) -> Tuple[int, ...]:
+def expected_official_shape(shape: Tuple[int, ...], internal: str, half: Optional[int], cfg) -> Tuple[int, ...]:
     if half is not None:
         return (shape[0] // 2, shape[1])
     if internal == "x_embedder.proj.weight":
@@ -192,7 +193,7 @@ def check_official_weights(param_shapes: Dict[str, Tuple[int, ...]], files: List
         if internal not in param_shapes:
             unexpected.append(key)
             continue
-        want = _expected_official_shape(param_shapes[internal], internal, half, cfg)
+        want = expected_official_shape(param_shapes[internal], internal, half, cfg)
         part = 0 if half is None else half
         if part in covered[internal]:
             duplicates.append(key)
@@ -212,7 +213,7 @@ def check_official_weights(param_shapes: Dict[str, Tuple[int, ...]], files: List
             if name.endswith(".ffn.w13.weight"):
                 missing.append(name.replace("w13", "w1" if part == 0 else "w3"))
             else:
-                missing.append(_internal_to_official(name))
+                missing.append(internal_to_official(name))
     if missing or unexpected or wrong_shape or duplicates or not_float:
         lines = [f"checkpoint {cap_list([str(f) for f in files], 4)} does not match the model config:"]
         for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape),
@@ -254,7 +255,8 @@ def copy_official_weights(model: torch.nn.Module, plan: LoadPlan) -> None:
                 flags.append(torch.isfinite(dst).all())
                 del src
             if flags:
-                ok = torch.stack(flags).tolist()  # the file's one host sync
+                # the file's one host sync (flags of streamed blocks' host tensors join the device's)
+                ok = torch.stack([f.to(flags[0].device) for f in flags]).tolist()
                 for (key, _, _), good in zip(entries, ok):
                     if good:
                         continue
@@ -281,7 +283,7 @@ def load_official_weights(model: torch.nn.Module, files: List[Path], cfg) -> Non
     copy_official_weights(model, check_official_weights(shapes, files, cfg))
 
 
-def _internal_to_official(name: str) -> str:
+def internal_to_official(name: str) -> str:
     m = re.match(r"^(blocks\.\d+|final_layer)\.adaLN_modulation\.(weight|bias)$", name)
     if m:
         return f"{m.group(1)}.adaLN_modulation.1.{m.group(2)}"

@@ -1,0 +1,320 @@
+"""Step caching for the DiT's denoising loop (DBCache / TaylorSeer family, cache-dit's parameter
+names): compute the first ``Fn_compute_blocks`` blocks, measure how much their output residual
+changed since the last fully computed step, and when the change is below
+``residual_diff_threshold`` reuse (or, with TaylorSeer, extrapolate) the middle blocks' cached
+residual, then compute the last ``Bn_compute_blocks`` blocks.
+
+:class:`StepCache` is the policy and its state; ``LongCatTransformer.run`` (runtime/model.py)
+calls its two loop hooks (:meth:`StepCache.after_first_blocks`, :meth:`StepCache.store_middle`)
+and the sampler (pipelines/sampler.py, ``denoise(..., cache=StepCache(...))``) drives the runs and
+steps. Design notes, the exact policy and measured numbers: docs/design/step_cache.md.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, List, Optional
+
+# torch is imported where a tensor is made (the CLI parses --cache without importing torch).
+
+__all__ = ["StepCache", "STEP_CACHE_DEFAULTS", "parse_cache_spec"]
+
+# cache-dit's DBCacheConfig defaults (F8B0, 8 warmup steps, unlimited cached steps, 0.08).
+STEP_CACHE_DEFAULTS: Dict[str, Any] = {
+    "Fn_compute_blocks": 8,
+    "Bn_compute_blocks": 0,
+    "residual_diff_threshold": 0.08,
+    "max_warmup_steps": 8,
+    "warmup_interval": 1,
+    "max_cached_steps": -1,
+    "max_continuous_cached_steps": -1,
+    "enable_taylorseer": False,
+    "taylorseer_order": 1,
+}
+
+
+def _int(name: str, v, lo: int) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) and type(v).__name__ not in ("int64", "int32"):
+        raise ValueError(f"StepCache: {name} must be an int >= {lo}, got {v!r}")
+    v = int(v)
+    if v < lo:
+        raise ValueError(f"StepCache: {name} must be an int >= {lo}, got {v}")
+    return v
+
+
+class StepCache:
+    """DBCache step caching with optional TaylorSeer extrapolation (docs/design/step_cache.md).
+
+    Parameters (cache-dit's names and meaning):
+
+    * ``Fn_compute_blocks`` (>= 1): the first blocks, always computed; their output residual
+      (stream after block Fn-1 minus the stream entering block 0, noisy tokens only) is the
+      decision signal.
+    * ``Bn_compute_blocks`` (>= 0): the last blocks, always computed (on a cached step from the
+      approximated stream).
+    * ``residual_diff_threshold`` (>= 0): a step is cached when
+      ``sum|r - r_prev| / sum|r_prev|`` (cache-dit's relative L1, r_prev the Fn residual of the
+      last fully computed step) is below it; 0 never caches (bit-identical to no cache).
+    * ``max_warmup_steps``, ``warmup_interval`` (>= 1): steps ``range(0, max_warmup_steps,
+      warmup_interval)`` are always computed fully.
+    * ``max_cached_steps`` (-1 = unlimited): at most this many cached steps per run.
+    * ``max_continuous_cached_steps`` (-1 = unlimited): at most this many cached steps in a row.
+    * ``enable_taylorseer``, ``taylorseer_order`` (1 or 2): extrapolate the middle residual from
+      the last full steps' finite differences (in steps) instead of reusing it.
+
+    After a run, :attr:`stats` is its report and :meth:`report` the report of every run the
+    object served (a pipeline's stages call ``denoise`` several times). One object may be reused:
+    each ``denoise`` call starts from an empty cache (so switching LoRAs or the schedule between
+    calls resets it), and within a call a change of the LoRA state or of the input shapes resets it too.
+    """
+
+    def __init__(self, Fn_compute_blocks: int = 8, Bn_compute_blocks: int = 0, residual_diff_threshold: float = 0.08,
+                 max_warmup_steps: int = 8, warmup_interval: int = 1, max_cached_steps: int = -1,
+                 max_continuous_cached_steps: int = -1, enable_taylorseer: bool = False, taylorseer_order: int = 1):
+        self.Fn_compute_blocks = _int("Fn_compute_blocks", Fn_compute_blocks, 1)
+        self.Bn_compute_blocks = _int("Bn_compute_blocks", Bn_compute_blocks, 0)
+        thr = residual_diff_threshold
+        if isinstance(thr, (bool, str)) or not isinstance(thr, (int, float)):
+            raise ValueError(f"StepCache: residual_diff_threshold must be a number >= 0, got {thr!r}")
+        thr = float(thr)
+        if not math.isfinite(thr) or thr < 0:
+            raise ValueError(f"StepCache: residual_diff_threshold must be a finite number >= 0, got {thr}")
+        self.residual_diff_threshold = thr
+        self.max_warmup_steps = _int("max_warmup_steps", max_warmup_steps, 0)
+        self.warmup_interval = _int("warmup_interval", warmup_interval, 1)
+        self.max_cached_steps = _int("max_cached_steps", max_cached_steps, -1)
+        self.max_continuous_cached_steps = _int("max_continuous_cached_steps", max_continuous_cached_steps, -1)
+        if not isinstance(enable_taylorseer, bool):
+            raise ValueError(f"StepCache: enable_taylorseer must be True or False, got {enable_taylorseer!r}")
+        self.enable_taylorseer = enable_taylorseer
+        if isinstance(taylorseer_order, bool) or taylorseer_order not in (1, 2):
+            raise ValueError(f"StepCache: taylorseer_order must be 1 or 2, got {taylorseer_order!r}")
+        self.taylorseer_order = int(taylorseer_order)
+        self.runs: List[Dict[str, Any]] = []
+        self._run: Optional[Dict[str, Any]] = None
+        self._reset_state()
+
+    # -- the parameters ---------------------------------------------------------------------------
+    def params(self) -> Dict[str, Any]:
+        return {k: getattr(self, k) for k in STEP_CACHE_DEFAULTS}
+
+    def __repr__(self) -> str:
+        return "StepCache(" + ", ".join(f"{k}={v!r}" for k, v in self.params().items()) + ")"
+
+    @property
+    def active(self) -> bool:
+        """False when the policy can never cache a step (threshold 0 or ``max_cached_steps=0``):
+        ``denoise`` then runs the model exactly as without a cache, and only reports."""
+        return self.residual_diff_threshold > 0 and self.max_cached_steps != 0
+
+    def check_depth(self, depth: int) -> None:
+        if self.Fn_compute_blocks + self.Bn_compute_blocks >= depth:
+            raise ValueError(
+                f"StepCache: Fn_compute_blocks + Bn_compute_blocks = {self.Fn_compute_blocks} + "
+                f"{self.Bn_compute_blocks} leaves no middle block to cache in a model of depth {depth}; "
+                f"use Fn + Bn < {depth}")
+
+    def middle(self, depth: int):
+        """The cached blocks: ``range(Fn, depth - Bn)``."""
+        return range(self.Fn_compute_blocks, depth - self.Bn_compute_blocks)
+
+    # -- runs and steps (driven by denoise) ----------------------------------------------------------
+    def _reset_state(self) -> None:
+        self._prev_fn = None  # noisy-token Fn residual of the last fully computed step
+        self._mid = None  # middle residual of the last full step (reuse)
+        self._derivs: List["torch.Tensor"] = []  # TaylorSeer: [residual, 1st diff, 2nd diff] (float32)
+        self._last_full: Optional[int] = None
+        self._run_len = 0
+        self._key = None
+
+    def begin_run(self, depth: int, timesteps: List[float]) -> None:
+        """A new ``denoise`` call: empty cache, new report."""
+        self.check_depth(depth)
+        self._reset_state()
+        self._depth = depth
+        self._run = {"steps": len(timesteps), "depth": depth, "middle_blocks": len(self.middle(depth)),
+                     "per_step": [], "resets": 0, "_timesteps": list(timesteps)}
+        self._step = -1
+
+    def begin_step(self, step: int, key=None) -> None:
+        """Step ``step`` of the run starts; ``key`` names what the cached tensors depend on beyond
+        the step (the LoRA state, the input shapes): a different key empties the cache."""
+        if self._run is None:
+            raise RuntimeError("StepCache.begin_step before begin_run")
+        if key != self._key:
+            if self._key is not None:
+                self._prev_fn = self._mid = None
+                self._derivs, self._last_full, self._run_len = [], None, 0
+                self._run["resets"] += 1
+            self._key = key
+        self._step = step
+        self._decision: Optional[Dict[str, Any]] = None
+
+    def end_step(self, full_without_hook: bool = False) -> None:
+        """After the model call of the step (``full_without_hook``: the model ran without the hook,
+        i.e. the cache is inactive: a full step with no signal)."""
+        d = self._decision
+        if d is None:
+            d = {"cached": False, "signal": None, "reason": "inactive" if full_without_hook else "no_hook"}
+        d = dict(d, step=self._step, timestep=float(self._run["_timesteps"][self._step]))
+        self._run["per_step"].append(d)
+
+    def end_run(self) -> Dict[str, Any]:
+        run = self._run
+        per = run["per_step"]
+        depth, mid = run["depth"], run["middle_blocks"]
+        cached = [d["step"] for d in per if d["cached"]]
+        total = len(per) * depth
+        saved = len(cached) * mid
+        report = {
+            "policy": self.params(),
+            "steps": len(per),
+            "full_steps": len(per) - len(cached),
+            "cached_steps": len(cached),
+            "cached_step_indices": cached,
+            "block_forwards": total - saved,
+            "block_forwards_total": total,
+            "block_forwards_saved": saved,
+            "saved_fraction": saved / total if total else 0.0,
+            "signal": [d["signal"] for d in per],
+            "decisions": [("cached" if d["cached"] else "full") + ":" + d["reason"] for d in per],
+            "resets": run["resets"],
+        }
+        self.runs.append(report)
+        self._run = None
+        self._reset_state()  # the tensors are not kept past the run
+        return report
+
+    @property
+    def stats(self) -> Optional[Dict[str, Any]]:
+        """The last finished run's report (None before any)."""
+        return self.runs[-1] if self.runs else None
+
+    def report(self) -> Dict[str, Any]:
+        """Totals over every run this object served, and each run's report."""
+        keys = ("steps", "full_steps", "cached_steps", "block_forwards", "block_forwards_total", "block_forwards_saved")
+        tot = {k: sum(r[k] for r in self.runs) for k in keys}
+        tot["saved_fraction"] = tot["block_forwards_saved"] / tot["block_forwards_total"] if tot["block_forwards_total"] else 0.0
+        return {"policy": self.params(), **tot, "runs": [dict(r) for r in self.runs]}
+
+    # -- the policy (host side) -----------------------------------------------------------------------
+    def _forced_full(self) -> Optional[str]:
+        s = self._step
+        if s < self.max_warmup_steps and s % self.warmup_interval == 0:
+            return "warmup"
+        if self._prev_fn is None or (self._mid is None and not self._derivs):
+            return "no_cache_yet"
+        n_cached = sum(1 for d in self._run["per_step"] if d["cached"])
+        if self.max_cached_steps >= 0 and n_cached >= self.max_cached_steps:
+            return "max_cached_steps"
+        if self.max_continuous_cached_steps >= 0 and self._run_len >= self.max_continuous_cached_steps:
+            return "max_continuous_cached_steps"
+        return None
+
+    def _approximation(self) -> torch.Tensor:
+        if not self.enable_taylorseer:
+            return self._mid
+        dt = float(self._step - self._last_full)
+        out = self._derivs[0]
+        for k in range(1, len(self._derivs)):
+            out = out + self._derivs[k] * (dt ** k / math.factorial(k))
+        return out.to(self._mid_dtype)
+
+    # -- the loop hooks (called by LongCatTransformer.run) ---------------------------------------------
+    def after_first_blocks(self, x: torch.Tensor, x_in: torch.Tensor, num_cond_tokens: int, cp=None):
+        """At the stream after block Fn-1: decide this step (at most one device-to-host read).
+        Returns the middle residual to add (a cached step) or None (compute the middle blocks)."""
+        r = x[:, num_cond_tokens:] - x_in[:, num_cond_tokens:]
+        signal = None
+        if self._prev_fn is not None and self._prev_fn.shape == r.shape:
+            diff = (r.float() - self._prev_fn.float()).abs().sum()
+            ref = self._prev_fn.float().abs().sum()
+            import torch
+
+            nd = torch.stack([diff, ref])
+            if cp is not None:  # every rank takes the same decision from the global sums
+                import torch.distributed._functional_collectives as funcol
+
+                nd = funcol.all_reduce(nd, "sum", cp.group)
+                wait = getattr(nd, "wait", None)
+                nd = wait() if callable(wait) else nd
+            num, den = nd.tolist()  # the step's one host read
+            signal = num / den if den > 0 else math.inf
+        reason = self._forced_full()
+        if reason is None:
+            if signal is None:
+                reason = "no_cache_yet"
+            elif self.residual_diff_threshold >= 1.0 or signal < self.residual_diff_threshold:
+                reason = "below_threshold"
+            else:
+                reason = "above_threshold"
+        cached = reason == "below_threshold"
+        self._decision = {"cached": cached, "signal": signal, "reason": reason}
+        if cached:
+            self._run_len += 1
+            return self._approximation()
+        self._run_len = 0
+        self._prev_fn = r  # only full steps move the reference (cache-dit)
+        return None
+
+    def store_middle(self, residual: torch.Tensor) -> None:
+        """On a full step: the middle blocks' residual (stream after block depth-Bn-1 minus the
+        stream after block Fn-1), all tokens."""
+        step = self._step
+        self._mid_dtype = residual.dtype
+        if not self.enable_taylorseer:
+            self._mid = residual
+        else:
+            new = [residual.float()]
+            if self._derivs and self._last_full is not None:
+                dt = float(step - self._last_full)
+                for k in range(self.taylorseer_order):
+                    if k >= len(self._derivs):
+                        break
+                    new.append((new[k] - self._derivs[k]) / dt)
+            self._derivs = new
+            self._mid = None
+        self._last_full = step
+
+
+def parse_cache_spec(spec: str) -> Dict[str, Any]:
+    """The CLI's ``--cache`` value: ``dbcache`` (cache-dit's defaults), ``taylorseer`` (the same
+    with TaylorSeer on), optionally followed by ``:key=value,...`` with StepCache parameter
+    names (or the short forms fn, bn, threshold/rdt, warmup, interval, max_cached, max_continuous,
+    order), e.g. ``dbcache:fn=1,bn=0,threshold=0.12,order=1``. Returns StepCache keyword arguments
+    (not validated beyond their syntax; StepCache validates)."""
+    short = {"fn": "Fn_compute_blocks", "bn": "Bn_compute_blocks", "threshold": "residual_diff_threshold",
+             "rdt": "residual_diff_threshold", "warmup": "max_warmup_steps", "interval": "warmup_interval",
+             "max_cached": "max_cached_steps", "max_continuous": "max_continuous_cached_steps",
+             "mc": "max_continuous_cached_steps", "taylorseer": "enable_taylorseer", "order": "taylorseer_order"}
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError("--cache needs a value: dbcache or taylorseer, optionally :key=value,...")
+    head, _, rest = spec.strip().partition(":")
+    head = head.strip().lower()
+    if head not in ("dbcache", "taylorseer"):
+        raise ValueError(f"--cache {spec!r}: the method must be dbcache or taylorseer, got {head!r}")
+    out: Dict[str, Any] = {"enable_taylorseer": head == "taylorseer"}
+    for item in filter(None, (p.strip() for p in rest.split(","))):
+        k, eq, v = item.partition("=")
+        k, v = k.strip(), v.strip()
+        name = short.get(k.lower(), k)
+        if not eq or name not in STEP_CACHE_DEFAULTS:
+            raise ValueError(f"--cache {spec!r}: {item!r} is not key=value with a known key "
+                             f"({', '.join(sorted(STEP_CACHE_DEFAULTS))} or {', '.join(sorted(short))})")
+        if name == "enable_taylorseer":
+            if v.lower() not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+                raise ValueError(f"--cache {spec!r}: {k} must be true or false, got {v!r}")
+            out[name] = v.lower() in ("1", "true", "yes", "on")
+        elif name == "residual_diff_threshold":
+            try:
+                out[name] = float(v)
+            except ValueError:
+                raise ValueError(f"--cache {spec!r}: {k} must be a number, got {v!r}") from None
+        else:
+            try:
+                out[name] = int(v)
+            except ValueError:
+                raise ValueError(f"--cache {spec!r}: {k} must be an int, got {v!r}") from None
+    if "taylorseer_order" in out and head == "dbcache" and "enable_taylorseer" not in rest:
+        out["enable_taylorseer"] = True  # an order asks for TaylorSeer
+    return out

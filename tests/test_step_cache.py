@@ -1,0 +1,448 @@
+"""Step caching (runtime/step_cache.py, docs/design/step_cache.md).
+
+* ``residual_diff_threshold=0`` (and ``cache=None``) is bit-identical to today's ``denoise`` in
+  every mode: t2v CFG, i2v conditioning frames, the KV-cache path, BSA, LoRA, both kernel paths,
+  regional and whole-forward compile (context parallelism: tests/step_cache_cp_worker.py);
+* with caching on, ``denoise`` equals :class:`RefPolicy`, the same policy written plainly here:
+  step by step, through the model's blocks (``block_fn``), deciding, reusing or extrapolating the
+  middle residual itself; the decisions and the latents must match exactly;
+* the measured speed-up on a CPU config where blocks dominate equals the saved fraction of block
+  forwards within 10%; parameter validation; the report; resets; the CLI spec.
+"""
+
+import math
+import os
+import socket
+import subprocess
+import sys
+import json
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from cases import FIXTURE_ROOT, load_case
+
+import longcat_native as lcn
+from longcat_native.pipelines.sampler import denoise
+from longcat_native.runtime.step_cache import StepCache, parse_cache_spec
+
+STEPS = 8
+
+
+# -- the reference policy -------------------------------------------------------------------------
+
+class RefPolicy:
+    """The DBCache / TaylorSeer policy written plainly. Wraps a DiT for ``denoise`` (attribute
+    access falls through); each non-``return_kv`` call is one step. Runs the model with a
+    ``block_fn`` that sees every block call: records the stream entering block 0, decides at block
+    Fn from the relative L1 change of the Fn residual (noisy tokens), and on a cached step returns
+    ``(x, approx)`` from block Fn (the model then adds it and normalizes for the next block) and
+    ``(x, 0)`` from the other middle blocks, never calling them."""
+
+    def __init__(self, dit, Fn=1, Bn=0, thr=0.3, warmup=2, interval=1, max_cached=-1, max_cont=-1,
+                 taylor=False, order=1):
+        self.__dict__.update(dit=dit, Fn=Fn, Bn=Bn, thr=thr, warmup=warmup, interval=interval,
+                             max_cached=max_cached, max_cont=max_cont, taylor=taylor, order=order)
+        self.depth = len(dit.blocks)
+        self.index = {id(b): i for i, b in enumerate(dit.blocks)}
+        self.step = -1
+        self.prev_fn = None
+        self.mid = None
+        self.derivs = []
+        self.last_full = None
+        self.run_len = 0
+        self.n_cached = 0
+        self.decisions = []
+        self.signals = []
+
+    def __getattr__(self, name):
+        return getattr(self.__dict__["dit"], name)
+
+    def __call__(self, *args, **kw):
+        if kw.get("return_kv"):
+            return self.dit(*args, **kw)
+        self.step += 1
+        x, ts = args[0], args[1]
+        B = x.shape[0]
+        self.t = self.dit.t_embedder(ts.to(self.dit.dtype).float().flatten()).view(B, ts.shape[1], -1)
+        self.cached_now = False
+        return self.dit(*args, block_fn=self.block_fn, **kw)
+
+    def warm(self):
+        return self.step < self.warmup and self.step % self.interval == 0
+
+    def approx(self):
+        if not self.taylor:
+            return self.mid
+        dt = float(self.step - self.last_full)
+        out = self.derivs[0]
+        for k in range(1, len(self.derivs)):
+            out = out + self.derivs[k] * (dt ** k / math.factorial(k))
+        return out.to(self.mid_dtype)
+
+    def block_fn(self, block, xh, mod, ctx, ops, kv):
+        i = self.index[id(block)]
+        x = xh[0]
+        if i == 0:
+            self.x_in = x
+        mid_end = self.depth - self.Bn
+        if i == self.Fn:
+            nc = ctx.num_cond_tokens_local
+            r = x[:, nc:] - self.x_in[:, nc:]
+            signal = None
+            if self.prev_fn is not None:
+                num = (r.float() - self.prev_fn.float()).abs().sum()
+                den = self.prev_fn.float().abs().sum()
+                if ctx.cp is not None:
+                    import torch.distributed as dist
+                    dist.all_reduce(num, group=ctx.cp.group)
+                    dist.all_reduce(den, group=ctx.cp.group)
+                signal = num.item() / den.item()
+            ok = (not self.warm() and self.prev_fn is not None and signal is not None
+                  and (self.max_cached < 0 or self.n_cached < self.max_cached)
+                  and (self.max_cont < 0 or self.run_len < self.max_cont)
+                  and signal < self.thr)
+            self.signals.append(signal)
+            self.decisions.append(ok)
+            if ok:
+                self.cached_now = True
+                self.n_cached += 1
+                self.run_len += 1
+                return x, self.approx(), None, None
+            self.run_len = 0
+            self.prev_fn = r
+            self.x_mid = x
+        if self.cached_now and self.Fn < i < mid_end:
+            return x, torch.zeros_like(x), None, None
+        if not self.cached_now and i == mid_end and i > self.Fn:
+            self.store(x - self.x_mid)
+        out = block(xh, mod, ctx, ops, kv)
+        if not self.cached_now and mid_end == self.depth and i == self.depth - 1:
+            shift, scale = self.dit.final_layer.modulation(self.t)
+            x_end = ops.residual_layernorm_modulate(out[0], out[1], out[2], shift, scale)[0]
+            self.store(x_end - self.x_mid)
+        return out
+
+    def store(self, res):
+        self.mid_dtype = res.dtype
+        if not self.taylor:
+            self.mid = res
+        else:
+            new = [res.float()]
+            if self.derivs:
+                dt = float(self.step - self.last_full)
+                for k in range(min(self.order, len(self.derivs))):
+                    new.append((new[k] - self.derivs[k]) / dt)
+            self.derivs = new
+        self.last_full = self.step
+
+
+# -- inputs ---------------------------------------------------------------------------------------
+
+def _tiny(depth=5, kernels="reference", seed=0, **kw):
+    return lcn.LongCatDiT.from_config("tiny", seed=seed, depth=depth, kernels=kernels, **kw)
+
+
+def _inputs(T=3, H=8, W=8, m=0, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn(1, 16, T, H, W, generator=g)
+    pe = torch.randn(1, 1, 8, 64, generator=g)
+    ne = torch.randn(1, 1, 8, 64, generator=g)
+    cond = torch.randn(1, 16, m, H, W, generator=g) if m else None
+    return noise, pe, ne, cond
+
+
+def _run(dit, inputs, cache=None, **kw):
+    noise, pe, ne, cond = inputs
+    kw.setdefault("num_steps", STEPS)
+    return denoise(dit, noise, pe, None, ne, None, cond_latents=cond, progress=False, cache=cache, **kw)
+
+
+def _cache(p: RefPolicy):
+    return StepCache(Fn_compute_blocks=p.Fn, Bn_compute_blocks=p.Bn, residual_diff_threshold=p.thr,
+                     max_warmup_steps=p.warmup, warmup_interval=p.interval, max_cached_steps=p.max_cached,
+                     max_continuous_cached_steps=p.max_cont, enable_taylorseer=p.taylor, taylorseer_order=p.order)
+
+
+def _compare(dit, inputs, ref_kw, run_kw=None, min_cached=2, exact=True):
+    run_kw = dict(run_kw or {})
+    model = run_kw.pop("model", dit)
+    ref = RefPolicy(dit, **ref_kw)
+    expected = _run(ref, inputs, **run_kw)
+    cache = _cache(ref)
+    out = _run(model, inputs, cache, **run_kw)
+    st = cache.stats
+    assert [d.startswith("cached") for d in st["decisions"]] == ref.decisions
+    assert sum(ref.decisions) >= min_cached, (ref.signals, ref.decisions)
+    assert sum(ref.decisions) < STEPS - 1
+    for a, b in zip(st["signal"], ref.signals):
+        assert (a is None and b is None) or (a == b if exact else abs(a - b) <= 1e-5 * abs(b))
+    if exact:
+        assert torch.equal(out, expected), (out - expected).abs().max()
+    else:
+        assert (out - expected).abs().max() <= 1e-5 * expected.abs().max()
+    return st
+
+
+MODES = ["t2v_cfg", "t2v_no_cfg", "i2v", "kv_cache", "bsa", "triton"]
+
+
+def _mode(mode):
+    """(dit, inputs, denoise kwargs) of a mode."""
+    if mode == "triton":
+        return _tiny(kernels="triton"), _inputs(T=2, H=4, W=4), {}
+    if mode == "bsa":
+        dit = _tiny()
+        dit.enable_bsa()
+        return dit, _inputs(T=4, H=8, W=8), {}
+    if mode == "i2v":
+        return _tiny(), _inputs(T=3, m=1), {}
+    if mode == "kv_cache":
+        return _tiny(), _inputs(T=3, m=1), {"use_kv_cache": True}
+    if mode == "t2v_no_cfg":
+        return _tiny(), _inputs(), {"guidance_scale": 1.0}
+    return _tiny(), _inputs(), {}
+
+
+# -- bit-identical when the cache cannot cache -----------------------------------------------------
+
+@pytest.mark.parametrize("mode", MODES)
+def test_threshold_zero_is_bit_identical(mode):
+    dit, inputs, kw = _mode(mode)
+    base = _run(dit, inputs, **kw)
+    cache = StepCache(Fn_compute_blocks=1, residual_diff_threshold=0.0, max_warmup_steps=0)
+    assert not cache.active
+    out = _run(dit, inputs, cache, **kw)
+    assert torch.equal(out, base)
+    assert cache.stats["cached_steps"] == 0 and cache.stats["full_steps"] == STEPS
+    # max_cached_steps=0 is inactive too
+    cache = StepCache(Fn_compute_blocks=1, residual_diff_threshold=0.5, max_cached_steps=0)
+    assert torch.equal(_run(dit, inputs, cache, **kw), base)
+
+
+def test_threshold_zero_golden_cases_and_lora():
+    """The golden sampling cases and a LoRA run: cache=None and threshold 0 give the same bits."""
+    dit = lcn.LongCatDiT.from_pretrained(FIXTURE_ROOT, kernels="reference")
+    for name in ("sample_t2v_cfg", "sample_i2v_cfg"):
+        inputs, _, expected, meta = load_case(name)
+        args = (dit, inputs["noise"], inputs["prompt_embeds"], inputs["prompt_mask"], inputs["negative_embeds"],
+                inputs["negative_mask"])
+        kw = dict(cond_latents=inputs.get("cond_latents"), progress=False, **meta["kwargs"])
+        base = denoise(*args, **kw)
+        assert torch.equal(denoise(*args, cache=StepCache(Fn_compute_blocks=1, residual_diff_threshold=0), **kw), base)
+    _load_loras(dit)
+    inputs = _inputs(T=2, H=4, W=4)
+    base = _run(dit, inputs)
+    assert torch.equal(_run(dit, inputs, StepCache(Fn_compute_blocks=1, residual_diff_threshold=0)), base)
+    dit.disable_all_loras()
+
+
+def _load_loras(dit):
+    _, _, _, meta = load_case("lora_both")
+    for e in meta["lora"]:
+        dit.load_lora(FIXTURE_ROOT / e["file"], e["key"], multiplier=e["multiplier"],
+                      lora_network_dim=e["lora_network_dim"], lora_network_alpha=e["lora_network_alpha"])
+    dit.enable_loras(meta["enable"])
+
+
+@pytest.mark.parametrize("regional", [True, False])
+def test_threshold_zero_compiled_is_bit_identical(regional):
+    torch._dynamo.reset()
+    dit = _tiny(depth=3)
+    cm = lcn.compile(dit, regional=regional)
+    inputs = _inputs(T=2, H=4, W=4)
+    base = _run(cm, inputs, num_steps=4)
+    out = _run(cm, inputs, StepCache(Fn_compute_blocks=1, residual_diff_threshold=0), num_steps=4)
+    assert torch.equal(out, base)
+
+
+# -- caching on: equal to the plain reference --------------------------------------------------------
+
+@pytest.mark.parametrize("mode", MODES)
+def test_cached_equals_reference(mode):
+    dit, inputs, kw = _mode(mode)
+    _compare(dit, inputs, dict(Fn=1, Bn=0, thr=0.45), kw)
+
+
+@pytest.mark.parametrize("policy", [
+    dict(Fn=2, Bn=1, thr=0.45),
+    dict(Fn=1, Bn=2, thr=0.45, taylor=True, order=1),
+    dict(Fn=1, Bn=0, thr=0.6, taylor=True, order=2),
+    dict(Fn=1, Bn=0, thr=0.6, warmup=4, interval=2),
+    dict(Fn=1, Bn=0, thr=0.9, max_cached=2),
+    dict(Fn=1, Bn=0, thr=0.9, max_cont=1),
+])
+def test_policy_equals_reference(policy):
+    dit, inputs, kw = _mode("t2v_cfg")
+    st = _compare(dit, inputs, dict(policy, warmup=policy.get("warmup", 2)), kw)
+    if "max_cached" in policy:
+        assert st["cached_steps"] == 2
+    if "max_cont" in policy:
+        assert "cached:below_threshold" not in "".join(a + b for a, b in zip(st["decisions"], st["decisions"][1:])
+                                                        if a.startswith("cached") and b.startswith("cached"))
+
+
+def test_cached_lora_equals_reference_and_lora_switch_resets():
+    dit = lcn.LongCatDiT.from_pretrained(FIXTURE_ROOT, kernels="reference")
+    _load_loras(dit)
+    inputs = _inputs(T=2, H=4, W=4)
+    try:
+        _compare(dit, inputs, dict(Fn=1, Bn=0, thr=0.9), min_cached=1)
+        # A LoRA change inside a run (here from the step callback) empties the cache.
+        cache = StepCache(Fn_compute_blocks=1, residual_diff_threshold=0.9, max_warmup_steps=1)
+        _run(dit, inputs, cache, callback=lambda i, t, x: dit.disable_all_loras() if i == 4 else None)
+        st = cache.stats
+        assert st["resets"] == 1
+        assert st["decisions"][5] == "full:no_cache_yet"
+    finally:
+        dit.disable_all_loras()
+    # One object serves several runs; each starts empty; report() sums them.
+    _run(dit, inputs, cache)
+    rep = cache.report()
+    assert len(rep["runs"]) == 2 and rep["steps"] == 2 * STEPS
+    assert rep["runs"][1]["decisions"][0] == "full:warmup"
+
+
+@pytest.mark.parametrize("regional", [True, False])
+def test_cached_compiled_equals_reference(regional):
+    torch._dynamo.reset()
+    dit = _tiny(depth=3)
+    cm = lcn.compile(dit, regional=regional)
+    _compare(dit, _inputs(T=2, H=4, W=4), dict(Fn=1, Bn=0, thr=0.6), {"model": cm}, min_cached=1, exact=False)
+
+
+def test_conditioning_tokens_residual_is_exact():
+    """i2v without the KV cache: the conditioning tokens (timestep 0, the same latents, attending
+    among themselves) get the same middle residual every step, so a cached step's output for them
+    equals the full computation's to float32 rounding (the residual's add)."""
+    dit = _tiny()
+    noise, pe, ne, cond = _inputs(T=3, m=1)
+    x = noise.clone()
+    x[:, :, :1] = cond
+    ts = torch.full((1, 3), 700.0)
+    ts[:, 0] = 0
+    cache = StepCache(Fn_compute_blocks=1, residual_diff_threshold=0.99, max_warmup_steps=1)
+    cache.begin_run(5, [700.0, 600.0])
+    with torch.no_grad():
+        cache.begin_step(0)
+        full0 = dit(x, ts, pe, num_cond_latents=1, step_cache=cache)
+        cache.end_step()
+        x2 = x.clone()
+        x2[:, :, 1:] += 0.01 * torch.randn_like(x2[:, :, 1:])
+        ts2 = ts.clone()
+        ts2[:, 1:] = 650.0
+        cache.begin_step(1)
+        cached1 = dit(x2, ts2, pe, num_cond_latents=1, step_cache=cache)
+        cache.end_step()
+        full1 = dit(x2, ts2, pe, num_cond_latents=1)
+    assert cache.end_run()["cached_step_indices"] == [1]
+    # x_Fn + (x_mid - x_Fn) is x_mid up to one float32 rounding of the add
+    assert (cached1[:, :, :1] - full1[:, :, :1]).abs().max() <= 1e-6 * full1[:, :, :1].abs().max()
+    assert torch.equal(full0[:, :, :1], full1[:, :, :1])
+
+
+# -- the runtime pieces ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kw", [
+    dict(Fn_compute_blocks=0), dict(Fn_compute_blocks=1.5), dict(Bn_compute_blocks=-1),
+    dict(residual_diff_threshold=-0.1), dict(residual_diff_threshold=float("nan")),
+    dict(residual_diff_threshold="0.1"), dict(max_warmup_steps=-1), dict(warmup_interval=0),
+    dict(max_cached_steps=-2), dict(max_continuous_cached_steps=-2), dict(enable_taylorseer=1),
+    dict(taylorseer_order=3), dict(taylorseer_order=True), dict(Fn_compute_blocks=True),
+])
+def test_invalid_parameters(kw):
+    with pytest.raises(ValueError, match="StepCache"):
+        StepCache(**kw)
+
+
+def test_depth_and_argument_errors():
+    dit = _tiny(depth=3)
+    with pytest.raises(ValueError, match="no middle block"):
+        _run(dit, _inputs(T=2, H=4, W=4), StepCache(Fn_compute_blocks=2, Bn_compute_blocks=1))
+    with pytest.raises(ValueError, match="cache must be a StepCache"):
+        _run(dit, _inputs(T=2, H=4, W=4), {"Fn_compute_blocks": 1})
+
+
+def test_report_fields():
+    dit, inputs, kw = _mode("t2v_cfg")
+    cache = StepCache(Fn_compute_blocks=1, residual_diff_threshold=0.45, max_warmup_steps=2)
+    _run(dit, inputs, cache)
+    st = cache.stats
+    assert st["steps"] == STEPS and st["full_steps"] + st["cached_steps"] == STEPS
+    assert st["block_forwards_saved"] == st["cached_steps"] * 4
+    assert st["block_forwards"] + st["block_forwards_saved"] == st["block_forwards_total"] == STEPS * 5
+    assert st["signal"][0] is None and all(isinstance(s, float) for s in st["signal"][1:])
+    assert st["decisions"][:2] == ["full:warmup", "full:warmup"]
+    json.dumps(cache.report())
+
+
+def test_parse_cache_spec():
+    assert parse_cache_spec("dbcache") == {"enable_taylorseer": False}
+    kw = parse_cache_spec("taylorseer:fn=1,bn=0,threshold=0.12,warmup=8,interval=2,mc=2,order=2")
+    assert kw == dict(enable_taylorseer=True, Fn_compute_blocks=1, Bn_compute_blocks=0, residual_diff_threshold=0.12,
+                      max_warmup_steps=8, warmup_interval=2, max_continuous_cached_steps=2, taylorseer_order=2)
+    StepCache(**kw)
+    assert parse_cache_spec("dbcache:Fn_compute_blocks=4")["Fn_compute_blocks"] == 4
+    for bad in ("", "teacache", "dbcache:fn", "dbcache:zz=1", "dbcache:fn=x", "dbcache:threshold=x"):
+        with pytest.raises(ValueError, match="--cache"):
+            parse_cache_spec(bad)
+
+
+# -- speed: the time saved is the block forwards saved -------------------------------------------------
+
+def test_speedup_matches_block_forwards_saved():
+    """Blocks dominate at this width on the CPU; best of 3 runs each, cached and not, interleaved."""
+    torch.manual_seed(0)
+    dit = lcn.LongCatDiT.from_config("tiny", seed=0, depth=10, hidden_size=256, num_heads=4, kernels="reference")
+    inputs = _inputs(T=4, H=16, W=16)
+    kw = dict(num_steps=12)
+    best = {"full": math.inf, "cached": math.inf}
+    frac = None
+    with torch.no_grad():
+        _run(dit, inputs, **kw)  # warm
+        for _ in range(3):
+            t0 = time.perf_counter()
+            _run(dit, inputs, **kw)
+            best["full"] = min(best["full"], time.perf_counter() - t0)
+            cache = StepCache(Fn_compute_blocks=1, residual_diff_threshold=0.6, max_warmup_steps=2)
+            t0 = time.perf_counter()
+            _run(dit, inputs, cache, **kw)
+            best["cached"] = min(best["cached"], time.perf_counter() - t0)
+            frac = cache.stats["saved_fraction"]
+            assert cache.stats["cached_steps"] >= 0.4 * 12, cache.stats["signal"]
+    time_saved = 1 - best["cached"] / best["full"]
+    assert abs(time_saved - frac) <= 0.1 * frac, (time_saved, frac, best)
+
+
+# -- context parallelism ---------------------------------------------------------------------------
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_context_parallel_two_ranks(tmp_path):
+    worker = Path(__file__).parent / "step_cache_cp_worker.py"
+    repo = Path(__file__).parent.parent
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE="2",
+               LONGCAT_CP_TIMEOUT_S="300", OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(repo), str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]))
+    procs = [subprocess.Popen([sys.executable, str(worker), str(tmp_path)], env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
+    logs = [p.communicate(timeout=600)[0] for p in procs]
+    reps = []
+    for r in range(2):
+        path = tmp_path / f"rank{r}.json"
+        assert path.exists(), logs[r][-3000:]
+        rep = json.loads(path.read_text())
+        assert "crash" not in rep, rep["crash"]
+        reps.append(rep)
+    for rep in reps:
+        assert rep["thr0_bit_identical"]
+        assert rep["cached_equals_reference"], rep
+        assert rep["cached_steps"] >= 2
+        assert rep["decisions_match_single"], rep
+        assert rep["single_rel_err"] <= 1e-4
+    assert reps[0]["decisions"] == reps[1]["decisions"]
