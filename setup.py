@@ -23,7 +23,8 @@ setup(
     extras_require={
         "cuda": ["flash-attn", "nvtx"],
         # The tests build tiny text encoders/VAEs and write .mp4 files: they need the pipelines extra.
-        "dev": ["pytest", "pytest-benchmark", "hypothesis", *PIPELINES],
+        # pytest-xdist: the suite runs on every core (-n 2 on the 2-core CI machine: about half the time)
+        "dev": ["pytest", "pytest-benchmark", "pytest-xdist", "hypothesis", *PIPELINES],
         # Prompt strings (umT5 text encoder: transformers, sentencepiece for the umT5 tokenizer,
         # ftfy for the official prompt cleaning), the Wan VAE (diffusers), image/video files
         # (pillow, imageio) and .mp4 output (imageio-ffmpeg, which ships an ffmpeg binary).

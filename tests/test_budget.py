@@ -205,3 +205,21 @@ def test_official_targets_at_the_real_shapes():
     b24 = plan_memory("24GiB")
     assert b24.fits and b24.streams, B.format_plan(b24)
     assert not plan_memory("24GiB", allow_streaming=False).fits
+
+
+def test_pipeline_from_pretrained_with_a_budget(tiny_root):
+    """from_pretrained(max_memory=) plans the official run for this checkpoint's own components
+    (only those it loads) and keeps the plan; a budget nothing fits is an error before loading."""
+    from longcat_native.pipelines import LongCatVideoPipeline
+
+    pipe = LongCatVideoPipeline.from_pretrained(tiny_root, dtype=torch.float32, device="cpu", vae=False,
+                                                max_memory="1TiB")
+    plan = pipe.memory_plan
+    assert plan.fits and [s.name for s in plan.stages] == ["text_encode", "denoise_480p", "denoise_720p"]
+    assert pipe.dit.ffn_chunk_tokens is None and pipe.dit.weight_streamer is None
+    with pytest.raises(ValueError, match="does not fit max_memory"):
+        LongCatVideoPipeline.from_pretrained(tiny_root, dtype=torch.float32, device="cpu", vae=False,
+                                             max_memory="1MiB")
+    with pytest.raises(ValueError, match="not both"):
+        LongCatVideoPipeline.from_pretrained(tiny_root, dtype=torch.float32, device="cpu", vae=False,
+                                             max_memory="1TiB", offload="blocks")

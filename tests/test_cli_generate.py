@@ -455,3 +455,25 @@ def test_quantize_and_memory_budget_flags(capsys, tmp_path):
         assert rc not in (0, None), bad
         capsys.readouterr()
     assert not (tmp_path / "y.safetensors").exists()
+
+
+def test_checkpoint_run_within_a_budget(capsys, tmp_path, tiny_root):
+    """--max-memory with the tiny checkpoint root: the plan traces the text encoder, the denoising
+    pass and the VAE decode of this run's own shapes (the checkpoint's component configs); a
+    budget the text encoder fits only alone turns model offload on, with the same latents."""
+    base = ["--checkpoint", str(tiny_root), "--prompt", "a cat", "--latent", "3", "8", "12", *CKPT]
+    _run(capsys, [*base, "--out", str(tmp_path / "a.safetensors")])
+    s, _ = _run(capsys, [*base, "--max-memory", "64GiB", "--out", str(tmp_path / "b.mp4")])
+    plan = s["memory_plan"]
+    assert [st["name"] for st in plan["stages"]] == ["text_encode", "denoise", "vae_decode"]
+    assert plan["fits"] and not plan["streams"] and not plan["vae_tiling"] and not plan["offload_dit"]
+    rows = {st["name"]: st for st in plan["stages"]}
+    te_alone = rows["text_encode"]["device_bytes"] - rows["text_encode"]["parts"]["dit_weights"]
+    if max(rows["denoise"]["device_bytes"], rows["vae_decode"]["device_bytes"]) > te_alone:
+        pytest.skip("at these sizes the text encoder is not the largest stage")
+    s, _ = _run(capsys, [*base, "--max-memory", str(te_alone), "--out", str(tmp_path / "c.safetensors")])
+    plan = s["memory_plan"]
+    assert plan["fits"] and plan["offload_dit"] and not plan["streams"]
+    assert "dit" not in next(st for st in plan["stages"] if st["name"] == "text_encode")["on_device"]
+    assert any("host memory during" in n for n in s["notes"])
+    assert torch.equal(_latents(tmp_path / "c.safetensors"), _latents(tmp_path / "a.safetensors"))

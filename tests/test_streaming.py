@@ -241,6 +241,25 @@ def test_unmerged_lora_composes_merged_refused(fixtures_dir):
         dit.enable_weight_streaming(0)
 
 
+def test_streaming_applies_loras_unmerged(fixtures_dir):
+    """A model that starts streaming in the default merged mode with no LoRA active switches to
+    unmerged, so a LoRA step (the pipelines' distilled pass, the refinement) runs while streaming
+    and gives the plain model's unmerged result."""
+    lora_file = fixtures_dir / "lora" / "cfg_step_lora.safetensors"
+    plain = LongCatDiT.from_pretrained(fixtures_dir, kernels="reference", device="cpu")
+    plain.lora_mode = "unmerged"
+    plain.load_lora(lora_file, "a", lora_network_dim=4)
+    plain.enable_loras(["a"])
+    dit = LongCatDiT.from_pretrained(fixtures_dir, kernels="reference", device="cpu", offload="blocks",
+                                     resident_blocks=1)
+    assert dit.lora_mode == "unmerged"
+    dit.load_lora(lora_file, "a", lora_network_dim=4)
+    dit.enable_loras(["a"])
+    x, t, text = _inputs()
+    with torch.no_grad():
+        assert torch.equal(dit(x, t, text), plain(x, t, text))
+
+
 # -- the max_memory rule -------------------------------------------------------------------------
 
 def _need(dit, r, reserve, num_staging=2):

@@ -7,13 +7,15 @@ transformers' umT5 and of diffusers' Wan VAE, run at the real shapes on fake ten
 allocated or computed), then picks, in this order, the cheapest settings that fit:
 
 1. forward chunking of the DiT (the same math in more launches) when a denoising pass needs it;
-2. as many DiT blocks resident as fit, the others streamed (runtime/streaming.py), when the
-   weights and the largest pass do not fit together;
-3. the DiT moved to host memory during the text-encoder and VAE stages when they do not fit
-   beside it (diffusers' ``enable_model_cpu_offload``; the text encoder is always on the device
-   only while it encodes);
-4. VAE tiling when a whole-frame decode or encode does not fit even alone (this one CHANGES
-   PIXELS at the tile seams; the plan says so).
+2. as many DiT blocks resident as the largest denoising pass allows, the others streamed
+   (runtime/streaming.py): every streamed block crosses the bus every forward;
+3. model offload (diffusers' ``enable_model_cpu_offload``): the DiT (a streamed one: its resident
+   part) waits in host memory while the text encoder or the VAE runs, when they do not fit beside
+   it: once per stage, not once per step (the text encoder is on the device only while it
+   encodes in any case);
+4. the text encoder layer by layer (``enable_sequential_cpu_offload``) when it does not fit alone;
+5. VAE tiling when a whole-frame decode or encode does not fit even alone (this one CHANGES
+   PIXELS at the tile seams; the plan says so and the pipeline warns).
 
 A stage's peak is the bytes PyTorch allocates on the device: the weights resident during it,
 its inputs and outputs, its traced activation peak, and ``overhead_bytes`` (1 GiB: the CUDA
@@ -34,8 +36,8 @@ import torch
 from ..runtime.names import parse_bytes
 from .shapes import VAE_SPACE_STRIDE, VAE_TIME_STRIDE, latent_size, refine_frame_padding
 
-__all__ = ["Stage", "StagePlan", "MemoryPlan", "official_t2v_stages", "plan_memory", "format_plan", "trace_text_encoder",
-           "trace_vae", "dit_device_bytes", "UMT5_XXL_CONFIG", "OVERHEAD_BYTES", "CHUNK_TOKENS"]
+__all__ = ["Stage", "StagePlan", "MemoryPlan", "official_t2v_stages", "plan_memory", "format_plan",
+           "trace_text_encoder", "trace_vae", "dit_device_bytes", "UMT5_XXL_CONFIG", "OVERHEAD_BYTES", "CHUNK_TOKENS"]
 
 GiB = 1024 ** 3
 OVERHEAD_BYTES = GiB  # CUDA context, cuBLAS/cuDNN workspaces, allocator slack: not traced

@@ -753,14 +753,16 @@ _REFINE_PIXEL_ARGS = ("resolution", "height", "width", "spatial_refine_only", "r
 def _budget_plan(root, dit_cfg, max_memory, dtype, device, dit_kwargs, text_encoder: bool, vae: bool):
     """The memory plan of the official 3-stage run for this checkpoint's components, or a
     ValueError with its stage table when nothing fits ``max_memory``."""
-    from .budget import format_plan, plan_memory
+    from .budget import format_plan, official_t2v_stages, plan_memory
     from .components import TEXT_ENCODER_DIR, VAE_DIR, component_config
     from ..runtime.dit import resolve_device, resolve_dtype
 
     if dit_kwargs.get("offload") not in (None, "none") or dit_kwargs.get("resident_blocks") is not None:
         raise ValueError("pass max_memory (the plan picks the streamed blocks) or offload/resident_blocks, not both")
     dt = resolve_dtype(dtype, resolve_device(device))
-    plan = plan_memory(max_memory, dit_config=dit_cfg, quantize=dit_kwargs.get("quantize"), dtype=dt,
+    stages = [st for st in official_t2v_stages()  # the components this pipeline has
+              if (text_encoder or st.kind != "text_encode") and (vae or not st.kind.startswith("vae_"))]
+    plan = plan_memory(max_memory, dit_config=dit_cfg, quantize=dit_kwargs.get("quantize"), dtype=dt, stages=stages,
                        text_encoder_config=component_config(root, TEXT_ENCODER_DIR) if text_encoder else None,
                        vae_config=component_config(root, VAE_DIR) if vae else None)
     if not plan.fits:

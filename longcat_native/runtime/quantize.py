@@ -577,7 +577,8 @@ def copy_weights(model: nn.Module, plan: QuantLoadPlan) -> None:
                 p[rows].copy_(w)
                 bad.append((f"{it.key} (after the cast to {str(p.dtype).replace('torch.', '')})", torch.isfinite(p[rows]).all()))
             del src
-        ok = torch.stack([flag for _, flag in bad]).tolist() if bad else []  # one host sync
+        # one host sync (flags of streamed blocks' host tensors join the device's)
+        ok = torch.stack([flag.to(bad[0][1].device) for _, flag in bad]).tolist() if bad else []
     problems = [name for (name, _), good in zip(bad, ok) if not good]
     if problems:
         raise CheckpointError(f"checkpoint holds values the model cannot use (NaN, Inf, out of range or bad scales) "

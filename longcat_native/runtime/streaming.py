@@ -181,7 +181,13 @@ class WeightStreamer:
                 e.point_at(e.view(self.host[i]))
 
     def attach(self) -> "WeightStreamer":
-        """Point the streamed blocks at their staging sets and install this streamer on the model."""
+        """Point the streamed blocks at their staging sets and install this streamer on the model.
+        LoRAs then apply unmerged (a merge would write into the staging buffers): a model in the
+        default "merged" mode with no LoRA active switches to "unmerged" here, so the pipelines'
+        LoRA steps (the distilled pass, the refinement) run while streaming."""
+        if getattr(self.model, "lora_state", None) is not None and self.model.lora_mode == "merged" \
+                and not self.model.lora_state.active:
+            self.model.lora_mode = "unmerged"
         self.point_at_staging()
         self._pending = None
         self._slot_user = [None] * self.num_staging
