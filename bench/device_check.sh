@@ -13,7 +13,7 @@
 #   1  the GPU, driver, python/torch/triton versions and which optional packages exist
 #   2  the tests that exercise the GPU (tests.log): bf16 kernels against the reference, the fused
 #      model path compiled for the GPU, BSA, attention backends, real CUDA-graph capture (whole
-#      forward, denoise, unmerged-LoRA switches), pinned KV offload; in parallel (pytest-xdist,
+#      forward, denoise, unmerged-LoRA switches, a step-cached denoise in parts), pinned KV offload; in parallel (pytest-xdist,
 #      on the machine's image) since Triton compiles each new kernel specialization once
 #   3  bench/model.py at 480p (CFG batch 2) on 8 of the 48 blocks: the four columns (eager
 #      reference, compiled reference, fused, fused + compile + CUDA graphs) and the same best
@@ -77,7 +77,8 @@ if want 2; then
   timeout "${LIMIT_TESTS:-100}" "$PY" -m pytest -q -p no:cacheprovider -rs "${xdist[@]}" \
     tests/test_layernorm_modulate.py tests/test_residual_layernorm_modulate.py tests/test_qk_rmsnorm_rope3d.py \
     tests/test_swiglu.py tests/test_block_sparse_attention.py tests/test_attention.py tests/test_compiled.py \
-    tests/test_dit_triton.py tests/test_dit_bsa.py tests/test_dit_generic.py > "$OUT/tests.log" 2>&1
+    tests/test_dit_triton.py tests/test_dit_bsa.py tests/test_dit_generic.py \
+    "tests/test_step_cache.py::test_cuda_graph_parts_on_cuda" > "$OUT/tests.log" 2>&1
   echo "tests: exit $? ($(tail -n 1 "$OUT/tests.log"))" | tee -a "$LOG"
 fi
 

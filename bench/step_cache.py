@@ -7,7 +7,7 @@ thresholds.
     python bench/step_cache.py --thresholds 0.1 0.3 0.6 --taylorseer --steps 20
 
 Each row denoises the same noise and text with CFG (batch 2), ``--repeats`` times (best kept),
-the uncached run interleaved. Columns: threshold, cached steps, block forwards saved (fraction),
+the uncached run interleaved; on CUDA both replay CUDA graphs (``denoise``'s default). Columns: threshold, cached steps, block forwards saved (fraction),
 seconds (cached / uncached), measured time saved, speed-up, relative L2 of the final latents to
 the uncached run. Random weights: the signal of a trained model differs (check per model and
 prompt). The last printed line is one JSON object (``{"bench": "step_cache", ...}``).
@@ -96,7 +96,11 @@ def main(argv=None) -> int:
                 title=f"step cache F{args.fn}B{args.bn}{' + TaylorSeer' if args.taylorseer else ''}, "
                       f"{preset} C{cfg.hidden_size} depth {cfg.depth}, latent {latent}, {steps} steps, {device_name(device)}")
     best = max(records, key=lambda r: r["speedup_x"])
+    # On CUDA denoise replays CUDA graphs (a cached step in parts: docs/design/step_cache.md).
+    runner = getattr(dit, "graph_runner", None)
+    graphs = runner.stats() if runner is not None else None
     emit_json({"bench": "step_cache", "device": device_name(device), "config": f"{preset}-C{cfg.hidden_size}-D{cfg.depth}",
+               "cuda_graphs": graphs is not None, "graph_captures": graphs["captures"] if graphs else 0,
                "steps": steps, "best_threshold": best["threshold"], "best_speedup_x": best["speedup_x"],
                "best_saved_fraction": best["saved_fraction"], "best_time_saved_fraction": best["time_saved_fraction"],
                "best_latents_rel_l2": best["latents_rel_l2"], "uncached_s": best["uncached_s"],

@@ -46,6 +46,7 @@ def test_default_run_human_readable(capsys, tmp_path):
     assert meta["random_weights"] == "True" and meta["task"] == "t2v"
 
 
+@pytest.mark.timing
 def test_default_command_as_console_script_is_fast(tmp_path):
     """The default command (50 steps with CFG on the tiny model) in a fresh process, well under a minute."""
     start = time.perf_counter()

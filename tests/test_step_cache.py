@@ -22,9 +22,11 @@ from pathlib import Path
 import pytest
 import torch
 from cases import FIXTURE_ROOT, load_case
+from helpers import assert_close_rel, requires_cuda
 
 import longcat_native as lcn
 from longcat_native.pipelines.sampler import denoise
+from longcat_native.runtime.compiled import CUDAGraphRunner
 from longcat_native.runtime.step_cache import StepCache, parse_cache_spec
 
 STEPS = 8
@@ -342,6 +344,165 @@ def test_conditioning_tokens_residual_is_exact():
     assert torch.equal(full0[:, :, :1], full1[:, :, :1])
 
 
+# -- CUDA graphs: a step in parts around the decision -------------------------------------------------
+
+def _part_capture(log, cache=None):
+    """Stands in for CUDA graph capture on the CPU (real graphs: test_cuda_graph_parts_on_cuda): 'replay'
+    reruns the part on its static inputs and writes into the tensors the capture returned (the
+    head's stream tensors, the tail's output), which is what a graph replay does. With ``cache``
+    a replay runs with the cache's host state scrambled: a captured part must read nothing of it
+    (what varies per step lives in the cache's buffers)."""
+
+    def copy_into(dst, src):
+        if isinstance(dst, torch.Tensor):
+            dst.copy_(src)
+        else:
+            for d, s in zip(dst, src):
+                copy_into(d, s)
+
+    def capture(fn, static):
+        log.append("head" if static else "tail")
+        out = fn(**static)
+
+        def replay():
+            held = None
+            if cache is not None:
+                held = (cache._step, cache._last_full, cache._n_derivs, cache._run_len)
+                cache._step, cache._last_full, cache._n_derivs, cache._run_len = -999, None, 0, 10 ** 6
+            try:
+                copy_into(out, fn(**static))
+            finally:
+                if held is not None:
+                    cache._step, cache._last_full, cache._n_derivs, cache._run_len = held
+
+        return replay, out
+
+    return capture
+
+
+@pytest.mark.parametrize("mode,policy", [
+    ("t2v_cfg", dict(Fn=1, Bn=0, thr=0.45)),
+    ("t2v_cfg", dict(Fn=2, Bn=1, thr=0.45, taylor=True, order=1)),
+    ("t2v_cfg", dict(Fn=1, Bn=0, thr=0.6, taylor=True, order=2)),
+    ("i2v", dict(Fn=1, Bn=1, thr=0.45)),
+    ("bsa", dict(Fn=1, Bn=0, thr=0.45)),
+    ("chunked", dict(Fn=1, Bn=1, thr=0.45, taylor=True, order=2)),
+])
+def test_cuda_graph_parts_equal_reference(mode, policy):
+    """Through a CUDAGraphRunner a step is three parts (head, full tail, cached tail), each
+    captured once; replays equal the plain reference policy exactly, decision by decision."""
+    if mode == "chunked":  # q written into the head's h: the runner replays the head after a tail capture
+        dit, inputs, kw = _tiny(), _inputs(T=3), {}
+        dit.enable_forward_chunking(64)
+    else:
+        dit, inputs, kw = _mode(mode)
+    ref = RefPolicy(dit, **policy)
+    expected = _run(ref, inputs, **kw)
+    cache = _cache(ref)
+    log = []
+    runner = CUDAGraphRunner(dit, capture_fn=_part_capture(log, cache))
+    for _ in range(2):  # the second run replays the graphs of the first (the cache starts empty)
+        out = _run(runner, inputs, cache, **kw)
+        assert [d.startswith("cached") for d in cache.stats["decisions"]] == ref.decisions
+        assert 2 <= sum(ref.decisions) < STEPS - 1
+        assert torch.equal(out, expected), (out - expected).abs().max()
+    assert log == ["head", "tail", "tail"]
+    st = runner.stats()
+    assert st["graphs"] == 1 and st["captures"] == 3 and st["replays"] == 2 * STEPS and st["fallbacks"] == {}
+
+
+def test_cuda_graph_parts_recaptured_mid_run_keep_the_cache():
+    """Graphs dropped inside a run (runner.reset(); moved weights do the same) are captured again
+    on the cache's buffers, and the capture's own warm-up runs of a full step (which store into
+    them: TaylorSeer's differences are not idempotent) leave them as they were."""
+    dit, inputs, kw = _mode("t2v_cfg")
+    ref = RefPolicy(dit, Fn=1, Bn=0, thr=0.6, taylor=True, order=2)
+    expected = _run(ref, inputs, **kw)
+    cache = _cache(ref)
+    log = []
+    runner = CUDAGraphRunner(dit, capture_fn=_part_capture(log, cache))
+    out = _run(runner, inputs, cache, callback=lambda i, t, x: runner.reset() if i in (3, 5) else None, **kw)
+    assert [d.startswith("cached") for d in cache.stats["decisions"]] == ref.decisions
+    assert torch.equal(out, expected), (out - expected).abs().max()
+    assert log.count("head") == 3 and log.count("tail") >= 4
+
+
+@requires_cuda
+@pytest.mark.parametrize("taylor", [False, True])
+def test_cuda_graph_parts_on_cuda(taylor):
+    """Real graphs: denoise with graphs=True captures the head and both tails once and equals
+    the same run without graphs (the same kernels, replayed; 1e-5 for any cuBLAS choice that
+    differs under capture)."""
+    dit = lcn.LongCatDiT.from_config("tiny", seed=0, depth=5, kernels="triton", device="cuda")
+    noise, pe, ne, _ = (None if t is None else t.cuda() for t in _inputs(T=3))
+    kw = dict(num_steps=STEPS, progress=False)
+
+    def cache():
+        return StepCache(Fn_compute_blocks=1, Bn_compute_blocks=1, residual_diff_threshold=0.45, max_warmup_steps=2,
+                         enable_taylorseer=taylor, taylorseer_order=2)
+
+    eager_cache, graph_cache = cache(), cache()
+    eager = denoise(dit, noise, pe, None, ne, None, graphs=False, cache=eager_cache, **kw)
+    graphed = denoise(dit, noise, pe, None, ne, None, graphs=True, cache=graph_cache, **kw)
+    assert graph_cache.stats["decisions"] == eager_cache.stats["decisions"]
+    assert 1 <= graph_cache.stats["cached_steps"] < STEPS - 1
+    assert_close_rel(graphed, eager, 1e-5, "graphed cached denoise")
+    st = dit.graph_runner.stats()
+    assert st["captures"] == 3 and st["replays"] == STEPS and st["fallbacks"] == {}, st
+
+
+def test_cuda_graph_tail_capture_failure_runs_it_uncaptured():
+    dit, inputs, kw = _mode("t2v_cfg")
+    ref = RefPolicy(dit, Fn=1, Bn=1, thr=0.45, taylor=True, order=2)
+    expected = _run(ref, inputs, **kw)
+    cache = _cache(ref)
+    good = _part_capture([])
+
+    def capture(fn, static):
+        if not static:  # every tail: a warm-up run stores, then the capture fails
+            fn()
+            raise RuntimeError("operation not permitted when stream is capturing")
+        return good(fn, static)
+
+    runner = CUDAGraphRunner(dit, capture_fn=capture)
+    with pytest.warns(UserWarning, match="tail failed"):
+        out = _run(runner, inputs, cache, **kw)
+    assert torch.equal(out, expected), (out - expected).abs().max()
+    assert runner.stats()["captures"] == 1  # the head only
+
+
+def test_cuda_graph_runner_off_cuda_and_a_second_cache_object():
+    """Off CUDA the runner runs the step cache uncaptured (one warning); a new StepCache object
+    on graphs captured with another one replays them on its own state."""
+    dit, inputs, kw = _mode("t2v_cfg")
+    ref = RefPolicy(dit, Fn=1, Bn=0, thr=0.45)
+    expected = _run(ref, inputs, **kw)
+    with pytest.warns(UserWarning, match="not on a CUDA device"):
+        out = _run(CUDAGraphRunner(dit), inputs, _cache(ref), **kw)
+    assert torch.equal(out, expected)
+    runner = CUDAGraphRunner(dit, capture_fn=_part_capture([]))
+    _run(runner, inputs, _cache(ref), **kw)
+    second = _cache(ref)
+    assert torch.equal(_run(runner, inputs, second, **kw), expected)
+    assert [d.startswith("cached") for d in second.stats["decisions"]] == ref.decisions
+    assert runner.stats()["captures"] == 3
+
+
+def test_cuda_graph_parts_compiled_regional():
+    torch._dynamo.reset()
+    dit = _tiny(depth=3)
+    cm = lcn.compile(dit, regional=True)
+    inputs = _inputs(T=2, H=4, W=4)
+    ref = RefPolicy(dit, Fn=1, Bn=0, thr=0.6)
+    expected = _run(ref, inputs)
+    cache = _cache(ref)
+    runner = CUDAGraphRunner(dit, fallback=cm, capture_fn=_part_capture([], cache))
+    out = _run(runner, inputs, cache)
+    assert [d.startswith("cached") for d in cache.stats["decisions"]] == ref.decisions and sum(ref.decisions) >= 1
+    assert (out - expected).abs().max() <= 1e-5 * expected.abs().max()
+    assert cm.stats()["compiles"] >= 1
+
+
 # -- the runtime pieces ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kw", [
@@ -391,6 +552,7 @@ def test_parse_cache_spec():
 
 # -- speed: the time saved is the block forwards saved -------------------------------------------------
 
+@pytest.mark.timing
 def test_speedup_matches_block_forwards_saved():
     """Blocks dominate at this width on the CPU; best of 3 runs each, cached and not, interleaved."""
     torch.manual_seed(0)

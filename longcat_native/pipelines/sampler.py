@@ -377,9 +377,10 @@ def denoise(
     caching, docs/design/step_cache.md): steps whose first blocks' residual barely changed reuse
     the middle blocks' residual; one host read per step decides. The CFG halves decide together
     (one batch). The run's report is ``cache.stats`` afterwards. An inactive cache
-    (``residual_diff_threshold=0``) runs exactly as ``cache=None``. Steps with an active cache run
-    without CUDA graphs (one message); a whole-forward compiled model runs its blocks through a
-    regional compile then.
+    (``residual_diff_threshold=0``) runs exactly as ``cache=None``. With CUDA graphs a step with an
+    active cache replays a graph of its first blocks, reads the signal, then replays the graph of
+    a full or of a cached step's rest (each captured once per shape); a whole-forward compiled
+    model runs its blocks through a regional compile then.
     """
     B, m = check_latent_inputs(dit, noise, cond_latents)
     for name, t in (("noise", noise), ("cond_latents", cond_latents)):
@@ -477,11 +478,9 @@ def denoise(
     if sc is not None:
         sc.begin_run(_depth(dit), ts_host)
         if sc.active:
+            # A CUDA graph runner captures such a step in parts around the decision (the head,
+            # then a full or a cached tail: runtime/compiled.py).
             sc_call = sc
-            if step_model is not dit and hasattr(step_model, "fn") and hasattr(step_model, "keys"):
-                _note_once("denoise: steps with an active step cache run without CUDA graphs (the decision "
-                           "between the first blocks and the rest is a host read); docs/design/step_cache.md")
-                step_model = step_model.fn
     # The first step whose latents hold NaN/Inf, kept on the device (-1: none yet) by torch ops
     # only: no host sync per step; read once after the loop.
     first_bad = torch.full((), -1, dtype=torch.long, device=latents.device)
@@ -546,15 +545,6 @@ def denoise(
     if cached:
         latents = torch.cat([cond, latents], dim=2)
     return latents
-
-
-_NOTED: set = set()
-
-
-def _note_once(msg: str) -> None:
-    if msg not in _NOTED:
-        _NOTED.add(msg)
-        print(msg, file=sys.stderr, flush=True)
 
 
 def _check_cache(cache):

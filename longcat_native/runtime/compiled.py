@@ -83,14 +83,21 @@ class CompiledModel:
                                                     dynamic=dynamic)
         self._step_cache_blocks = None
 
+    def step_cache_block_fn(self):
+        """The compiled block a step with a step cache runs its blocks through (the regional
+        compile, or one made on first use for a whole-forward compile)."""
+        if self.regional:
+            return self.compiled
+        if self._step_cache_blocks is None:
+            self._step_cache_blocks = self._block_compile()
+        return self._step_cache_blocks
+
     def __call__(self, *args, **kwargs):
         self._calls += 1
         try:
             with torch._dynamo.config.patch(recompile_limit=self.recompile_limit):
                 if kwargs.get("step_cache") is not None and not self.regional:
-                    if self._step_cache_blocks is None:
-                        self._step_cache_blocks = self._block_compile()
-                    return self.model(*args, block_fn=self._step_cache_blocks, **kwargs)
+                    return self.model(*args, block_fn=self.step_cache_block_fn(), **kwargs)
                 if not self.regional:
                     return self.compiled(*args, **kwargs)
                 return self.model(*args, block_fn=self.compiled, **kwargs)
@@ -173,8 +180,27 @@ class _Entry:
         self.static, self.replay, self.output, self.replays = static, replay, output, 0
 
 
+class _CachedStepEntry:
+    """One shape's graphs for steps with a step cache (docs/design/step_cache.md): the head
+    (embedding, the first Fn blocks, the signal sums) and a tail per decision (full: the middle
+    blocks and the store; cached: the cached residual added), each captured on first use. The
+    tails read the head's stream tensors and the cache's buffers, which this entry keeps."""
+
+    __slots__ = ("static", "head", "sums", "stream", "buffers", "tails", "eager_tails", "replays", "cache")
+
+    def __init__(self, static, head, sums, stream, buffers, cache):
+        self.static, self.head, self.sums, self.stream, self.buffers = static, head, sums, stream, buffers
+        # {"sc": the StepCache of the current step}: what the parts' Python (a warm-up, a
+        # stand-in capture) calls; a real graph only reads the buffers' fixed storage.
+        self.cache = cache
+        self.tails: Dict[bool, tuple] = {}  # cached -> (replay, output)
+        self.eager_tails: set = set()  # decisions whose tail failed to capture: run eagerly on the stream
+        self.replays = 0
+
+
 class CUDAGraphRunner:
-    """Whole-forward CUDA graphs per input shape (docs/design/compiled.md). Call it like the DiT."""
+    """Whole-forward CUDA graphs per input shape (docs/design/compiled.md). Call it like the DiT.
+    With a step cache a step is captured in parts around the decision: :class:`_CachedStepEntry`."""
 
     def __init__(self, model, max_graphs: int = 4, text_len: Optional[int] = None, fallback: Optional[Callable] = None,
                  capture_fn: Optional[Callable] = None, warmup: int = 2, clone_output: bool = True, pool=None):
@@ -300,36 +326,55 @@ class CUDAGraphRunner:
 
     def __call__(self, hidden_states, timestep, encoder_hidden_states=None, encoder_attention_mask=None,
                  num_cond_latents=0, return_kv=False, kv_cache_dict=None, skip_crs_attn=False,
-                 offload_kv_cache=False):
+                 offload_kv_cache=False, step_cache=None):
+        sc_kw = {} if step_cache is None else {"step_cache": step_cache}
         reason = self._fallback_reason(return_kv, kv_cache_dict, offload_kv_cache, num_cond_latents)
         if reason is not None:
             self._warn_once(reason)
             return self.fn(hidden_states, timestep, encoder_hidden_states, encoder_attention_mask,
                            num_cond_latents=num_cond_latents, return_kv=return_kv, kv_cache_dict=kv_cache_dict,
-                           skip_crs_attn=skip_crs_attn, offload_kv_cache=offload_kv_cache)
+                           skip_crs_attn=skip_crs_attn, offload_kv_cache=offload_kv_cache, **sc_kw)
         text, mask = (None, None) if skip_crs_attn else self.prepare_text(encoder_hidden_states, encoder_attention_mask)
         inputs = {"hidden_states": hidden_states, "timestep": timestep, "encoder_hidden_states": text,
                   "encoder_attention_mask": mask}
         k = self.key(inputs, num_cond_latents, skip_crs_attn)
+        if step_cache is not None:  # Fn, Bn and the TaylorSeer order are baked into the parts
+            k = k + (("step_cache",) + step_cache.graph_key(),)
         self._check_weights()
         if k in self._uncapturable:
             self._warn_once("capture failed for this shape earlier")
-            return self.fn(**inputs, num_cond_latents=num_cond_latents, skip_crs_attn=skip_crs_attn)
-        entry = self._graphs.get(k)
+            return self.fn(**inputs, num_cond_latents=num_cond_latents, skip_crs_attn=skip_crs_attn, **sc_kw)
+        if step_cache is not None:
+            return self._cached_step(k, inputs, num_cond_latents, skip_crs_attn, step_cache)
+        entry = self._entry_for(k, inputs, lambda: self._capture(k, inputs, num_cond_latents, skip_crs_attn))
         if entry is None:
-            entry = self._capture(k, inputs, num_cond_latents, skip_crs_attn)
-            if entry is None:
-                return self.fn(**inputs, num_cond_latents=num_cond_latents, skip_crs_attn=skip_crs_attn)
-        else:
-            self._graphs.move_to_end(k)
-            with torch.no_grad():
-                for name, t in inputs.items():
-                    if t is not None:
-                        entry.static[name].copy_(t)
+            return self.fn(**inputs, num_cond_latents=num_cond_latents, skip_crs_attn=skip_crs_attn)
         entry.replay()
         entry.replays += 1
         self._stats["replays"] += 1
         return entry.output.clone() if self.clone_output else entry.output
+
+    def _capture_graph(self, fn, static):
+        """``(replay, output)`` of ``fn(**static)`` captured (the test hook ``capture_fn``, or a
+        CUDA graph in the runner's one pool)."""
+        if self._custom_capture:
+            return self._capture_fn(fn, static)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        return cuda_graph_capture(fn, static, pool=self._pool, warmup=self.warmup)
+
+    def _entry_for(self, k, inputs, capture):
+        """Key ``k``'s entry with the call's inputs in its static buffers; ``capture()`` makes a
+        new one (None: the capture failed)."""
+        entry = self._graphs.get(k)
+        if entry is None:
+            return capture()
+        self._graphs.move_to_end(k)
+        with torch.no_grad():
+            for name, t in inputs.items():
+                if t is not None:
+                    entry.static[name].copy_(t)
+        return entry
 
     def _capture(self, k, inputs, num_cond_latents, skip_crs_attn) -> Optional[_Entry]:
         dev = _model_device(self.model)
@@ -344,12 +389,7 @@ class CUDAGraphRunner:
             self._graphs.popitem(last=False)  # least recently used
             self._stats["evictions"] += 1
         try:
-            if self._custom_capture:
-                replay, out = self._capture_fn(forward, static)
-            else:
-                if self._pool is None:
-                    self._pool = torch.cuda.graph_pool_handle()
-                replay, out = cuda_graph_capture(forward, static, pool=self._pool, warmup=self.warmup)
+            replay, out = self._capture_graph(forward, static)
         except Exception as e:  # noqa: BLE001 - any capture failure falls back, once per key
             self._uncapturable.add(k)
             self._warn_once(f"CUDA graph capture failed ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})")
@@ -358,6 +398,99 @@ class CUDAGraphRunner:
         self._graphs[k] = entry
         self._stats["captures"] += 1
         return entry  # capture only records kernels: the caller replays to compute this call
+
+    # -- steps with a step cache -----------------------------------------------------------------
+    def _base_and_block_fn(self):
+        block_fn = self.fn.step_cache_block_fn() if isinstance(self.fn, CompiledModel) else None
+        base = self.model.model if isinstance(self.model, CompiledModel) else self.model
+        return base, block_fn
+
+    def _cached_step(self, k, inputs, num_cond_latents, skip_crs_attn, sc):
+        """One step with a step cache: replay the head, read the signal (the step's one host
+        read, in ``sc.decide``), replay the tail of the decision. Each part is captured on first
+        use; a part that fails to capture runs uncaptured (the whole step when the head does)."""
+        entry = self._entry_for(k, inputs, lambda: self._capture_head(k, inputs, num_cond_latents, skip_crs_attn, sc))
+        if entry is None:
+            return self.fn(**inputs, num_cond_latents=num_cond_latents, skip_crs_attn=skip_crs_attn, step_cache=sc)
+        sc.adopt_buffers(entry.buffers)
+        entry.cache["sc"] = sc
+        entry.head()
+        cached = sc.decide(entry.sums if sc.needs_signal() else None)
+        tail = entry.tails.get(cached)
+        if tail is None and cached not in entry.eager_tails:
+            tail = self._capture_tail(entry, sc, cached)
+            entry.head()  # the tail's warm-up runs consumed the head's outputs (q is written into h)
+        entry.replays += 1
+        if tail is None:
+            base, _ = self._base_and_block_fn()
+            with torch.no_grad():
+                return base.step_cache_tail(entry.stream.copy(), sc, cached)
+        tail[0]()
+        self._stats["replays"] += 1
+        return tail[1].clone() if self.clone_output else tail[1]
+
+    def _capture_head(self, k, inputs, num_cond_latents, skip_crs_attn, sc) -> Optional[_CachedStepEntry]:
+        dev = _model_device(self.model)
+        static = {name: (None if t is None else t.detach().to(dev).clone()) for name, t in inputs.items()}
+        base, block_fn = self._base_and_block_fn()
+        last, cache = {}, {"sc": sc}
+
+        def head(**kw):
+            with torch.no_grad():
+                s, sums = base.begin_cached_step(**kw, num_cond_latents=num_cond_latents, skip_crs_attn=skip_crs_attn,
+                                                 step_cache=cache["sc"], block_fn=block_fn)
+            last["stream"] = s
+            return (sums, *s.tensors())
+
+        while len(self._graphs) >= self.max_graphs:
+            self._graphs.popitem(last=False)
+            self._stats["evictions"] += 1
+        try:
+            replay, out = self._capture_graph(head, static)
+        except Exception as e:  # noqa: BLE001 - any capture failure falls back, once per key
+            self._mark_buffers_used_here(sc)
+            self._uncapturable.add(k)
+            self._warn_once(f"CUDA graph capture failed ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})")
+            return None
+        self._mark_buffers_used_here(sc)
+        # The captured call's stream: its tensors are the ones a replay writes.
+        entry = _CachedStepEntry(static, replay, out[0], last["stream"], sc.buffers, cache)
+        self._graphs[k] = entry
+        self._stats["captures"] += 1
+        return entry
+
+    def _mark_buffers_used_here(self, sc) -> None:
+        """The cache's buffers may have been made by a warm-up run on the capture's side stream;
+        they are used on this one from now on, so the allocator must not reuse them early."""
+        if sc.buffers is not None and not self._custom_capture and torch.cuda.is_available():
+            stream = torch.cuda.current_stream()
+            for t in sc.buffers.tensors():
+                if t.is_cuda:
+                    t.record_stream(stream)
+
+    def _capture_tail(self, entry: _CachedStepEntry, sc, cached: bool):
+        base, _ = self._base_and_block_fn()
+
+        def tail():
+            with torch.no_grad():
+                return base.step_cache_tail(entry.stream.copy(), entry.cache["sc"], cached)
+
+        # The warm-up runs of a full tail store into the buffers (TaylorSeer's differences are
+        # not idempotent): what they held is put back before the real replay.
+        saved = entry.buffers.snapshot() if not cached else None
+        try:
+            tail_graph = self._capture_graph(tail, {})
+        except Exception as e:  # noqa: BLE001 - this decision's tail runs uncaptured from now on
+            entry.eager_tails.add(cached)
+            self._warn_once(f"CUDA graph capture of a {'cached' if cached else 'full'} step's tail failed "
+                            f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})")
+            tail_graph = None
+        if saved is not None:
+            entry.buffers.restore(saved)
+        if tail_graph is not None:
+            entry.tails[cached] = tail_graph
+            self._stats["captures"] += 1
+        return tail_graph
 
     # -- introspection ------------------------------------------------------------------------
     def keys(self) -> List[tuple]:

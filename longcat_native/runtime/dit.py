@@ -6,7 +6,7 @@ for the official module reads ``dit.config.<official key>``, ``dit.dtype``, ``di
 ``dit.lora_dict``, calls ``dit.to(...)``, ``from_pretrained(root, subfolder="dit",
 torch_dtype=..., cp_split_hw=...)`` and ``torch.compile(dit)``; all of these work here.
 
-Why ~740 lines in one file: the official surface is one class (construction with its quantize and
+Why ~760 lines in one file: the official surface is one class (construction with its quantize and
 offload choices, the official attributes and LoRA/BSA methods, input checking); the work behind
 each lives in its own module (weights, quantize, streaming, lora, model).
 """
@@ -491,6 +491,30 @@ class LongCatDiT(LongCatTransformer):
         ``step_cache`` (not official): a :class:`~longcat_native.runtime.step_cache.StepCache` in a
         step of its run (``denoise(..., cache=...)`` drives it; docs/design/step_cache.md).
         """
+        kw = self._checked_call(hidden_states, timestep, encoder_hidden_states, encoder_attention_mask,
+                                num_cond_latents, return_kv, kv_cache_dict, skip_crs_attn, offload_kv_cache, block_fn)
+        out = self.run(**kw, **({} if step_cache is None else {"step_cache": _check_step_cache(step_cache, return_kv)}))
+        if not return_kv:
+            return out
+        _, _, Tl, Hl, Wl = hidden_states.shape
+        return out, KVCache(kw["kv_sink"].finish(), grid=(Tl, Hl, Wl), made_by=self.kv_cache_identity())
+
+    def begin_cached_step(self, hidden_states, timestep, encoder_hidden_states, encoder_attention_mask=None,
+                          num_cond_latents=0, skip_crs_attn=False, *, step_cache, block_fn=None):
+        """The first part of a step with a step cache, split for CUDA graphs (runtime/compiled.py):
+        the checked inputs embedded, the first Fn blocks run and the signal computed; returns
+        ``(stream, sums)``. Then ``step_cache.decide(sums)`` on the host, then
+        ``step_cache_tail(stream, step_cache, cached)`` gives the output ``forward`` would."""
+        kw = self._checked_call(hidden_states, timestep, encoder_hidden_states, encoder_attention_mask,
+                                num_cond_latents, False, None, skip_crs_attn, False, block_fn)
+        step_cache = _check_step_cache(step_cache, False)
+        s = self.begin(**kw, keep_input=True)
+        return s, self.step_cache_head(s, step_cache, always=True)
+
+    def _checked_call(self, hidden_states, timestep, encoder_hidden_states, encoder_attention_mask, num_cond_latents,
+                      return_kv, kv_cache_dict, skip_crs_attn, offload_kv_cache, block_fn) -> Dict[str, Any]:
+        """``forward``'s arguments checked (a ValueError naming what is wrong) and converted: the
+        keyword arguments of ``run`` / ``begin``."""
         x, B, T = self._check_latents(hidden_states)
         if self.cp is not None:
             pt, ph, pw = self.cfg.patch_size
@@ -516,15 +540,9 @@ class LongCatDiT(LongCatTransformer):
                 raise ValueError(f"num_cond_latents must be in [0, {T}] (the latent frames), got {num_cond_latents}")
 
         sink = KVSink(x.device, bool(offload_kv_cache)) if return_kv else None
-        out = self.run(
-            x, t, text, mask, num_cond_latents, cache, cache_frames, sink, bool(skip_crs_attn),
-            attention_backend=self.resolved_attention(), ops=self.resolved_ops(), cp=self.cp, block_fn=block_fn,
-            **({} if step_cache is None else {"step_cache": _check_step_cache(step_cache, return_kv)}),
-        )
-        if not return_kv:
-            return out
-        _, _, Tl, Hl, Wl = hidden_states.shape
-        return out, KVCache(sink.finish(), grid=(Tl, Hl, Wl), made_by=self.kv_cache_identity())
+        return dict(hidden_states=x, timestep=t, text=text, text_mask=mask, num_cond_latents=num_cond_latents,
+                    kv_cache=cache, cache_frames=cache_frames, kv_sink=sink, skip_crs_attn=bool(skip_crs_attn),
+                    attention_backend=self.resolved_attention(), ops=self.resolved_ops(), cp=self.cp, block_fn=block_fn)
 
     def kv_cache_identity(self) -> Dict[str, Any]:
         """What a :class:`KVCache` made by this model records as ``made_by``: the config keys that

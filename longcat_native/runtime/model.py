@@ -11,8 +11,9 @@ Internal layout differs from the official module tree only where it buys speed:
 The call sites ``ops.<op>`` (a ``kernels.Ops``, resolved per call by ``LongCatDiT.resolved_ops``)
 pick the plain-PyTorch reference or the fused kernels, block-sparse attention included.
 
-Why ~620 lines: the whole network in one file, read top to bottom; forward chunking and the step
-cache's skip are a few lines each where they act, not separate layers.
+Why ~690 lines: the whole network in one file, read top to bottom; forward chunking and the step
+cache's head and tails (the forward split around its decision, so CUDA graphs can capture each
+part) are a few lines each where they act, not separate layers.
 """
 
 from __future__ import annotations
@@ -474,6 +475,30 @@ class ForwardContext:
             self.num_cond_tokens_local = self.num_cond_tokens
 
 
+class Stream:
+    """The forward's state between its parts (LongCatTransformer.run_blocks and the step cache's
+    head and tail): the residual stream ``x``, its normalized+modulated copy ``h`` for the next
+    block, that block's modulation ``mod``, the timestep embedding ``t``, and the call's fixed
+    facts. Its tensors are what a CUDA graph of the head leaves for a graph of the tail
+    (runtime/compiled.py)."""
+
+    __slots__ = ("x", "h", "mod", "t", "ctx", "ops", "kv_cache", "kv_sink", "block_fn", "x_in", "r")
+
+    def __init__(self, **kw):
+        for k in self.__slots__:
+            setattr(self, k, kw.get(k))
+
+    def copy(self) -> "Stream":
+        """A new Stream on the same tensors (a part that rebinds its fields leaves this one as it was)."""
+        return Stream(**{k: getattr(self, k) for k in self.__slots__})
+
+    def tensors(self) -> list:
+        """Every tensor the stream holds (views included), in a fixed order."""
+        out = [self.x, self.h, self.t, self.x_in, self.r, self.ctx.text, self.ctx.text_valid]
+        out += list(self.mod or ())
+        return [t for t in out if isinstance(t, torch.Tensor)]
+
+
 class LongCatTransformer(nn.Module):
     """The network. Input checking and the public API live in ``LongCatDiT`` (runtime/dit.py)."""
 
@@ -491,7 +516,18 @@ class LongCatTransformer(nn.Module):
         # are copied into device staging buffers ahead of use; None: every block is resident.
         self.weight_streamer = None
 
-    def run(
+    def run(self, *args, step_cache=None, **kwargs) -> torch.Tensor:
+        """The forward on checked inputs (LongCatDiT.forward checks them; the arguments are
+        :meth:`begin`'s). ``step_cache``: a StepCache (runtime/step_cache.py) that decides after the
+        first blocks whether to skip the middle ones, or None."""
+        s = self.begin(*args, keep_input=step_cache is not None, **kwargs)
+        if step_cache is None:
+            self.run_blocks(s, 0, len(self.blocks))
+            return self.finish(s)
+        sums = self.step_cache_head(s, step_cache)
+        return self.step_cache_tail(s, step_cache, step_cache.decide(sums))
+
+    def begin(
         self,
         hidden_states: torch.Tensor,  # [B, Cin, T, H, W], model dtype
         timestep: torch.Tensor,  # [B, T] float32 (already rounded through the model dtype)
@@ -506,8 +542,9 @@ class LongCatTransformer(nn.Module):
         ops: Ops,  # the kernel path (kernels/__init__.py)
         cp=None,  # ContextParallel (runtime/parallel.py) or None: this rank embeds its tile only
         block_fn: Optional[Callable] = None,  # called as block_fn(block, *args) instead of block(*args)
-        step_cache=None,  # a StepCache (runtime/step_cache.py) that may skip the middle blocks, or None
+        keep_input: bool = False,  # keep the stream entering block 0 (Stream.x_in; the step cache's signal)
     ):
+        """Embedding and the first norm: the :class:`Stream` entering block 0."""
         cfg = self.cfg
         B, _, T, H, W = hidden_states.shape
         pt, ph, pw = cfg.patch_size
@@ -555,67 +592,86 @@ class LongCatTransformer(nn.Module):
             mod = self.blocks[0].modulation(t)
         with nvtx_range("op.layernorm_modulate"):
             h = ops.layernorm_modulate(x, mod[0], mod[1])
-        streamer = self.weight_streamer
+        return Stream(x=x, h=h, mod=mod, t=t, ctx=ctx, ops=ops, kv_cache=kv_cache, kv_sink=kv_sink, block_fn=block_fn,
+                      x_in=x if keep_input else None)
+
+    # Step caching (runtime/step_cache.py, docs/design/step_cache.md): the forward in two parts
+    # around the decision, so a CUDA graph runner can capture each part (runtime/compiled.py):
+    # the head (embedding, the first Fn blocks, the signal), the host's decision, then a tail: the
+    # middle blocks and the store (a full step), or the cached residual added and fused with the
+    # norm of block depth - Bn (a cached step), then the last Bn blocks and the final layer.
+    def step_cache_head(self, s: "Stream", sc, always: bool = False):
+        """Blocks ``[0, Fn)`` on ``s``; returns the signal sums (:meth:`StepCache.signal`)."""
+        self.run_blocks(s, 0, sc.Fn_compute_blocks)
+        with nvtx_range("step_cache.signal"):
+            sums, s.r = sc.signal(s.x, s.x_in, s.ctx.num_cond_tokens_local, s.ctx.cp, always=always)
+        s.x_in = None
+        return sums
+
+    def step_cache_tail(self, s: "Stream", sc, cached: bool) -> torch.Tensor:
         depth = len(self.blocks)
-        # Step caching (runtime/step_cache.py, docs/design/step_cache.md): after the first Fn
-        # blocks the cache decides (one host read); a cached step adds the middle blocks' cached
-        # residual to the stream and resumes at block depth - Bn with that block's norm.
-        sc = step_cache
-        x_in = x if sc is not None else None  # the stream entering block 0
-        x_mid_in = None  # on a full step: the stream entering the middle blocks
-        mid_end = depth - sc.Bn_compute_blocks if sc is not None else depth
-        i = 0
-        while i < depth:
+        mid_end = depth - sc.Bn_compute_blocks
+        if cached:
+            with nvtx_range("step_cache.cached_residual"):
+                approx = sc.approximation()
+            self._add_residual(s, approx, None, mid_end)
+            del approx
+        else:
+            x_mid_in = s.x  # the stream entering the middle blocks
+            self.run_blocks(s, sc.Fn_compute_blocks, mid_end)
+            with nvtx_range("step_cache.store"):
+                sc.store(s.r, s.x - x_mid_in)
+            del x_mid_in
+        s.r = None
+        self.run_blocks(s, mid_end, depth)
+        return self.finish(s)
+
+    def run_blocks(self, s: "Stream", start: int, stop: int) -> None:
+        """Blocks ``[start, stop)`` on the stream ``s`` (each block's last gated residual fused
+        with the next norm: block ``stop``'s attention norm, or the final layer's)."""
+        streamer = self.weight_streamer
+        for i in range(start, stop):
             block = self.blocks[i]
-            if sc is not None and i == sc.Fn_compute_blocks and x_in is not None:
-                with nvtx_range("step_cache.decide"):
-                    cached = sc.after_first_blocks(x, x_in, ctx.num_cond_tokens_local, cp)
-                x_in = None
-                if cached is not None:
-                    with nvtx_range("op.modulation"):
-                        if mid_end < depth:
-                            mod = self.blocks[mid_end].modulation(t)
-                            shift, scale = mod[0], mod[1]
-                        else:
-                            shift, scale = self.final_layer.modulation(t)
-                    with nvtx_range("op.residual_layernorm_modulate"):
-                        x, h = ops.residual_layernorm_modulate(x, cached, None, shift, scale)
-                    del cached
-                    i = mid_end
-                    continue
-                x_mid_in = x
             with nvtx_range("block", i):  # "block.{i}"
                 if streamer is not None:  # block i's weights on the device, the next one's on the way
                     streamer.before_block(i)
-                block_kv = None if kv_cache is None else kv_cache[i]
-                xh = [x, h]  # the block's to free (LongCatBlock's doc)
-                del x, h
-                if block_fn is None:
-                    x, ffn_out, gate_mlp, new_kv = block(xh, mod, ctx, ops, block_kv)
+                block_kv = None if s.kv_cache is None else s.kv_cache[i]
+                xh = [s.x, s.h]  # the block's to free (LongCatBlock's doc)
+                s.x = s.h = None
+                if s.block_fn is None:
+                    x, ffn_out, gate_mlp, new_kv = block(xh, s.mod, s.ctx, s.ops, block_kv)
                 else:  # regional compilation: one compiled function runs every block (runtime/compiled.py)
-                    x, ffn_out, gate_mlp, new_kv = block_fn(block, xh, mod, ctx, ops, block_kv)
+                    x, ffn_out, gate_mlp, new_kv = s.block_fn(block, xh, s.mod, s.ctx, s.ops, block_kv)
                 if new_kv is not None:
-                    kv_sink[i] = new_kv
-                # The last gated residual of block i is fused with the next norm: block i+1's
-                # attention norm, or the final layer's.
-                with nvtx_range("op.modulation"):
-                    if i + 1 < depth:
-                        mod = self.blocks[i + 1].modulation(t)
-                        shift, scale = mod[0], mod[1]
-                    else:
-                        shift, scale = self.final_layer.modulation(t)
-                with nvtx_range("op.residual_layernorm_modulate"):
-                    x, h = ops.residual_layernorm_modulate(x, ffn_out, gate_mlp, shift, scale)
-                del ffn_out  # not held through the next block
-            if x_mid_in is not None and i + 1 == mid_end:  # a full step: the middle residual, for later steps
-                sc.store_middle(x - x_mid_in)
-                x_mid_in = None
-            i += 1
+                    s.kv_sink[i] = new_kv
+                self._add_residual(s, ffn_out, gate_mlp, i + 1, x)
+                del x, ffn_out  # not held through the next block
 
+    def _add_residual(self, s: "Stream", residual, gate, next_block: int, x=None) -> None:
+        """``s.x = x + gate * residual`` fused with the norm of block ``next_block`` (the final
+        layer's past the last block), which also gives ``s.h`` and ``s.mod``."""
+        t = s.t
+        with nvtx_range("op.modulation"):
+            if next_block < len(self.blocks):
+                s.mod = self.blocks[next_block].modulation(t)
+                shift, scale = s.mod[0], s.mod[1]
+            else:
+                s.mod = None
+                shift, scale = self.final_layer.modulation(t)
+        x = s.x if x is None else x
+        s.x = s.h = None  # the old h is dead (a cached step drops block Fn's)
+        with nvtx_range("op.residual_layernorm_modulate"):
+            s.x, s.h = s.ops.residual_layernorm_modulate(x, residual, gate, shift, scale)
+
+    def finish(self, s: "Stream") -> torch.Tensor:
+        """The final projection of ``s.h`` (normalized by the last block's fused residual),
+        gathered across ranks, unpatchified: float32 [B, C_out, T, H, W]."""
+        ctx, cfg = s.ctx, self.cfg
+        h, s.h, s.x = s.h, None, None
         with nvtx_range("final.linear"):
             out = linear_fp32(h, self.final_layer.linear)  # [B, N, pt*ph*pw*C_out] float32
-        if cp is not None:
+        del h
+        if ctx.cp is not None:
             with nvtx_range("comm.output_all_gather"):
-                out = cp.gather_tokens(out, grid)
-        out = unpatchify(out, grid, cfg.patch_size, cfg.out_channels)
-        return out
+                out = ctx.cp.gather_tokens(out, ctx.grid)
+        return unpatchify(out, ctx.grid, cfg.patch_size, cfg.out_channels)

@@ -13,9 +13,11 @@ steps. Design notes, the exact policy and measured numbers: docs/design/step_cac
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
 # torch is imported where a tensor is made (the CLI parses --cache without importing torch).
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["StepCache", "STEP_CACHE_DEFAULTS", "parse_cache_spec"]
 
@@ -92,6 +94,7 @@ class StepCache:
         self.taylorseer_order = int(taylorseer_order)
         self.runs: List[Dict[str, Any]] = []
         self._run: Optional[Dict[str, Any]] = None
+        self.buffers: Optional[_Buffers] = None  # the device state (see _Buffers)
         self._reset_state()
 
     # -- the parameters ---------------------------------------------------------------------------
@@ -120,10 +123,10 @@ class StepCache:
 
     # -- runs and steps (driven by denoise) ----------------------------------------------------------
     def _reset_state(self) -> None:
-        self._prev_fn = None  # noisy-token Fn residual of the last fully computed step
-        self._mid = None  # middle residual of the last full step (reuse)
-        self._derivs: List["torch.Tensor"] = []  # TaylorSeer: [residual, 1st diff, 2nd diff] (float32)
-        self._last_full: Optional[int] = None
+        # Host state only: the device tensors live in self.buffers (_Buffers), fixed tensors a
+        # captured CUDA graph reads and writes; which of them hold something is known here.
+        self._last_full: Optional[int] = None  # the last fully computed step (None: nothing cached)
+        self._n_derivs = 0  # TaylorSeer: finite differences stored so far (<= order + 1)
         self._run_len = 0
         self._key = None
 
@@ -143,8 +146,7 @@ class StepCache:
             raise RuntimeError("StepCache.begin_step before begin_run")
         if key != self._key:
             if self._key is not None:
-                self._prev_fn = self._mid = None
-                self._derivs, self._last_full, self._run_len = [], None, 0
+                self._last_full, self._n_derivs, self._run_len = None, 0, 0
                 self._run["resets"] += 1
             self._key = key
         self._step = step
@@ -182,7 +184,8 @@ class StepCache:
         }
         self.runs.append(report)
         self._run = None
-        self._reset_state()  # the tensors are not kept past the run
+        self._reset_state()
+        self.buffers = None  # the tensors are not kept past the run (a graph runner keeps its own)
         return report
 
     @property
@@ -202,7 +205,7 @@ class StepCache:
         s = self._step
         if s < self.max_warmup_steps and s % self.warmup_interval == 0:
             return "warmup"
-        if self._prev_fn is None or (self._mid is None and not self._derivs):
+        if self._last_full is None:
             return "no_cache_yet"
         n_cached = sum(1 for d in self._run["per_step"] if d["cached"])
         if self.max_cached_steps >= 0 and n_cached >= self.max_cached_steps:
@@ -211,34 +214,26 @@ class StepCache:
             return "max_continuous_cached_steps"
         return None
 
-    def _approximation(self) -> torch.Tensor:
-        if not self.enable_taylorseer:
-            return self._mid
-        dt = float(self._step - self._last_full)
-        out = self._derivs[0]
-        for k in range(1, len(self._derivs)):
-            out = out + self._derivs[k] * (dt ** k / math.factorial(k))
-        return out.to(self._mid_dtype)
+    @property
+    def _order(self) -> int:
+        return self.taylorseer_order if self.enable_taylorseer else 0
 
-    # -- the loop hooks (called by LongCatTransformer.run) ---------------------------------------------
-    def after_first_blocks(self, x: torch.Tensor, x_in: torch.Tensor, num_cond_tokens: int, cp=None):
-        """At the stream after block Fn-1: decide this step (at most one device-to-host read).
-        Returns the middle residual to add (a cached step) or None (compute the middle blocks)."""
-        r = x[:, num_cond_tokens:] - x_in[:, num_cond_tokens:]
+    def graph_key(self) -> tuple:
+        """What a captured graph of a step bakes in from this policy (runtime/compiled.py)."""
+        return (self.Fn_compute_blocks, self.Bn_compute_blocks, self._order)
+
+    def needs_signal(self) -> bool:
+        """Whether this step's decision reads the signal (there is a reference to compare with)."""
+        return self._last_full is not None
+
+    def decide(self, sums) -> bool:
+        """The step's decision, on the host: ``sums`` is what :meth:`signal` returned (read here:
+        the step's one device-to-host read; None when there is no reference yet). Sets the
+        scalars the device side of the chosen branch reads (``fill_``: no host sync) and moves the
+        host state. True: a cached step."""
         signal = None
-        if self._prev_fn is not None and self._prev_fn.shape == r.shape:
-            diff = (r.float() - self._prev_fn.float()).abs().sum()
-            ref = self._prev_fn.float().abs().sum()
-            import torch
-
-            nd = torch.stack([diff, ref])
-            if cp is not None:  # every rank takes the same decision from the global sums
-                import torch.distributed._functional_collectives as funcol
-
-                nd = funcol.all_reduce(nd, "sum", cp.group)
-                wait = getattr(nd, "wait", None)
-                nd = wait() if callable(wait) else nd
-            num, den = nd.tolist()  # the step's one host read
+        if sums is not None and self._last_full is not None:
+            num, den = sums.tolist()  # the step's one host read
             signal = num / den if den > 0 else math.inf
         reason = self._forced_full()
         if reason is None:
@@ -250,31 +245,137 @@ class StepCache:
                 reason = "above_threshold"
         cached = reason == "below_threshold"
         self._decision = {"cached": cached, "signal": signal, "reason": reason}
+        order, b = self._order, self.buffers
         if cached:
             self._run_len += 1
-            return self._approximation()
+            dt = float(self._step - self._last_full)
+            for k in range(1, order + 1):  # the Taylor coefficients dt^k / k!
+                b.scalars[order + k].fill_(dt ** k / math.factorial(k))
+            return True
         self._run_len = 0
-        self._prev_fn = r  # only full steps move the reference (cache-dit)
-        return None
+        if order:
+            # store(): D(k+1) = (Dk - Dk_prev) / dt where Dk_prev exists (k < stored so far)
+            b.scalars[0].fill_(1.0 if self._last_full is None else float(self._step - self._last_full))
+            for k in range(order):
+                b.scalars[1 + k].fill_(1.0 if k < self._n_derivs else 0.0)
+            self._n_derivs = min(self._n_derivs + 1, order + 1)
+        self._last_full = self._step  # only full steps move the reference (cache-dit)
+        return False
 
-    def store_middle(self, residual: torch.Tensor) -> None:
-        """On a full step: the middle blocks' residual (stream after block depth-Bn-1 minus the
-        stream after block Fn-1), all tokens."""
-        step = self._step
-        self._mid_dtype = residual.dtype
-        if not self.enable_taylorseer:
-            self._mid = residual
-        else:
-            new = [residual.float()]
-            if self._derivs and self._last_full is not None:
-                dt = float(step - self._last_full)
-                for k in range(self.taylorseer_order):
-                    if k >= len(self._derivs):
-                        break
-                    new.append((new[k] - self._derivs[k]) / dt)
-            self._derivs = new
-            self._mid = None
-        self._last_full = step
+    # -- the device side (called by LongCatTransformer.run, or captured in CUDA graphs) --------------
+    # No host reads and no host state here: what varies per step is in buffers.scalars, set by
+    # decide(). The same code runs eagerly and inside a graph (runtime/compiled.py).
+    def signal(self, x: "torch.Tensor", x_in: "torch.Tensor", num_cond_tokens: int, cp=None, always: bool = False):
+        """At the stream after block Fn-1: ``(sums, r)``, ``r`` the Fn residual of the noisy tokens
+        and ``sums`` ``[sum|r - r_prev|, sum|r_prev|]`` (float32, all-reduced over the CP group so
+        every rank decides alike), or None when there is no reference and not ``always`` (a graph
+        computes it every step; decide() ignores it then)."""
+        r = x[:, num_cond_tokens:] - x_in[:, num_cond_tokens:]
+        b = self.buffers
+        if b is None or not b.fits(r, x, self._order):
+            import torch
+
+            if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+                raise RuntimeError("StepCache: the cache's buffers must exist before a CUDA graph capture "
+                                   "(run the step once uncaptured first)")
+            b = self.buffers = _Buffers(r, x, self._order)
+            self._last_full, self._n_derivs = None, 0  # new tensors hold nothing yet
+        if not always and self._last_full is None:
+            return None, r
+        import torch
+
+        prev = b.prev.float()
+        sums = torch.stack([(r.float() - prev).abs().sum(), prev.abs().sum()])
+        if cp is not None:  # every rank takes the same decision from the global sums
+            import torch.distributed._functional_collectives as funcol
+
+            sums = funcol.all_reduce(sums, "sum", cp.group)
+            wait = getattr(sums, "wait", None)
+            sums = wait() if callable(wait) else sums
+        return sums, r
+
+    def approximation(self) -> "torch.Tensor":
+        """On a cached step: the middle residual to add (reused, or TaylorSeer's extrapolation
+        ``D0 + D1 dt + D2 dt^2 / 2`` with the coefficients decide() set), in the stream's dtype.
+        Differences not stored yet are exact zeros (store()), so their terms add nothing."""
+        b = self.buffers
+        if not self._order:
+            return b.mid
+        out = b.derivs[0]
+        for k in range(1, self._order + 1):
+            out = out + b.derivs[k] * b.scalars[self._order + k]
+        return out.to(b.mid_dtype)
+
+    def store(self, r: "torch.Tensor", residual: "torch.Tensor") -> None:
+        """On a full step: ``r`` (the Fn residual) becomes the reference; ``residual`` (the middle
+        blocks' residual: stream after block depth-Bn-1 minus the stream after block Fn-1, all
+        tokens) is stored, or, with TaylorSeer, its finite differences are updated in place."""
+        import torch
+
+        b = self.buffers
+        b.prev.copy_(r)
+        if not self._order:
+            b.mid.copy_(residual)
+            return
+        cur, dt = residual.float(), b.scalars[0]
+        for k in range(self._order):
+            nxt = torch.where(b.scalars[1 + k] > 0, (cur - b.derivs[k]) / dt, 0.0)
+            b.derivs[k].copy_(cur)
+            cur = nxt
+        b.derivs[self._order].copy_(cur)
+
+    def adopt_buffers(self, buffers: Optional["_Buffers"]) -> None:
+        """Use ``buffers`` (a graph runner's, whose graphs read them) from now on, with what this
+        cache holds copied in when it holds something of the same shapes."""
+        if buffers is None or buffers is self.buffers:
+            return
+        if self.buffers is not None and self._last_full is not None and self.buffers.same_shapes(buffers):
+            buffers.copy_from(self.buffers)
+        elif self._last_full is not None:
+            self._last_full, self._n_derivs = None, 0
+        self.buffers = buffers
+
+
+class _Buffers:
+    """A step cache's device state: fixed tensors, so a CUDA graph captured once reads and writes
+    the same storage every step. ``prev`` the reference Fn residual (noisy tokens), ``mid`` the
+    middle residual (no TaylorSeer) or ``derivs`` its order + 1 float32 finite differences, and
+    ``scalars`` float32 ``[dt, has_D0..has_D(order-1), c_1..c_order]`` (decide() fills them)."""
+
+    __slots__ = ("prev", "mid", "derivs", "scalars", "mid_dtype")
+
+    def __init__(self, r, x, order: int):
+        import torch
+
+        self.prev = torch.zeros_like(r)
+        self.mid_dtype = x.dtype
+        self.mid = None if order else torch.zeros_like(x)
+        self.derivs = [torch.zeros(x.shape, dtype=torch.float32, device=x.device) for _ in range(order + 1)] if order else []
+        self.scalars = torch.zeros(1 + 2 * order, dtype=torch.float32, device=x.device)
+
+    def tensors(self) -> list:
+        return [self.prev] + ([self.mid] if self.mid is not None else []) + list(self.derivs) + [self.scalars]
+
+    def fits(self, r, x, order: int) -> bool:
+        full = self.mid if self.mid is not None else (self.derivs[0] if self.derivs else None)
+        return (len(self.derivs) == (order + 1 if order else 0) and self.prev.shape == r.shape
+                and self.prev.dtype == r.dtype and self.prev.device == r.device and full is not None
+                and full.shape == x.shape and self.mid_dtype == x.dtype)
+
+    def same_shapes(self, other: "_Buffers") -> bool:
+        a, b = self.tensors(), other.tensors()
+        return len(a) == len(b) and all(s.shape == o.shape and s.dtype == o.dtype for s, o in zip(a, b))
+
+    def copy_from(self, other: "_Buffers") -> None:
+        for dst, src in zip(self.tensors(), other.tensors()):
+            dst.copy_(src)
+
+    def snapshot(self) -> list:
+        return [t.clone() for t in self.tensors()]
+
+    def restore(self, saved: list) -> None:
+        for dst, src in zip(self.tensors(), saved):
+            dst.copy_(src)
 
 
 def parse_cache_spec(spec: str) -> Dict[str, Any]:
