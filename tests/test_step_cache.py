@@ -523,6 +523,9 @@ def test_depth_and_argument_errors():
         _run(dit, _inputs(T=2, H=4, W=4), StepCache(Fn_compute_blocks=2, Bn_compute_blocks=1))
     with pytest.raises(ValueError, match="cache must be a StepCache"):
         _run(dit, _inputs(T=2, H=4, W=4), {"Fn_compute_blocks": 1})
+    noise, pe, _, _ = _inputs(T=2, H=4, W=4)
+    with pytest.raises(RuntimeError, match="outside a step"), torch.no_grad():  # no begin_run / begin_step
+        dit(noise, torch.full((1,), 500.0), pe, step_cache=StepCache(Fn_compute_blocks=1))
 
 
 def test_report_fields():

@@ -231,6 +231,9 @@ class StepCache:
         the step's one device-to-host read; None when there is no reference yet). Sets the
         scalars the device side of the chosen branch reads (``fill_``: no host sync) and moves the
         host state. True: a cached step."""
+        if self._run is None or self._step < 0:
+            raise RuntimeError("StepCache: a model call with step_cache= outside a step; denoise(..., cache=) "
+                               "drives it (or call begin_run, then begin_step before each call)")
         signal = None
         if sums is not None and self._last_full is not None:
             num, den = sums.tolist()  # the step's one host read
