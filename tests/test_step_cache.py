@@ -451,6 +451,34 @@ def test_cuda_graph_parts_on_cuda(taylor):
     assert st["captures"] == 3 and st["replays"] == STEPS and st["fallbacks"] == {}, st
 
 
+def test_one_host_read_per_step(monkeypatch):
+    """The decision costs at most one device-to-host read per step, never per block: counted over a
+    run (item / tolist / bool / float / int of a tensor), with and without the cache, eagerly and
+    through the graph runner's parts; the cached run adds one read per step that has a reference."""
+    dit, inputs, kw = _mode("t2v_cfg")
+    reads = {"n": 0}
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+        orig = getattr(torch.Tensor, name)
+
+        def counted(self, *a, _orig=orig, **k):
+            reads["n"] += 1
+            return _orig(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+
+    def count(model, cache=None):
+        reads["n"] = 0
+        _run(model, inputs, cache, **kw)
+        return reads["n"]
+
+    base = count(dit)
+    for model in (dit, CUDAGraphRunner(dit, capture_fn=_part_capture([]))):
+        cache = StepCache(Fn_compute_blocks=1, residual_diff_threshold=0.45, max_warmup_steps=2)
+        n = count(model, cache)
+        assert cache.stats["cached_steps"] >= 2
+        assert n - base == STEPS - 1, (n, base)  # every step but the first compares with a reference
+
+
 def test_cuda_graph_tail_capture_failure_runs_it_uncaptured():
     dit, inputs, kw = _mode("t2v_cfg")
     ref = RefPolicy(dit, Fn=1, Bn=1, thr=0.45, taylor=True, order=2)
