@@ -173,6 +173,12 @@ def cuda_graph_capture(fn: Callable[..., torch.Tensor], static: Dict[str, Any], 
     return graph.replay, out
 
 
+def _error_line(e: BaseException) -> str:
+    """``Type: first line of the message`` (200 characters at most), for a one-line warning."""
+    msg = str(e)
+    return f"{type(e).__name__}: {msg.splitlines()[0][:200] if msg else ''}"
+
+
 class _Entry:
     __slots__ = ("static", "replay", "output", "replays")
 
@@ -392,7 +398,7 @@ class CUDAGraphRunner:
             replay, out = self._capture_graph(forward, static)
         except Exception as e:  # noqa: BLE001 - any capture failure falls back, once per key
             self._uncapturable.add(k)
-            self._warn_once(f"CUDA graph capture failed ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})")
+            self._warn_once(f"CUDA graph capture failed ({_error_line(e)})")
             return None
         entry = _Entry(static, replay, out)
         self._graphs[k] = entry
@@ -450,7 +456,7 @@ class CUDAGraphRunner:
         except Exception as e:  # noqa: BLE001 - any capture failure falls back, once per key
             self._mark_buffers_used_here(sc)
             self._uncapturable.add(k)
-            self._warn_once(f"CUDA graph capture failed ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})")
+            self._warn_once(f"CUDA graph capture failed ({_error_line(e)})")
             return None
         self._mark_buffers_used_here(sc)
         # The captured call's stream: its tensors are the ones a replay writes.
@@ -483,7 +489,7 @@ class CUDAGraphRunner:
         except Exception as e:  # noqa: BLE001 - this decision's tail runs uncaptured from now on
             entry.eager_tails.add(cached)
             self._warn_once(f"CUDA graph capture of a {'cached' if cached else 'full'} step's tail failed "
-                            f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})")
+                            f"({_error_line(e)})")
             tail_graph = None
         if saved is not None:
             entry.buffers.restore(saved)

@@ -475,7 +475,7 @@ class ForwardContext:
             self.num_cond_tokens_local = self.num_cond_tokens
 
 
-class Stream:
+class ResidualStream:
     """The forward's state between its parts (LongCatTransformer.run_blocks and the step cache's
     head and tail): the residual stream ``x``, its normalized+modulated copy ``h`` for the next
     block, that block's modulation ``mod``, the timestep embedding ``t``, and the call's fixed
@@ -488,9 +488,10 @@ class Stream:
         for k in self.__slots__:
             setattr(self, k, kw.get(k))
 
-    def copy(self) -> "Stream":
-        """A new Stream on the same tensors (a part that rebinds its fields leaves this one as it was)."""
-        return Stream(**{k: getattr(self, k) for k in self.__slots__})
+    def copy(self) -> "ResidualStream":
+        """A new ResidualStream on the same tensors (a part that rebinds its fields leaves this one
+        as it was)."""
+        return ResidualStream(**{k: getattr(self, k) for k in self.__slots__})
 
     def tensors(self) -> list:
         """Every tensor the stream holds (views included), in a fixed order."""
@@ -542,9 +543,9 @@ class LongCatTransformer(nn.Module):
         ops: Ops,  # the kernel path (kernels/__init__.py)
         cp=None,  # ContextParallel (runtime/parallel.py) or None: this rank embeds its tile only
         block_fn: Optional[Callable] = None,  # called as block_fn(block, *args) instead of block(*args)
-        keep_input: bool = False,  # keep the stream entering block 0 (Stream.x_in; the step cache's signal)
+        keep_input: bool = False,  # keep the stream entering block 0 (x_in: the step cache's signal)
     ):
-        """Embedding and the first norm: the :class:`Stream` entering block 0."""
+        """Embedding and the first norm: the :class:`ResidualStream` entering block 0."""
         cfg = self.cfg
         B, _, T, H, W = hidden_states.shape
         pt, ph, pw = cfg.patch_size
@@ -592,15 +593,15 @@ class LongCatTransformer(nn.Module):
             mod = self.blocks[0].modulation(t)
         with nvtx_range("op.layernorm_modulate"):
             h = ops.layernorm_modulate(x, mod[0], mod[1])
-        return Stream(x=x, h=h, mod=mod, t=t, ctx=ctx, ops=ops, kv_cache=kv_cache, kv_sink=kv_sink, block_fn=block_fn,
-                      x_in=x if keep_input else None)
+        return ResidualStream(x=x, h=h, mod=mod, t=t, ctx=ctx, ops=ops, kv_cache=kv_cache, kv_sink=kv_sink,
+                              block_fn=block_fn, x_in=x if keep_input else None)
 
     # Step caching (runtime/step_cache.py, docs/design/step_cache.md): the forward in two parts
     # around the decision, so a CUDA graph runner can capture each part (runtime/compiled.py):
     # the head (embedding, the first Fn blocks, the signal), the host's decision, then a tail: the
     # middle blocks and the store (a full step), or the cached residual added and fused with the
     # norm of block depth - Bn (a cached step), then the last Bn blocks and the final layer.
-    def step_cache_head(self, s: "Stream", sc, always: bool = False):
+    def step_cache_head(self, s: "ResidualStream", sc, always: bool = False):
         """Blocks ``[0, Fn)`` on ``s``; returns the signal sums (:meth:`StepCache.signal`)."""
         self.run_blocks(s, 0, sc.Fn_compute_blocks)
         with nvtx_range("step_cache.signal"):
@@ -608,7 +609,7 @@ class LongCatTransformer(nn.Module):
         s.x_in = None
         return sums
 
-    def step_cache_tail(self, s: "Stream", sc, cached: bool) -> torch.Tensor:
+    def step_cache_tail(self, s: "ResidualStream", sc, cached: bool) -> torch.Tensor:
         depth = len(self.blocks)
         mid_end = depth - sc.Bn_compute_blocks
         if cached:
@@ -626,7 +627,7 @@ class LongCatTransformer(nn.Module):
         self.run_blocks(s, mid_end, depth)
         return self.finish(s)
 
-    def run_blocks(self, s: "Stream", start: int, stop: int) -> None:
+    def run_blocks(self, s: "ResidualStream", start: int, stop: int) -> None:
         """Blocks ``[start, stop)`` on the stream ``s`` (each block's last gated residual fused
         with the next norm: block ``stop``'s attention norm, or the final layer's)."""
         streamer = self.weight_streamer
@@ -647,7 +648,7 @@ class LongCatTransformer(nn.Module):
                 self._add_residual(s, ffn_out, gate_mlp, i + 1, x)
                 del x, ffn_out  # not held through the next block
 
-    def _add_residual(self, s: "Stream", residual, gate, next_block: int, x=None) -> None:
+    def _add_residual(self, s: "ResidualStream", residual, gate, next_block: int, x=None) -> None:
         """``s.x = x + gate * residual`` fused with the norm of block ``next_block`` (the final
         layer's past the last block), which also gives ``s.h`` and ``s.mod``."""
         t = s.t
@@ -663,7 +664,7 @@ class LongCatTransformer(nn.Module):
         with nvtx_range("op.residual_layernorm_modulate"):
             s.x, s.h = s.ops.residual_layernorm_modulate(x, residual, gate, shift, scale)
 
-    def finish(self, s: "Stream") -> torch.Tensor:
+    def finish(self, s: "ResidualStream") -> torch.Tensor:
         """The final projection of ``s.h`` (normalized by the last block's fused residual),
         gathered across ranks, unpatchified: float32 [B, C_out, T, H, W]."""
         ctx, cfg = s.ctx, self.cfg

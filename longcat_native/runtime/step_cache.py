@@ -353,7 +353,8 @@ class _Buffers:
         self.prev = torch.zeros_like(r)
         self.mid_dtype = x.dtype
         self.mid = None if order else torch.zeros_like(x)
-        self.derivs = [torch.zeros(x.shape, dtype=torch.float32, device=x.device) for _ in range(order + 1)] if order else []
+        n = order + 1 if order else 0
+        self.derivs = [torch.zeros(x.shape, dtype=torch.float32, device=x.device) for _ in range(n)]
         self.scalars = torch.zeros(1 + 2 * order, dtype=torch.float32, device=x.device)
 
     def tensors(self) -> list:
