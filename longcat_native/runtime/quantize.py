@@ -457,28 +457,30 @@ def check_quantized_checkpoint(model: nn.Module, files: List[Path], kind: str, c
     def locate(name):
         return official_to_internal(name) if official else (name, None)
 
+    def claim(table, internal, half, key, value) -> bool:
+        """Record ``value`` for the tensor's slot; a second tensor for the same slot is a duplicate."""
+        slot = (internal, 0 if half is None else half)
+        if slot in table:
+            duplicates.append(key)
+            return False
+        table[slot] = value
+        return True
+
     for f, key, shape, dtype in read_headers(files):
         if key.endswith(".weight_scale"):
             internal, half = locate(key[: -len("_scale")])
             if internal not in shapes or not internal.endswith(".weight"):
                 unexpected.append(key)
                 continue
-            slot = (internal, 0 if half is None else half)
-            if slot in scales:
-                duplicates.append(key)
-                continue
-            scales[slot] = (key, f, shape, dtype)
+            claim(scales, internal, half, key, (key, f, shape, dtype))
             continue
         quantized = key.endswith(".weight_int8") if official else dtype in _SAFETENSORS_QUANT
         internal, half = locate(key[: -len(q_suffix)] + ".weight" if quantized else key)
         if internal not in shapes:
             unexpected.append(key)
             continue
-        slot = (internal, 0 if half is None else half)
-        if slot in weights:
-            duplicates.append(key)
+        if not claim(weights, internal, half, key, (key, f, shape, dtype, quantized)):
             continue
-        weights[slot] = (key, f, shape, dtype, quantized)
         want = expected_official_shape(shapes[internal], internal, half, cfg) if official else shapes[internal]
         if shape != want:
             wrong.append(f"{key}: checkpoint {list(shape)}, model expects {list(want)}")

@@ -273,11 +273,11 @@ class StepCache:
         and ``sums`` ``[sum|r - r_prev|, sum|r_prev|]`` (float32, all-reduced over the CP group so
         every rank decides alike), or None when there is no reference and not ``always`` (a graph
         computes it every step; decide() ignores it then)."""
+        import torch
+
         r = x[:, num_cond_tokens:] - x_in[:, num_cond_tokens:]
         b = self.buffers
         if b is None or not b.fits(r, x, self._order):
-            import torch
-
             if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
                 raise RuntimeError("StepCache: the cache's buffers must exist before a CUDA graph capture "
                                    "(run the step once uncaptured first)")
@@ -285,8 +285,6 @@ class StepCache:
             self._last_full, self._n_derivs = None, 0  # new tensors hold nothing yet
         if not always and self._last_full is None:
             return None, r
-        import torch
-
         prev = b.prev.float()
         sums = torch.stack([(r.float() - prev).abs().sum(), prev.abs().sum()])
         if cp is not None:  # every rank takes the same decision from the global sums
