@@ -585,27 +585,55 @@ def test_parse_cache_spec():
 
 @pytest.mark.timing
 def test_speedup_matches_block_forwards_saved():
-    """Blocks dominate at this width on the CPU; best of 3 runs each, cached and not, interleaved."""
+    """The time a cache saves is the block forwards it skips, at what a block forward costs.
+
+    The uncached runs time their blocks (``run_blocks``, which also holds each block's fused
+    residual add and next norm); the rest of a step (embedding, final layer, sampler) is never
+    skipped, so the time saved is ``saved_fraction * block_share``. Timed as the process's CPU
+    time on one thread, best of 3 runs each, cached and not, interleaved: why, wall time on two
+    threads on CI's shared cores once measured 0.596 saved against 0.675 expected (cached runs
+    varied by 15% between rounds); one thread's CPU time stayed within 0.045 of the expectation
+    here, also with the other core kept busy."""
     torch.manual_seed(0)
     dit = lcn.LongCatDiT.from_config("tiny", seed=0, depth=10, hidden_size=256, num_heads=4, kernels="reference")
     inputs = _inputs(T=4, H=16, W=16)
     kw = dict(num_steps=12)
+    in_blocks = [0.0]
+    run_blocks = dit.run_blocks
+
+    def timed_run_blocks(*args):
+        t0 = time.process_time()
+        run_blocks(*args)
+        in_blocks[0] += time.process_time() - t0
+
+    dit.run_blocks = timed_run_blocks  # the instance's, for this test only
     best = {"full": math.inf, "cached": math.inf}
+    share = math.inf
     frac = None
-    with torch.no_grad():
-        _run(dit, inputs, **kw)  # warm
-        for _ in range(3):
-            t0 = time.perf_counter()
-            _run(dit, inputs, **kw)
-            best["full"] = min(best["full"], time.perf_counter() - t0)
-            cache = StepCache(Fn_compute_blocks=1, residual_diff_threshold=0.6, max_warmup_steps=2)
-            t0 = time.perf_counter()
-            _run(dit, inputs, cache, **kw)
-            best["cached"] = min(best["cached"], time.perf_counter() - t0)
-            frac = cache.stats["saved_fraction"]
-            assert cache.stats["cached_steps"] >= 0.4 * 12, cache.stats["signal"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            _run(dit, inputs, **kw)  # warm
+            for _ in range(3):
+                in_blocks[0] = 0.0
+                t0 = time.process_time()
+                _run(dit, inputs, **kw)
+                t = time.process_time() - t0
+                if t < best["full"]:
+                    best["full"], share = t, in_blocks[0] / t
+                cache = StepCache(Fn_compute_blocks=1, residual_diff_threshold=0.6, max_warmup_steps=2)
+                t0 = time.process_time()
+                _run(dit, inputs, cache, **kw)
+                best["cached"] = min(best["cached"], time.process_time() - t0)
+                frac = cache.stats["saved_fraction"]
+                assert cache.stats["cached_steps"] >= 0.4 * 12, cache.stats["signal"]
+    finally:
+        torch.set_num_threads(threads)
+    assert 0.5 < share < 1, share  # the blocks dominate, or the test measures the wrong thing
     time_saved = 1 - best["cached"] / best["full"]
-    assert abs(time_saved - frac) <= 0.1 * frac, (time_saved, frac, best)
+    expected = frac * share
+    assert abs(time_saved - expected) <= 0.1 * expected, (time_saved, expected, frac, share, best)
 
 
 # -- context parallelism ---------------------------------------------------------------------------
