@@ -9,7 +9,8 @@ thresholds.
 Each row denoises the same noise and text with CFG (batch 2), ``--repeats`` times (best kept),
 the uncached run interleaved; on CUDA both replay CUDA graphs (``denoise``'s default). Columns: threshold, cached steps, block forwards saved (fraction),
 seconds (cached / uncached), measured time saved, speed-up, relative L2 of the final latents to
-the uncached run. Random weights: the signal of a trained model differs (check per model and
+the uncached run. Then the device memory the cache costs, traced on fake tensors at the same
+shape. Random weights: the signal of a trained model differs (check per model and
 prompt). The last printed line is one JSON object (``{"bench": "step_cache", ...}``).
 """
 
@@ -95,6 +96,16 @@ def main(argv=None) -> int:
                  "latents rel L2"], rows,
                 title=f"step cache F{args.fn}B{args.bn}{' + TaylorSeer' if args.taylorseer else ''}, "
                       f"{preset} C{cfg.hidden_size} depth {cfg.depth}, latent {latent}, {steps} steps, {device_name(device)}")
+    # Device memory, traced on fake tensors at this shape (device-independent): the plain forward's
+    # activation peak, the cached run's, and the cache's buffers within it.
+    from longcat_native.runtime.memory import trace_forward_memory
+
+    mem_kw = dict(batch=2, latent=latent, text_len=text, dtype=dtype, config_overrides=over)
+    plain_mem = trace_forward_memory(preset, **mem_kw)
+    cache_mem = trace_forward_memory(preset, step_cache=cache, **mem_kw)
+    print(f"traced device memory (CFG batch 2): activation peak {plain_mem['activation_peak'] / 2**20:.2f} MiB "
+          f"without the cache, {cache_mem['activation_peak'] / 2**20:.2f} MiB with it, of which "
+          f"{cache_mem['step_cache_bytes'] / 2**20:.2f} MiB its buffers")
     best = max(records, key=lambda r: r["speedup_x"])
     # On CUDA denoise replays CUDA graphs (a cached step in parts: docs/design/step_cache.md).
     runner = getattr(dit, "graph_runner", None)
@@ -104,7 +115,9 @@ def main(argv=None) -> int:
                "steps": steps, "best_threshold": best["threshold"], "best_speedup_x": best["speedup_x"],
                "best_saved_fraction": best["saved_fraction"], "best_time_saved_fraction": best["time_saved_fraction"],
                "best_latents_rel_l2": best["latents_rel_l2"], "uncached_s": best["uncached_s"],
-               "cached_s": best["cached_s"], "rows": records})
+               "cached_s": best["cached_s"], "activation_peak_bytes": plain_mem["activation_peak"],
+               "cached_activation_peak_bytes": cache_mem["activation_peak"],
+               "step_cache_buffer_bytes": cache_mem["step_cache_bytes"], "rows": records})
     return 0
 
 

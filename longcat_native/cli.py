@@ -71,7 +71,8 @@ def cmd_info(args) -> int:
     default only for a model of the official size (it assumes the official umT5-XXL text encoder
     and Wan VAE beside the DiT); --refine-estimate prints it for any config. --quantize adds the
     quantized weight bytes; --max-memory traces every stage of the official 3-stage run
-    (pipelines.budget.plan_memory) and prints each stage's device peak and the settings that fit."""
+    (pipelines.budget.plan_memory) and prints each stage's device peak and the settings that fit
+    (--cache: with a step cache in every denoising stage)."""
     import torch
 
     from .pipelines.run import refine_memory_estimate
@@ -81,6 +82,8 @@ def cmd_info(args) -> int:
     from .runtime.memory import activation_bytes
     from .runtime.weights import find_dit_dir, list_weight_files
 
+    if args.cache is not None and args.max_memory is None:
+        raise ValueError("info --cache traces a step cache in the --max-memory plan: it needs --max-memory")
     weight_bytes = None
     if args.path:
         dit_dir = find_dit_dir(args.path)
@@ -125,7 +128,13 @@ def cmd_info(args) -> int:
             root = checkpoint_root(args.path)
             root_cfg = {k: component_config(root, d) for k, d in (("text_encoder_config", TEXT_ENCODER_DIR),
                                                                    ("vae_config", VAE_DIR)) if (root / d).is_dir()}
-        plan = plan_memory(args.max_memory, dit_config=cfg, quantize=args.quantize, dtype=dtype, **root_cfg)
+        step_cache = None
+        if args.cache is not None:
+            from .runtime.step_cache import StepCache, parse_cache_spec
+
+            step_cache = StepCache(**parse_cache_spec(args.cache))
+        plan = plan_memory(args.max_memory, dit_config=cfg, quantize=args.quantize, dtype=dtype,
+                           step_cache=step_cache, **root_cfg)
         info["memory_plan"] = plan.to_dict()
     if args.quantize is not None:
         qmeta = LongCatDiT.from_config(cfg, device="meta", dtype=dtype, kernels="reference", quantize=args.quantize)
@@ -391,6 +400,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="also estimate the 480p -> 720p refinement's peak GPU memory for a config smaller than "
                            "the official one (printed by default for the official size)")
     _add_memory_arguments(info)
+    info.add_argument("--cache", metavar="SPEC", default=None,
+                      help="with --max-memory: the denoising stages traced with this step cache (generate --cache's "
+                           "SPEC; its buffers and what its signal keeps are device memory too)")
     info.add_argument("--json", action="store_true", help="print one JSON object")
     info.set_defaults(func=cmd_info)
 

@@ -98,6 +98,30 @@ def test_each_switch_comes_on_exactly_when_needed(tiny_configs, monkeypatch):
     assert not plan(w + p["denoise"] - 1, allow_chunking=False, allow_streaming=False).fits
 
 
+def test_a_step_cache_is_counted_in_every_denoising_stage(tiny_configs):
+    """With a StepCache the denoising stage is its cached run's traced peak, its buffers a part of
+    their own; a budget the plain pass fits exactly then needs forward chunking."""
+    from longcat_native.runtime.step_cache import StepCache
+
+    sc = StepCache(Fn_compute_blocks=1, Bn_compute_blocks=1, enable_taylorseer=True, taylorseer_order=2)
+    p = _pieces(tiny_configs)
+    kw = dict(batch=2, latent=(3, 40, 40), dtype=torch.float32, text_len=512, config_overrides=DEEP)
+    r, plain = trace_forward_memory("tiny", step_cache=sc, **kw), trace_forward_memory("tiny", **kw)
+    w = B.dit_device_bytes(resolve_config("tiny", DEEP), torch.float32)["total"]
+    plan = _plan("1TiB", tiny_configs, step_cache=sc)
+    den = next(s for s in plan.stages if s.kind == "denoise")
+    assert den.parts["step_cache"] == r["step_cache_bytes"] > 0
+    assert den.parts["activations"] + den.parts["step_cache"] == r["activation_peak"]
+    assert den.device_bytes == w + p["denoise"] - plain["activation_peak"] + r["activation_peak"] > w + p["denoise"]
+    assert plan.step_cache == sc.params() and "step cache F1B1 TaylorSeer order 2" in B.format_plan(plan)
+    assert json.loads(json.dumps(plan.to_dict()))["step_cache"]["taylorseer_order"] == 2
+    assert "step_cache" not in next(s for s in _plan("1TiB", tiny_configs).stages if s.kind == "denoise").parts
+    assert _plan(w + p["denoise"], tiny_configs).ffn_chunk_tokens is None
+    assert _plan(w + p["denoise"], tiny_configs, step_cache=sc).ffn_chunk_tokens is not None
+    with pytest.raises(ValueError, match="StepCache"):
+        _plan("1TiB", tiny_configs, step_cache={"Fn_compute_blocks": 1})
+
+
 def test_model_offload_when_a_stage_does_not_fit_beside_the_dit(tiny_configs):
     p = _pieces(tiny_configs)
     w = B.dit_device_bytes(resolve_config("tiny", DEEP), torch.float32)["total"]
@@ -185,6 +209,32 @@ def test_pipeline_applies_a_plan(tiny_root, tiny_configs, monkeypatch):
     assert pipe.dit.ffn_chunk_tokens == 64 and pipe.vae.tiling and pipe.text_encoder.layer_by_layer
     assert pipe.memory_plan is plan and pipe._home == torch.device("cpu")
     assert "resident blocks" in B.format_plan(plan)
+
+
+def test_pipeline_plans_its_step_cache(tiny_root):
+    """from_pretrained(max_memory=, step_cache=) plans the cache's buffers; a call with a cache the
+    plan was not made with warns (it may not fit); step_cache without a budget is an error."""
+    import warnings
+
+    from longcat_native.pipelines import LongCatVideoPipeline
+    from longcat_native.runtime.step_cache import StepCache
+
+    sc = StepCache(Fn_compute_blocks=1, residual_diff_threshold=0.5, max_warmup_steps=1)
+    load = dict(dtype=torch.float32, device="cpu", vae=False, max_memory="1TiB")
+    pipe = LongCatVideoPipeline.from_pretrained(tiny_root, step_cache=sc, **load)
+    assert pipe.memory_plan.step_cache == sc.params()
+    assert all("step_cache" in s.parts for s in pipe.memory_plan.stages if s.kind == "denoise")
+    kw = dict(num_frames=9, height=64, width=96, num_steps=2, progress=False, output_type="latent")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pipe.generate_t2v("a cat walking", cache=sc, **kw)
+    with pytest.warns(UserWarning, match="another step cache"):
+        pipe.generate_t2v("a cat walking", cache=StepCache(Fn_compute_blocks=1, enable_taylorseer=True), **kw)
+    plain = LongCatVideoPipeline.from_pretrained(tiny_root, **load)
+    with pytest.warns(UserWarning, match="without a step cache"):
+        plain.generate_t2v("a cat walking", cache=sc, **kw)
+    with pytest.raises(ValueError, match="needs max_memory"):
+        LongCatVideoPipeline.from_pretrained(tiny_root, step_cache=sc, **dict(load, max_memory=None))
 
 
 def test_budget_strings_are_checked(tiny_configs):

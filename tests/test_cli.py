@@ -195,3 +195,20 @@ def test_help_as_module_imports_no_torch():
     assert "longcat_native.runtime.names" in modules  # what the parser imports (the CLI runs as __main__)
     heavy = [m for m in modules if m.split(".")[0] in ("torch", "triton") or m.startswith("longcat_native.kernels.")]
     assert heavy == []
+
+
+def test_info_memory_plan_with_a_step_cache(capsys):
+    """info --max-memory --cache: the denoising stages are traced with the cache (its buffers a
+    part of their own, more than without); --cache alone is an error."""
+    base = ["info", str(FIXTURE_ROOT), "--frames", "13", "--height", "64", "--width", "96", "--dtype", "float32",
+            "--max-memory", "1TiB", "--json"]
+    plain = _json_out(capsys, base)["memory_plan"]
+    cached = _json_out(capsys, base + ["--cache", "taylorseer:fn=1,order=2"])["memory_plan"]
+    assert plain["step_cache"] is None and cached["step_cache"]["taylorseer_order"] == 2
+    for p, c in zip(plain["stages"], cached["stages"]):
+        if p["kind"] == "denoise":
+            assert c["parts"]["step_cache"] > 0 and c["device_bytes"] > p["device_bytes"]
+        else:
+            assert c == p
+    assert main(["info", "--config", "tiny", "--cache", "dbcache"]) != 0
+    assert "needs --max-memory" in capsys.readouterr().err

@@ -445,6 +445,11 @@ def test_quantize_and_memory_budget_flags(capsys, tmp_path):
     assert plan["fits"] and [st["name"] for st in plan["stages"]] == ["denoise"]
     assert plan["stages"][0]["device_bytes"] <= 4 * 2**30 and not plan["streams"]
     assert torch.equal(_latents(tmp_path / "m.safetensors"), plain)  # nothing needed switching on
+    s, _ = _run(capsys, ["--steps", "2", "--max-memory", "4GiB", "--cache", "dbcache:fn=1",
+                         "--out", str(tmp_path / "c.safetensors")])
+    cached = s["memory_plan"]["stages"][0]  # the plan counts the step cache's buffers
+    assert s["memory_plan"]["step_cache"]["Fn_compute_blocks"] == 1 and cached["parts"]["step_cache"] > 0
+    assert cached["device_bytes"] > plan["stages"][0]["device_bytes"]
     assert main(["generate", "--steps", "2", "--max-memory", "1KiB", "--out", str(tmp_path / "x.safetensors")]) != 0
     assert "does not fit" in capsys.readouterr().err
     assert not (tmp_path / "x.safetensors").exists()

@@ -153,3 +153,77 @@ def test_trace_matches_max_memory_allocated_on_cuda():
     measured = torch.cuda.max_memory_allocated() - base
     assert abs(measured - fake["activation_peak"]) <= 0.03 * measured + 8 * 2**20, (measured, fake["activation_peak"])
     del out
+
+
+@pytest.mark.parametrize("policy", [dict(Fn_compute_blocks=1), dict(Fn_compute_blocks=2, Bn_compute_blocks=1,
+                                                                        enable_taylorseer=True),
+                                    dict(Fn_compute_blocks=1, enable_taylorseer=True, taylorseer_order=2)],
+                         ids=["dbcache", "F2B1-taylor1", "taylor2"])
+def test_step_cache_buffers_traced_as_a_run_holds_them(policy):
+    """A step cache's device state, traced on fake tensors (steps of a cached run), against what a
+    real run with CFG holds after each of its steps (full and cached ones alike); its peak is the
+    plain forward's plus the buffers and at most one [B, N, C] stream (the stream entering block 0
+    through the first blocks; with TaylorSeer the one entering the middle blocks through them).
+    It held two before the Fn residual became the reference ahead of the middle blocks."""
+    from longcat_native.pipelines.sampler import denoise
+    from longcat_native.runtime.memory import storage_bytes
+    from longcat_native.runtime.step_cache import StepCache
+
+    latent, depth = (3, 8, 8), {"depth": 4}
+    kw = dict(batch=2, latent=latent, text_len=8, dtype=torch.float32, config_overrides=depth)
+    plain = trace_forward_memory("tiny", **kw)
+    given = StepCache(**policy)
+    traced = trace_forward_memory("tiny", step_cache=given, **kw)
+    assert given.runs == [] and given.buffers is None  # traced on a copy of its parameters
+    dit = LongCatDiT.from_config("tiny", seed=0, kernels="reference", dtype=torch.float32, **depth)
+    g = torch.Generator().manual_seed(0)
+    noise, pe, ne = torch.randn(1, 16, *latent, generator=g), torch.randn(1, 1, 8, 64, generator=g), torch.randn(
+        1, 1, 8, 64, generator=g)
+    cache, held = StepCache(residual_diff_threshold=0.5, max_warmup_steps=1, **policy), []
+    denoise(dit, noise, pe, None, ne, None, progress=False, cache=cache, num_steps=5,
+            callback=lambda i, t, x: held.append(storage_bytes(cache.buffers.tensors())))
+    assert 0 < cache.stats["cached_steps"] < 5, cache.stats["decisions"]
+    assert held == [traced["step_cache_bytes"]] * 5 and held[0] > 0
+    stream = allocator_bytes(2 * 3 * 4 * 4 * dit.config.hidden_size * 4)  # [B, N, C] float32
+    more = traced["activation_peak"] - plain["activation_peak"]
+    sums = allocator_bytes(8)  # the signal's two float32 sums, alive until the step ends
+    assert traced["step_cache_bytes"] < more <= traced["step_cache_bytes"] + stream + sums, (more, stream)
+    assert plain["step_cache_bytes"] == 0
+    with pytest.raises(ValueError, match="kv_frames"):
+        trace_forward_memory("tiny", kv_frames=2, step_cache=StepCache(Fn_compute_blocks=1), **kw)
+
+
+def test_step_cache_at_the_real_shapes():
+    """The 480p CFG base of the 13.6B model: DBCache's buffers are the Fn residual and the middle
+    residual in bf16, TaylorSeer order 2's the Fn residual and three float32 differences (4 GiB:
+    why plan_memory traces them); the peak grows by the buffers and at most one bf16 stream."""
+    from longcat_native.runtime.step_cache import StepCache
+
+    N, C, B = 37440, 4096, 2
+    bf16, f32 = allocator_bytes(B * N * C * 2), allocator_bytes(B * N * C * 4)
+    plain = trace_forward_memory("longcat-video", batch=B, latent=(24, 60, 104))
+    db = trace_forward_memory("longcat-video", batch=B, latent=(24, 60, 104), step_cache=StepCache())
+    assert db["step_cache_bytes"] == 2 * bf16 + 512  # + the scalars
+    assert db["activation_peak"] - plain["activation_peak"] <= db["step_cache_bytes"] + bf16 + 512  # + the sums
+    ts = trace_forward_memory("longcat-video", batch=B, latent=(24, 60, 104),
+                              step_cache=StepCache(enable_taylorseer=True, taylorseer_order=2))
+    assert ts["step_cache_bytes"] == bf16 + 3 * f32 + 512
+    assert ts["step_cache_bytes"] > 3.9 * 2**30
+
+
+def test_fake_trace_of_cached_steps_equals_the_real_run():
+    """The steps trace_forward_memory runs for a step cache (full, full, cached; TaylorSeer order
+    2, Bn 1) on real tensors: the same allocations as on fake ones."""
+    from longcat_native.runtime.memory import _trace_cached_steps
+    from longcat_native.runtime.step_cache import StepCache
+
+    batch, latent, text_len = 2, (2, 4, 4), 5
+    policy = StepCache(Fn_compute_blocks=1, Bn_compute_blocks=1, enable_taylorseer=True, taylorseer_order=2)
+    dit = LongCatDiT.from_config("tiny", device="cpu", dtype=torch.float32, kernels="triton", attention="sdpa", depth=3)
+    args = _tiny_inputs(dit.config, batch, latent, text_len, torch.float32)
+    with torch.inference_mode():
+        held, real = trace_memory(_trace_cached_steps, dit, policy, *args, collect_cycles=True)
+    fake = trace_forward_memory("tiny", batch=batch, latent=latent, text_len=text_len, dtype=torch.float32,
+                                config_overrides={"depth": 3}, step_cache=policy)
+    assert fake["step_cache_bytes"] == held > 0
+    assert fake["trace"].peak_bytes == real.peak_bytes and fake["trace"].ops == real.ops

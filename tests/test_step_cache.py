@@ -193,7 +193,7 @@ MODES = ["t2v_cfg", "t2v_no_cfg", "i2v", "kv_cache", "bsa", "triton"]
 def _mode(mode):
     """(dit, inputs, denoise kwargs) of a mode."""
     if mode == "triton":
-        return _tiny(kernels="triton"), _inputs(T=2, H=4, W=4), {}
+        return _tiny(depth=3, kernels="triton"), _inputs(T=2, H=4, W=4), {}  # 3 blocks: the interpreter is slow
     if mode == "bsa":
         dit = _tiny()
         dit.enable_bsa()
@@ -634,6 +634,19 @@ def test_speedup_matches_block_forwards_saved():
     time_saved = 1 - best["cached"] / best["full"]
     expected = frac * share
     assert abs(time_saved - expected) <= 0.1 * expected, (time_saved, expected, frac, share, best)
+
+
+def test_bench_script_tiny():
+    """bench/step_cache.py at a tiny size: its table, and the JSON line with the traced memory."""
+    script = Path(__file__).parent.parent / "bench" / "step_cache.py"
+    proc = subprocess.run([sys.executable, str(script), "--thresholds", "0.6", "--steps", "4", "--repeats", "1",
+                           "--depth", "3", "--latent", "2", "8", "8"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    last = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert last["bench"] == "step_cache" and last["steps"] == 4 and len(last["rows"]) == 1
+    more = last["cached_activation_peak_bytes"] - last["activation_peak_bytes"]
+    assert 0 < last["step_cache_buffer_bytes"] < more  # the buffers, and what the signal keeps
+    assert "traced device memory" in proc.stdout
 
 
 # -- context parallelism ---------------------------------------------------------------------------

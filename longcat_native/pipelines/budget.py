@@ -120,12 +120,21 @@ def dit_device_bytes(cfg, dtype=torch.bfloat16, quantize: Optional[str] = None,
 
 @functools.lru_cache(maxsize=64)
 def _denoise_activation(cfg_json: str, batch: int, latent: Tuple[int, int, int], bsa: bool, dtype: torch.dtype,
-                        quantize: Optional[str], chunk: Optional[int], text_len: int) -> Tuple[int, int, str]:
+                        quantize: Optional[str], chunk: Optional[int], text_len: int,
+                        cache_params: Optional[Tuple[Tuple[str, Any], ...]] = None) -> Tuple[int, int, int, str]:
+    """(inputs, activation peak, step-cache buffers, peak op) of a denoising pass, traced;
+    ``cache_params`` (a StepCache's params() as sorted items, hashable for the cache of traces)
+    traces the steps of a cached run (runtime/memory.py ``trace_forward_memory``)."""
     from ..runtime.memory import trace_forward_memory
 
+    step_cache = None
+    if cache_params is not None:
+        from ..runtime.step_cache import StepCache
+
+        step_cache = StepCache(**dict(cache_params))
     r = trace_forward_memory(json.loads(cfg_json), batch=batch, latent=latent, bsa=bsa, dtype=dtype,
-                             text_len=text_len, ffn_chunk_tokens=chunk, quantize=quantize)
-    return r["inputs"], r["activation_peak"], r["trace"].peak_op
+                             text_len=text_len, ffn_chunk_tokens=chunk, quantize=quantize, step_cache=step_cache)
+    return r["inputs"], r["activation_peak"], r["step_cache_bytes"], r["trace"].peak_op
 
 
 @functools.lru_cache(maxsize=8)
@@ -251,6 +260,7 @@ class MemoryPlan:
     offload_dit: bool
     vae_tiling: bool
     text_encoder_layer_by_layer: bool = False
+    step_cache: Optional[Dict[str, Any]] = None  # the StepCache's params() the denoising stages were traced with
     stages: List[StagePlan] = field(default_factory=list)
     notes: List[str] = field(default_factory=list)
 
@@ -271,7 +281,7 @@ class MemoryPlan:
                 "fits": self.fits, "peak_bytes": self.peak_bytes, "ffn_chunk_tokens": self.ffn_chunk_tokens,
                 "resident_blocks": self.resident_blocks, "depth": self.depth, "streams": self.streams,
                 "offload_dit": self.offload_dit, "vae_tiling": self.vae_tiling,
-                "text_encoder_layer_by_layer": self.text_encoder_layer_by_layer,
+                "text_encoder_layer_by_layer": self.text_encoder_layer_by_layer, "step_cache": self.step_cache,
                 "stages": [s.to_dict() for s in self.stages], "notes": list(self.notes), "traced": True}
 
 
@@ -284,14 +294,26 @@ def _config(cfg):
 def plan_memory(budget, *, dit_config="longcat-video", quantize: Optional[str] = None, dtype=torch.bfloat16,
                 stages: Optional[Sequence[Stage]] = None, text_encoder_config: Optional[dict] = None,
                 vae_config: Optional[dict] = None, allow_streaming: bool = True, allow_chunking: bool = True,
-                allow_vae_tiling: bool = True, allow_sequential_text_encoder: bool = True, overhead_bytes: int = OVERHEAD_BYTES) -> MemoryPlan:
+                allow_vae_tiling: bool = True, allow_sequential_text_encoder: bool = True, overhead_bytes: int = OVERHEAD_BYTES,
+                step_cache=None) -> MemoryPlan:
     """The settings with which ``stages`` (default :func:`official_t2v_stages`) fit ``budget``
     (bytes or a string such as "24GiB") of device memory, and every stage's traced device peak.
     ``plan.fits`` is False when nothing allowed fits; the stages then say which is over.
     The text encoder and VAE configs default to the official ones (a checkpoint's
     ``text_encoder/config.json`` and ``vae/config.json`` when given); tracing them needs the
-    ``pipelines`` extra (transformers, diffusers)."""
+    ``pipelines`` extra (transformers, diffusers). ``step_cache`` (a StepCache, which the
+    pipelines use in every denoising pass): each denoising stage is traced as steps of a cached
+    run, its buffers (part ``step_cache``) and the tensors its signal keeps through the blocks
+    counted; the buffers are sized on every token of the stage, so a stage with conditioning
+    frames in the stream (the refinement's) is counted a little high."""
     budget = parse_bytes(budget)
+    cache_params = None
+    if step_cache is not None:
+        from ..runtime.step_cache import StepCache
+
+        if not isinstance(step_cache, StepCache):
+            raise ValueError(f"plan_memory: step_cache must be a StepCache, got {type(step_cache).__name__}")
+        cache_params = tuple(sorted(step_cache.params().items()))
     cfg = _config(dit_config)
     cfg_json = json.dumps(cfg.to_dict(), sort_keys=True)
     stages = list(official_t2v_stages() if stages is None else stages)
@@ -301,9 +323,13 @@ def plan_memory(budget, *, dit_config="longcat-video", quantize: Optional[str] =
     latents_bytes = {s.name: 4 * 4 * cfg.in_channels * s.batch * math.prod(s.latent) for s in denoise}
 
     def denoise_need(s, chunk, resident):
-        inputs, act, _ = _denoise_activation(cfg_json, s.batch, tuple(s.latent), s.bsa, dtype, quantize, chunk, s.tokens)
-        return {"dit_weights": dit_device_bytes(cfg, dtype, quantize, resident)["total"], "inputs": inputs,
-                "activations": act, "latents": latents_bytes[s.name], "overhead": overhead_bytes}
+        inputs, act, cache, _ = _denoise_activation(cfg_json, s.batch, tuple(s.latent), s.bsa, dtype, quantize, chunk,
+                                                    s.tokens, cache_params)
+        parts = {"dit_weights": dit_device_bytes(cfg, dtype, quantize, resident)["total"], "inputs": inputs,
+                 "activations": act - cache, "latents": latents_bytes[s.name], "overhead": overhead_bytes}
+        if cache_params is not None:  # the traced peak is activations + these buffers
+            parts["step_cache"] = cache
+        return parts
 
     def worst(chunk, resident):
         return max((sum(denoise_need(s, chunk, resident).values()) for s in denoise), default=0)
@@ -347,7 +373,8 @@ def plan_memory(budget, *, dit_config="longcat-video", quantize: Optional[str] =
     dit_on = dit_device_bytes(cfg, dtype, quantize, resident)["total"]
     offload = any(sum(side_parts(s).values()) + dit_on > budget for s in sides)
     plan = MemoryPlan(budget, quantize, str(dtype).replace("torch.", ""), chunk, resident, cfg.depth,
-                      offload_dit=offload, vae_tiling=tiling, text_encoder_layer_by_layer=sequential, notes=notes)
+                      offload_dit=offload, vae_tiling=tiling, text_encoder_layer_by_layer=sequential,
+                      step_cache=None if cache_params is None else dict(cache_params), notes=notes)
     rows: List[StagePlan] = []
     for s in stages:
         if s.kind == "denoise":
@@ -389,6 +416,10 @@ def format_plan(plan: MemoryPlan) -> str:
                 f"model offload {'on' if plan.offload_dit else 'off'}",
                 f"text encoder {'layer by layer' if plan.text_encoder_layer_by_layer else 'whole'}",
                 f"VAE {'tiled' if plan.vae_tiling else 'whole frames'}"]
+    sc = plan.step_cache
+    if sc is not None:
+        settings.append(f"step cache F{sc['Fn_compute_blocks']}B{sc['Bn_compute_blocks']}"
+                        + (f" TaylorSeer order {sc['taylorseer_order']}" if sc["enable_taylorseer"] else ""))
     lines.append("  settings: " + ", ".join(settings))
     lines += [f"  note: {n}" for n in plan.notes]
     return "\n".join(lines)

@@ -146,7 +146,7 @@ class LongCatVideoPipeline:
     def from_pretrained(cls, path, *, dtype=None, device=None, kernels: str = "auto", attention: str = "auto",
                         text_encoder: bool = True, vae: bool = True, vae_tiling: bool = False,
                         vae_tile: Tuple[int, int] = (256, 256), vae_tile_stride: Tuple[int, int] = (192, 192),
-                        buckets=None, max_memory=None, **dit_kwargs) -> "LongCatVideoPipeline":
+                        buckets=None, max_memory=None, step_cache=None, **dit_kwargs) -> "LongCatVideoPipeline":
         """Load ``dit/`` (:meth:`LongCatDiT.from_pretrained` with ``dtype``, ``device``, ``kernels``,
         ``attention`` and config overrides), ``scheduler/scheduler_config.json`` (its ``shift`` and
         ``num_train_timesteps``; the official defaults when the file is missing) and, unless
@@ -161,7 +161,9 @@ class LongCatVideoPipeline:
         3-stage run (:func:`~longcat_native.pipelines.budget.plan_memory` traces every stage at
         its real shape): the pipeline is set up with the plan's forward chunking, streamed blocks,
         model offload, text-encoder sequential offload and VAE tiling, kept as
-        ``pipe.memory_plan``; a budget nothing fits is a ValueError with the stage table."""
+        ``pipe.memory_plan``; a budget nothing fits is a ValueError with the stage table. With
+        ``step_cache`` (the StepCache the calls will take as ``cache=``) the plan counts its
+        buffers in every denoising stage; a call with a cache the plan was not made with warns."""
         from .components import SchedulerConfig, TextEncoder, VideoVAE, check_components
         from ..runtime.config import LongCatConfig
         from ..runtime.dit import LongCatDiT
@@ -176,8 +178,11 @@ class LongCatVideoPipeline:
         if missing:
             raise MissingExtraError(f"the text encoder / VAE need {', '.join(missing)}, not installed: {PIPELINES_EXTRA}")
         plan = None
+        if step_cache is not None and max_memory is None:
+            raise ValueError("step_cache= is what the max_memory plan counts (pass the cache itself to each call "
+                             "as cache=): it needs max_memory")
         if max_memory is not None:
-            plan = _budget_plan(root, dit_cfg, max_memory, dtype, device, dit_kwargs, text_encoder, vae)
+            plan = _budget_plan(root, dit_cfg, max_memory, dtype, device, dit_kwargs, text_encoder, vae, step_cache)
             if plan.streams:
                 dit_kwargs.update(offload="blocks", resident_blocks=plan.resident_blocks)
             vae_tiling = vae_tiling or plan.vae_tiling
@@ -238,10 +243,24 @@ class LongCatVideoPipeline:
         """The call's generator (``generator``, or one seeded with ``seed``, default 0) and its
         task keyword arguments with that generator and the checkpoint's scheduler settings."""
         kw = O.official_aliases(kwargs)
+        self._check_cache_in_plan(kw.get("cache"))
         gen = O.call_generator(kw.pop("seed", 0), kw.pop("generator", None))
         for name, value in self.scheduler.sampling_kwargs().items():
             kw.setdefault(name, value)
         return gen, dict(kw, generator=gen)
+
+    def _check_cache_in_plan(self, cache) -> None:
+        """A step cache's buffers are device memory: a memory plan counts them only when it was
+        made with that cache's parameters (from_pretrained's ``step_cache``)."""
+        import warnings
+
+        plan = self.memory_plan
+        if cache is None or plan is None or not hasattr(cache, "params") or plan.step_cache == cache.params():
+            return
+        made = "without a step cache" if plan.step_cache is None else f"for another step cache ({plan.step_cache})"
+        warnings.warn(f"the memory plan of this pipeline (from_pretrained's max_memory) was made {made}: the buffers "
+                      f"of {cache!r} are not in it and may not fit; pass the cache to from_pretrained as step_cache=",
+                      stacklevel=4)
 
     def _device(self):
         return self._home if self._dit_away else O.model_device(self.dit)
@@ -750,7 +769,7 @@ _REFINE_PIXEL_ARGS = ("resolution", "height", "width", "spatial_refine_only", "r
                       "refine_rng", "max_sequence_length")
 
 
-def _budget_plan(root, dit_cfg, max_memory, dtype, device, dit_kwargs, text_encoder: bool, vae: bool):
+def _budget_plan(root, dit_cfg, max_memory, dtype, device, dit_kwargs, text_encoder: bool, vae: bool, step_cache=None):
     """The memory plan of the official 3-stage run for this checkpoint's components, or a
     ValueError with its stage table when nothing fits ``max_memory``."""
     from .budget import format_plan, official_t2v_stages, plan_memory
@@ -764,7 +783,7 @@ def _budget_plan(root, dit_cfg, max_memory, dtype, device, dit_kwargs, text_enco
               if (text_encoder or st.kind != "text_encode") and (vae or not st.kind.startswith("vae_"))]
     plan = plan_memory(max_memory, dit_config=dit_cfg, quantize=dit_kwargs.get("quantize"), dtype=dt, stages=stages,
                        text_encoder_config=component_config(root, TEXT_ENCODER_DIR) if text_encoder else None,
-                       vae_config=component_config(root, VAE_DIR) if vae else None)
+                       vae_config=component_config(root, VAE_DIR) if vae else None, step_cache=step_cache)
     if not plan.fits:
         raise ValueError("the official run does not fit max_memory:\n" + format_plan(plan))
     return plan

@@ -461,7 +461,8 @@ def _memory_plan(plan: GeneratePlan, dtype):
     mplan = plan_memory(r.max_memory, dit_config=cfg, quantize=r.quantize, dtype=dtype, stages=stages,
                         text_encoder_config=component_config(root, TEXT_ENCODER_DIR)
                         if plan.text_source == "encoder" else None,
-                        vae_config=component_config(root, VAE_DIR) if plan.need_vae and root else None)
+                        vae_config=component_config(root, VAE_DIR) if plan.need_vae and root else None,
+                        step_cache=_step_cache(r))
     if not mplan.fits:
         raise ValueError(f"the run does not fit --max-memory {r.max_memory}:\n" + format_plan(mplan))
     return mplan

@@ -138,15 +138,20 @@ def storage_bytes(tensors) -> int:
 def trace_forward_memory(config="longcat-video", *, batch: int = 1, latent=(24, 60, 104), text_len: int = 512,
                          bsa: bool = False, dtype=torch.bfloat16, kv_frames: int = 0,
                          config_overrides: Optional[Dict[str, Any]] = None,
-                         ffn_chunk_tokens: Optional[int] = None, quantize: Optional[str] = None) -> Dict[str, Any]:
+                         ffn_chunk_tokens: Optional[int] = None, quantize: Optional[str] = None,
+                         step_cache=None) -> Dict[str, Any]:
     """Peak memory of one forward of the fused path (what ``kernels="auto"`` runs on CUDA), traced
     on fake tensors: nothing is allocated or computed. ``latent`` is (T, H, W) of the call's own
     frames; ``kv_frames`` > 0 adds a batch-1 KV cache of that many frames (continuation), which
     the forward receives as inputs; ``ffn_chunk_tokens`` runs each FFN in slices of that many token
     rows (``LongCatDiT.enable_forward_chunking``); ``quantize`` builds the model with quantized block
-    weights (runtime/quantize.py: int8/float8 storage + float32 scales). Returns bytes: ``weights``, ``inputs`` (latent, timestep, text,
-    KV cache), ``activation_peak`` (the trace's peak: new allocations, custom-op scratch
-    included), ``peak`` (their sum: ``max_memory_allocated`` after a fresh start), and the trace."""
+    weights (runtime/quantize.py: int8/float8 storage + float32 scales); ``step_cache`` (a
+    StepCache, runtime/step_cache.py) traces steps of a cached run instead of one forward
+    (:func:`_trace_cached_steps`: its buffers live across them). Returns bytes: ``weights``,
+    ``inputs`` (latent, timestep, text, KV cache), ``activation_peak`` (the trace's peak: new
+    allocations, custom-op scratch and the step cache's buffers included), ``step_cache_bytes``
+    (those buffers; 0 without), ``peak`` (weights + inputs + activation peak:
+    ``max_memory_allocated`` after a fresh start), and the trace."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from .dit import LongCatDiT
@@ -177,14 +182,45 @@ def trace_forward_memory(config="longcat-video", *, batch: int = 1, latent=(24, 
         # kernels="triton" on fake weights needs no interpreter (nothing is launched) and makes
         # block-sparse attention the Triton kernel's op (runtime.dit.bsa_kernel_path), as on CUDA.
         with torch.inference_mode():
-            _, trace = trace_memory(dit, x, t, text, mask, kv_cache_dict=cache)
+            if step_cache is None:
+                _, trace = trace_memory(dit, x, t, text, mask, kv_cache_dict=cache)
+                cache_bytes = 0
+            else:
+                if kv_frames:
+                    raise ValueError("trace_forward_memory: step_cache with kv_frames is not traced (a step with "
+                                     "a KV cache and a step cache runs as any other; trace them one at a time)")
+                cache_bytes, trace = trace_memory(_trace_cached_steps, dit, step_cache, x, t, text, mask)
     input_bytes = storage_bytes(inputs)
     N = (T // pt) * (H // ph) * (W // pw)
     return {
         "tokens": N, "batch": batch, "latent": list(latent), "text_tokens": text_len, "bsa": bool(bsa),
         "kv_frames": kv_frames, "dtype": str(dtype).replace("torch.", ""), "weights": weights, "inputs": input_bytes,
-        "activation_peak": trace.peak_bytes, "peak": weights + input_bytes + trace.peak_bytes, "trace": trace,
+        "activation_peak": trace.peak_bytes, "step_cache_bytes": cache_bytes,
+        "peak": weights + input_bytes + trace.peak_bytes, "trace": trace,
     }
+
+
+def _trace_cached_steps(dit, policy, x, t, text, mask) -> int:
+    """Three steps of a run with the step cache ``policy`` (on a fresh StepCache with its
+    parameters, so ``policy``'s reports are untouched), each as a CUDA graph replays it (the head
+    with the signal, then a tail): two full steps (the buffers made, the signal computed against a
+    reference, the middle residual or TaylorSeer's differences stored) and a cached step (the
+    approximation added). Every kind of step a run takes, with the buffers alive across them, as
+    in a run. Returns the buffers' bytes."""
+    from .step_cache import StepCache
+
+    sc = StepCache(**policy.params())
+    sc.begin_run(dit.config.depth, [1.0, 0.5, 0.25])  # the timesteps only label a report
+    for step, cached in enumerate((False, False, True)):
+        sc.begin_step(step)
+        s, _ = dit.begin_cached_step(x, t, text, mask, step_cache=sc)
+        if not cached:
+            # Fake tensors hold no values to read: given no sums, decide() takes a full step and
+            # sets what store() reads. A cached tail reads only the buffers (what a graph replays).
+            sc.decide(None)
+        dit.step_cache_tail(s, sc, cached)
+        del s
+    return storage_bytes(sc.buffers.tensors())
 
 
 # -- estimates and measurements of whole generation runs ------------------------------------------

@@ -618,10 +618,12 @@ class LongCatTransformer(nn.Module):
             self._add_residual(s, approx, None, mid_end)
             del approx
         else:
-            x_mid_in = s.x  # the stream entering the middle blocks
+            with nvtx_range("step_cache.start_full"):
+                x_mid_in = sc.start_full(s.r, s.x)  # None: staged in the cache's buffer
+            s.r = None  # the reference now: not held through the middle blocks
             self.run_blocks(s, sc.Fn_compute_blocks, mid_end)
             with nvtx_range("step_cache.store"):
-                sc.store(s.r, s.x - x_mid_in)
+                sc.store(s.x, x_mid_in)
             del x_mid_in
         s.r = None
         self.run_blocks(s, mid_end, depth)
