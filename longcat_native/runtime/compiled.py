@@ -382,18 +382,23 @@ class CUDAGraphRunner:
                     entry.static[name].copy_(t)
         return entry
 
-    def _capture(self, k, inputs, num_cond_latents, skip_crs_attn) -> Optional[_Entry]:
+    def _prepare_capture(self, inputs) -> Dict[str, Any]:
+        """Room for one more entry (the least recently used ones evicted) and the static copies
+        of ``inputs`` on the model's device, which the new entry's graphs read."""
+        while len(self._graphs) >= self.max_graphs:
+            self._graphs.popitem(last=False)  # least recently used
+            self._stats["evictions"] += 1
         dev = _model_device(self.model)
-        static = {name: (None if t is None else t.detach().to(dev).clone()) for name, t in inputs.items()}
+        return {name: (None if t is None else t.detach().to(dev).clone()) for name, t in inputs.items()}
+
+    def _capture(self, k, inputs, num_cond_latents, skip_crs_attn) -> Optional[_Entry]:
+        static = self._prepare_capture(inputs)
         fn = self.fn
 
         def forward(**kw):
             with torch.no_grad():
                 return fn(**kw, num_cond_latents=num_cond_latents, skip_crs_attn=skip_crs_attn)
 
-        while len(self._graphs) >= self.max_graphs:
-            self._graphs.popitem(last=False)  # least recently used
-            self._stats["evictions"] += 1
         try:
             replay, out = self._capture_graph(forward, static)
         except Exception as e:  # noqa: BLE001 - any capture failure falls back, once per key
@@ -436,8 +441,7 @@ class CUDAGraphRunner:
         return tail[1].clone() if self.clone_output else tail[1]
 
     def _capture_head(self, k, inputs, num_cond_latents, skip_crs_attn, sc) -> Optional[_CachedStepEntry]:
-        dev = _model_device(self.model)
-        static = {name: (None if t is None else t.detach().to(dev).clone()) for name, t in inputs.items()}
+        static = self._prepare_capture(inputs)
         base, block_fn = self._base_and_block_fn()
         last, cache = {}, {"sc": sc}
 
@@ -448,9 +452,6 @@ class CUDAGraphRunner:
             last["stream"] = s
             return (sums, *s.tensors())
 
-        while len(self._graphs) >= self.max_graphs:
-            self._graphs.popitem(last=False)
-            self._stats["evictions"] += 1
         try:
             replay, out = self._capture_graph(head, static)
         except Exception as e:  # noqa: BLE001 - any capture failure falls back, once per key

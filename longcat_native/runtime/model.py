@@ -612,20 +612,21 @@ class LongCatTransformer(nn.Module):
     def step_cache_tail(self, s: "ResidualStream", sc, cached: bool) -> torch.Tensor:
         depth = len(self.blocks)
         mid_end = depth - sc.Bn_compute_blocks
+        r, s.r = s.r, None  # the Fn residual: the new reference on a full step, unused on a cached one
         if cached:
+            del r
             with nvtx_range("step_cache.cached_residual"):
                 approx = sc.approximation()
             self._add_residual(s, approx, None, mid_end)
             del approx
         else:
             with nvtx_range("step_cache.start_full"):
-                x_mid_in = sc.start_full(s.r, s.x)  # None: staged in the cache's buffer
-            s.r = None  # the reference now: not held through the middle blocks
+                x_mid_in = sc.start_full(r, s.x)  # None: staged in the cache's buffer
+            del r  # the reference now: not held through the middle blocks
             self.run_blocks(s, sc.Fn_compute_blocks, mid_end)
             with nvtx_range("step_cache.store"):
                 sc.store(s.x, x_mid_in)
             del x_mid_in
-        s.r = None
         self.run_blocks(s, mid_end, depth)
         return self.finish(s)
 
