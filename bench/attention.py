@@ -68,7 +68,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from longcat_native.bench.harness import (default_device, device_name, emit_json, print_table, setup_triton_env,
+    from longcat_native.benchmarking.harness import (default_device, device_name, emit_json, print_table, setup_triton_env,
                                               time_fn)
 
     has_cuda = setup_triton_env()  # before longcat_native imports triton

@@ -17,7 +17,7 @@ Attention is SDPA in every path (the kernels under test are the ones around the 
 
 Columns: median time per block; TFLOP/s = analytic GEMM + attention FLOPs / time (see
 :func:`block_flops`); launches and bytes moved outside GEMMs/attention per block, from the
-dispatch counters of ``longcat_native.bench.harness.DispatchCounter`` (an eager count;
+dispatch counters of ``longcat_native.benchmarking.harness.DispatchCounter`` (an eager count;
 torch.compile'd code is not counted by the dispatcher, on CUDA its real kernels are counted with
 torch.profiler).
 Targets: fused bytes <= 40% of the reference's, <= 12 launches per block.
@@ -87,7 +87,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from longcat_native.bench.harness import (
+    from longcat_native.benchmarking.harness import (
         count_cuda_kernels,
         count_ops,
         default_device,

@@ -8,7 +8,7 @@ it is set here, before the test module imports anything from ``longcat_native.ke
 import os
 import sys
 
-from longcat_native.bench.harness import setup_triton_env
+from longcat_native.benchmarking.harness import setup_triton_env
 
 setup_triton_env()
 

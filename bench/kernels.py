@@ -109,7 +109,7 @@ def _flat_tensors(obj):
 
 def minimal_bytes(args, kwargs, outputs) -> int:
     """Inputs read once (distinct elements of each tensor argument) + outputs written once."""
-    from longcat_native.bench.harness import tensor_bytes
+    from longcat_native.benchmarking.harness import tensor_bytes
 
     read = sum(tensor_bytes(t) for t in _flat_tensors(args) + _flat_tensors(kwargs))
     written = sum(tensor_bytes(t, distinct=False) for t in _flat_tensors(outputs))
@@ -125,7 +125,7 @@ def max_abs_diff(a, b) -> float:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from longcat_native.bench.harness import (
+    from longcat_native.benchmarking.harness import (
         copy_bandwidth_gbps,
         default_device,
         device_name,

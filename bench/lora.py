@@ -89,7 +89,7 @@ def random_lora_state_dict(cfg, rank, seed, dtype):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from longcat_native.bench.harness import (default_device, device_name, emit_json, print_table, setup_triton_env,
+    from longcat_native.benchmarking.harness import (default_device, device_name, emit_json, print_table, setup_triton_env,
                                               sync, time_fn)
 
     has_cuda = setup_triton_env()  # before longcat_native imports triton

@@ -1,5 +1,5 @@
 """The whole DiT, one forward, four ways: eager reference, compiled reference, fused, and fused +
-torch.compile + CUDA graphs (the logic lives in ``longcat_native/bench/model.py``, shared with
+torch.compile + CUDA graphs (the logic lives in ``longcat_native/benchmarking/model.py``, shared with
 ``longcat-native bench``; the FLOP formulas and columns: docs/design/benchmarks.md).
 
     python bench/model.py                       # GPU: the real 13.6B config, 480p (CFG batch 2) and 720p (BSA)
@@ -15,12 +15,12 @@ from __future__ import annotations
 import os
 import sys
 
-from longcat_native.bench.harness import setup_triton_env
+from longcat_native.benchmarking.harness import setup_triton_env
 
 
 def main(argv=None) -> int:
     setup_triton_env()  # before longcat_native imports triton
-    from longcat_native.bench import model
+    from longcat_native.benchmarking import model
 
     results = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
     return model.main(argv, default_out_dir=results, prog=None, description=__doc__)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import os
 import sys
 
-from longcat_native.bench.harness import (
+from longcat_native.benchmarking.harness import (
     device_name, emit_json, fmt_num, print_table, setup_triton_env, sync, time_fn,
 )
 
@@ -33,7 +33,7 @@ setup_triton_env()  # before longcat_native imports triton
 
 import torch  # noqa: E402
 
-from longcat_native.bench.model import SIZES, matmul_peak_tflops, model_flops  # noqa: E402
+from longcat_native.benchmarking.model import SIZES, matmul_peak_tflops, model_flops  # noqa: E402
 from longcat_native.runtime.config import resolve_config  # noqa: E402
 from longcat_native.runtime.parallel import comm_bytes_per_block  # noqa: E402
 

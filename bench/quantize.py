@@ -50,7 +50,7 @@ def key(mode: str) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from longcat_native.bench.harness import (default_device, device_name, emit_json, print_table, setup_triton_env,
+    from longcat_native.benchmarking.harness import (default_device, device_name, emit_json, print_table, setup_triton_env,
                                               time_fn, try_compile)
 
     has_cuda = setup_triton_env()

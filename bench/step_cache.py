@@ -38,7 +38,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from longcat_native.bench.harness import default_device, device_name, emit_json, print_table, setup_triton_env, sync
+    from longcat_native.benchmarking.harness import default_device, device_name, emit_json, print_table, setup_triton_env, sync
 
     has_cuda = setup_triton_env()
     import torch

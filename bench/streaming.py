@@ -50,7 +50,7 @@ def measure_h2d_gbps(device, mib: int, repeats: int = 5) -> float:
     plain memcpy between two host buffers (a stand-in)."""
     import torch
 
-    from longcat_native.bench.harness import time_fn
+    from longcat_native.benchmarking.harness import time_fn
 
     n = mib * 2**20
     cuda = device.type == "cuda"
@@ -87,7 +87,7 @@ def real_model_traffic():
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from longcat_native.bench.harness import (default_device, device_name, emit_json, print_table, setup_triton_env,
+    from longcat_native.benchmarking.harness import (default_device, device_name, emit_json, print_table, setup_triton_env,
                                               time_fn)
 
     has_cuda = setup_triton_env()

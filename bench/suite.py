@@ -161,7 +161,7 @@ def main(argv=None) -> int:
     import torch
     import triton  # noqa: F401  (version only; the benches set the interpreter themselves)
 
-    from longcat_native.bench.harness import device_name, emit_json
+    from longcat_native.benchmarking.harness import device_name, emit_json
 
     on_cuda = torch.cuda.is_available()
     device = device_name(torch.device("cuda" if on_cuda else "cpu"))

@@ -20,7 +20,7 @@ import sys
 import pytest
 import torch
 
-from longcat_native.bench.harness import DispatchCounter, count_ops, load_ops, tensor_bytes
+from longcat_native.benchmarking.harness import DispatchCounter, count_ops, load_ops, tensor_bytes
 
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO_ROOT = os.path.dirname(BENCH_DIR)
@@ -329,7 +329,7 @@ def test_device_check_script(tmp_path):
 
     import argparse
 
-    from longcat_native.bench import model
+    from longcat_native.benchmarking import model
 
     text = open(script).read()
     test_files = re.findall(r"tests/test_\w+\.py", text)

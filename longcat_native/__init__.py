@@ -8,7 +8,7 @@ triton; to run them on a CPU (tests), set ``TRITON_INTERPRET=1`` before first us
 Layers, each importing only the ones below it: :mod:`.kernels` (fused ops), :mod:`.runtime` (the
 model: config, weights, network, attention, LoRA, compile and CUDA graphs, context parallelism,
 memory tracing, profiling), :mod:`.pipelines` (sampler, tasks, ``LongCatVideoPipeline``),
-:mod:`.bench` (benchmark support) and :mod:`.cli`.
+:mod:`.benchmarking` (benchmark support) and :mod:`.cli`.
 """
 
 import importlib

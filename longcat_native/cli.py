@@ -354,7 +354,7 @@ def cmd_bench(args) -> int:
     does); without it they print n/a with the reason."""
     import os
 
-    from .bench import model
+    from .benchmarking import model
 
     return model.run_from_args(args, default_out_dir=os.path.join(os.getcwd(), "bench", "results"))
 
@@ -514,7 +514,7 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--json", action="store_true", help="also print a JSON summary line")
     prof.set_defaults(func=cmd_profile)
 
-    from .bench.model import add_arguments as _bench_arguments
+    from .benchmarking.model import add_arguments as _bench_arguments
 
     bench = sub.add_parser("bench", help="full-model benchmark: eager/compiled reference, fused, fused+compile+graphs",
                            description=cmd_bench.__doc__)

@@ -133,7 +133,7 @@ def test_check_output_path(tmp_path):
 
 
 def test_bench_results_are_never_half_written(tmp_path):
-    from longcat_native.bench.model import save_results
+    from longcat_native.benchmarking.model import save_results
 
     class Unprintable:
         def __str__(self):
