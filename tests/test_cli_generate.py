@@ -179,6 +179,10 @@ def test_checkpoint_prompt_strings_to_mp4_with_memory_report(capsys, tmp_path, t
     assert summary["video_shape"] == [9, 64, 96, 3] and summary["steps"] == 2
     frames, fps = read_video_frames(out)
     assert frames.shape == (9, 64, 96, 3) and fps == pytest.approx(15)
+    # the .mp4's metadata (what a .safetensors output holds in its header) in a sidecar
+    assert summary["metadata_file"] == str(out) + ".json"
+    meta = json.loads((tmp_path / "t2v.mp4.json").read_text())
+    assert meta["task"] == "t2v" and meta["steps"] == "2" and meta["quantize"] == meta["cache"] == "none"
     mem = summary["memory"]
     assert [r["stage"] for r in mem["stages"]] == ["text_encode", "load", "denoise", "vae_decode"]
     assert mem["kind"] == "host_peak_rss" and "HOST" in mem["label"]  # CPU: host memory, labelled as such
@@ -406,6 +410,27 @@ def test_metadata_records_the_steps_run(capsys, tmp_path):
     with safe_open(str(out), "pt") as f:
         meta = f.metadata()
     assert meta["steps_requested"] == "2" and int(meta["steps"]) == s["steps"] > 2
+
+
+def test_metadata_and_summary_record_quantize_and_cache(capsys, tmp_path):
+    """Issue 27 item 8: --quantize and --cache change the result, so the output file records them
+    (what ran: the model's mode, the cache's spec and policy) and so does the --json summary."""
+    out = tmp_path / "q.safetensors"
+    s, _ = _run(capsys, ["--steps", "3", "--quantize", "int8-weight-only", "--cache", "dbcache:fn=1,warmup=1",
+                         "--out", str(out)])
+    with safe_open(str(out), "pt") as f:
+        meta = f.metadata()
+    assert meta["quantize"] == "int8-weight-only" and meta["cache"] == "dbcache:fn=1,warmup=1"
+    policy = json.loads(meta["cache_policy"])
+    assert policy["Fn_compute_blocks"] == 1 and policy["max_warmup_steps"] == 1
+    assert s["quantize"] == "int8-weight-only" and s["cache"] == "dbcache:fn=1,warmup=1"
+    assert s["step_cache"]["policy"] == policy
+    plain = tmp_path / "p.safetensors"
+    s, _ = _run(capsys, ["--steps", "1", "--out", str(plain)])
+    with safe_open(str(plain), "pt") as f:
+        meta = f.metadata()
+    assert meta["quantize"] == meta["cache"] == "none" and "cache_policy" not in meta
+    assert s["quantize"] is None and s["cache"] is None
 
 
 def test_image_without_checkpoint_points_to_cond_latents(capsys, tmp_path):

@@ -265,6 +265,66 @@ def test_kv_cache_from_another_model_is_a_value_error(dit, tmp_path):
         dit(x, t, text, kv_cache_dict=kv)
 
 
+@pytest.fixture(scope="module")
+def fp8_dit():
+    return lcn.LongCatDiT.from_pretrained(FIXTURE_ROOT, kernels="reference", quantize="fp8")
+
+
+def test_kv_cache_records_the_quantization_and_is_refused_by_the_float_model(dit, fp8_dit, t2v):
+    """Issue 27 item 8: a cache of the fp8 model holds other keys and values than the float
+    model's; each model refuses the other's cache, naming the quantization."""
+    kv_q, kv_f = _cache(fp8_dit, 1, 4, 4), _cache(dit, 1, 4, 4)
+    assert kv_q.made_by["quantization"] == "fp8" and kv_f.made_by["quantization"] is None
+    assert not torch.equal(kv_q[0][0], kv_f[0][0])  # why it matters: the cached keys differ
+    x, t, text = _noisy(4, 4)
+    with pytest.raises(ValueError, match=r"made by a different model: quantization 'fp8' "
+                                         r"\(this model: none \(float weights\)\)"):
+        dit(x, t, text, kv_cache_dict=kv_q)
+    with pytest.raises(ValueError, match=r"quantization none \(float weights\) \(this model: 'fp8'\)"):
+        fp8_dit(x, t, text, kv_cache_dict=kv_f)
+    assert fp8_dit(x, t, text, kv_cache_dict=kv_q).shape == x.shape  # its own cache is fine
+    _still_usable(dit, t2v)
+
+
+def test_kv_cache_records_the_active_loras_with_their_scales(tmp_path, t2v):
+    """The active LoRAs and the multiplier each was applied with are part of the identity: a
+    cache made with a LoRA on is refused without it, or at another scale (a later
+    set_multiplier only counts once enable_loras applies it), and accepted in the same state."""
+    dit = lcn.LongCatDiT.from_pretrained(FIXTURE_ROOT, kernels="reference")
+    path = FIXTURE_ROOT / "lora" / "cfg_step_lora.safetensors"
+    dit.load_lora(path, "cfg_step", multiplier=0.5, lora_network_dim=4)
+    dit.enable_loras(["cfg_step"])
+    kv = _cache(dit, 1, 4, 4)
+    assert kv.made_by["loras"] == [["cfg_step", 0.5, str(path)]]
+    x, t, text = _noisy(4, 4)
+    assert dit(x, t, text, kv_cache_dict=kv).shape == x.shape  # same LoRA state
+    dit.lora_dict["cfg_step"].set_multiplier(1.0)  # not applied yet: the model is unchanged
+    assert dit(x, t, text, kv_cache_dict=kv).shape == x.shape
+    dit.enable_loras(["cfg_step"])  # now at 1.0
+    with pytest.raises(ValueError, match=r"active LoRAs 'cfg_step' x0.5 \(.*\) \(this model: 'cfg_step' x1 "):
+        dit(x, t, text, kv_cache_dict=kv)
+    dit.disable_all_loras()
+    with pytest.raises(ValueError, match=r"active LoRAs 'cfg_step' x0.5 .*\(this model: none\)"):
+        dit(x, t, text, kv_cache_dict=kv)
+    base = _cache(dit, 1, 4, 4)
+    dit.lora_dict["cfg_step"].set_multiplier(0.5)
+    dit.enable_loras(["cfg_step"])
+    with pytest.raises(ValueError, match=r"active LoRAs none \(this model: 'cfg_step' x0.5"):
+        dit(x, t, text, kv_cache_dict=base)
+    dit.disable_all_loras()
+    _still_usable(dit, t2v)
+
+
+def test_kv_cache_identity_without_the_new_keys_reads_as_a_plain_model(dit):
+    """A cache pickled before the identity recorded quantization and LoRAs (no such keys) is a
+    float model's without LoRAs: accepted by that model."""
+    kv = _cache(dit, 1, 4, 4)
+    for k in ("quantization", "loras"):
+        del kv.made_by[k]
+    x, t, text = _noisy(4, 4)
+    assert dit(x, t, text, kv_cache_dict=kv).shape == x.shape
+
+
 def test_denoise_checks_the_cache_before_any_step(dit):
     from longcat_native.pipelines.sampler import denoise
 

@@ -766,15 +766,14 @@ def _run(plan: GeneratePlan) -> GenerateResult:
 
         write_video(plan.out, frames_u8, fps=fps, crf=10 if task == "refine" else 18)
         video_shape = list(frames_u8.shape)
+        with atomic_output(plan.out + ".json") as tmp:  # the .mp4 cannot hold them: a sidecar
+            Path(tmp).write_text(json.dumps(_metadata(plan, dit, cache, out, len(step_times), source, text_note),
+                                            indent=1) + "\n")
         tiled = plan.vae_tile is not None and max(video_shape[1:3]) > plan.vae_tile
         notes.append(f"decoded by the VAE ({f'in {plan.vae_tile}-pixel tiles' if tiled else 'whole frames'}), "
                      f"{video_shape[0]} frames {video_shape[1]}x{video_shape[2]} written at {fps:g} fps")
     else:
-        # What ran, not what was asked: the denoising steps of every stage (--steps is the base
-        # schedule's length; vc/long add the enhance_hf tail, refine truncates its own schedule).
-        meta = {"task": task, "seed": str(r.seed), "steps": str(len(step_times)), "steps_requested": str(plan.steps),
-                "guidance": str(guidance), "distill": str(bool(r.distill)), "random_weights": str(plan.random_weights),
-                "source": source, "text": text_note, "shape": json.dumps(list(out.shape))}
+        meta = _metadata(plan, dit, cache, out, len(step_times), source, text_note)
         if not finite:  # denoise checks its own result; this guards the other paths to the file
             raise ValueError(f"the {task} result holds non-finite values; {plan.out} was not written")
         latents = out.detach().float().cpu().contiguous()
@@ -790,8 +789,10 @@ def _run(plan: GeneratePlan) -> GenerateResult:
         "distill": bool(r.distill), "seed": r.seed, "load_s": load_s, "total_s": total,
         "step_times_s": step_times, "mean_step_s": (sum(step_times) / n) if n else None,
         "peak_memory_bytes": memory["peak_bytes"], "peak_memory_kind": memory["kind"], "memory": memory,
-        "output": plan.out, "output_finite": finite,
+        "output": plan.out, "output_finite": finite, "quantize": dit.quantization, "cache": r.cache,
     }
+    if plan.to_video:
+        summary["metadata_file"] = plan.out + ".json"
     if mplan is not None:
         summary["memory_plan"] = mplan.to_dict()
     if cache is not None:
@@ -801,6 +802,22 @@ def _run(plan: GeneratePlan) -> GenerateResult:
             summary["cache_check"] = check
     _finish_cp(dit)
     return GenerateResult(summary=summary, finite=finite, config=cfg)
+
+
+def _metadata(plan: GeneratePlan, dit, cache, out, steps_run: int, source: str, text_note) -> dict:
+    """What the output file records (strings: safetensors metadata; the .mp4's sidecar JSON holds
+    the same): what ran, not what was asked. The denoising steps of every stage (--steps is the
+    base schedule's length; vc/long add the enhance_hf tail, refine truncates its own schedule);
+    the quantized mode of the DiT ("none": float weights) and the step cache (--cache's spec and
+    the StepCache's policy; "none"), which change the result as much as the seed does."""
+    r = plan.request
+    meta = {"task": r.task, "seed": str(r.seed), "steps": str(steps_run), "steps_requested": str(plan.steps),
+            "guidance": str(plan.guidance), "distill": str(bool(r.distill)), "random_weights": str(plan.random_weights),
+            "source": source, "text": str(text_note), "shape": json.dumps(list(out.shape)),
+            "quantize": dit.quantization or "none", "cache": r.cache or "none"}
+    if cache is not None:
+        meta["cache_policy"] = json.dumps(cache.params(), sort_keys=True)
+    return meta
 
 
 def _step_cache(r: GenerateRequest):

@@ -25,7 +25,7 @@ from . import lora, streaming
 from . import quantize as qz
 from .attention import check_attention_name, resolve_attention_backend
 from .config import LongCatConfig, resolve_config
-from .kv_cache import IDENTITY_KEYS, DeviceKVCache, KVCache, KVSink
+from .kv_cache import DeviceKVCache, KVCache, KVSink, identity_differences, model_identity
 from .model import LongCatTransformer
 from .names import KERNEL_CHOICES, merge_alias
 from .weights import cap_list, check_official_weights, copy_official_weights
@@ -545,12 +545,10 @@ class LongCatDiT(LongCatTransformer):
                     attention_backend=self.resolved_attention(), ops=self.resolved_ops(), cp=self.cp, block_fn=block_fn)
 
     def kv_cache_identity(self) -> Dict[str, Any]:
-        """What a :class:`KVCache` made by this model records as ``made_by``: the config keys that
-        decide the cached keys and values, and the checkpoint folder (None for random weights)."""
-        c = self.cfg
-        ident = {k: (list(getattr(c, k)) if k == "patch_size" else getattr(c, k)) for k in IDENTITY_KEYS}
-        ident["checkpoint"] = self.checkpoint_path
-        return ident
+        """What a :class:`KVCache` made by this model records as ``made_by`` (runtime/kv_cache.py
+        ``IDENTITY_KEYS``): the config keys that decide the cached keys and values, the checkpoint
+        folder (None for random weights), the quantized mode and the active LoRAs with their scales."""
+        return model_identity(self)
 
     def check_kv_cache_origin(self, cache, latent_hw: Tuple[int, int]) -> None:
         """For a :class:`KVCache`: it was made by a model like this one, from a latent of this H x W
@@ -558,9 +556,7 @@ class LongCatDiT(LongCatTransformer):
         if not isinstance(cache, KVCache):
             return
         if cache.made_by is not None:
-            mine = self.kv_cache_identity()
-            differ = [f"{k} {cache.made_by.get(k)!r} (this model: {mine[k]!r})" for k in mine
-                      if cache.made_by.get(k) != mine[k]]
+            differ = identity_differences(cache.made_by, self.kv_cache_identity())
             if differ:
                 raise ValueError("kv cache was made by a different model: " + ", ".join(differ)
                                  + "; compute the cache with the model that uses it")

@@ -5,18 +5,20 @@ block's new (k, v), optionally copied to pinned host memory as the forward goes)
 
 from __future__ import annotations
 
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
 
-__all__ = ["KVCache", "DeviceKVCache", "KVSink", "IDENTITY_KEYS"]
+__all__ = ["KVCache", "DeviceKVCache", "KVSink", "IDENTITY_KEYS", "CONFIG_IDENTITY_KEYS", "model_identity",
+           "identity_differences"]
 
 
 class KVCache(dict):
     """What ``return_kv=True`` returns: the official ``{block: (k, v)}`` mapping (k, v
     ``[B, heads, N, D]``), which also records what it was made from, so a call with it can check
     that it fits: ``grid`` is the (T, H, W) of the latent it was made from, ``made_by`` the
-    identity of the model that made it (its structural config and checkpoint folder).
+    identity of the model that made it (:data:`IDENTITY_KEYS`: its structural config, checkpoint
+    folder, quantized mode and active LoRAs with their scales).
 
     A call passing it as ``kv_cache_dict`` must have the same latent H and W (the cached keys'
     RoPE positions depend on them: a cache from another grid with as many tokens per frame, H and
@@ -38,8 +40,50 @@ class KVCache(dict):
 
 
 # Config keys that decide what a KV cache's keys and values are.
-IDENTITY_KEYS = ("in_channels", "hidden_size", "depth", "num_heads", "caption_channels", "mlp_ratio",
-                  "adaln_tembed_dim", "frequency_embedding_size", "patch_size")
+CONFIG_IDENTITY_KEYS = ("in_channels", "hidden_size", "depth", "num_heads", "caption_channels", "mlp_ratio",
+                        "adaln_tembed_dim", "frequency_embedding_size", "patch_size")
+# What a KVCache's ``made_by`` records: those, the checkpoint folder (None: random weights), the
+# quantized mode of the block GEMMs (None: float weights) and the active LoRAs as [key, scale, file]
+# in their order. The weights decide the keys and values as much as the shapes do: an fp8 model's
+# cache differs from the float model's (~1e-2 relative), a LoRA's from the base model's.
+IDENTITY_KEYS = CONFIG_IDENTITY_KEYS + ("checkpoint", "quantization", "loras")
+
+
+def model_identity(dit) -> Dict[str, Any]:
+    """A ``LongCatDiT``'s values of :data:`IDENTITY_KEYS` (JSON-friendly: lists, not tuples). A
+    LoRA's scale is the multiplier it was applied with (``lora_state.scales``)."""
+    c = dit.cfg
+    ident: Dict[str, Any] = {k: (list(getattr(c, k)) if k == "patch_size" else getattr(c, k))
+                             for k in CONFIG_IDENTITY_KEYS}
+    st = dit.lora_state
+    ident["checkpoint"] = dit.checkpoint_path
+    ident["quantization"] = dit.quantization
+    ident["loras"] = [[str(k), float(s), getattr(dit.lora_dict.get(k), "path", None)]
+                      for k, s in zip(st.active, st.scales)]
+    return ident
+
+
+def _describe(key: str, value) -> str:
+    if key == "quantization" and value is None:
+        return "none (float weights)"
+    if key == "loras":
+        return "none" if not value else ", ".join(f"{k!r} x{s:g}" + (f" ({p})" if p else "") for k, s, p in value)
+    return repr(value)
+
+
+def identity_differences(made_by: Mapping[str, Any], mine: Mapping[str, Any]) -> List[str]:
+    """What differs between a cache's ``made_by`` and a model's identity, one phrase per key
+    ("quantization 'fp8' (this model: none (float weights))"). A key the cache does not record
+    (a cache from an older version) counts as None / no LoRAs."""
+    out = []
+    for k in mine:
+        theirs = made_by.get(k, [] if k == "loras" else None)
+        if k == "loras" and theirs is not None:
+            theirs = [list(e) for e in theirs]
+        if theirs != mine[k]:
+            name = "active LoRAs" if k == "loras" else k
+            out.append(f"{name} {_describe(k, theirs)} (this model: {_describe(k, mine[k])})")
+    return out
 
 
 class DeviceKVCache:

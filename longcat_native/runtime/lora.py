@@ -319,6 +319,7 @@ class LoRAState:
     def __init__(self):
         self.mode = "merged"
         self.active: List[str] = []
+        self.scales: List[float] = []  # each active LoRA's multiplier when applied (a later change waits for enable)
         self.merged: set = set()  # parameter names currently holding merged values
         self.branch_modules: List[nn.Module] = []  # layers carrying unmerged branches
         self.base: Dict[str, _BaseCopy] = {}
@@ -409,9 +410,9 @@ def enable_loras(dit, lora_key_list: Sequence = ()) -> None:
         with torch.no_grad():
             _remove_branches(st)
             _restore_all(dit, st)
-        st.active = []
+        st.active, st.scales = [], []
         raise
-    st.active = keys
+    st.active, st.scales = keys, [lo.multiplier for lo in loras]
 
 
 def disable_all_loras(dit) -> None:
@@ -420,7 +421,7 @@ def disable_all_loras(dit) -> None:
     with torch.no_grad():
         _remove_branches(st)
         _restore_all(dit, st)
-    st.active = []
+    st.active, st.scales = [], []
 
 
 def set_lora_mode(dit, mode: str) -> None:
