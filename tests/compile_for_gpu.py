@@ -42,11 +42,11 @@ def compile_instead_of_launch(self, *args, grid, warmup, **kwargs):
     return None
 
 JITFunction.run = compile_instead_of_launch
-for m in ("layernorm_modulate", "residual_layernorm_modulate", "qk_rmsnorm_rope3d", "swiglu", "block_sparse_attention"):
+for m in ("layernorm_modulate", "residual_layernorm_modulate", "qk_rmsnorm_rope3d", "swiglu", "bsa_select", "block_sparse_attention"):
     mod = __import__(f"longcat_native.kernels.{m}", fromlist=["x"])
     mod.check_triton_device = lambda *a: None  # CPU tensors stand in for CUDA ones
 from longcat_native.kernels import layernorm_modulate as L, residual_layernorm_modulate as R, qk_rmsnorm_rope3d as Q, swiglu as S
-from longcat_native.kernels import block_sparse_attention as BSA
+from longcat_native.kernels import block_sparse_attention as BSA, bsa_select as BSEL
 for dt in (torch.bfloat16, torch.float16, torch.float32):
     B, N, C, T = 1, 64, 4096, 4
     x = torch.randn(B, N, C).to(dt); y = torch.randn(B, N, C).to(dt)
@@ -78,11 +78,11 @@ for dt in (torch.bfloat16, torch.float16, torch.float32):
         nq, nk = grid_q[0] * grid_q[1] * grid_q[2], grid_k[0] * grid_k[1] * grid_k[2]
         qt = torch.randn(1, nq, Hh, D).to(dt).transpose(1, 2)
         kk = torch.randn(1, Hh, nk, D).to(dt); vv = torch.randn(1, Hh, nk, D).to(dt)
-        gq, gk = BSA._geometry(grid_q, chunk), BSA._geometry(grid_k, chunk)
-        BSA._bsa_pool_launch(qt, gq, torch.empty(1, Hh, gq.n_chunks, D))
+        gq, gk = BSEL._geometry(grid_q, chunk), BSEL._geometry(grid_k, chunk)
+        BSEL._bsa_pool_launch(qt, gq, torch.empty(1, Hh, gq.n_chunks, D))
         idx = torch.zeros(1, Hh, gq.n_chunks, 3, dtype=torch.int32); cnt = torch.ones(1, Hh, gq.n_chunks, dtype=torch.int32)
         BSA._bsa_attention_launch(qt, kk, vv, idx, cnt, gq, gk, torch.empty_like(qt), D ** -0.5)
         BSA._bsa_attention_launch(qt, kk, vv, idx, cnt, gq, gk, torch.empty_like(qt), D ** -0.5, _force_int64=True)
-        BSA._bsa_pool_launch(kk, gk, torch.empty(1, Hh, gk.n_chunks, D), _force_int64=True)
+        BSEL._bsa_pool_launch(kk, gk, torch.empty(1, Hh, gk.n_chunks, D), _force_int64=True)
 for r in results: print(r)
 print("compiled", len(results))

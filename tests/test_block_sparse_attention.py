@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from longcat_native.kernels import _common
-from longcat_native.kernels import block_sparse_attention as bsa_mod
+from longcat_native.kernels import block_sparse_attention as bsa_mod, bsa_select as bsa_select_mod
 from longcat_native.kernels.block_sparse_attention import (
     _bsa_attention_launch,
     _geometry,
@@ -243,7 +243,7 @@ def test_selection_head_groups(monkeypatch):
     q, k = _rand((1, 4, 32, 16), torch.float32, 67), _rand((1, 4, 32, 16), torch.float32, 68)
     for sparsity, cdf in ((0.5, None), (None, 0.5)):
         whole = bsa_select(q, k, grid, grid, sparsity, cdf, chunk, chunk)
-        monkeypatch.setattr(bsa_mod, "_SELECT_SCORE_ELEMS", 2 * 8 * 8 + 1)  # 2 heads per group
+        monkeypatch.setattr(bsa_select_mod, "_SELECT_SCORE_ELEMS", 2 * 8 * 8 + 1)  # 2 heads per group
         grouped = bsa_select(q, k, grid, grid, sparsity, cdf, chunk, chunk)
         monkeypatch.undo()
         assert torch.equal(whole[0], grouped[0]) and torch.equal(whole[1], grouped[1])

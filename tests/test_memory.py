@@ -6,7 +6,7 @@ implementation, the fused forward's live set at the real shapes, and (GPU) the t
 import pytest
 import torch
 
-import longcat_native.kernels.block_sparse_attention as bsa_mod
+import longcat_native.kernels.bsa_select as bsa_select_mod
 from longcat_native.runtime.dit import LongCatDiT
 from longcat_native.runtime.memory import MemoryTracer, allocator_bytes, trace_forward_memory, trace_memory
 
@@ -86,10 +86,10 @@ def test_bsa_select_workspace_bounds_its_implementation(monkeypatch, sparsity, c
     """WORKSPACE_BYTES' figure for bsa_select, against the implementation's own allocations traced
     op by op (the tracer sees an op's inside only when the implementation is called directly)."""
     if grouped:
-        monkeypatch.setattr(bsa_mod, "_SELECT_SCORE_ELEMS", 2 * 128 * 128)  # 2 of 3 heads per group
+        monkeypatch.setattr(bsa_select_mod, "_SELECT_SCORE_ELEMS", 2 * 128 * 128)  # 2 of 3 heads per group
     # The pooling launch fills its output in place (allocating nothing on a GPU); the interpreter's
     # host copies of q and k would count, so a random in-place fill stands in for it here.
-    monkeypatch.setattr(bsa_mod, "_bsa_pool_launch", lambda x, geom, out, **kw: out.normal_())
+    monkeypatch.setattr(bsa_select_mod, "_bsa_pool_launch", lambda x, geom, out, **kw: out.normal_())
     B, H, D = 1, 3, 16
     grid, chunk = (8, 8, 16), (2, 2, 2)  # 128 chunks of 8 tokens
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -98,10 +98,10 @@ def test_bsa_select_workspace_bounds_its_implementation(monkeypatch, sparsity, c
     k = torch.randn(B, H, 1024, D, generator=g).to(device, dtype)
     args = (q, k, list(grid), list(grid), sparsity, cdf, list(chunk), list(chunk))
     with MemoryTracer(workspace={}) as tracer:
-        idx, counts = bsa_mod._bsa_select_impl(*args)
+        idx, counts = bsa_select_mod._bsa_select_impl(*args)
     tr = tracer.result()
     measured = tr.peak_bytes - tr.end_bytes  # the tracer adds the declared bytes to the outputs
-    declared = bsa_mod._bsa_select_workspace(*args)
+    declared = bsa_select_mod._bsa_select_workspace(*args)
     assert tr.end_bytes == allocator_bytes(idx.numel() * 4) + allocator_bytes(counts.numel() * 4)
     assert measured > 0 and measured <= declared <= measured * 1.02, (measured, declared)
     del idx, counts
