@@ -139,9 +139,11 @@ def cmd_info(args) -> int:
     if args.quantize is not None:
         qmeta = LongCatDiT.from_config(cfg, device="meta", dtype=dtype, kernels="reference", quantize=args.quantize)
         info["quantized_weight_bytes"] = qmeta.weight_bytes()
+    # A budget nothing fits is a failure (exit 1) after the whole report, its stage table included.
+    status = 0 if plan is None or plan.fits else 1
     if args.json:
         print(json.dumps(info))
-        return 0
+        return status
     print(f"LongCat-Video DiT  ({source})")
     for k, v in cfg.to_dict().items():
         print(f"  {k:26s} {v}")
@@ -168,7 +170,7 @@ def cmd_info(args) -> int:
     if refine is None:
         print("refinement 480p -> 720p: estimated for models of the official size only (--refine-estimate "
               "prints it for this config)")
-        return 0
+        return status
     r = refine
     print(f"refinement 480p -> 720p of {r['stage1_frames']} frames, ESTIMATED peak GPU memory (not measured; "
           f"denoising activations traced, the rest assumed: refine_memory_estimate's docstring):")
@@ -181,7 +183,7 @@ def cmd_info(args) -> int:
     print("  stages: " + ", ".join(f"{k} {_fmt_bytes(v)}" for k, v in r["stages"].items()))
     print(f"  peak {_fmt_bytes(r['peak_bytes'])}: {'fits' if r['fits'] else 'does NOT fit'} in "
           f"{_fmt_bytes(r['budget_bytes'])}")
-    return 0
+    return status
 
 
 def _dit_and_inputs(args):

@@ -98,6 +98,57 @@ def test_each_switch_comes_on_exactly_when_needed(tiny_configs, monkeypatch):
     assert not plan(w + p["denoise"] - 1, allow_chunking=False, allow_streaming=False).fits
 
 
+@pytest.fixture
+def count_traces(monkeypatch):
+    """How many traces (runtime.memory.trace_memory calls: every traced stage makes one) ran."""
+    from longcat_native.runtime import memory
+
+    calls, trace = [], memory.trace_memory
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return trace(*args, **kwargs)
+
+    monkeypatch.setattr(memory, "trace_memory", counted)
+    return calls
+
+
+# Shapes no other test traces, so the traces cached by earlier tests cannot hide one.
+FLOOR_VAE = (2, 6, 10)
+
+
+def test_a_budget_under_the_floor_gives_up_before_tracing(tiny_configs, count_traces):
+    """Issue 27 item 9: the floor (the least weights every allowed setting leaves, inputs, latents,
+    overhead) is known without a trace; when the largest stage's floor is over the budget the
+    plan gives up at once: nothing traced, every stage's floor in the table, not fitting."""
+    plan = _plan("1KiB", tiny_configs, vae_latent=FLOOR_VAE)
+    assert count_traces == [] and not plan.traced and not plan.fits
+    assert plan.floor_bytes == plan.peak_bytes > 1024 and all(not s.fits for s in plan.stages)
+    assert [s.name for s in plan.stages] == ["te", "enc", "den", "dec"]
+    assert not (plan.streams or plan.ffn_chunk_tokens or plan.offload_dit or plan.vae_tiling
+                or plan.text_encoder_layer_by_layer)  # nothing chosen: nothing can run
+    text = B.format_plan(plan)
+    assert "does NOT fit" in text and "not traced" in text and "gave up before tracing" in text
+    assert "settings: none chosen" in text
+    assert json.loads(json.dumps(plan.to_dict()))["traced"] is False
+
+
+def test_the_floor_is_a_lower_bound_of_every_plan(tiny_configs, count_traces):
+    """At a budget of exactly the floor the planner traces (it may fit or not); each stage's floor
+    parts are at most the traced ones with every setting on, so a run the planner can fit is
+    never refused by the floor."""
+    floor = _plan("1KiB", tiny_configs, vae_latent=FLOOR_VAE)
+    assert count_traces == []
+    at = _plan(floor.floor_bytes, tiny_configs, vae_latent=FLOOR_VAE)
+    assert at.traced and len(count_traces) > 0 and at.floor_bytes == floor.floor_bytes
+    assert not _plan(floor.floor_bytes - 1, tiny_configs, vae_latent=FLOOR_VAE).traced
+    traced = {s.name: s for s in at.stages}
+    for s in floor.stages:  # at this budget every switch is on, so the traced stages are the least
+        for part, n in s.parts.items():
+            assert n <= traced[s.name].parts[part], (s.name, part)
+        assert s.device_bytes <= traced[s.name].device_bytes
+
+
 def test_a_step_cache_is_counted_in_every_denoising_stage(tiny_configs):
     """With a StepCache the denoising stage is its cached run's traced peak, its buffers a part of
     their own; a budget the plain pass fits exactly then needs forward chunking."""
@@ -136,11 +187,15 @@ def test_model_offload_when_a_stage_does_not_fit_beside_the_dit(tiny_configs):
 def test_text_encoder_layer_by_layer_when_it_does_not_fit_alone(tiny_configs):
     p = _pieces(tiny_configs)
     assert p["te_piece"] < p["te"]
-    plan = _plan(p["te"] - 1, tiny_configs, vae_latent=(1, 2, 2), allow_streaming=True)
-    assert plan.text_encoder_layer_by_layer
-    te_row = next(s for s in plan.stages if s.kind == "text_encode")
+    te, vae = tiny_configs
+    # The text encoder alone: a budget under the denoising pass's floor would give up before tracing.
+    plan = lambda budget: plan_memory(budget, dit_config=resolve_config("tiny", DEEP), dtype=torch.float32,  # noqa: E731
+                                      stages=_stages()[:1], text_encoder_config=te, vae_config=vae, overhead_bytes=0)
+    layered = plan(p["te"] - 1)
+    assert layered.text_encoder_layer_by_layer and layered.fits and layered.offload_dit
+    te_row = layered.stages[0]
     assert te_row.parts["text_encoder_weights"] < p["te"] - p["te_piece"] + te_row.parts["text_encoder_weights"]
-    assert not _plan(p["te"], tiny_configs).text_encoder_layer_by_layer
+    assert not plan(p["te"]).text_encoder_layer_by_layer
 
 
 def test_vae_tiling_only_when_whole_frames_do_not_fit(tiny_configs):

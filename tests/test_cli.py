@@ -212,3 +212,23 @@ def test_info_memory_plan_with_a_step_cache(capsys):
             assert c == p
     assert main(["info", "--config", "tiny", "--cache", "dbcache"]) != 0
     assert "needs --max-memory" in capsys.readouterr().err
+
+
+def test_info_with_a_budget_nothing_fits_fails_fast_with_the_table(capsys, monkeypatch):
+    """Issue 27 item 9: the whole report, the stage table with each stage's floor included, then
+    exit 1; the planner gives up on the floor without tracing a stage (it used to trace every
+    stage at the real shapes: minutes for the official model). --json: the same status."""
+    from longcat_native.pipelines import budget
+
+    def no_trace(*args, **kwargs):
+        raise AssertionError("a stage was traced")
+
+    for tracer in ("_denoise_activation", "trace_text_encoder", "_vae_trace"):
+        monkeypatch.setattr(budget, tracer, no_trace)
+    base = ["info", "--config", "tiny", "--frames", "13", "--height", "64", "--width", "96", "--max-memory", "1KiB"]
+    assert main(base) == 1
+    out = capsys.readouterr().out
+    assert "does NOT fit" in out and "OVER" in out and "gave up before tracing" in out and "peak activations" in out
+    assert main(base + ["--json"]) == 1
+    plan = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["memory_plan"]
+    assert not plan["fits"] and not plan["traced"] and plan["floor_bytes"] > 1024

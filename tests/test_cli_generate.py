@@ -488,6 +488,24 @@ def test_quantize_and_memory_budget_flags(capsys, tmp_path):
     assert not (tmp_path / "y.safetensors").exists()
 
 
+def test_an_impossible_budget_fails_before_loading_or_tracing(capsys, tmp_path, monkeypatch):
+    """Issue 27 item 9: --max-memory under the run's floor is an error with the stage table, before
+    the model loads and before any stage is traced (the floor needs sizes only)."""
+    from longcat_native.pipelines import budget, run
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("loaded or traced")
+
+    for tracer in ("_denoise_activation", "trace_text_encoder", "_vae_trace"):
+        monkeypatch.setattr(budget, tracer, forbidden)
+    monkeypatch.setattr(run, "_load", forbidden)  # the run's model (and VAE) loading
+    out = tmp_path / "x.safetensors"
+    assert main(["generate", "--steps", "2", "--max-memory", "1MiB", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "does not fit --max-memory 1MiB" in err and "gave up before tracing" in err and "denoise" in err
+    assert not out.exists()
+
+
 def test_checkpoint_run_within_a_budget(capsys, tmp_path, tiny_root):
     """--max-memory with the tiny checkpoint root: the plan traces the text encoder, the denoising
     pass and the VAE decode of this run's own shapes (the checkpoint's component configs); a

@@ -17,6 +17,10 @@ allocated or computed), then picks, in this order, the cheapest settings that fi
 5. VAE tiling when a whole-frame decode or encode does not fit even alone (this one CHANGES
    PIXELS at the tile seams; the plan says so and the pipeline warns).
 
+Before any of that, the run's floor (each stage's weights, inputs and overhead with every allowed
+setting on, from sizes alone) is compared with the budget: when it is over, the plan gives up
+without tracing (``plan.traced`` False), since no setting could make the run fit.
+
 A stage's peak is the bytes PyTorch allocates on the device: the weights resident during it,
 its inputs and outputs, its traced activation peak, and ``overhead_bytes`` (1 GiB: the CUDA
 context, cuBLAS workspaces and the caching allocator's slack, which the tracer cannot see).
@@ -137,6 +141,37 @@ def _denoise_activation(cfg_json: str, batch: int, latent: Tuple[int, int, int],
     return r["inputs"], r["activation_peak"], r["step_cache_bytes"], r["trace"].peak_op
 
 
+def _umt5_meta(config_json: Optional[str], dtype: torch.dtype):
+    """transformers' ``UMT5EncoderModel`` of ``config_json`` (default :data:`UMT5_XXL_CONFIG`) on
+    the meta device, in ``dtype``."""
+    from .media import require
+
+    transformers = require("transformers")
+    cfg = dict(UMT5_XXL_CONFIG if config_json is None else json.loads(config_json))
+    for key in ("architectures", "transformers_version", "dtype", "torch_dtype", "_name_or_path"):
+        cfg.pop(key, None)
+    with torch.device("meta"):
+        model = transformers.UMT5EncoderModel(transformers.UMT5Config(**cfg))
+    return model.to(dtype).eval()
+
+
+def _wan_vae_meta(config_json: Optional[str], dtype: torch.dtype):
+    """diffusers' ``AutoencoderKLWan`` of ``config_json`` (default the Wan 2.1 VAE) on the meta
+    device, in ``dtype``."""
+    from .media import require
+
+    diffusers = require("diffusers")
+    cfg = {} if config_json is None else {k: v for k, v in json.loads(config_json).items() if not k.startswith("_")}
+    with torch.device("meta"):
+        vae = diffusers.AutoencoderKLWan(**cfg)
+    verbosity = diffusers.utils.logging.get_verbosity()
+    diffusers.utils.logging.set_verbosity_error()  # its "cast with torch_dtype" advice is for loading
+    try:
+        return vae.to(dtype).eval()
+    finally:
+        diffusers.utils.logging.set_verbosity(verbosity)
+
+
 @functools.lru_cache(maxsize=8)
 def trace_text_encoder(config_json: Optional[str] = None, batch: int = 2, tokens: int = 512,
                        dtype: torch.dtype = torch.bfloat16) -> Dict[str, Any]:
@@ -146,15 +181,8 @@ def trace_text_encoder(config_json: Optional[str] = None, batch: int = 2, tokens
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from ..runtime.memory import trace_memory
-    from .media import require
 
-    transformers = require("transformers")
-    cfg = dict(UMT5_XXL_CONFIG if config_json is None else json.loads(config_json))
-    for key in ("architectures", "transformers_version", "dtype", "torch_dtype", "_name_or_path"):
-        cfg.pop(key, None)
-    with torch.device("meta"):
-        model = transformers.UMT5EncoderModel(transformers.UMT5Config(**cfg))
-    model = model.to(dtype).eval()
+    model = _umt5_meta(config_json, dtype)
     with FakeTensorMode(allow_non_fake_inputs=True):
         model = model.to_empty(device="cpu")
         model.tie_weights()  # to_empty makes new tensors: the shared embedding is one table again
@@ -178,18 +206,8 @@ def _vae_trace(config_json: Optional[str], op: str, frames: int, h: int, w: int,
 
     from ..runtime.memory import trace_memory
     from .components import VideoVAE
-    from .media import require
 
-    diffusers = require("diffusers")
-    cfg = {} if config_json is None else {k: v for k, v in json.loads(config_json).items() if not k.startswith("_")}
-    with torch.device("meta"):
-        vae = diffusers.AutoencoderKLWan(**cfg)
-    verbosity = diffusers.utils.logging.get_verbosity()
-    diffusers.utils.logging.set_verbosity_error()  # its "cast with torch_dtype" advice is for loading
-    try:
-        vae = vae.to(dtype).eval()
-    finally:
-        diffusers.utils.logging.set_verbosity(verbosity)
+    vae = _wan_vae_meta(config_json, dtype)
     with FakeTensorMode(allow_non_fake_inputs=True):
         vae = vae.to_empty(device="cpu")
         v = VideoVAE(vae, device="cpu", tiling=tiling)
@@ -225,6 +243,28 @@ def trace_vae(config_json: Optional[str] = None, op: str = "decode", latent: Tup
         peak = p2 + (p2 - p1) * (T - t2)
         io = io2 + (io2 - io1) * (T - t2)
     return {"weights": weights, "inputs": io, "activation_peak": peak, "tiling": tiling, "exact": exact}
+
+
+# -- the floor: what no setting removes, known without a trace -------------------------------------
+
+def _raw_bytes(module) -> int:
+    """A module's parameter and buffer bytes, a shared one once, not rounded to allocator blocks
+    (at most what a traced stage counts for them)."""
+    return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+
+
+@functools.lru_cache(maxsize=8)
+def _text_encoder_weights(config_json: Optional[str], dtype: torch.dtype) -> Tuple[int, int]:
+    """(all weights, the largest piece sequential offload holds) of the text encoder, on meta."""
+    from .components import layer_pieces
+
+    model = _umt5_meta(config_json, dtype)
+    return _raw_bytes(model), max(_raw_bytes(m) for m in layer_pieces(model))
+
+
+@functools.lru_cache(maxsize=8)
+def _vae_weights(config_json: Optional[str], dtype: torch.dtype) -> int:
+    return _raw_bytes(_wan_vae_meta(config_json, dtype))
 
 
 # -- the plan ------------------------------------------------------------------------------------
@@ -263,6 +303,8 @@ class MemoryPlan:
     step_cache: Optional[Dict[str, Any]] = None  # the StepCache's params() the denoising stages were traced with
     stages: List[StagePlan] = field(default_factory=list)
     notes: List[str] = field(default_factory=list)
+    floor_bytes: int = 0  # the largest stage's bytes no allowed setting removes (a lower bound, not traced)
+    traced: bool = True  # False: the floor was over the budget, nothing was traced (stages show their floors)
 
     @property
     def fits(self) -> bool:
@@ -282,7 +324,8 @@ class MemoryPlan:
                 "resident_blocks": self.resident_blocks, "depth": self.depth, "streams": self.streams,
                 "offload_dit": self.offload_dit, "vae_tiling": self.vae_tiling,
                 "text_encoder_layer_by_layer": self.text_encoder_layer_by_layer, "step_cache": self.step_cache,
-                "stages": [s.to_dict() for s in self.stages], "notes": list(self.notes), "traced": True}
+                "stages": [s.to_dict() for s in self.stages], "notes": list(self.notes),
+                "floor_bytes": self.floor_bytes, "traced": self.traced}
 
 
 def _config(cfg):
@@ -321,6 +364,48 @@ def plan_memory(budget, *, dit_config="longcat-video", quantize: Optional[str] =
     vae_json = None if vae_config is None else json.dumps(vae_config, sort_keys=True)
     denoise = [s for s in stages if s.kind == "denoise"]
     latents_bytes = {s.name: 4 * 4 * cfg.in_channels * s.batch * math.prod(s.latent) for s in denoise}
+    item = torch.empty((), dtype=dtype).element_size()
+
+    def floor_parts(s):
+        """What stage ``s`` needs with every allowed setting on, from sizes alone (no trace): its
+        fewest weights (the DiT streamed, the text encoder one piece at a time), its inputs (the
+        DiT's and the text encoder's, traced exactly at these shapes), the latents, the overhead.
+        Activations and the VAE's inputs come on top: each part is at most the planned one."""
+        if s.kind == "denoise":
+            weights = dit_device_bytes(cfg, dtype, quantize, None)["total"]
+            if allow_streaming:
+                weights = min(weights, dit_device_bytes(cfg, dtype, quantize, 0)["total"])
+            inputs = s.batch * (cfg.in_channels * math.prod(s.latent) * item + s.tokens * cfg.caption_channels * item
+                                + 8 * s.tokens + 4)  # latent, text, mask, timestep
+            return {"dit_weights": weights, "inputs": inputs, "latents": latents_bytes[s.name],
+                    "overhead": overhead_bytes}
+        if s.kind == "text_encode":
+            whole, piece = _text_encoder_weights(te_json, dtype)
+            return {"text_encoder_weights": piece if allow_sequential_text_encoder else whole,
+                    "inputs": 2 * 8 * s.batch * s.tokens, "overhead": overhead_bytes}
+        if s.kind in ("vae_decode", "vae_encode"):
+            return {"vae_weights": _vae_weights(vae_json, dtype), "overhead": overhead_bytes}
+        raise ValueError(f"unknown stage kind {s.kind!r}")
+
+    # The floor first: tracing a stage at the real shapes takes seconds to minutes, and when even
+    # the floor of one stage is over the budget no setting can make the run fit. Give up then, with
+    # every stage's floor in the table.
+    floors = {s.name: floor_parts(s) for s in stages}
+    floor = max((sum(p.values()) for p in floors.values()), default=0)
+    if floor > budget:
+        over = max(stages, key=lambda s: sum(floors[s.name].values()))
+        # No setting is chosen (they stay off): there is nothing to run them with.
+        plan = MemoryPlan(budget, quantize, str(dtype).replace("torch.", ""), None, None, cfg.depth,
+                          offload_dit=False, vae_tiling=False,
+                          step_cache=None if cache_params is None else dict(cache_params),
+                          floor_bytes=floor, traced=False)
+        plan.stages = [StagePlan(s.name, s.kind, sum(floors[s.name].values()), ["dit"] if s.kind == "denoise" else
+                                 ["text_encoder" if s.kind == "text_encode" else "vae"], floors[s.name],
+                                 sum(floors[s.name].values()) <= budget, "floor, not traced")
+                       for s in stages]
+        plan.notes.append(f"gave up before tracing: stage {over.name} needs at least {floor / GiB:.2f} GiB with every "
+                          f"allowed setting on (weights, inputs and overhead alone), over the budget")
+        return plan
 
     def denoise_need(s, chunk, resident):
         inputs, act, cache, _ = _denoise_activation(cfg_json, s.batch, tuple(s.latent), s.bsa, dtype, quantize, chunk,
@@ -374,7 +459,7 @@ def plan_memory(budget, *, dit_config="longcat-video", quantize: Optional[str] =
     offload = any(sum(side_parts(s).values()) + dit_on > budget for s in sides)
     plan = MemoryPlan(budget, quantize, str(dtype).replace("torch.", ""), chunk, resident, cfg.depth,
                       offload_dit=offload, vae_tiling=tiling, text_encoder_layer_by_layer=sequential,
-                      step_cache=None if cache_params is None else dict(cache_params), notes=notes)
+                      step_cache=None if cache_params is None else dict(cache_params), notes=notes, floor_bytes=floor)
     rows: List[StagePlan] = []
     for s in stages:
         if s.kind == "denoise":
@@ -405,12 +490,17 @@ def _gib(n: int) -> str:
 def format_plan(plan: MemoryPlan) -> str:
     """The plan as a table: one row per stage (traced device peak, what is on the device, the
     parts), then the settings chosen."""
-    lines = [f"device budget {_gib(plan.budget_bytes).strip()}, DiT weights {plan.quantize or plan.dtype}: "
-             + ("fits" if plan.fits else "does NOT fit") + f" (peak {_gib(plan.peak_bytes).strip()})"]
+    verdict = (f"does NOT fit (peak at least {_gib(plan.peak_bytes).strip()}: not traced, the floor is over)"
+               if not plan.traced else ("fits" if plan.fits else "does NOT fit") + f" (peak {_gib(plan.peak_bytes).strip()})")
+    lines = [f"device budget {_gib(plan.budget_bytes).strip()}, DiT weights {plan.quantize or plan.dtype}: " + verdict]
     for s in plan.stages:
         parts = ", ".join(f"{k} {v / GiB:.2f}" for k, v in s.parts.items())
         lines.append(f"  {s.name:18s} {_gib(s.device_bytes)} {'ok ' if s.fits else 'OVER'}  on device: "
                      f"{'+'.join(s.on_device)}{' (' + s.note + ')' if s.note else ''}  [{parts} GiB]")
+    if not plan.traced:
+        lines.append("  settings: none chosen (the floor is over the budget with every setting on)")
+        lines += [f"  note: {n}" for n in plan.notes]
+        return "\n".join(lines)
     settings = [f"forward chunking {plan.ffn_chunk_tokens or 'off'}",
                 f"resident blocks {plan.depth if plan.resident_blocks is None else plan.resident_blocks}/{plan.depth}",
                 f"model offload {'on' if plan.offload_dit else 'off'}",
