@@ -199,6 +199,176 @@ def test_saved_folder_hostile(tmp_path):
         lcn.LongCatDiT.from_config("tiny", device="meta", quantize="fp8").save_quantized(tmp_path / "u")
 
 
+@pytest.mark.parametrize("mode", [None, "int8-weight-only"])
+def test_save_of_a_streaming_model_saves_its_weights(tmp_path, mode):
+    """A model with offload="blocks" saves its real weights (the host copies), not the staging
+    buffers: depth 4 with one resident block, so three streamed blocks share two staging sets."""
+    cfg = dict(depth=4)
+    ref = _tiny(mode, dtype=torch.float16, cfg=cfg)
+    dit = _tiny(mode, dtype=torch.float16, cfg=cfg, offload="blocks", resident_blocks=1)
+    assert dit.weight_streamer is not None and len(dit.weight_streamer.streamed) == 3
+    args = _inputs(dit.config)
+    _forward(dit, args)  # the staging sets hold the last blocks copied
+    dit.save_quantized(tmp_path / "s")
+    back = lcn.LongCatDiT.from_pretrained(tmp_path / "s")
+    _assert_state_equal(back, _state(ref), "saved from a streaming model")
+    streamed_back = lcn.LongCatDiT.from_pretrained(tmp_path / "s", offload="blocks", resident_blocks=0)
+    assert torch.equal(_forward(streamed_back, args), _forward(ref, args))
+
+
+def _listing(folder):
+    return sorted(p.name for p in folder.iterdir())
+
+
+@pytest.mark.parametrize("failure", [KeyboardInterrupt, OSError])
+def test_an_interrupted_save_leaves_the_previous_save_whole(tmp_path, monkeypatch, failure):
+    """Interrupted after the weights file and before the config and description, a save over an
+    earlier one leaves the earlier one, loading as it was (not its description over the new
+    weights), and no temporary folder behind."""
+    first, second = _tiny("int8-weight-only", seed=1), _tiny("int8-weight-only", seed=2)
+    folder = tmp_path / "saved"
+    first.save_quantized(folder)
+    real = qz.write_safetensors
+
+    def write_then_fail(*args, **kwargs):
+        real(*args, **kwargs)
+        raise failure("interrupted between the files of a save")
+
+    monkeypatch.setattr(qz, "write_safetensors", write_then_fail)
+    with pytest.raises(failure, match="interrupted between"):
+        second.save_quantized(folder)
+    monkeypatch.undo()
+    assert _listing(tmp_path) == ["saved"]
+    _assert_state_equal(lcn.LongCatDiT.from_pretrained(folder), _state(first), "after the interrupted save")
+    second.save_quantized(folder)  # a previous save is replaced as a whole
+    _assert_state_equal(lcn.LongCatDiT.from_pretrained(folder), _state(second), "after the second save")
+    assert _listing(tmp_path) == ["saved"] and _listing(folder) == sorted(qz.NATIVE_FILES)
+
+
+def test_a_save_that_fails_while_swapping_folders_puts_the_previous_back(tmp_path, monkeypatch):
+    """The replacement is two renames (the previous save aside, the new one in): when the second
+    fails the previous save goes back to its place, and the new folder is removed."""
+    import os
+
+    first = _tiny("int8-weight-only", seed=1)
+    folder = tmp_path / "saved"
+    first.save_quantized(folder)
+    real, calls = os.rename, []
+
+    def second_rename_fails(src, dst):
+        calls.append((src, dst))
+        if len(calls) == 2:
+            raise OSError("disk gone")
+        real(src, dst)
+
+    monkeypatch.setattr(os, "rename", second_rename_fails)
+    with pytest.raises(OSError, match="disk gone"):
+        _tiny("int8-weight-only", seed=2).save_quantized(folder)
+    monkeypatch.undo()
+    assert len(calls) == 3 and _listing(tmp_path) == ["saved"]  # aside, in (failed), back
+    _assert_state_equal(lcn.LongCatDiT.from_pretrained(folder), _state(first), "after the failed swap")
+
+
+def test_save_refuses_a_folder_it_did_not_write(tmp_path):
+    """Saving into a copy of the official dit/ folder is refused before anything is written (its
+    config.json and weights untouched); so is a previous save holding other files. A new or
+    empty folder is written."""
+    official = tmp_path / "dit"
+    shutil.copytree(FIXTURE_ROOT / "dit", official)
+    before = {p.name: p.read_bytes() for p in official.iterdir()}
+    dit = _tiny("int8-weight-only")
+    with pytest.raises(ValueError, match=r"is not empty \(config\.json, diffusion_pytorch_model\.safetensors\) and is "
+                                         r"not a folder written by save_quantized"):
+        dit.save_quantized(official)
+    assert {p.name: p.read_bytes() for p in official.iterdir()} == before
+    assert _listing(tmp_path) == ["dit"]
+    saved = tmp_path / "saved"
+    dit.save_quantized(saved)
+    (saved / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match=r"also holds files save_quantized did not write \(notes\.txt\)"):
+        dit.save_quantized(saved)
+    assert (saved / "notes.txt").read_text() == "mine"
+    (tmp_path / "empty").mkdir()
+    dit.save_quantized(tmp_path / "empty")
+    _assert_state_equal(lcn.LongCatDiT.from_pretrained(tmp_path / "empty"), _state(dit), "saved into an empty folder")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="is a file"):
+        dit.save_quantized(tmp_path / "file")
+
+
+# ---------------------------------------------------------------------------------------------
+# Files that lie: stored dtypes checked against the description, dequantized range against the dtype
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("saved,lie,quantize,match", [
+    ("int8-weight-only", dict(quantization="fp8"), None,
+     r'disagree with longcat_quantized\.json, which says quantization "fp8", dtype float16 \(14\): '
+     r"blocks\.0\.attn\.proj\.weight: stored I8, expected F8_E4M3"),
+    ("int8-weight-only", dict(quantization=None), None,
+     r"says quantization null, dtype float16 \(14\): blocks\.0\.attn\.proj\.weight: stored quantized \(I8\), "
+     r"expected F16"),
+    ("int8-weight-only", dict(quantization=None), "int8-weight-only", r"stored quantized \(I8\)"),
+    ("fp8", dict(quantization="int8-weight-only"), None, r"blocks\.0\.ffn\.w2\.weight: stored F8_E4M3, expected I8"),
+    (None, dict(quantization="int8-weight-only"), None, r"blocks\.0\.ffn\.w13\.weight: stored F16, expected I8"),
+    ("int8-weight-only", dict(dtype="float32"), None,
+     r'says quantization "int8-weight-only", dtype float32 \(40\): blocks\.0\.adaLN_modulation\.bias: stored F16, '
+     r"expected F32"),
+    ("int8-weight-only", dict(dtype="float64"), None, r"unknown dtype 'float64'"),
+])
+def test_a_description_that_disagrees_with_its_tensors_is_refused(tmp_path, saved, lie, quantize, match):
+    dit = _tiny(saved, dtype=torch.float16)
+    folder = tmp_path / "s"
+    dit.save_quantized(folder)
+    meta = json.loads((folder / "longcat_quantized.json").read_text())
+    (folder / "longcat_quantized.json").write_text(json.dumps(dict(meta, **lie)))
+    with pytest.raises(CheckpointError, match=match):
+        lcn.LongCatDiT.from_pretrained(folder, quantize=quantize)
+
+
+def test_saved_scales_that_overflow_the_load_dtype_are_refused(tmp_path):
+    """Scales whose dequantized weights overflow float16 (127 x 1e4 > 65504): refused at load in
+    float16, naming the tensor; the same folder loads in float32, where the values fit."""
+    dit = _tiny("int8-weight-only", dtype=torch.float16)
+    folder = tmp_path / "s"
+    dit.save_quantized(folder)
+    sd = load_file(str(folder / "model.safetensors"))
+    sd["blocks.1.ffn.w2.weight_scale"][5] = 1e4
+    save_file(sd, str(folder / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"\(1\): blocks\.1\.ffn\.w2\.weight \(dequantized with its scales it "
+                                              r"overflows float16\)"):
+        lcn.LongCatDiT.from_pretrained(folder)
+    back = lcn.LongCatDiT.from_pretrained(folder, dtype=torch.float32)
+    w = back.blocks[1].ffn.w2
+    assert torch.isfinite(qz.dequantize(w.weight, w.weight_scale, torch.float32)).all()
+
+
+def test_official_int8_scales_that_overflow_the_load_dtype_are_refused(tmp_path):
+    sd = official_int8_state_dict()
+    sd["blocks.0.attn.proj.weight_scale"][0] = 1e4
+    folder = write_int8_folder(tmp_path / "int8", sd)
+    with pytest.raises(CheckpointError, match=r"\(1\): blocks\.0\.attn\.proj\.weight_int8 \(dequantized with its "
+                                              r"scales it overflows float16\)"):
+        lcn.LongCatDiT.from_pretrained(folder, dtype=torch.float16)
+    assert lcn.LongCatDiT.from_pretrained(folder, dtype=torch.float32).quantization == "int8-weight-only"
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_float_checkpoint_beyond_float16_quantized_is_refused(tmp_path, mode):
+    """A float32 checkpoint with a weight beyond the float16 range, loaded in float16 with
+    quantize=: the quantized values are fine but dequantized in float16 they are Inf; refused,
+    naming the official tensor. In float32 it loads."""
+    folder = tmp_path / "dit"
+    shutil.copytree(FIXTURE_ROOT / "dit", folder)
+    sd = load_file(str(folder / "diffusion_pytorch_model.safetensors"))
+    sd["blocks.1.ffn.w3.weight"][7, 3] = 1e5
+    save_file(sd, str(folder / "diffusion_pytorch_model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"\(1\): blocks\.1\.ffn\.w3\.weight \(dequantized with its scales it "
+                                              r"overflows float16\)"):
+        lcn.LongCatDiT.from_pretrained(folder, dtype=torch.float16, quantize=mode)
+    assert lcn.LongCatDiT.from_pretrained(folder, dtype=torch.float32, quantize=mode).quantization == mode
+
+
 # ---------------------------------------------------------------------------------------------
 # LoRA on a quantized model
 # ---------------------------------------------------------------------------------------------

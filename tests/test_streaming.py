@@ -217,6 +217,44 @@ def test_composes_with_quantized_model():
     assert len(dtypes) > 1
 
 
+def _bits(t):
+    return t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t
+
+
+def _assert_same_state(got, want, what):
+    assert sorted(got) == sorted(want), what
+    for k in want:
+        assert got[k].dtype == want[k].dtype and torch.equal(_bits(got[k]), _bits(want[k])), f"{what}: {k}"
+
+
+@pytest.mark.parametrize("quantize", [None, "int8-weight-only", "fp8"])
+def test_state_dict_of_a_streaming_model_is_its_weights(quantize):
+    """state_dict() of a streaming model (and of a streamed block) holds the real weights, the
+    host copies, not the staging buffers (which hold whichever block was copied last and are
+    shared between blocks); load_state_dict writes the host copies, so the next forward uses the
+    loaded weights. Depth 4 with one resident block: blocks 1 and 3 share a staging set."""
+    ref = _model(quantize=quantize)
+    other = _model(quantize=quantize, seed=7)
+    dit = _model(quantize=quantize, offload="blocks", resident_blocks=1)
+    assert dit.weight_streamer is not None and dit.weight_streamer.streamed == (1, 2, 3)
+    x, t, text = _inputs()
+    with torch.no_grad():
+        dit(x, t, text)  # the staging sets now hold blocks 2 and 3
+    _assert_same_state(dit.state_dict(), ref.state_dict(), "streaming model")
+    _assert_same_state(dit.blocks[1].state_dict(), ref.blocks[1].state_dict(), "streamed block")
+    _assert_same_state(dit.blocks[1].ffn.state_dict(), ref.blocks[1].ffn.state_dict(), "submodule of a streamed block")
+    sd = dit.state_dict()
+    assert sd["blocks.1.ffn.w2.weight"].data_ptr() != sd["blocks.3.ffn.w2.weight"].data_ptr()
+    dit.load_state_dict(other.state_dict())
+    _assert_same_state(dit.state_dict(), other.state_dict(), "after load_state_dict")
+    assert dit.weight_streamer.attached and dit.blocks[2].ffn.w13.weight.untyped_storage().data_ptr() in {
+        b.untyped_storage().data_ptr() for b in dit.weight_streamer.staging}
+    with torch.no_grad():
+        assert torch.equal(dit(x, t, text), other(x, t, text))
+    dit.disable_weight_streaming()  # the hooks go with the streamer: the block's own tensors again
+    _assert_same_state(dit.state_dict(), other.state_dict(), "after disable")
+
+
 def test_unmerged_lora_composes_merged_refused(fixtures_dir):
     dit = LongCatDiT.from_pretrained(fixtures_dir, kernels="reference", device="cpu")
     dit.load_lora(fixtures_dir / "lora" / "cfg_step_lora.safetensors", "a", lora_network_dim=4)

@@ -190,7 +190,8 @@ class LongCatDiT(LongCatTransformer):
         if kind == "official":
             plan = check_official_weights({n: tuple(p.shape) for n, p in model.named_parameters()}, files, cfg)
         else:
-            plan = qz.check_quantized_checkpoint(model, files, kind, cfg)
+            described = qz.native_description(dit_dir) if kind == "native" else None
+            plan = qz.check_quantized_checkpoint(model, files, kind, cfg, described)
         cp = _context_parallel(cfg, cp_size, device)
         model = cls._materialize(model, device, offload, resident_blocks, max_memory)
         if kind == "official" and mode is None:

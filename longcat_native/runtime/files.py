@@ -19,6 +19,9 @@ Use::
 
     write_text_atomic("results.md", text)
     write_json_atomic("results.json", obj, indent=2)
+
+    with atomic_folder("weights/saved") as tmp:   # several files that belong together (a model save)
+        write_the_files_into(tmp)               # renamed into place as one unit, or not at all
 """
 
 from __future__ import annotations
@@ -27,10 +30,11 @@ import contextlib
 import json
 import os
 import secrets
+import shutil
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
-__all__ = ["atomic_output", "write_bytes_atomic", "write_text_atomic", "write_json_atomic",
+__all__ = ["atomic_output", "atomic_folder", "write_bytes_atomic", "write_text_atomic", "write_json_atomic",
            "check_output_path", "check_mp4", "default_file_mode"]
 
 PathLike = Union[str, os.PathLike]
@@ -153,6 +157,65 @@ def atomic_output(path: PathLike, *, validate: Optional[Callable[[str], None]] =
         raise
     if fsync:
         _fsync_dir(folder)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+@contextlib.contextmanager
+def atomic_folder(path: PathLike, *, make_parent: bool = False, fsync: bool = True) -> Iterator[Path]:
+    """Yield a new, empty temporary folder next to ``path`` (``.tmp-<random>-<name>``); when the
+    block exits normally the folder takes ``path``'s place as one unit, a previous folder there
+    included (which is then deleted). On any exception (KeyboardInterrupt included) the temporary
+    folder is deleted and ``path`` is left as it was.
+
+    Why a folder and not its files one by one: a model save is several files that only make sense
+    together (weights, config, description); replaced file by file, an interruption between two
+    leaves a folder that reads as a mix of two saves. Here a reader sees the old folder or the new
+    one. Replacing an existing folder takes two renames (POSIX cannot rename over a non-empty
+    folder): the old one is moved aside to ``.old-<random>-<name>``, then the new one into place;
+    an interruption between the two leaves no folder at ``path`` (a clear "not found", never a
+    mix) with both complete folders beside it. Deciding whether ``path`` may be replaced is the
+    caller's (``save_quantized`` refuses a folder it did not write)."""
+    dest = Path(os.path.realpath(Path(os.fspath(path)).expanduser()))
+    if dest.exists() and not dest.is_dir():
+        raise NotADirectoryError(f"cannot write the folder {str(dest)!r}: it is a file")
+    parent = dest.parent
+    if make_parent:
+        parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(100):
+        tmp = parent / f"{_TMP_PREFIX}{secrets.token_hex(4)}-{dest.name}"
+        try:
+            os.mkdir(tmp)  # the default mode, as a plain mkdir gives (0o777 less the umask)
+        except FileExistsError:
+            continue
+        break
+    else:  # pragma: no cover - 100 collisions of 32 random bits
+        raise FileExistsError(f"cannot create a temporary folder next to {str(dest)!r}")
+    old = None
+    try:
+        yield tmp
+        if fsync:
+            for f in tmp.iterdir():
+                if f.is_file():
+                    _fsync_file(f)
+            _fsync_dir(tmp)
+        if dest.exists():
+            old = parent / f".old-{secrets.token_hex(4)}-{dest.name}"
+            os.rename(dest, old)
+        os.rename(tmp, dest)
+    except BaseException:
+        if old is not None and not dest.exists() and old.exists():
+            os.rename(old, dest)  # the swap failed half way: the previous folder goes back
+            old = None
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if fsync:
+        _fsync_dir(parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def write_bytes_atomic(path: PathLike, data: bytes, **kwargs) -> str:

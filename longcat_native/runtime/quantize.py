@@ -384,16 +384,31 @@ def checkpoint_mode(folder: Path, kind: str, quantize: Optional[str]) -> Tuple[O
             raise CheckpointError(f"{cfg_path}: quantization_method {method!r} is not supported; longcat-native reads "
                                   f"{OFFICIAL_INT8_METHOD!r} (the official INT8 checkpoints)")
         return quantize or "int8-weight-only", None
-    meta = _read_json(folder / NATIVE_MARKER, "longcat-native quantized model description")
+    saved, dt = native_description(folder)
+    return quantize if quantize is not None else saved, dt
+
+
+_MODEL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def native_description(folder: Path) -> Tuple[Optional[str], torch.dtype]:
+    """``(quantization, model dtype)`` as a :func:`save_quantized` folder's description says them,
+    each checked to be a known value (a CheckpointError otherwise). What the description says is
+    checked against the stored tensors by :func:`check_quantized_checkpoint`."""
+    from .weights import CheckpointError
+
+    where = folder / NATIVE_MARKER
+    meta = _read_json(where, "longcat-native quantized model description")
     if meta.get("format") != NATIVE_FORMAT or meta.get("format_version") != NATIVE_FORMAT_VERSION:
-        raise CheckpointError(f"{folder / NATIVE_MARKER}: format {meta.get('format')!r} version "
+        raise CheckpointError(f"{where}: format {meta.get('format')!r} version "
                               f"{meta.get('format_version')!r}; this longcat-native reads {NATIVE_FORMAT!r} version "
                               f"{NATIVE_FORMAT_VERSION}")
     saved = meta.get("quantization")
     if saved is not None and saved not in QUANT_MODES:
-        raise CheckpointError(f"{folder / NATIVE_MARKER}: unknown quantization {saved!r} (one of {list(QUANT_MODES)})")
-    dt = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(meta.get("dtype"))
-    return quantize if quantize is not None else saved, dt
+        raise CheckpointError(f"{where}: unknown quantization {saved!r} (one of {list(QUANT_MODES)} or null)")
+    if meta.get("dtype") not in _MODEL_DTYPES:
+        raise CheckpointError(f"{where}: unknown dtype {meta.get('dtype')!r} (one of {list(_MODEL_DTYPES)})")
+    return saved, _MODEL_DTYPES[meta["dtype"]]
 
 
 def weight_files(folder: Path, kind: str) -> List[Path]:
@@ -440,15 +455,41 @@ def plan_from_official(plan) -> QuantLoadPlan:
                           for key, internal, half in entries])
 
 
-def check_quantized_checkpoint(model: nn.Module, files: List[Path], kind: str, cfg) -> QuantLoadPlan:
+def check_quantized_checkpoint(model: nn.Module, files: List[Path], kind: str, cfg,
+                               described: Optional[Tuple[Optional[str], torch.dtype]] = None) -> QuantLoadPlan:
     """Check the headers of an official-INT8 or native checkpoint against ``model`` (on the meta
     device): one CheckpointError naming every missing, unexpected, wrong-shaped, wrong-dtype or
-    duplicated tensor, and every quantized weight without its scales."""
+    duplicated tensor, and every quantized weight without its scales.
+
+    ``described``: for a native folder, ``(quantization, dtype)`` as its description says them
+    (:func:`native_description`); every stored dtype must agree with it (the block GEMM weights in
+    the storage of that mode, or in the model dtype for null; everything else in the model dtype,
+    scales float32), whatever mode the model is built with. Why: a description that disagrees with
+    its tensors would otherwise be believed: int8 weights under "fp8" re-quantized, under null
+    dequantized, silently."""
     from .weights import (FLOAT_DTYPES, CheckpointError, expected_official_shape, internal_to_official,
                           cap_list, official_to_internal, read_headers)
 
     shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
     official = kind == "official-int8"
+    targets = {f"{n}.weight" for n, _ in quantized_layers(model)}
+    lies: List[str] = []
+    said = ""
+    if described is not None:
+        d_mode, d_dtype = described
+        d_store = _SAFETENSORS_NAMES[storage_dtype(d_mode)] if d_mode is not None else None
+        d_float = _SAFETENSORS_NAMES[d_dtype]
+        said = f"{NATIVE_MARKER}, which says quantization {json.dumps(d_mode)}, dtype {str(d_dtype).replace('torch.', '')}"
+
+        def check_described(key, internal, dtype, quantized):
+            if internal in targets and d_mode is not None:
+                if dtype != d_store:
+                    lies.append(f"{key}: stored {dtype}, expected {d_store}")
+            elif quantized:
+                lies.append(f"{key}: stored quantized ({dtype}), expected {d_float}"
+                            + ("" if internal in targets else " (save_quantized quantizes only the block GEMMs)"))
+            elif dtype != d_float:
+                lies.append(f"{key}: stored {dtype}, expected {d_float}")
     q_suffix = ".weight_int8" if official else ".weight"
     weights: Dict[Tuple[str, int], Tuple[str, Path, Tuple[int, ...], str, bool]] = {}
     scales: Dict[Tuple[str, int], Tuple[str, Path, Tuple[int, ...], str]] = {}
@@ -472,6 +513,8 @@ def check_quantized_checkpoint(model: nn.Module, files: List[Path], kind: str, c
             if internal not in shapes or not internal.endswith(".weight"):
                 unexpected.append(key)
                 continue
+            if described is not None and dtype != "F32":
+                lies.append(f"{key}: stored {dtype}, expected F32 (save_quantized stores float32 scales)")
             claim(scales, internal, half, key, (key, f, shape, dtype))
             continue
         quantized = key.endswith(".weight_int8") if official else dtype in _SAFETENSORS_QUANT
@@ -481,6 +524,8 @@ def check_quantized_checkpoint(model: nn.Module, files: List[Path], kind: str, c
             continue
         if not claim(weights, internal, half, key, (key, f, shape, dtype, quantized)):
             continue
+        if described is not None:
+            check_described(key, internal, dtype, quantized)
         want = expected_official_shape(shapes[internal], internal, half, cfg) if official else shapes[internal]
         if shape != want:
             wrong.append(f"{key}: checkpoint {list(shape)}, model expects {list(want)}")
@@ -517,10 +562,11 @@ def check_quantized_checkpoint(model: nn.Module, files: List[Path], kind: str, c
                 item.scale_key, item.scale_file = skey, sf
             plan.items.append(item)
     unexpected += [v[0] + " (scales of no quantized weight)" for v in scales.values()]
-    if missing or unexpected or wrong or duplicates:
-        lines = [f"checkpoint {cap_list([str(f) for f in files], 4)} does not match the model config:"]
+    if missing or unexpected or wrong or duplicates or lies:
+        lines = [f"checkpoint {cap_list([str(f) for f in files], 4)} does not match the model config"
+                 + (" or its description:" if lies else ":")]
         for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape or dtype", wrong),
-                             ("duplicated across shards", duplicates)):
+                             ("duplicated across shards", duplicates), (f"disagree with {said}", lies)):
             if items:
                 lines.append(f"  {title} ({len(items)}): " + cap_list(items))
         raise CheckpointError("\n".join(lines))
@@ -533,12 +579,16 @@ def copy_weights(model: nn.Module, plan: QuantLoadPlan) -> None:
     step where the destination is quantized: a source already quantized in the destination's storage
     dtype is copied as stored (values and scales, bit-exact); any other source is dequantized to
     float32 (if quantized) and quantized per row. Non-quantized destinations get the (dequantized)
-    values cast to the model dtype. NaN/Inf values, non-positive scales -> CheckpointError naming them."""
+    values cast to the model dtype. NaN/Inf values, non-positive scales, and quantized weights whose
+    dequantized values overflow the model dtype (what a weight-only GEMM computes in: a row's
+    largest |q| x its scale must be finite in that dtype) -> CheckpointError naming them."""
     from safetensors import safe_open
 
     from .weights import CheckpointError, cap_list
 
     params = dict(model.named_parameters())
+    model_dtype = next(p.dtype for p in params.values() if p.dtype in (torch.float32, torch.bfloat16, torch.float16))
+    overflow = f"dequantized with its scales it overflows {str(model_dtype).replace('torch.', '')}"
     bad: List[Tuple[str, torch.Tensor]] = []
     with contextlib.ExitStack() as stack:
         handles: Dict[Path, object] = {}
@@ -574,6 +624,7 @@ def copy_weights(model: nn.Module, plan: QuantLoadPlan) -> None:
                     p[rows].copy_(q)
                     layer.weight_scale[rows].copy_(s)
                     del w, q, s
+                bad.append((f"{it.key} ({overflow})", _dequantized_fits(p[rows], layer.weight_scale[rows], model_dtype)))
             else:
                 w = src if src_scale is None else dequantize(src, src_scale, p.dtype)
                 p[rows].copy_(w)
@@ -587,21 +638,99 @@ def copy_weights(model: nn.Module, plan: QuantLoadPlan) -> None:
                               f"({len(problems)}): " + cap_list(problems))
 
 
+def _dequantized_fits(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A 0-d bool tensor (no host sync): every value of ``dequantize(q, scale, dtype)`` is finite.
+    Per row only the largest magnitude matters (the scale is one per row), computed as
+    :func:`dequantize` computes it (the float32 product rounded into ``dtype`` once)."""
+    amax = q.float().abs().amax(dim=1)
+    return torch.isfinite((amax * scale.float()).to(dtype)).all()
+
+
 # ---------------------------------------------------------------------------------------------
 # Our own save format
 # ---------------------------------------------------------------------------------------------
 
 
-def save_quantized(model: nn.Module, path) -> Path:
-    """Write ``model`` to the folder ``path`` (created if needed) in longcat-native's quantized
-    layout: ``model.safetensors`` (internal names; a quantized Linear's ``<name>.weight`` int8 or
-    float8_e4m3fn [out, in] and ``<name>.weight_scale`` float32 [out]; everything else in the model
-    dtype), ``config.json`` (the model config) and ``longcat_quantized.json`` (format, version, mode,
-    model dtype), each written atomically, the description last (a folder without it is not read as
-    this format). ``from_pretrained(path)`` loads it back bit-exactly, without re-quantizing."""
-    from safetensors.torch import save_file
+_SAFETENSORS_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int8: "I8",
+                      FP8_DTYPE: "F8_E4M3", torch.uint8: "U8", torch.int32: "I32", torch.int64: "I64",
+                      torch.float64: "F64", torch.bool: "BOOL"}
+NATIVE_FILES = ("config.json", NATIVE_MARKER, NATIVE_WEIGHTS)  # everything save_quantized writes
 
-    from .files import atomic_output, write_json_atomic
+
+def write_safetensors(path, tensors: Dict[str, torch.Tensor], metadata: Optional[Dict[str, str]] = None) -> None:
+    """Write ``tensors`` to ``path`` in the safetensors format (what ``safetensors.safe_open``
+    reads), one tensor at a time: each is copied to the host on its own, so saving a model on the
+    GPU needs one tensor of host memory, not a host copy of the whole model (``save_file`` takes
+    the whole dict as host tensors), and tensors that are views of one storage (a streamed block's
+    packed host copy) are written as what they are, without copying the storage first.
+
+    The format: 8 bytes little-endian header length, the JSON header (name -> dtype, shape,
+    data_offsets into the data; ``__metadata__``), padded with spaces to 8 bytes, then the raw
+    little-endian data of each tensor in header order."""
+    import sys
+
+    if sys.byteorder != "little":  # pragma: no cover - the format is little-endian
+        raise RuntimeError("write_safetensors: the safetensors format is little-endian; this machine is not")
+    header: Dict[str, object] = {}
+    offset = 0
+    names = sorted(tensors)
+    for name in names:
+        t = tensors[name]
+        if t.dtype not in _SAFETENSORS_NAMES:
+            raise ValueError(f"write_safetensors: {name} has dtype {t.dtype}, which this writer does not store")
+        n = t.numel() * t.element_size()
+        header[name] = {"dtype": _SAFETENSORS_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for name in names:
+            t = tensors[name].detach().to("cpu").contiguous().reshape(-1)
+            if t.numel():
+                f.write(t.view(torch.uint8).numpy().data)
+            del t
+
+
+def check_save_target(folder: Path) -> None:
+    """A folder ``save_quantized`` may write: new, empty, or a previous save holding only what a
+    save writes (it is replaced as a whole). Anything else is a ValueError: saving into an official
+    ``dit/`` folder would rewrite its config.json and leave its float weights beside ours."""
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"save_quantized: {str(folder)!r} is a file; name a folder")
+    if not folder.is_dir():
+        return
+    entries = sorted(p.name for p in folder.iterdir())
+    if not entries:
+        return
+    from .weights import cap_list
+
+    if _folder_kind(folder) != "native":
+        raise ValueError(f"save_quantized: {str(folder)!r} is not empty ({cap_list(entries, 6)}) and is not a folder "
+                         f"written by save_quantized (no {NATIVE_MARKER}); name a new or empty folder, so that no "
+                         "checkpoint is overwritten")
+    foreign = [e for e in entries if e not in NATIVE_FILES]
+    if foreign:
+        raise ValueError(f"save_quantized: {str(folder)!r} is a previous save but also holds files save_quantized did "
+                         f"not write ({cap_list(foreign, 6)}); a save replaces the whole folder, so move them or name "
+                         "another folder")
+
+
+def save_quantized(model: nn.Module, path) -> Path:
+    """Write ``model`` to the folder ``path`` in longcat-native's quantized layout: ``model.safetensors``
+    (internal names; a quantized Linear's ``<name>.weight`` int8 or float8_e4m3fn [out, in] and
+    ``<name>.weight_scale`` float32 [out]; everything else in the model dtype), ``config.json``
+    (the model config) and ``longcat_quantized.json`` (format, version, mode, model dtype).
+    ``from_pretrained(path)`` loads it back bit-exactly, without re-quantizing.
+
+    The folder is written as one unit (``files.atomic_folder``: a new folder renamed into place),
+    so an interrupted save leaves the previous save whole. ``path`` must be new, empty or a
+    previous save (:func:`check_save_target`). The weights come from ``model.state_dict()``: for a
+    streaming model, the host copies of its streamed blocks, not the staging buffers."""
+    from .files import atomic_folder
 
     if next(model.parameters()).is_meta:
         raise ValueError("save_quantized: the model is on the meta device (no data to save)")
@@ -610,20 +739,17 @@ def save_quantized(model: nn.Module, path) -> Path:
         raise ValueError("save_quantized: LoRAs are active (merged weights or branches); call disable_all_loras() "
                          "first: the saved model is the base model")
     folder = Path(str(path)).expanduser()
-    if folder.exists() and not folder.is_dir():
-        raise ValueError(f"save_quantized: {str(folder)!r} is a file; name a folder")
-    folder.mkdir(parents=True, exist_ok=True)
-    tensors = {n: p.detach().to("cpu").contiguous() for n, p in model.named_parameters()}
-    tensors.update({n: b.detach().to("cpu").contiguous() for n, b in model.named_buffers() if n.endswith(".weight_scale")})
+    check_save_target(folder)
     mode = model_quantization(model)
     dtype = str(model.dtype).replace("torch.", "")
-    with atomic_output(folder / NATIVE_WEIGHTS) as tmp:
-        save_file(tensors, tmp, metadata={"format": NATIVE_FORMAT, "quantization": str(mode)})
-    del tensors
-    write_json_atomic(folder / "config.json", model.cfg.to_dict(), indent=2)
-    write_json_atomic(folder / NATIVE_MARKER, {
+    description = {
         "format": NATIVE_FORMAT, "format_version": NATIVE_FORMAT_VERSION, "quantization": mode, "dtype": dtype,
         "weights": NATIVE_WEIGHTS, "quantized_layers": [n for n, _ in quantized_layers(model)] if mode else [],
         "scales": "per output row, float32: w = weight * weight_scale[:, None]",
-    }, indent=2)
+    }
+    with atomic_folder(folder, make_parent=True) as tmp:
+        write_safetensors(tmp / NATIVE_WEIGHTS, model.state_dict(),
+                          metadata={"format": NATIVE_FORMAT, "quantization": str(mode)})
+        (tmp / "config.json").write_text(json.dumps(model.cfg.to_dict(), indent=2), encoding="utf-8")
+        (tmp / NATIVE_MARKER).write_text(json.dumps(description, indent=2), encoding="utf-8")
     return folder

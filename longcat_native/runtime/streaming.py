@@ -166,19 +166,59 @@ class WeightStreamer:
         self._slot_user: List[Optional[int]] = [None] * self.num_staging
         self.attached = False
         self.counters = {"copies": 0, "prefetched": 0, "on_demand": 0, "bytes_copied": 0}
+        self._hooks = self._install_state_dict_hooks()
+
+    # -- state_dict / load_state_dict: the host copies are the weights ---------------------------
+    def _install_state_dict_hooks(self) -> list:
+        """Hooks on every module that registers a streamed tensor, so that ``state_dict()`` (of the
+        model, a block or any submodule) returns the real weights, views of the host copies, and
+        ``load_state_dict`` writes into the host copies. Why: while attached, a streamed block's
+        parameters are views of a staging set, which holds whichever block was copied last (and a
+        set is shared between blocks, so a save would see one storage under several names)."""
+        owned: Dict[int, Tuple[torch.nn.Module, int, List[Tuple[str, _Entry]]]] = {}
+        for i in self.streamed:
+            for e in self._layout[i][0]:
+                for module, name, _ in [(e.module, e.name, e.is_param)] + e.aliases:
+                    owned.setdefault(id(module), (module, i, []))[2].append((name, e))
+        handles = []
+        for module, i, named in owned.values():
+
+            def saved(module, state, prefix, local_metadata, i=i, named=named):
+                host = self.host.get(i)
+                if host is not None:  # else detached: the tensors are the module's own again
+                    for name, e in named:
+                        if prefix + name in state:
+                            state[prefix + name] = e.view(host)
+
+            def before_load(*args, i=i, named=named):
+                if self.host.get(i) is not None:
+                    for _, e in named:
+                        e.point_at(e.view(self.host[i]))
+
+            def after_load(module, incompatible, i=i, named=named):
+                if self.host.get(i) is not None and self.attached and not self.parked:
+                    for _, e in named:
+                        e.point_at(e.view(self.staging[self._slot[i]]))
+                    self.reset()  # a prefetched copy of the old values must not be used
+
+            handles += [module.register_state_dict_post_hook(saved),
+                        module.register_load_state_dict_pre_hook(before_load),
+                        module.register_load_state_dict_post_hook(after_load)]
+        return handles
+
+    def _point_block(self, i: int, buf: torch.Tensor) -> None:
+        for e in self._layout[i][0]:
+            e.point_at(e.view(buf))
 
     # -- where the streamed blocks' tensors point -----------------------------------------------
     def point_at_staging(self) -> None:
         for i in self.streamed:
-            buf = self.staging[self._slot[i]]
-            for e in self._layout[i][0]:
-                e.point_at(e.view(buf))
+            self._point_block(i, self.staging[self._slot[i]])
 
     def point_at_host(self) -> None:
         """The streamed blocks' tensors become views of their host copies (what loading writes into)."""
         for i in self.streamed:
-            for e in self._layout[i][0]:
-                e.point_at(e.view(self.host[i]))
+            self._point_block(i, self.host[i])
 
     def attach(self) -> "WeightStreamer":
         """Point the streamed blocks at their staging sets and install this streamer on the model.
@@ -210,6 +250,9 @@ class WeightStreamer:
                     e.point_at(t)
         self.host = {}
         self._pending = None
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
         if getattr(self.model, "weight_streamer", None) is self:
             self.model.weight_streamer = None
         self.attached = False
