@@ -7,7 +7,12 @@
   step by step, through the model's blocks (``block_fn``), deciding, reusing or extrapolating the
   middle residual itself; the decisions and the latents must match exactly;
 * the measured speed-up on a CPU config where blocks dominate equals the saved fraction of block
-  forwards within 10%; parameter validation; the report; resets; the CLI spec.
+  forwards within 10%; parameter validation; the report; resets; the CLI spec;
+* one run at a time: a run begun on a cache serving another (same thread or another) is refused
+  and the first is unharmed; a run that raises releases the cache.
+
+cache-dit itself is the oracle of the policy (tests/test_step_cache_cache_dit.py); RefPolicy here
+counts TaylorSeer's differences as cache-dit does (from a full step of index >= 3).
 """
 
 import math
@@ -53,6 +58,7 @@ class RefPolicy:
         self.mid = None
         self.derivs = []
         self.last_full = None
+        self.first_full = None
         self.run_len = 0
         self.n_cached = 0
         self.decisions = []
@@ -132,7 +138,10 @@ class RefPolicy:
             self.mid = res
         else:
             new = [res.float()]
-            if self.derivs:
+            if self.first_full is None:
+                self.first_full = self.step
+            # cache-dit's counting: differences from the third step after the first store on
+            if self.derivs and self.step - self.first_full >= 3:
                 dt = float(self.step - self.last_full)
                 for k in range(min(self.order, len(self.derivs))):
                     new.append((new[k] - self.derivs[k]) / dt)
@@ -367,13 +376,14 @@ def _part_capture(log, cache=None):
         def replay():
             held = None
             if cache is not None:
-                held = (cache._step, cache._last_full, cache._n_derivs, cache._run_len)
-                cache._step, cache._last_full, cache._n_derivs, cache._run_len = -999, None, 0, 10 ** 6
+                held = (cache._step, cache._last_full, cache._first_full, cache._n_derivs, cache._run_len)
+                (cache._step, cache._last_full, cache._first_full, cache._n_derivs,
+                 cache._run_len) = -999, None, -999, 0, 10 ** 6
             try:
                 copy_into(out, fn(**static))
             finally:
                 if held is not None:
-                    cache._step, cache._last_full, cache._n_derivs, cache._run_len = held
+                    cache._step, cache._last_full, cache._first_full, cache._n_derivs, cache._run_len = held
 
         return replay, out
 
@@ -680,3 +690,104 @@ def test_context_parallel_two_ranks(tmp_path):
         assert rep["decisions_match_single"], rep
         assert rep["single_rel_err"] <= 1e-4
     assert reps[0]["decisions"] == reps[1]["decisions"]
+
+
+# -- one run at a time ----------------------------------------------------------------------------
+
+def _solo(dit, inputs, **policy):
+    cache = StepCache(**policy)
+    return _run(dit, inputs, cache), cache.stats
+
+
+POLICY = dict(Fn_compute_blocks=1, residual_diff_threshold=0.45, max_warmup_steps=2)
+
+
+def test_a_second_run_on_a_busy_cache_is_refused_and_the_first_carries_on():
+    """A run begun on a cache that serves another run (here from the first run's step callback,
+    in the same thread: what two pipeline calls sharing a cache object, or loops stepping
+    alternately, amount to) is a RuntimeError before it touches the cache; the first run's
+    result and report are those of the run alone."""
+    dit, inputs, _ = _mode("t2v_cfg")
+    expected, solo = _solo(dit, inputs, **POLICY)
+    cache = StepCache(**POLICY)
+    refused = []
+
+    def callback(i, t, x):
+        if i == 3:
+            with pytest.raises(RuntimeError, match="serving another run .* step 4 of 8"):
+                _run(dit, inputs, cache)
+            refused.append(i)
+
+    out = _run(dit, inputs, cache, callback=callback)
+    assert refused == [3]
+    assert torch.equal(out, expected)
+    assert cache.stats["decisions"] == solo["decisions"] and len(cache.runs) == 1
+    # The run over, the same object serves the next one, from an empty cache.
+    assert torch.equal(_run(dit, inputs, cache), expected) and cache.stats["decisions"] == solo["decisions"]
+
+
+def test_a_run_of_another_thread_is_refused():
+    """Thread B's run (or a model call with step_cache= from thread B) while thread A's run is in
+    progress: a RuntimeError in thread B naming the threads; A's run is unharmed."""
+    import threading
+
+    dit, inputs, _ = _mode("t2v_cfg")
+    expected, solo = _solo(dit, inputs, **POLICY)
+    cache = StepCache(**POLICY)
+    errors = {}
+
+    def other_run():
+        try:
+            _run(dit, inputs, cache)
+        except RuntimeError as e:
+            errors["run"] = str(e)
+
+    def other_step():
+        noise, pe, _, _ = inputs
+        try:
+            with torch.no_grad():
+                dit(noise, torch.full((1,), 500.0), pe, step_cache=cache)
+        except RuntimeError as e:
+            errors["call"] = str(e)
+
+    def callback(i, t, x):
+        if i == 2:
+            for target in (other_run, other_step):
+                th = threading.Thread(target=target, name="other")
+                th.start()
+                th.join()
+
+    out = _run(dit, inputs, cache, callback=callback)
+    assert "serving another run (begun in thread 'MainThread'" in errors["run"]
+    assert "StepCache.signal from thread 'other'" in errors["call"]
+    assert torch.equal(out, expected) and cache.stats["decisions"] == solo["decisions"]
+
+
+def test_a_run_that_raises_releases_the_cache():
+    """A run that fails mid-way (here its callback raises) leaves no run behind: the next run on
+    the same object starts empty and equals a run alone; a run begun by hand and left is refused
+    until abort_run() releases it."""
+    dit, inputs, _ = _mode("t2v_cfg")
+    expected, solo = _solo(dit, inputs, **POLICY)
+    cache = StepCache(**POLICY)
+
+    def fail(i, t, x):
+        if i == 4:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _run(dit, inputs, cache, callback=fail)
+    assert cache.runs == []  # no report of an unfinished run
+    assert torch.equal(_run(dit, inputs, cache), expected) and cache.stats["decisions"] == solo["decisions"]
+    token = cache.begin_run(5, [1.0, 0.5])
+    with pytest.raises(RuntimeError, match="abort_run"):
+        _run(dit, inputs, cache)
+    assert not cache.abort_run(object()) and cache.abort_run(token)
+    assert torch.equal(_run(dit, inputs, cache), expected)
+    with pytest.raises(RuntimeError, match="without a run"):
+        cache.end_run()
+    import copy
+    import pickle
+
+    clone = pickle.loads(pickle.dumps(copy.deepcopy(cache)))
+    assert clone.params() == cache.params() and len(clone.runs) == 2

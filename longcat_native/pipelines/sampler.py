@@ -8,6 +8,7 @@ Design notes: docs/design/sampler.md.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import operator
 import sys
@@ -474,18 +475,16 @@ def denoise(
 
     step_model = graph_runner_for(dit, graphs)
     sc = _check_cache(cache)
-    sc_call = None
-    if sc is not None:
-        sc.begin_run(_depth(dit), ts_host)
-        if sc.active:
-            # A CUDA graph runner captures such a step in parts around the decision (the head,
-            # then a full or a cached tail: runtime/compiled.py).
-            sc_call = sc
+    # A CUDA graph runner captures a step with an active cache in parts around the decision (the
+    # head, then a full or a cached tail: runtime/compiled.py).
+    sc_call = sc if sc is not None and sc.active else None
     # The first step whose latents hold NaN/Inf, kept on the device (-1: none yet) by torch ops
     # only: no host sync per step; read once after the loop.
     first_bad = torch.full((), -1, dtype=torch.long, device=latents.device)
     start = time.perf_counter()
-    with torch.no_grad():
+    # The cache serves this run until the loop ends (a RuntimeError now if it serves another);
+    # a loop that raises releases it without a report.
+    with torch.no_grad(), _cache_run(sc, dit, ts_host):
         for i in range(n):
             t = timesteps[i]
             model_in = torch.cat([latents, latents], dim=0) if do_cfg else latents
@@ -540,8 +539,6 @@ def denoise(
             f"{ts_host[bad]:.2f}); nothing is returned. Usual causes: a guidance_scale too large "
             f"(here {guidance_scale:g}), float16 overflow (use bfloat16 or float32), non-finite model weights"
         )
-    if sc is not None:
-        sc.end_run()
     if cached:
         latents = torch.cat([cond, latents], dim=2)
     return latents
@@ -555,6 +552,22 @@ def _check_cache(cache):
     if not isinstance(cache, StepCache):
         raise ValueError(f"cache must be a StepCache (longcat_native.StepCache) or None, got {type(cache).__name__}")
     return cache
+
+
+@contextlib.contextmanager
+def _cache_run(sc, dit, ts_host):
+    """One run of the StepCache ``sc`` (None: nothing): begun on entry, ended (its report
+    recorded) when the loop completes, released without a report when it raises."""
+    if sc is None:
+        yield
+        return
+    token = sc.begin_run(_depth(dit), ts_host)
+    try:
+        yield
+    except BaseException:
+        sc.abort_run(token)
+        raise
+    sc.end_run(token)
 
 
 def _base_model(dit):

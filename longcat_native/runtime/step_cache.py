@@ -13,6 +13,7 @@ steps. Design notes, the exact policy and measured numbers: docs/design/step_cac
 from __future__ import annotations
 
 import math
+import threading
 from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
 # torch is imported where a tensor is made (the CLI parses --cache without importing torch).
@@ -20,6 +21,11 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = ["StepCache", "STEP_CACHE_DEFAULTS", "parse_cache_spec"]
+
+# TaylorSeer takes its first finite difference at a full step this many steps after the cache's
+# first store (step 0 of a run): cache-dit 1.5.3's TaylorSeerState counts steps from -1 at that
+# store and differences only when its counter is above 1 (docs/design/step_cache.md).
+TAYLORSEER_FIRST_DIFFERENCE = 3
 
 # cache-dit's DBCacheConfig defaults (F8B0, 8 warmup steps, unlimited cached steps, 0.08).
 STEP_CACHE_DEFAULTS: Dict[str, Any] = {
@@ -62,12 +68,17 @@ class StepCache:
     * ``max_cached_steps`` (-1 = unlimited): at most this many cached steps per run.
     * ``max_continuous_cached_steps`` (-1 = unlimited): at most this many cached steps in a row.
     * ``enable_taylorseer``, ``taylorseer_order`` (1 or 2): extrapolate the middle residual from
-      the last full steps' finite differences (in steps) instead of reusing it.
+      the last full steps' finite differences (in steps) instead of reusing it; counted as
+      cache-dit's calibrator counts, the first difference at a full step of index >= 3 (the second
+      at the next), cached steps before that reuse the residual.
 
     After a run, :attr:`stats` is its report and :meth:`report` the report of every run the
-    object served (a pipeline's stages call ``denoise`` several times). One object may be reused:
-    each ``denoise`` call starts from an empty cache (so switching LoRAs or the schedule between
-    calls resets it), and within a call a change of the LoRA state or of the input shapes resets it too.
+    object served (a pipeline's stages call ``denoise`` several times). One object may be reused
+    by runs one after another: each ``denoise`` call starts from an empty cache (so switching
+    LoRAs or the schedule between calls resets it), and within a call a change of the LoRA state
+    or of the input shapes resets it too. It serves one run at a time: a run begun while another
+    is in progress (another thread's, or one started during a step) is a RuntimeError and the
+    first carries on; concurrent runs need their own ``StepCache(**cache.params())``.
     """
 
     def __init__(self, Fn_compute_blocks: int = 8, Bn_compute_blocks: int = 0, residual_diff_threshold: float = 0.08,
@@ -94,6 +105,8 @@ class StepCache:
         self.taylorseer_order = int(taylorseer_order)
         self.runs: List[Dict[str, Any]] = []
         self._run: Optional[Dict[str, Any]] = None
+        self._owner = None  # (token, thread id, thread name) of the run in progress
+        self._lock = threading.Lock()  # begin_run's check-and-claim is one step across threads
         self.buffers: Optional[_Buffers] = None  # the device state (see _Buffers)
         self._reset_state()
 
@@ -125,28 +138,87 @@ class StepCache:
     def _reset_state(self) -> None:
         # Host state only: the device tensors live in self.buffers (_Buffers), fixed tensors a
         # captured CUDA graph reads and writes; which of them hold something is known here.
-        self._last_full: Optional[int] = None  # the last fully computed step (None: nothing cached)
-        self._n_derivs = 0  # TaylorSeer: finite differences stored so far (<= order + 1)
+        self._forget()
         self._run_len = 0
         self._key = None
 
-    def begin_run(self, depth: int, timesteps: List[float]) -> None:
-        """A new ``denoise`` call: empty cache, new report."""
+    def _forget(self) -> None:
+        """The cache holds nothing (a new run, a reset, new buffers)."""
+        self._last_full: Optional[int] = None  # the last fully computed step (None: nothing cached)
+        self._first_full: Optional[int] = None  # the step that first stored into the empty cache
+        self._n_derivs = 0  # TaylorSeer: finite differences stored so far (<= order + 1)
+
+    # A StepCache holds one run's state (the reference residual, the cached residual or TaylorSeer's
+    # differences, the step counters), so it serves one run at a time: a second run begun while
+    # one is in progress (another thread's, or one interleaved in the same thread: a pipeline
+    # call from a step callback, two loops stepping alternately, CFG branches run as separate
+    # denoise calls) is refused before it touches that state, and the first carries on.
+    def begin_run(self, depth: int, timesteps: List[float]) -> object:
+        """A new run (a ``denoise`` call): empty cache, new report. Returns the run's token, for
+        :meth:`end_run` / :meth:`abort_run`. RuntimeError while another run is in progress."""
         self.check_depth(depth)
+        token = object()
+        with self._lock:
+            if self._run is not None:
+                raise RuntimeError(self._busy_message())
+            self._reset_state()
+            self._depth = depth
+            self._run = {"steps": len(timesteps), "depth": depth, "middle_blocks": len(self.middle(depth)),
+                         "per_step": [], "resets": 0, "_timesteps": list(timesteps)}
+            self._step = -1
+            self._owner = (token, threading.get_ident(), threading.current_thread().name)
+        return token
+
+    def _busy_message(self) -> str:
+        _, _, thread = self._owner
+        run = self._run
+        return (f"StepCache: this cache is serving another run (begun in thread {thread!r}, now at step "
+                f"{self._step + 1} of {run['steps']}); a StepCache holds one run's state, so it serves one "
+                "run at a time. Give each concurrent run (another thread's, a pipeline or denoise call made "
+                "during a run, a CFG branch run separately) its own StepCache(**cache.params()); runs one after "
+                "another may share one. A run left without end_run() is released by cache.abort_run().")
+
+    def _check_thread(self, where: str) -> None:
+        if threading.get_ident() != self._owner[1]:
+            raise RuntimeError(
+                f"StepCache.{where} from thread {threading.current_thread().name!r}, but the cache is serving a "
+                f"run of thread {self._owner[2]!r}: a StepCache serves one run at a time, in the thread that "
+                "began it; give the other thread's run its own StepCache(**cache.params())")
+
+    def abort_run(self, token: Optional[object] = None) -> bool:
+        """Release the run in progress without a report (``denoise`` calls it when a run raises),
+        only the run of ``token`` when given. True if a run was released."""
+        with self._lock:
+            if self._run is None or (token is not None and token is not self._owner[0]):
+                return False
+            self._release()
+            return True
+
+    def _release(self) -> None:
+        self._run = None
+        self._owner = None
         self._reset_state()
-        self._depth = depth
-        self._run = {"steps": len(timesteps), "depth": depth, "middle_blocks": len(self.middle(depth)),
-                     "per_step": [], "resets": 0, "_timesteps": list(timesteps)}
-        self._step = -1
+        self.buffers = None  # the tensors are not kept past the run (a graph runner keeps its own)
+
+    def __getstate__(self):  # copy / pickle: the parameters and reports, never a run in progress
+        state = dict(self.__dict__, _lock=None, _run=None, _owner=None, buffers=None)
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+        self._reset_state()
 
     def begin_step(self, step: int, key=None) -> None:
         """Step ``step`` of the run starts; ``key`` names what the cached tensors depend on beyond
         the step (the LoRA state, the input shapes): a different key empties the cache."""
         if self._run is None:
             raise RuntimeError("StepCache.begin_step before begin_run")
+        self._check_thread("begin_step")
         if key != self._key:
             if self._key is not None:
-                self._last_full, self._n_derivs, self._run_len = None, 0, 0
+                self._forget()
+                self._run_len = 0
                 self._run["resets"] += 1
             self._key = key
         self._step = step
@@ -161,7 +233,17 @@ class StepCache:
         d = dict(d, step=self._step, timestep=float(self._run["_timesteps"][self._step]))
         self._run["per_step"].append(d)
 
-    def end_run(self) -> Dict[str, Any]:
+    def end_run(self, token: Optional[object] = None) -> Dict[str, Any]:
+        """The run is over: its report (appended to :attr:`runs`); the cache is free for the next
+        run. ``token``: :meth:`begin_run`'s, checked when given."""
+        with self._lock:
+            if self._run is None:
+                raise RuntimeError("StepCache.end_run without a run in progress (begin_run starts one)")
+            if token is not None and token is not self._owner[0]:
+                raise RuntimeError("StepCache.end_run: the token is not the run's this cache is serving")
+            return self._finish_run()
+
+    def _finish_run(self) -> Dict[str, Any]:
         run = self._run
         per = run["per_step"]
         depth, mid = run["depth"], run["middle_blocks"]
@@ -183,9 +265,7 @@ class StepCache:
             "resets": run["resets"],
         }
         self.runs.append(report)
-        self._run = None
-        self._reset_state()
-        self.buffers = None  # the tensors are not kept past the run (a graph runner keeps its own)
+        self._release()
         return report
 
     @property
@@ -234,6 +314,7 @@ class StepCache:
         if self._run is None or self._step < 0:
             raise RuntimeError("StepCache: a model call with step_cache= outside a step; denoise(..., cache=) "
                                "drives it (or call begin_run, then begin_step before each call)")
+        self._check_thread("decide")
         signal = None
         if sums is not None and self._last_full is not None:
             num, den = sums.tolist()  # the step's one host read
@@ -256,12 +337,19 @@ class StepCache:
                 b.scalars[order + k].fill_(dt ** k / math.factorial(k))
             return True
         self._run_len = 0
+        if self._first_full is None:
+            self._first_full = self._step
         if order:
-            # store(): D(k+1) = (Dk - Dk_prev) / dt where Dk_prev exists (k < stored so far)
+            # store(): D(k+1) = (Dk - Dk_prev) / dt where Dk_prev exists (k < stored so far), and
+            # only from the third step after the cache's first store on (cache-dit's calibrator:
+            # its step counter starts at -1 on that store and it differences only above 1); until
+            # then a full step keeps D0 alone, so a cached step reuses it.
+            differences = self._step - self._first_full >= TAYLORSEER_FIRST_DIFFERENCE
+            n = self._n_derivs if differences else 0
             b.scalars[0].fill_(1.0 if self._last_full is None else float(self._step - self._last_full))
             for k in range(order):
-                b.scalars[1 + k].fill_(1.0 if k < self._n_derivs else 0.0)
-            self._n_derivs = min(self._n_derivs + 1, order + 1)
+                b.scalars[1 + k].fill_(1.0 if k < n else 0.0)
+            self._n_derivs = min(n + 1, order + 1)
         self._last_full = self._step  # only full steps move the reference (cache-dit)
         return False
 
@@ -275,6 +363,8 @@ class StepCache:
         computes it every step; decide() ignores it then)."""
         import torch
 
+        if self._owner is not None:  # first thing a step's model call does: before the buffers
+            self._check_thread("signal")
         r = x[:, num_cond_tokens:] - x_in[:, num_cond_tokens:]
         b = self.buffers
         if b is None or not b.fits(r, x, self._order):
@@ -282,7 +372,7 @@ class StepCache:
                 raise RuntimeError("StepCache: the cache's buffers must exist before a CUDA graph capture "
                                    "(run the step once uncaptured first)")
             b = self.buffers = _Buffers(r, x, self._order)
-            self._last_full, self._n_derivs = None, 0  # new tensors hold nothing yet
+            self._forget()  # new tensors hold nothing yet
         if not always and self._last_full is None:
             return None, r
         prev = b.prev.float()
@@ -346,7 +436,7 @@ class StepCache:
         if self.buffers is not None and self._last_full is not None and self.buffers.same_shapes(buffers):
             buffers.copy_from(self.buffers)
         elif self._last_full is not None:
-            self._last_full, self._n_derivs = None, 0
+            self._forget()
         self.buffers = buffers
 
 
