@@ -179,10 +179,11 @@ class StepCache:
                 "another may share one. A run left without end_run() is released by cache.abort_run().")
 
     def _check_thread(self, where: str) -> None:
-        if threading.get_ident() != self._owner[1]:
+        owner = self._owner  # read once: another thread may end the run meanwhile
+        if owner is not None and threading.get_ident() != owner[1]:
             raise RuntimeError(
                 f"StepCache.{where} from thread {threading.current_thread().name!r}, but the cache is serving a "
-                f"run of thread {self._owner[2]!r}: a StepCache serves one run at a time, in the thread that "
+                f"run of thread {owner[2]!r}: a StepCache serves one run at a time, in the thread that "
                 "began it; give the other thread's run its own StepCache(**cache.params())")
 
     def abort_run(self, token: Optional[object] = None) -> bool:
@@ -363,8 +364,7 @@ class StepCache:
         computes it every step; decide() ignores it then)."""
         import torch
 
-        if self._owner is not None:  # first thing a step's model call does: before the buffers
-            self._check_thread("signal")
+        self._check_thread("signal")  # the first thing a step's model call does: before the buffers
         r = x[:, num_cond_tokens:] - x_in[:, num_cond_tokens:]
         b = self.buffers
         if b is None or not b.fits(r, x, self._order):
