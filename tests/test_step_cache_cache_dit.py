@@ -5,7 +5,8 @@ LongCatDiT's own blocks through its ``BlockAdapter`` with ``ForwardPattern.Patte
 block takes and returns the residual stream only) and DBCache, with and without its TaylorSeer
 calibrator; :class:`StepCache` runs the same blocks with the same parameters, on the same inputs
 and schedule. Every step must take the same decision (cache-dit's ``cached_steps``) and the
-latents agree to float32 noise (the two add residuals in different orders: 1e-5 relative).
+latents agree to float32 noise (1e-5 relative; on the reference kernels they come out equal:
+the view's norm, block and gated residual are the ops the fused forward runs).
 
 cache-dit sees the model as a diffusers transformer would be: :class:`CacheDitView` holds a
 ``ModuleList`` of :class:`Pattern3Block` (one of our blocks each: its norm, the block, the gated
