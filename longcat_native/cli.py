@@ -10,7 +10,7 @@ import sys
 import time
 from typing import List, Optional
 
-from .runtime.names import ATTENTION_CHOICES, KERNEL_CHOICES, MAX_STEPS, OFFLOAD_CHOICES, QUANTIZE_CHOICES
+from .pipelines.plan import GenerateRequest
 
 
 def _fmt_count(n: int) -> str:
@@ -19,38 +19,6 @@ def _fmt_count(n: int) -> str:
         if n >= div:
             return f"{n:,} ({n / div:.2f} {unit})" if unit == "B" else f"{n:,} ({n / div:.3g} {unit})"
     return f"{n:,}"
-
-
-def _int_in(low: int, high: int, what: str):
-    """An argparse type: an integer in [low, high], checked before anything loads."""
-
-    def parse(text: str) -> int:
-        try:
-            v = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if not low <= v <= high:
-            raise argparse.ArgumentTypeError(f"{text}: {what} must be in [{low}, {high}]")
-        return v
-
-    return parse
-
-
-_seed = _int_in(0, 2**64 - 1, "a seed")  # what a torch.Generator takes
-_steps = _int_in(1, MAX_STEPS, "steps")
-
-
-def _finite(text: str) -> float:
-    """--guidance: a finite number (inf or nan would turn every latent non-finite)."""
-    import math
-
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not math.isfinite(v):
-        raise argparse.ArgumentTypeError(f"{text}: must be a finite number")
-    return v
 
 
 def _fmt_bytes(n: float) -> str:
@@ -67,7 +35,7 @@ def cmd_info(args) -> int:
     the largest set of live tensors the forward allocates, custom-op scratch included, weights and
     inputs not; --kv-frames adds a batch-1 KV cache of that many frames as an input. Not counted:
     the CUDA context, cuBLAS/cuDNN workspaces and allocator fragmentation. Also the ESTIMATED peak
-    GPU memory of the official 480p -> 720p refinement (pipelines.run.refine_memory_estimate): by
+    GPU memory of the official 480p -> 720p refinement (pipelines.plan.refine_memory_estimate): by
     default only for a model of the official size (it assumes the official umT5-XXL text encoder
     and Wan VAE beside the DiT); --refine-estimate prints it for any config. --quantize adds the
     quantized weight bytes; --max-memory traces every stage of the official 3-stage run
@@ -75,7 +43,7 @@ def cmd_info(args) -> int:
     (--cache: with a step cache in every denoising stage)."""
     import torch
 
-    from .pipelines.run import refine_memory_estimate
+    from .pipelines.plan import refine_memory_estimate
     from .pipelines.shapes import latent_size
     from .runtime.config import LongCatConfig, resolve_config
     from .runtime.dit import LongCatDiT, resolve_dtype
@@ -247,32 +215,14 @@ def cmd_forward(args) -> int:
     return 0 if stats["output_finite"] else 1
 
 
-def parse_resolution(text: str):
-    """``--resolution``: a bucket name (480p, 720p) or ``HxW`` in pixels -> (name, (H, W))."""
-    from .pipelines.shapes import RESOLUTIONS
-
-    key = text.strip().lower()
-    if key in RESOLUTIONS:
-        return key, RESOLUTIONS[key]
-    parts = key.split("x")
-    if len(parts) == 2 and all(p.isdigit() for p in parts):
-        return key, (int(parts[0]), int(parts[1]))
-    raise argparse.ArgumentTypeError(f"{text!r}: use {', '.join(sorted(RESOLUTIONS))} or HxW in pixels (e.g. 480x832)")
-
-
 def cmd_generate(args) -> int:
     """Generate with a LongCat-Video pipeline; write latents (.safetensors) or decoded video (.mp4)."""
     import dataclasses
 
-    from .pipelines.run import GenerateRequest, plan_generate, run_generate
+    from .pipelines.run import plan_generate, run_generate
 
-    fields = {f.name for f in dataclasses.fields(GenerateRequest)} - {"resolution"}
-    # a bucket name stays a name (i2v / vc / refine then take the official bucket of the input's
-    # aspect ratio); HxW is a size
-    res = args.resolution
-    request = GenerateRequest(**{k: v for k, v in vars(args).items() if k in fields},
-                              resolution=None if res is None else (res[0] if res[0] in ("480p", "720p") else res[1]))
-    result = run_generate(plan_generate(request))
+    fields = {f.name for f in dataclasses.fields(GenerateRequest)}
+    result = run_generate(plan_generate(GenerateRequest(**{k: v for k, v in vars(args).items() if k in fields})))
     s = result.summary
     if s is None:  # a rank other than 0 under context parallelism: rank 0 prints
         return 0 if result.finite else 1
@@ -372,15 +322,44 @@ def _add_dit_source(p) -> None:
     p.add_argument("--text-len", type=int, default=8)
 
 
-def _add_model_arguments(p, device_help: str = "default: cuda if available, else cpu", seed: bool = True) -> None:
-    """The arguments every command that builds the model takes: where, in what dtype, which kernel
-    path and attention backend (choices from runtime.names), and the seed of its random parts."""
-    p.add_argument("--device", default=None, help=device_help)
-    p.add_argument("--dtype", default=None, help="default: bfloat16 on cuda, float32 on cpu")
-    p.add_argument("--kernels", default="auto", choices=sorted(KERNEL_CHOICES))  # {auto,reference,triton}
-    p.add_argument("--attention", default="auto", choices=ATTENTION_CHOICES)
-    if seed:
-        p.add_argument("--seed", type=_seed, default=0)
+def _argparse_type(parse):
+    """A flag parser of pipelines/plan.py (a ValueError on a bad value) as an argparse type: the
+    message is printed with the flag named, exit 2, before anything loads."""
+
+    def typed(text):
+        try:
+            return parse(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    typed.__name__ = getattr(parse, "__name__", "value")
+    return typed
+
+
+_MODEL_FLAGS = ("device", "dtype", "kernels", "attention", "seed")  # every command that builds the model
+
+
+def add_request_flags(p, names=None) -> None:
+    """The flags of :class:`GenerateRequest`'s fields (``names``: those; None: all, in their
+    argument groups), each declared once in pipelines/plan.py: default, help, choices, type."""
+    import dataclasses
+
+    groups = {}
+    for f in dataclasses.fields(GenerateRequest):
+        if names is not None and f.name not in names:
+            continue
+        kw = {k: v for k, v in f.metadata.items() if k != "group"}
+        if f.default is False:
+            kw["action"] = "store_true"
+        if "type" in kw and kw["type"] not in (int, float):
+            kw["type"] = _argparse_type(kw["type"])
+        target = p
+        if names is None:  # the whole request: its groups, in the order of the fields
+            title = f.metadata["group"]
+            if title not in groups:
+                groups[title] = p.add_argument_group(title)
+            target = groups[title]
+        target.add_argument("--" + f.name.replace("_", "-"), default=f.default, **kw)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -401,16 +380,13 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--refine-estimate", action="store_true",
                       help="also estimate the 480p -> 720p refinement's peak GPU memory for a config smaller than "
                            "the official one (printed by default for the official size)")
-    _add_memory_arguments(info)
-    info.add_argument("--cache", metavar="SPEC", default=None,
-                      help="with --max-memory: the denoising stages traced with this step cache (generate --cache's "
-                           "SPEC; its buffers and what its signal keeps are device memory too)")
+    add_request_flags(info, ("quantize", "max_memory", "cache"))  # --cache: with --max-memory only
     info.add_argument("--json", action="store_true", help="print one JSON object")
     info.set_defaults(func=cmd_info)
 
     fwd = sub.add_parser("forward", help="one forward pass on random inputs; prints shapes, time, output stats")
     _add_dit_source(fwd)
-    _add_model_arguments(fwd)
+    add_request_flags(fwd, _MODEL_FLAGS)
     fwd.add_argument("--json", action="store_true", help="print one JSON object")
     fwd.set_defaults(func=cmd_forward)
 
@@ -422,85 +398,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "pip install 'longcat-native[pipelines]'. --out x.safetensors writes latents. Without "
                     "--checkpoint it runs the embedded tiny preset with RANDOM WEIGHTS (a smoke test, not a "
                     "model) on a small latent, with random stand-in text embeddings, and writes latents. "
-                    "Peak memory is reported per stage (GPU memory on CUDA, host RSS elsewhere).")
-    gen.add_argument("--checkpoint", help="checkpoint root or dit/ folder (default: tiny random weights)")
-    gen.add_argument("--task", default="t2v", choices=["t2v", "i2v", "vc", "refine", "long"])
-    gen.add_argument("--prompt", default="a cat walking on grass",
-                     help="prompt string, encoded by the checkpoint's text encoder")
-    gen.add_argument("--negative-prompt", default="",
-                     help="negative prompt string, used when guidance > 1 (default empty, as the official pipeline)")
-    gen.add_argument("--prompt-embeds", help="a .safetensors file with prompt_embeds [B, 1, L, C], prompt_mask, "
-                                             "negative_embeds, negative_mask (instead of prompt strings)")
-    gen.add_argument("--image", help="conditioning image file for i2v (encoded by the checkpoint's VAE)")
-    gen.add_argument("--video", help="video file: conditioning for vc (its last --cond-frames frames), the stage-1 "
-                                     "video for refine (encoded by the checkpoint's VAE)")
-    gen.add_argument("--cond-latents", help="a .safetensors file with conditioning latents 'latents' "
-                                            "[B, 16, T, H, W]: the image latent (i2v), the video latents (vc) "
-                                            "or the stage-1 latents (refine)")
-    gen.add_argument("--resolution", type=parse_resolution, default=None,
-                     help="480p, 720p or HxW pixels (multiples of 16). A bucket name: t2v/long at 480x832 / "
-                          "704x1280; i2v/vc/refine at the official bucket closest to the input's aspect ratio "
-                          "(default 480p; refine: the 720p table with spatial factor 64, as officially). HxW: "
-                          "that size")
-    gen.add_argument("--resize", choices=["stretch", "crop"], default="stretch",
-                     help="how --image/--video frames are fitted to the size: stretch (default, official) or cover "
-                          "and crop the centre (keeps the aspect ratio, not the official pixels)")
-    gen.add_argument("--spatial-refine-only", action="store_true",
-                     help="refine: keep the frame count (default doubles it, as officially)")
-    gen.add_argument("--latent", type=int, nargs=3, metavar=("T", "H", "W"),
-                     help="latent frames, height, width (for small runs; replaces --resolution/--frames)")
-    gen.add_argument("--frames", type=int, help="video frames, 4k + 1 (default 93; 13 for the tiny default)")
-    gen.add_argument("--cond-frames", type=int, help="conditioning video frames of vc/long (default 13; 5 tiny)")
-    gen.add_argument("--segments", type=int, default=1, help="continuation segments of task long (default 1)")
-    gen.add_argument("--steps", type=_steps, help="length of the base schedule (default 50; 16 with --distill). What runs: "
-                                               "t2v/i2v that many steps; vc adds the 10-step enhance_hf tail "
-                                               "(not with --distill); long runs a t2v segment plus each vc "
-                                               "segment; refine runs the 50-step schedule cut at --t-thresh "
-                                               "(5 steps) and ignores --steps, except for the stage 1 the "
-                                               "random-weights default generates first. The output records the "
-                                               "steps run"),
-    gen.add_argument("--guidance", type=_finite, help="CFG scale (default 4.0; 1.0 with --distill); <= 1: no CFG")
-    gen.add_argument("--distill", action="store_true", help="the distilled 16-step schedule (cfg_step LoRA)")
-    gen.add_argument("--t-thresh", type=float, default=0.5, help="refinement noise level (default 0.5)")
-    gen.add_argument("--lora-network-dim", type=int, help="rank passed to load_lora (default: the loader's, 128)")
-    gen.add_argument("--lora-network-alpha", type=float, help="alpha passed to load_lora (default: the loader's)")
-    gen.add_argument("--no-kv-cache", action="store_true", help="vc/long: run conditioning frames every step")
-    gen.add_argument("--chain", choices=["pixels", "latent"], default=None,
-                     help="long: pixels = the official demo (each segment decoded to uint8 frames, the next one "
-                          "continuing its last --cond-frames frames re-encoded; needs --out .mp4 and a checkpoint), "
-                          "latent = the last latents condition the next segment directly (faster, not the official "
-                          "numbers). Default: pixels for .mp4 output with a checkpoint, else latent")
-    gen.add_argument("--seed", type=_seed, default=0)
-    gen.add_argument("--out", help="output: .mp4 (decoded video; needs the VAE) or .safetensors (latents); "
-                                   "default longcat_<task>_seed<seed>.safetensors")
-    gen.add_argument("--fps", type=float, help="frame rate of the .mp4 (default 15; 30 for refine, as the official "
-                                               "demos)")
-    gen.add_argument("--vae-tiling", action="store_true",
-                     help="encode/decode in 256-pixel VAE tiles: less memory, but other pixels at the tile seams "
-                          "(default: whole frames, as officially)")
-    gen.add_argument("--vae-tile", type=int, default=None, metavar="N",
-                     help="tile the VAE with N-pixel square tiles, overlapping by a quarter (implies --vae-tiling)")
-    gen.add_argument("--no-vae-tiling", action="store_true", help="whole frames (the default; kept for old scripts)")
-    gen.add_argument("--vae-mean", action="store_true",
-                     help="encode --image/--video to the VAE posterior mean instead of sampling it with the seed's "
-                          "generator (deterministic per input, not the official numbers)")
-    _add_model_arguments(gen, seed=False, device_help="default: cuda if available (this rank's GPU under torchrun), "
-                                                      "else cpu")
-    gen.add_argument("--cp-size", type=int, default=1,
-                     help="context parallelism over N processes: run as `torchrun --nproc-per-node N -m "
-                          "longcat_native.cli generate ... --cp-size N`; rank 0 writes the output and prints")
-    gen.add_argument("--cache", metavar="SPEC", default=None,
-                     help="step caching (docs/design/step_cache.md): dbcache or taylorseer, optionally "
-                          "':key=value,...' with fn, bn, threshold, warmup, interval, max_cached, max_continuous, "
-                          "order (or the StepCache names), e.g. taylorseer:fn=1,bn=0,threshold=0.12,warmup=8,"
-                          "interval=2,max_continuous=2; lossy: check quality with --cache-check")
-    gen.add_argument("--cache-check", action="store_true",
-                     help="with --cache: run again without the cache and report the deviation (relative L2 of the "
-                          "latents, PSNR of the decoded frames for .mp4 output)")
-    _add_memory_arguments(gen)
-    gen.add_argument("--offload", choices=OFFLOAD_CHOICES, default=None,
-                     help="blocks: keep as many DiT blocks on the device as fit, stream the others from host memory "
-                          "(docs/design/streaming.md; --max-memory picks the count itself)")
+                    "Peak memory is reported per stage (GPU memory on CUDA, host RSS elsewhere). The flags are "
+                    "the fields of longcat_native.pipelines.plan.GenerateRequest (the same run from Python).")
+    add_request_flags(gen)
     gen.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     gen.set_defaults(func=cmd_generate)
 
@@ -512,7 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--trace", default="longcat_trace.json", help="Chrome/Perfetto trace output")
     prof.add_argument("--bsa", action="store_true", help="enable block-sparse attention")
     prof.add_argument("--compile", action="store_true", help="profile the compiled model (compile_model)")
-    _add_model_arguments(prof)
+    add_request_flags(prof, _MODEL_FLAGS)
     prof.add_argument("--json", action="store_true", help="also print a JSON summary line")
     prof.set_defaults(func=cmd_profile)
 
@@ -523,16 +423,6 @@ def build_parser() -> argparse.ArgumentParser:
     _bench_arguments(bench)
     bench.set_defaults(func=cmd_bench)
     return p
-
-
-def _add_memory_arguments(p) -> None:
-    p.add_argument("--quantize", choices=QUANTIZE_CHOICES, default=None,
-                   help="DiT block GEMM weights quantized at load (docs/design/quantization.md): fp8 (FP8 GEMMs on "
-                        "FP8 GPUs), fp8-weight-only, int8-weight-only; about 13.3 GiB instead of 25.3 for the 13.6B model")
-    p.add_argument("--max-memory", metavar="BYTES", default=None,
-                   help="a device memory budget, e.g. 24GiB: every stage traced at its real shape and the settings "
-                        "that fit chosen (forward chunking, streamed blocks, model offload, VAE tiling; "
-                        "docs/design/memory.md); an error with the stage table when nothing fits")
 
 
 def main(argv: Optional[List[str]] = None) -> int:

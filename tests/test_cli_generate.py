@@ -338,11 +338,15 @@ def test_pixel_inputs_take_the_official_bucket(capsys, tmp_path, tiny_root, monk
     assert plan.latent[1:] == (8, 12) and plan.vae_tile is None
 
 
-def test_resolution_flag():
-    assert cli.parse_resolution("480p") == ("480p", (480, 832))
-    assert cli.parse_resolution("64x96") == ("64x96", (64, 96))
-    with pytest.raises(Exception, match="HxW"):
-        cli.parse_resolution("1080p")
+def test_resolution_flag(capsys):
+    """A bucket name stays a name (i2v / vc / refine then take the official bucket of the input's
+    aspect ratio); HxW is a size; anything else is an argument error naming the flag."""
+    parse = cli.build_parser().parse_args
+    assert parse(["generate", "--resolution", "480p"]).resolution == "480p"
+    assert parse(["generate", "--resolution", "64x96"]).resolution == (64, 96)
+    with pytest.raises(SystemExit) as e:
+        parse(["generate", "--resolution", "1080p"])
+    assert e.value.code == 2 and "--resolution" in capsys.readouterr().err
 
 
 def test_generate_flags_default_to_the_request_defaults():
@@ -354,6 +358,31 @@ def test_generate_flags_default_to_the_request_defaults():
     args = vars(cli.build_parser().parse_args(["generate"]))
     assert {f.name: f.default for f in dataclasses.fields(GenerateRequest)} == \
         {f.name: args[f.name] for f in dataclasses.fields(GenerateRequest)}
+
+
+def test_generate_flags_are_declared_once_on_the_request():
+    """Issue 27 item 11: each GenerateRequest field is its flag (help, group, choices, type in the
+    field's metadata; cli.py adds nothing but --json), listed under its group; info, forward and
+    profile take their shared flags from the same fields."""
+    import argparse
+    import dataclasses
+
+    from longcat_native.pipelines.plan import GenerateRequest
+
+    parser = cli.build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    gen = {a.dest: a for a in sub["generate"]._actions}
+    fields = dataclasses.fields(GenerateRequest)
+    assert set(gen) == {f.name for f in fields} | {"help", "json"}
+    groups = {g.title: {a.dest for a in g._group_actions} for g in sub["generate"]._action_groups}
+    for f in fields:
+        assert f.name in groups[f.metadata["group"]], f.name
+        assert gen[f.name].help == f.metadata["help"] and gen[f.name].choices == f.metadata.get("choices")
+    for command, names in (("info", ("quantize", "max_memory", "cache")),
+                           ("forward", cli._MODEL_FLAGS), ("profile", cli._MODEL_FLAGS)):
+        acts = {a.dest: a for a in sub[command]._actions}
+        for name in names:
+            assert acts[name].help == gen[name].help and acts[name].choices == gen[name].choices, (command, name)
 
 
 # -- nothing lost, nothing silently wrong (issue 19: outputs, paths, honest metadata) ----------------

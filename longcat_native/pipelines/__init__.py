@@ -5,7 +5,8 @@
 - :mod:`.tasks`: the tasks on tensors (umT5 embeddings, VAE latents) and ``SamplingOptions``;
 - :mod:`.components`, :mod:`.media`: the umT5 text encoder, the Wan VAE, image/video files;
 - :mod:`.pipeline`: ``LongCatVideoPipeline``, prompt strings and pixels in, decoded video out;
-- :mod:`.run`: a whole ``longcat-native generate`` run (plan, then run) and its memory estimate.
+- :mod:`.plan`: the ``longcat-native generate`` request (its flags) and its plan, every check before loading;
+- :mod:`.run`: the run of a plan: load, encode, denoise, decode, write, each stage measured.
 
 Names load on first use (PEP 562): importing this package, or :mod:`.shapes`, imports no torch.
 """
@@ -24,9 +25,9 @@ _EXPORTS = {
     "OFFICIAL_DEMO_NEGATIVE_PROMPT": "tasks", "TASKS": "tasks", "SamplingOptions": "options", "generate": "tasks",
     "generate_t2v": "tasks", "generate_i2v": "tasks", "generate_vc": "tasks", "generate_long": "tasks",
     "generate_refine": "tasks", "make_noise": "options", "upsample_latents": "tasks", "REFINE_RNGS": "tasks",
-    "GenerateRequest": "run", "plan_generate": "run", "run_generate": "run", "refine_memory_estimate": "run",
+    "GenerateRequest": "plan", "plan_generate": "plan", "run_generate": "run", "refine_memory_estimate": "plan",
 }
-_SUBMODULES = ("components", "media", "options", "pipeline", "run", "sampler", "shapes", "tasks")
+_SUBMODULES = ("components", "media", "options", "pipeline", "plan", "run", "sampler", "shapes", "tasks")
 
 __all__ = list(_EXPORTS)
 
