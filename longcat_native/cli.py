@@ -254,8 +254,8 @@ def cmd_generate(args) -> int:
             print(f"check    without the cache: latents rel. L2 {chk['latents_rel_l2']:.3g}"
                   + (f", decoded PSNR {psnr:.2f} dB" if psnr is not None else "")
                   + f"; {chk['uncached_total_s']:.2f} s uncached vs {s['total_s']:.2f} s cached")
-    print(f"output   {s['output']}" + (f" ({video_shape[0]} frames, {video_shape[1]}x{video_shape[2]})"
-                                       if video_shape else ""))
+    print(f"output   {s['output']}" + (f" ({video_shape[0]} frames, {video_shape[1]}x{video_shape[2]}; metadata in "
+                                        f"{s['metadata_file']})" if video_shape else ""))
     if s["random_weights"]:
         print("next     that was a smoke test on random weights; for a real video, with an official checkpoint "
               "(pip install 'longcat-native[pipelines]'): longcat-native generate --checkpoint weights/LongCat-Video "
