@@ -610,11 +610,17 @@ class LongCatVideoPipeline:
         first segment's size (bicubic, as the demo; only when they differ), and the next segment
         continues its last ``num_cond_frames`` frames, re-encoded. The continuation segments run
         at the ``resolution`` bucket of the frames' aspect ratio (official), or at ``height`` x
-        ``width`` when those are given. Returns every frame (the first segment, then each
-        segment's new frames: the demo's ``all_generated_frames``) as ``output_type`` ("video":
-        uint8 [1, F, H, W, 3]; "np": those / 255 as float32; "pt": [1, F, 3, H, W]; "latent": the
-        list of each segment's latents, as decoded; a list passed as ``segment_latents`` receives
-        them whatever the output type).
+        ``width`` when those are given. Returns the whole video (the first segment, then each
+        segment's new frames: the demo's ``all_generated_frames``) as ``output_type``: "video":
+        the demo's uint8 frames [1, F, H, W, 3]; "np" (float32 [1, F, H, W, 3] in [0, 1]) and "pt"
+        ([1, F, 3, H, W]): each segment's decoded floats, as the official ``generate_*`` calls
+        return them (the uint8 truncation feeds only the next segment; a segment resized back to
+        the first one's size exists only as the demo's resized uint8 frames, so its frames are
+        those / 255; ``first_frames`` are given as uint8); "latent": the chain's latents in one
+        tensor [1, 16, T0 + n (T - m), h, w] (the first segment's T0 latents, then each of the n
+        continuations' T - m new ones; m = ``1 + (num_cond_frames - 1) // 4``), as
+        ``chain="latent"`` returns them. A list passed as ``segment_latents`` receives each
+        segment's whole latents (conditioning included), as decoded, whatever the output type.
 
         ``chain="latent"``: :func:`generate_long` (the last latents of each segment condition the
         next one directly; decoded once): faster, not the official numbers; ``num_videos_per_prompt``
@@ -677,40 +683,51 @@ class LongCatVideoPipeline:
         gen, kw = self._sampling(kwargs)
         kw.pop("generator")
         t2v_latents = kw.pop("latents", None)
-        frames, seg_latents = [], ([] if segment_latents is None else segment_latents)
+        seg_latents = [] if segment_latents is None else segment_latents
+        start = len(seg_latents)
+        # uint8 frames (the demo's, each segment's input) and the decoded floats (the "np" output)
+        frames, floats = [], []
         if first_frames is None:
             h, w = (480 if height is None else height), (832 if width is None else width)
             lat = self._t2v_latents(prompts[0], negs[0], num_frames, h, w, None, guidance_scale, 1,
                                     max_sequence_length, dict(kw, generator=gen, latents=t2v_latents))
-            current = self._segment_frames(lat, seg_latents)
+            current, unit = self._segment_frames(lat, seg_latents)
         else:
             if t2v_latents is not None:
                 raise ValueError("latents= is the text-to-video segment's noise; with first_frames there is none")
             current = _read(first_frames, "first_frames")
             if isinstance(current, torch.Tensor):
                 raise ValueError("first_frames must be uint8 frames (a list of PIL images, an array, a file)")
+            unit = current.astype(np.float32) / 255.0
         target = current.shape[1:3]
         frames.extend(current)
+        floats.extend(unit)
         for p, q in zip(prompts[first:], negs[first:]):
             lat = self._vc_latents(current, p, q, num_frames, num_cond_frames, resolution, height, width, resize,
                                    guidance_scale, 1, max_sequence_length, vae_sample, dict(kw, generator=gen, **vc_kw))
-            new = self._segment_frames(lat, seg_latents, target)
+            new, unit = self._segment_frames(lat, seg_latents, target)
             frames.extend(new[num_cond_frames:])
+            floats.extend(unit[num_cond_frames:])
             current = new
         if output_type == "latent":
-            return seg_latents
-        return _frames_output(np.stack(frames), output_type)
+            m = cond_latent_count(num_cond_frames)
+            segs = seg_latents[start:]
+            return torch.cat([segs[0]] + [s[:, :, m:] for s in segs[1:]], dim=2)
+        return _video_output(frames, floats, output_type)
 
-    def _segment_frames(self, lat, seg_latents: list, target=None, crop=None) -> np.ndarray:
-        """A segment's latents -> its uint8 frames the official demos' way (decode, "np",
-        ``(x * 255).astype(uint8)``), resized to ``target`` (bicubic) when they differ."""
+    def _segment_frames(self, lat, seg_latents: list, target=None, crop=None) -> Tuple[np.ndarray, np.ndarray]:
+        """A segment's latents -> (its uint8 frames the official demos' way (decode, "np",
+        ``(x * 255).astype(uint8)``), resized to ``target`` (bicubic) when they differ; its decoded
+        float32 frames in [0, 1], or, when resized, the resized uint8 frames / 255)."""
         from .media import resize_frames, truncate_to_uint8
 
         seg_latents.append(lat)
-        u8 = truncate_to_uint8(self.decode(lat, "np", frames=crop)[0])
+        unit = self.decode(lat, "np", frames=crop)[0]
+        u8 = truncate_to_uint8(unit)
         if target is not None and tuple(u8.shape[1:3]) != tuple(target):
             u8 = resize_frames(u8, tuple(target), "stretch", resample="bicubic")
-        return u8
+            unit = u8.astype(np.float32) / 255.0
+        return u8, unit
 
     def refine_long_video(self, frames, prompt: str = "", *, num_frames: int = 93, num_cond_frames: int = 13,
                           cond_video=None, num_windows: Optional[int] = None, lora: Optional[str] = "refinement_lora",
@@ -728,8 +745,9 @@ class LongCatVideoPipeline:
         window; refinement's own draws come from torch's global CPU generator (``refine_rng``).
         ``lora`` and ``enable_bsa`` default to the demo's (the refinement LoRA, block-sparse
         attention on). Returns the refined video (the first window, then each window's new
-        frames: the demo's ``all_refine_frames``) as ``output_type`` (as :meth:`generate_long`;
-        "latent": each window's latents)."""
+        frames: the demo's ``all_refine_frames``) as ``output_type`` (as :meth:`generate_long`: "video"
+        the demo's uint8 frames, "np"/"pt" the windows' decoded floats; "latent": the list of each
+        window's latents, padding frames included)."""
         self._check(output_type)
         kwargs = dict(kwargs, lora=lora, enable_bsa=enable_bsa)
         self._check("latent", T.generate_refine, {k: v for k, v in kwargs.items()
@@ -752,16 +770,17 @@ class LongCatVideoPipeline:
         if isinstance(cond, torch.Tensor):
             raise ValueError("cond_video must be uint8 frames (a list of PIL images, an array, a file)")
         cond_n = 0 if cond is None else 2 * num_cond_frames
-        out, window_latents = [], []
+        out, floats, window_latents = [], [], []
         for start in starts:
             lat, crop = self._refine_latents(stage1[start:start + num_frames], prompt, video=cond,
                                              num_cond_frames=cond_n or None, generator=gen, **kwargs)
-            new = self._segment_frames(lat, window_latents, crop=crop)
+            new, unit = self._segment_frames(lat, window_latents, crop=crop)
             out.extend(new[cond_n:])
+            floats.extend(unit[cond_n:])
             cond, cond_n = new, 2 * num_cond_frames
         if output_type == "latent":
             return window_latents
-        return _frames_output(np.stack(out), output_type)
+        return _video_output(out, floats, output_type)
 
 
 # refinement arguments of the pixel path (LongCatVideoPipeline.generate_refine's own)
@@ -818,11 +837,12 @@ def _postprocess(pixels: torch.Tensor, output_type: str):
     return truncate_to_uint8(arr) if output_type == "video" else arr
 
 
-def _frames_output(frames_u8: np.ndarray, output_type: str):
-    """uint8 frames [F, H, W, 3] of one video -> ``output_type`` with a batch of one."""
+def _video_output(frames_u8: list, frames_unit: list, output_type: str):
+    """One video's frames -> ``output_type`` with a batch of one: "video" its uint8 frames
+    [1, F, H, W, 3]; "np" its float32 frames in [0, 1] (same shape), "pt" those as [1, F, 3, H, W]."""
     if output_type == "video":
-        return frames_u8[None]
-    unit = frames_u8[None].astype(np.float32) / 255.0
+        return np.stack(frames_u8)[None]
+    unit = np.stack(frames_unit)[None].astype(np.float32, copy=False)
     if output_type == "pt":
         return torch.from_numpy(unit).permute(0, 1, 4, 2, 3).contiguous()
     return unit

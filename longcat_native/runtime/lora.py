@@ -370,9 +370,30 @@ def load_lora(dit, lora_path=None, lora_key=None, multiplier=1.0, lora_network_d
     lora = lora_from_state_dict(dit, read_lora_file(lora_path), lora_key, multiplier, lora_network_dim,
                                 lora_network_alpha, path=lora_path)
     dit.lora_dict[lora_key] = lora
+    _draw_as_official_init(lora)
     if lora_key in st.active:
         enable_loras(dit, list(st.active))
     return lora
+
+
+def _draw_as_official_init(lora: LoRA) -> None:
+    """Advance torch's global CPU RNG as the official ``load_lora`` does: it builds each module's
+    ``lora_down`` / ``lora_up`` as ``nn.Linear`` (initialized) and re-initializes ``lora_down``
+    (``kaiming_uniform_``) before loading the file over them, one float32 uniform (one 32-bit
+    draw) per element: 2 x down + up elements per module. The official refinement then takes its
+    stage-1 posterior and ``t_thresh`` noise from that RNG, so with ``torch.manual_seed`` before
+    a LoRA load (the demos load the refinement LoRA just before refining) only the same draws
+    give the official video. Drawn as float64 (two 32-bit draws each: the same stream, half the
+    time; about 4 s for the official rank-128 refinement LoRA's ~1e9 draws)."""
+    n = sum(2 * m.down.numel() + sum(u.numel() for u in m.ups) for m in lora.loras)
+    pairs, chunk = n // 2, 1 << 22
+    buf = torch.empty(min(pairs, chunk), dtype=torch.float64)
+    while pairs > 0:
+        k = min(pairs, chunk)
+        buf[:k].uniform_()
+        pairs -= k
+    if n % 2:
+        torch.empty(1).uniform_()
 
 
 def enable_loras(dit, lora_key_list: Sequence = ()) -> None:
