@@ -405,9 +405,9 @@ def test_error_messages_are_capped(tmp_path, no_allocation):
 
 
 def test_weights_larger_than_free_memory_are_a_clear_error(monkeypatch, t2v):
-    from longcat_native.runtime import dit as dit_mod
+    from longcat_native.runtime import device as device_mod  # where free_memory_bytes is defined (runtime/device.py)
 
-    monkeypatch.setattr(dit_mod, "free_memory_bytes", lambda device: 10_000)
+    monkeypatch.setattr(device_mod, "free_memory_bytes", lambda device: 10_000)
     with pytest.raises(ValueError, match=r"weights need .* GiB .* but only .* GiB are free on cpu"):
         lcn.LongCatDiT.from_pretrained(FIXTURE_ROOT)
     with pytest.raises(ValueError, match="are free on cpu"):

@@ -214,7 +214,7 @@ def test_step_cache_at_the_real_shapes():
 def test_fake_trace_of_cached_steps_equals_the_real_run():
     """The steps trace_forward_memory runs for a step cache (full, full, cached; TaylorSeer order
     2, Bn 1) on real tensors: the same allocations as on fake ones."""
-    from longcat_native.runtime.memory import _trace_cached_steps
+    from longcat_native.runtime.tracing import _trace_cached_steps
     from longcat_native.runtime.step_cache import StepCache
 
     batch, latent, text_len = 2, (2, 4, 4), 5

@@ -354,7 +354,7 @@ def test_enable_with_max_memory_and_default_reserve():
     st = dit.enable_weight_streaming(max_memory=need, activation_reserve=0)
     assert st.memory_stats()["resident_blocks"] == _expected(dit, need, 0)
     dit.disable_weight_streaming()
-    reserve = streaming.default_activation_reserve(dit.config, dit.dtype)  # traced 480p CFG peak
+    reserve = streaming.default_activation_reserve(dit)  # traced 480p CFG peak
     assert reserve > 0
     need = _need(dit, 1, reserve)
     st = dit.enable_weight_streaming(max_memory=need)

@@ -16,7 +16,9 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from ..kernels._common import allocator_bytes
+from . import device as _device  # free_memory_bytes read through the module: one definition to patch
 from .names import OFFLOAD_CHOICES, parse_bytes
+from .tracing import model_activation_bytes
 
 __all__ = ["WeightStreamer", "parse_bytes", "plan_resident_blocks", "resolve_resident_blocks", "check_offload",
            "materialize_streamed", "enable_weight_streaming", "disable_weight_streaming", "weight_bytes_on_device",
@@ -416,12 +418,14 @@ class WeightStreamer:
 # ---------------------------------------------------------------------------------------------
 
 
-def default_activation_reserve(cfg, dtype) -> int:
+def default_activation_reserve(model) -> int:
     """The traced activation peak of a 480p forward with CFG (latent 24 x 60 x 104, batch 2) of the
-    fused path (runtime/memory.py's ``activation_bytes``, fake tensors: no memory, ~2 s for 48 blocks)."""
-    from .memory import activation_bytes
-
-    return int(activation_bytes(cfg, RESERVE_LATENT, RESERVE_BATCH, dtype)["peak_activation_bytes"])
+    fused path, for ``model``'s config and dtype (runtime/tracing.py's ``model_activation_bytes``,
+    fake tensors: no memory, ~2 s for 48 blocks). Traced with ``type(model)`` (its
+    ``from_config``): duck typing, so that this module, below the model, imports no model class."""
+    dtype = next(model.parameters()).dtype
+    return int(model_activation_bytes(type(model), model.cfg, RESERVE_LATENT, RESERVE_BATCH, dtype)
+               ["peak_activation_bytes"])
 
 
 def plan_resident_blocks(model, max_memory, activation_reserve=None, num_staging: int = 2) -> int:
@@ -437,8 +441,7 @@ def plan_resident_blocks(model, max_memory, activation_reserve=None, num_staging
     ValueError naming what is needed."""
     budget = parse_bytes(max_memory)
     depth = len(model.blocks)
-    reserve = (default_activation_reserve(model.cfg, next(model.parameters()).dtype)
-               if activation_reserve is None else parse_bytes(activation_reserve))
+    reserve = default_activation_reserve(model) if activation_reserve is None else parse_bytes(activation_reserve)
     sizes = block_sizes(model)
 
     def need(r: int) -> Tuple[int, int, int]:
@@ -505,9 +508,7 @@ def resolve_resident_blocks(model, device, resident_blocks=None, max_memory=None
     if resident_blocks is not None:
         return _check_resident_blocks(resident_blocks, depth)
     if max_memory is None:
-        from .dit import free_memory_bytes
-
-        free = free_memory_bytes(device)
+        free = _device.free_memory_bytes(device)
         if free is None:
             raise ValueError(f"the free memory of {device} is unknown: pass max_memory or resident_blocks")
         held = _tensor_bytes([t for t in list(model.parameters()) + list(model.buffers())
@@ -589,8 +590,6 @@ def materialize_streamed(model, device, *, resident_blocks=None, max_memory=None
     installed but not attached (fill the weights, then :func:`finish_loading`); none when every
     block fits (the whole model is then on the device). The resident bytes are checked against the device's free memory and the host bytes
     against the host's."""
-    from .dit import free_memory_bytes
-
     depth = len(model.blocks)
     r = resolve_resident_blocks(model, device, resident_blocks, max_memory, activation_reserve, num_staging)
     streamed = range(r, depth)
@@ -599,7 +598,7 @@ def materialize_streamed(model, device, *, resident_blocks=None, max_memory=None
     staging = sorted((block_layout(model.blocks[i])[1] for i in streamed), reverse=True)[:num_staging]
     for where, need in ((device, resident + sum(staging)),
                         (torch.device("cpu"), sum(block_layout(model.blocks[i])[1] for i in streamed))):
-        free = free_memory_bytes(where)
+        free = _device.free_memory_bytes(where)
         if need and free is not None and need > free:
             raise ValueError(f"weight streaming with {r} resident blocks needs {need / 2**30:.2f} GiB on {where}, "
                              f"only {free / 2**30:.2f} GiB are free")

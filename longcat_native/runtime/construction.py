@@ -1,0 +1,240 @@
+"""Building a ``LongCatDiT``: from an official checkpoint or a save (``from_pretrained``) or from
+random weights (``from_config``), with the quantize and offload choices; the context-parallel
+group it computes with.
+
+``LongCatDiTConstruction`` is a base class of ``LongCatDiT`` (runtime/dit.py) holding these
+classmethods: they build ``cls``, so this module does not import dit.py (``runtime/`` imports only
+go down). Nothing is allocated before the checkpoint and the free memory are checked: the model is
+built on the meta device, checked, then given storage (on the device, or in host memory for
+streamed blocks) and filled one tensor at a time. Design notes: docs/design/quantization.md
+(loading quantized), docs/design/streaming.md (loading streamed).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, Optional, Union
+
+import torch
+
+from . import device as _device  # free_memory_bytes read through the module: one definition to patch
+from . import quantize as qz
+from . import streaming
+from .config import LongCatConfig, resolve_config
+from .device import resolve_device, resolve_dtype
+from .names import merge_alias
+from .weights import check_official_weights, copy_official_weights
+
+__all__ = ["LongCatDiTConstruction"]
+
+
+class LongCatDiTConstruction:
+    """The construction classmethods of ``LongCatDiT`` (a mixin: ``cls`` is the model class)."""
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path=None,
+        *,
+        dtype=None,
+        device=None,
+        kernels: str = "auto",
+        attention: str = "auto",
+        cp_size: int = 1,
+        subfolder: Optional[str] = None,
+        torch_dtype=None,
+        pretrained_model_name_or_path=None,
+        quantize: Optional[str] = None,
+        offload: Optional[str] = None,
+        max_memory=None,
+        resident_blocks: Optional[int] = None,
+        **config_overrides,
+    ) -> "LongCatDiTConstruction":
+        """Load an official checkpoint: ``path`` is a ``dit/`` folder or a root that has one.
+
+        ``quantize`` (docs/design/quantization.md): None, "fp8", "fp8-weight-only" or
+        "int8-weight-only": the block GEMM weights are quantized tensor by tensor while loading.
+        ``path`` may also be an official INT8 folder (``quantization_config.json``, shards
+        ``quantized_model-*.safetensors``; a root's ``base_model_int8/``), read as stored
+        ("int8-weight-only"), or a folder written by :meth:`save_quantized` (its mode and dtype).
+
+        ``offload="blocks"`` (docs/design/streaming.md): weight streaming, with ``max_memory`` or
+        ``resident_blocks`` as in :meth:`enable_weight_streaming` (neither: what fits the device's
+        free memory); the streamed blocks are read straight into pinned host memory, never onto the
+        device, so a model larger than the device loads.
+
+        ``torch_dtype``, ``pretrained_model_name_or_path`` and ``subfolder`` are the official
+        (diffusers) spellings; other keyword arguments name ``config.json`` keys and override them
+        (e.g. ``text_tokens_zero_pad=False``, ``cp_split_hw=[1, 1]``).
+        """
+        path = merge_alias(path, pretrained_model_name_or_path, "path", "pretrained_model_name_or_path")
+        if path is None:
+            raise TypeError("from_pretrained() needs a checkpoint path")
+        dtype = merge_alias(dtype, torch_dtype, "dtype", "torch_dtype")
+        cp_size = _check_cp_size(cp_size)
+        quantize = qz.check_quantize(quantize)
+        offload = streaming.check_offload(offload, resident_blocks, max_memory)
+        dit_dir, kind = qz.find_checkpoint(path, subfolder, quantize)
+        mode, saved_dtype = qz.checkpoint_mode(dit_dir, kind, quantize)
+        cfg = LongCatConfig.from_json_file(str(dit_dir / "config.json"), config_overrides)
+        files = qz.weight_files(dit_dir, kind)
+        device = resolve_device(device, cp_size)
+        dtype = resolve_dtype(dtype if dtype is not None else saved_dtype, device)
+        # Nothing is allocated before the checkpoint is checked: the model is built on the meta
+        # device (shapes only; quantized storage for a quantized mode), the safetensors headers are
+        # checked against it, then its size against the device's free memory; only then does it
+        # get storage and the data is read (and quantized) one tensor at a time.
+        model = cls._build_meta(cfg, dtype, kernels, attention, quantize=mode)
+        if kind == "official":
+            plan = check_official_weights({n: tuple(p.shape) for n, p in model.named_parameters()}, files, cfg)
+        else:
+            described = qz.native_description(dit_dir) if kind == "native" else None
+            plan = qz.check_quantized_checkpoint(model, files, kind, cfg, described)
+        cp = _context_parallel(cfg, cp_size, device)
+        model = cls._materialize(model, device, offload, resident_blocks, max_memory)
+        if kind == "official" and mode is None:
+            copy_official_weights(model, plan)
+        else:
+            qz.copy_weights(model, qz.plan_from_official(plan) if kind == "official" else plan)
+        streaming.finish_loading(model)  # streamed blocks filled in host memory: point them at staging
+        model.checkpoint_path = str(dit_dir)
+        model.cp = cp
+        return model.eval()
+
+    @classmethod
+    def from_config(
+        cls,
+        config_or_name: Union[str, Dict[str, Any], LongCatConfig] = "tiny",
+        *,
+        dtype=None,
+        device=None,
+        seed: int = 0,
+        kernels: str = "auto",
+        attention: str = "auto",
+        cp_size: int = 1,
+        torch_dtype=None,
+        quantize: Optional[str] = None,
+        offload: Optional[str] = None,
+        max_memory=None,
+        resident_blocks: Optional[int] = None,
+        **config_overrides,
+    ) -> "LongCatDiTConstruction":
+        """Random weights of a preset ("tiny", "longcat-video"), a config dict or a config.json.
+
+        Parameters are allocated directly on ``device`` in ``dtype`` and filled there by a
+        generator on that device, so the 13.6B config never exists in float32 on the host.
+        ``device="meta"`` builds shapes only (parameter counting, planning). The values are for
+        tests and benchmarks, not training: every weight, adaLN and the final layer included, is
+        random so each path does real work (the official init zeroes adaLN, making the output 0).
+        ``quantize``: as in :meth:`from_pretrained`; each block weight is drawn in the model dtype
+        (the same values as without ``quantize``, seed for seed) and quantized one at a time.
+        ``offload``, ``max_memory``, ``resident_blocks``: as in :meth:`from_pretrained` (streamed
+        tensors are drawn on the device and copied to the host: the same values as without).
+        """
+        dtype = merge_alias(dtype, torch_dtype, "dtype", "torch_dtype")
+        quantize = qz.check_quantize(quantize)
+        offload = streaming.check_offload(offload, resident_blocks, max_memory)
+        cp_size = _check_cp_size(cp_size)
+        cfg = resolve_config(config_or_name, config_overrides)
+        device = resolve_device(device, cp_size)
+        cp = _context_parallel(cfg, cp_size, device)
+        model = cls._allocate(cfg, resolve_dtype(dtype, device), device, kernels, attention, quantize,
+                              offload=offload, resident_blocks=resident_blocks, max_memory=max_memory)
+        if device.type != "meta":
+            model._init_random(seed)  # same seed on every rank: identical replicas
+        streaming.finish_loading(model)
+        model.cp = cp
+        return model.eval()
+
+    @classmethod
+    def _allocate(cls, cfg, dtype, device, kernels, attention, quantize=None, **offload) -> "LongCatDiTConstruction":
+        return cls._materialize(cls._build_meta(cfg, dtype, kernels, attention, quantize), device, **offload)
+
+    @classmethod
+    def _build_meta(cls, cfg, dtype, kernels, attention, quantize=None) -> "LongCatDiTConstruction":
+        """The model on the meta device in ``dtype``: shapes only, nothing allocated; with
+        ``quantize``, the block GEMM weights as quantized meta storage (runtime/quantize.py)."""
+        with torch.device("meta"):
+            model = cls(cfg, kernels=kernels, attention=attention)
+        # An inference runtime: no autograd state (the fused kernels have no backward).
+        return qz.quantize_model(model.requires_grad_(False).to(dtype=dtype), quantize)
+
+    @staticmethod
+    def _materialize(model: "LongCatDiTConstruction", device: torch.device, offload=None, resident_blocks=None,
+                     max_memory=None) -> "LongCatDiTConstruction":
+        """Uninitialized storage on ``device`` in the model's dtype (no default init pass, no host
+        copy), after checking that the weights fit the device's free memory where it is known.
+        ``offload="blocks"``: the streamed blocks get host storage instead (runtime/streaming.py;
+        the streamer is installed, pointing at the host copies until ``streaming.finish_loading``)."""
+        qz.place(model, device)  # "fp8" -> "fp8-weight-only" on GPUs without FP8 GEMMs (one warning)
+        if device.type == "meta":
+            return model
+        if offload is not None:
+            return streaming.materialize_streamed(model, device, resident_blocks=resident_blocks,
+                                                  max_memory=max_memory)
+        need = model.weight_bytes()
+        free = _device.free_memory_bytes(device)
+        if free is not None and need > free:
+            c = model.cfg
+            raise ValueError(
+                f"the model's weights need {need / 2**30:.2f} GiB ({model.num_parameters():,} parameters in "
+                f"{str(model.dtype).replace('torch.', '')}; hidden_size={c.hidden_size}, depth={c.depth}) but "
+                f"only {free / 2**30:.2f} GiB are free on {device}: check the config, or use a smaller dtype or "
+                "another device"
+            )
+        return model.to_empty(device=device)
+
+    @torch.no_grad()
+    def _init_random(self, seed: int) -> None:
+        gen = torch.Generator(device=self.device).manual_seed(seed)
+        for name, p in self.named_parameters():
+            direct = qz.init_target(p, self.dtype)  # a quantized weight: drawn in the model dtype, then quantized
+            # a streamed block's tensor (host memory) is drawn on the device: the same values
+            t = direct if direct.device == self.device else torch.empty_like(direct, device=self.device)
+            if name.endswith("norm.weight"):  # RMSNorm and LayerNorm gains
+                t.normal_(1.0, 0.1, generator=gen)
+            elif t.dim() == 1:
+                t.normal_(0.0, 0.02, generator=gen)
+            else:
+                # fan-in scaling keeps activations O(1) through depth, like nn.Linear's default.
+                t.uniform_(-1.0, 1.0, generator=gen).mul_(math.sqrt(3.0 / t.shape[1]))
+            if direct is not p:
+                qz.store_init(self, name, t)
+            elif t is not p:
+                p.copy_(t)
+
+
+def _check_cp_size(cp_size) -> int:
+    if isinstance(cp_size, bool) or not isinstance(cp_size, int) or cp_size < 1:
+        raise ValueError(f"cp_size must be a positive int, got {cp_size!r}")
+    return cp_size
+
+
+def _context_parallel(cfg: LongCatConfig, cp_size: int, device: torch.device):
+    """The ``ContextParallel`` for ``cp_size`` > 1 (None for 1), with ``cfg.cp_split_hw`` set to
+    the split in use. Every check that can fail runs on every rank before any collective but the
+    process-group setup, so a bad configuration is the same clear error everywhere."""
+    if cp_size == 1:
+        split = cfg.cp_split_hw
+        if split is not None and split[0] * split[1] != 1:
+            raise ValueError(f"cp_split_hw={split} splits the token grid over {split[0] * split[1]} ranks but "
+                             "cp_size=1; pass cp_size equal to the split's product, or cp_split_hw=[1, 1]")
+        return None
+    from .parallel import ContextParallel, init_context_parallel, resolve_split_hw
+
+    split = resolve_split_hw(cp_size, cfg.cp_split_hw)
+    if cfg.num_heads % cp_size:
+        raise ValueError(f"context parallelism splits attention heads over ranks: num_heads={cfg.num_heads} is "
+                         f"not divisible by cp_size={cp_size}")
+    if device.type == "meta":  # shapes only (planning): checked, nothing to communicate
+        cfg.cp_split_hw = list(split)
+        return None
+    if device.type not in ("cuda", "cpu"):
+        raise ValueError(f"context parallelism runs on CUDA (NCCL) or the CPU (gloo), not on {device}")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # NCCL and its object collectives use the current device
+    group = init_context_parallel(cp_size, device)
+    cfg.cp_split_hw = list(split)
+    cp = ContextParallel(group, split, cfg.num_heads, device)
+    cp.check_replicas(cfg)
+    return cp
