@@ -24,7 +24,10 @@ setup(
         "cuda": ["flash-attn", "nvtx"],
         # The tests build tiny text encoders/VAEs and write .mp4 files: they need the pipelines extra.
         # pytest-xdist: the suite runs on every core (-n 2 on the 2-core CI machine: about half the time)
-        "dev": ["pytest", "pytest-benchmark", "pytest-xdist", "hypothesis", *PIPELINES],
+        # The step cache's oracle, cache-dit 1.5.3, is installed with --no-deps by the test command
+        # (its own extras pull in ray/torchao/...); these are the floors it declares for what it imports.
+        "dev": ["pytest", "pytest-benchmark", "pytest-xdist", "hypothesis", *PIPELINES,
+                "diffusers>=0.36", "transformers>=4.55.2", "packaging", "pyyaml"],
         # Prompt strings (umT5 text encoder: transformers, sentencepiece for the umT5 tokenizer,
         # ftfy for the official prompt cleaning), the Wan VAE (diffusers), image/video files
         # (pillow, imageio) and .mp4 output (imageio-ffmpeg, which ships an ffmpeg binary).
