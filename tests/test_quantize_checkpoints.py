@@ -14,6 +14,7 @@ from test_quantize import (MODES, TARGETS, _assert_forward_matches_twin, _bits, 
 
 import longcat_native as lcn
 from longcat_native.runtime import quantize as qz
+from longcat_native.runtime import quantized_checkpoints as qc
 from longcat_native.runtime.weights import CheckpointError
 
 SRC = FIXTURE_ROOT / "dit" / "diffusion_pytorch_model.safetensors"
@@ -228,13 +229,13 @@ def test_an_interrupted_save_leaves_the_previous_save_whole(tmp_path, monkeypatc
     first, second = _tiny("int8-weight-only", seed=1), _tiny("int8-weight-only", seed=2)
     folder = tmp_path / "saved"
     first.save_quantized(folder)
-    real = qz.write_safetensors
+    real = qc.write_safetensors
 
     def write_then_fail(*args, **kwargs):
         real(*args, **kwargs)
         raise failure("interrupted between the files of a save")
 
-    monkeypatch.setattr(qz, "write_safetensors", write_then_fail)
+    monkeypatch.setattr(qc, "write_safetensors", write_then_fail)
     with pytest.raises(failure, match="interrupted between"):
         second.save_quantized(folder)
     monkeypatch.undo()
@@ -242,7 +243,7 @@ def test_an_interrupted_save_leaves_the_previous_save_whole(tmp_path, monkeypatc
     _assert_state_equal(lcn.LongCatDiT.from_pretrained(folder), _state(first), "after the interrupted save")
     second.save_quantized(folder)  # a previous save is replaced as a whole
     _assert_state_equal(lcn.LongCatDiT.from_pretrained(folder), _state(second), "after the second save")
-    assert _listing(tmp_path) == ["saved"] and _listing(folder) == sorted(qz.NATIVE_FILES)
+    assert _listing(tmp_path) == ["saved"] and _listing(folder) == sorted(qc.NATIVE_FILES)
 
 
 def test_a_save_that_fails_while_swapping_folders_puts_the_previous_back(tmp_path, monkeypatch):

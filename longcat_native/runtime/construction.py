@@ -19,6 +19,7 @@ import torch
 
 from . import device as _device  # free_memory_bytes read through the module: one definition to patch
 from . import quantize as qz
+from . import quantized_checkpoints as qc
 from . import streaming
 from .config import LongCatConfig, resolve_config
 from .device import resolve_device, resolve_dtype
@@ -74,10 +75,10 @@ class LongCatDiTConstruction:
         cp_size = _check_cp_size(cp_size)
         quantize = qz.check_quantize(quantize)
         offload = streaming.check_offload(offload, resident_blocks, max_memory)
-        dit_dir, kind = qz.find_checkpoint(path, subfolder, quantize)
-        mode, saved_dtype = qz.checkpoint_mode(dit_dir, kind, quantize)
+        dit_dir, kind = qc.find_checkpoint(path, subfolder, quantize)
+        mode, saved_dtype = qc.checkpoint_mode(dit_dir, kind, quantize)
         cfg = LongCatConfig.from_json_file(str(dit_dir / "config.json"), config_overrides)
-        files = qz.weight_files(dit_dir, kind)
+        files = qc.weight_files(dit_dir, kind)
         device = resolve_device(device, cp_size)
         dtype = resolve_dtype(dtype if dtype is not None else saved_dtype, device)
         # Nothing is allocated before the checkpoint is checked: the model is built on the meta
@@ -88,14 +89,14 @@ class LongCatDiTConstruction:
         if kind == "official":
             plan = check_official_weights({n: tuple(p.shape) for n, p in model.named_parameters()}, files, cfg)
         else:
-            described = qz.native_description(dit_dir) if kind == "native" else None
-            plan = qz.check_quantized_checkpoint(model, files, kind, cfg, described)
+            described = qc.native_description(dit_dir) if kind == "native" else None
+            plan = qc.check_quantized_checkpoint(model, files, kind, cfg, described)
         cp = _context_parallel(cfg, cp_size, device)
         model = cls._materialize(model, device, offload, resident_blocks, max_memory)
         if kind == "official" and mode is None:
             copy_official_weights(model, plan)
         else:
-            qz.copy_weights(model, qz.plan_from_official(plan) if kind == "official" else plan)
+            qc.copy_weights(model, qc.plan_from_official(plan) if kind == "official" else plan)
         streaming.finish_loading(model)  # streamed blocks filled in host memory: point them at staging
         model.checkpoint_path = str(dit_dir)
         model.cp = cp

@@ -20,6 +20,7 @@ from ..kernels.ops import Ops, get_ops
 from ..kernels._common import is_fake, triton_usable_on
 from . import lora, streaming
 from . import quantize as qz
+from . import quantized_checkpoints as qc
 from .attention import check_attention_name, resolve_attention_backend
 from .call_inputs import CallInputs, check_step_cache
 from .config import LongCatConfig
@@ -96,7 +97,7 @@ class LongCatDiT(LongCatDiTConstruction, CallInputs, LongCatTransformer):
         """Write the model to the folder ``path`` in longcat-native's quantized layout (internal
         names, quantized tensors + float32 scales, config.json, longcat_quantized.json);
         ``from_pretrained(path)`` loads it back bit-exactly (docs/design/quantization.md)."""
-        return str(qz.save_quantized(self, path))
+        return str(qc.save_quantized(self, path))
 
     def resolved_kernels(self) -> str:
         """The kernel path a call uses: "auto" is the fused path on CUDA, the reference elsewhere."""

@@ -470,7 +470,7 @@ def _params(dit) -> Dict[str, nn.Parameter]:
     return params
 
 
-def _ensure_base_copy(st: _LoRAState, name: str, p: torch.Tensor) -> None:
+def _ensure_base_copy(st: LoRAState, name: str, p: torch.Tensor) -> None:
     """Before ``p`` (holding its original values) is first overwritten: an exact host copy."""
     c = st.base.get(name)
     if c is not None and c.matches(p):
@@ -480,14 +480,14 @@ def _ensure_base_copy(st: _LoRAState, name: str, p: torch.Tensor) -> None:
     st.base[name] = _BaseCopy(host, p.data_ptr(), p._version, p.dtype, tuple(p.shape))
 
 
-def _restore(st: _LoRAState, name: str, p: torch.Tensor) -> None:
+def _restore(st: LoRAState, name: str, p: torch.Tensor) -> None:
     c = st.base[name]
     p.copy_(c.host)
     c.ptr, c.version = p.data_ptr(), p._version
     st.merged.discard(name)
 
 
-def _restore_all(dit, st: _LoRAState) -> None:
+def _restore_all(dit, st: LoRAState) -> None:
     if not st.merged:
         return
     params = _params(dit)
@@ -501,7 +501,7 @@ def _float32_copy(t: torch.Tensor, device) -> torch.Tensor:
     return moved.to(torch.float32, copy=moved is t)
 
 
-def _merge(dit, st: _LoRAState, loras: List[LoRA]) -> None:
+def _merge(dit, st: LoRAState, loras: List[LoRA]) -> None:
     params = _params(dit)
     plan: Dict[str, List[Tuple[int, torch.Tensor, torch.Tensor, float]]] = {}
     for lora in loras:
@@ -559,7 +559,7 @@ def _merge(dit, st: _LoRAState, loras: List[LoRA]) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def _add_branches(dit, st: _LoRAState, loras: List[LoRA]) -> None:
+def _add_branches(dit, st: LoRAState, loras: List[LoRA]) -> None:
     modules = dict(dit.named_modules())
     device, dtype = dit.device, dit.dtype
     for lora in loras:
@@ -577,7 +577,7 @@ def _add_branches(dit, st: _LoRAState, loras: List[LoRA]) -> None:
                 row += up.shape[0]
 
 
-def _remove_branches(st: _LoRAState) -> None:
+def _remove_branches(st: LoRAState) -> None:
     for layer in st.branch_modules:
         layer.lora_branches = []  # a new list: compiled code guarding on the old one recompiles
     st.branch_modules = []
