@@ -214,3 +214,14 @@ def test_written_video_has_the_usual_permissions_and_replaces_the_previous(tmp_p
     (tmp_path / "d.mp4").mkdir()
     with pytest.raises(ValueError, match="is a folder"):
         M.write_video(tmp_path / "d.mp4", smooth_frames(3))
+
+
+def test_read_pixels_and_their_size():
+    """The pipelines' input reader: uint8 frames from frames / arrays, float tensors as they are."""
+    frames = smooth_frames(3)
+    got = M.read_pixels(list(frames), "video")
+    assert got.dtype == np.uint8 and np.array_equal(got, frames) and M.pixel_hw(got) == frames.shape[1:3]
+    t = torch.zeros(1, 3, 5, 16, 24)
+    assert M.read_pixels(t, "video") is t and M.pixel_hw(t) == (16, 24)
+    with pytest.raises(ValueError, match="stage1_video is None"):
+        M.read_pixels(None, "stage1_video")

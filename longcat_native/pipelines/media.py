@@ -21,7 +21,7 @@ import torch
 __all__ = [
     "PIPELINES_EXTRA", "MissingExtraError", "require", "missing_modules", "IMAGE_SUFFIXES", "VIDEO_SUFFIXES",
     "load_image", "load_video", "read_video_frames", "write_video", "read_video_meta", "pixels_to_uint8",
-    "resize_frames", "load_frames", "frames_0_255", "truncate_to_uint8", "RESIZE_MODES",
+    "resize_frames", "load_frames", "read_pixels", "pixel_hw", "frames_0_255", "truncate_to_uint8", "RESIZE_MODES",
 ]
 
 PIPELINES_EXTRA = "pip install 'longcat-native[pipelines]'"
@@ -277,6 +277,23 @@ def load_frames(video) -> np.ndarray:
     if hasattr(video, "convert") and hasattr(video, "size"):  # one PIL image
         return np.asarray(video.convert("RGB"))[None]
     return _as_uint8_frames(video, "video")
+
+
+def read_pixels(x, what: str):
+    """A pipeline's image / video input -> uint8 frames [F, H, W, 3] (:func:`load_frames`), or a
+    float tensor in [-1, 1] as is; ``what`` names the argument in the error for None."""
+    if isinstance(x, torch.Tensor) and x.is_floating_point():
+        return x
+    if x is None:
+        raise ValueError(f"{what} is None")
+    return load_frames(x)
+
+
+def pixel_hw(x) -> Tuple[int, int]:
+    """(height, width) of an input :func:`read_pixels` returned (uint8 frames or a float tensor)."""
+    if isinstance(x, torch.Tensor):
+        return int(x.shape[-2]), int(x.shape[-1])
+    return int(x.shape[-3]), int(x.shape[-2])
 
 
 def frames_0_255(video) -> torch.Tensor:
