@@ -251,6 +251,10 @@ def test_state_dict_of_a_streaming_model_is_its_weights(quantize):
         b.untyped_storage().data_ptr() for b in dit.weight_streamer.staging}
     with torch.no_grad():
         assert torch.equal(dit(x, t, text), other(x, t, text))
+    for target in (dit, dit.blocks[2], dit.blocks[2].ffn.w2):  # assign=True would swap the staging views out
+        with pytest.raises(RuntimeError, match=r"assign=True\) is not possible while the model streams"):
+            target.load_state_dict(ref.state_dict() if target is dit else {}, strict=False, assign=True)
+    _assert_same_state(dit.state_dict(), other.state_dict(), "after the refused assign")
     dit.disable_weight_streaming()  # the hooks go with the streamer: the block's own tensors again
     _assert_same_state(dit.state_dict(), other.state_dict(), "after disable")
 

@@ -71,6 +71,15 @@ class _Entry:
                 module._buffers[name] = t
 
 
+def _refuse_assign(module, state, prefix, local_metadata, *rest) -> None:
+    """``load_state_dict(..., assign=True)`` would replace the streamed parameters by the given
+    tensors, which the streamer then re-points at its buffers (changing the caller's tensors)."""
+    if local_metadata.get("assign_to_params_buffers", False):
+        raise RuntimeError("load_state_dict(assign=True) is not possible while the model streams its weights (the "
+                           "streamed parameters are views of fixed buffers): load with assign=False (the values are "
+                           "copied into the host copies), or call disable_weight_streaming() first")
+
+
 def block_layout(block: torch.nn.Module) -> Tuple[List[_Entry], int]:
     """The streamed tensors of ``block`` (every parameter and buffer, whatever its dtype, but those of
     :data:`KEEP_RESIDENT`) packed at aligned offsets: ``(entries, packed bytes)``."""
@@ -192,7 +201,8 @@ class WeightStreamer:
                         if prefix + name in state:
                             state[prefix + name] = e.view(host)
 
-            def before_load(*args, i=i, named=named):
+            def before_load(module, state, prefix, local_metadata, *rest, i=i, named=named):
+                _refuse_assign(module, state, prefix, local_metadata)
                 if self.host.get(i) is not None:
                     for _, e in named:
                         e.point_at(e.view(self.host[i]))
@@ -206,6 +216,9 @@ class WeightStreamer:
             handles += [module.register_state_dict_post_hook(saved),
                         module.register_load_state_dict_pre_hook(before_load),
                         module.register_load_state_dict_post_hook(after_load)]
+        # A load that starts above the streamed tensors' modules is refused before anything loads.
+        for top in [self.model] + [self.model.blocks[i] for i in self.streamed]:
+            handles.append(top.register_load_state_dict_pre_hook(_refuse_assign))
         return handles
 
     def _point_block(self, i: int, buf: torch.Tensor) -> None:
