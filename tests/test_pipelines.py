@@ -508,3 +508,25 @@ def test_pipeline_from_pretrained_checks_before_loading(tiny_root, tmp_path, mon
     monkeypatch.setitem(sys.modules, "diffusers", None)
     with pytest.raises(MissingExtraError, match=r"diffusers.*longcat-native\[pipelines\]"):
         P.LongCatVideoPipeline.from_pretrained(tiny_root)
+
+
+def test_a_call_puts_the_loras_and_bsa_back_as_they_were(text):
+    """A model switched on the official way (dit.enable_loras / dit.enable_bsa once, as the demos
+    do before their loops) stays so through a call naming a LoRA / BSA; one switched off stays off."""
+    from cases import FIXTURE_ROOT
+
+    ckpt = LongCatDiT.from_pretrained(FIXTURE_ROOT, kernels="reference")
+    pe, pm, _, _ = text
+    stage1 = _lat(1, 16, 2, 8, 12)
+    lk = dict(lora_network_dim=4, lora_network_alpha=2.0)
+    for key in ("cfg_step_lora", "refinement_lora"):
+        ckpt.load_lora(str(FIXTURE_ROOT / "lora" / f"{key}.safetensors"), key, 1.0, **lk)
+    kw = dict(seed=0, refine_rng="generator", progress=False)
+    ckpt.enable_loras(["cfg_step_lora"])
+    ckpt.enable_bsa()
+    P.generate_refine(ckpt, stage1, pe, pm, lora="refinement_lora", enable_bsa=True, **kw)
+    assert ckpt.active_loras == ["cfg_step_lora"] and ckpt.cfg.enable_bsa
+    ckpt.disable_all_loras()
+    ckpt.disable_bsa()
+    P.generate_refine(ckpt, stage1, pe, pm, lora="refinement_lora", enable_bsa=True, **kw)
+    assert ckpt.active_loras == [] and not ckpt.cfg.enable_bsa

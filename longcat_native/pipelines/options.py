@@ -92,8 +92,12 @@ def find_lora_file(dit, key: str) -> Optional[Path]:
 class LoRAAndBSAEnabled:
     """``with LoRAAndBSAEnabled(dit, lora="refinement_lora", bsa=True): ...``: the LoRA (loaded
     first if need be) and/or BSA are on for the ``with`` block only, through the model's own
-    ``load_lora``/``enable_loras``/``enable_bsa``, and switched off again on exit
-    (``disable_all_loras``/``disable_bsa``). The constructor checks everything (missing LoRA
+    ``load_lora``/``enable_loras``/``enable_bsa``, and on exit put back as they were before
+    the block: the LoRAs that were active (``active_loras``) enabled again, BSA on again if it
+    was on (so a model switched on the official way, ``dit.enable_loras([...])`` /
+    ``dit.enable_bsa()`` once before a demo's loop of calls, stays so through calls that also
+    name them); a model that does not say (no ``active_loras`` / ``cfg.enable_bsa``) is switched
+    off (``disable_all_loras``/``disable_bsa``). The constructor checks everything (missing LoRA
     file, a model without those methods) before any work."""
 
     def __init__(self, dit, lora: Optional[str], lora_path=None, bsa: bool = False, lora_kwargs=None):
@@ -121,6 +125,9 @@ class LoRAAndBSAEnabled:
 
     def __enter__(self):
         dit = self.dit
+        prev = getattr(dit, "active_loras", None)
+        self._prev_loras = list(prev) if isinstance(prev, (list, tuple)) else None
+        self._prev_bsa = getattr(getattr(dit, "cfg", None), "enable_bsa", None)
         if self.lora:
             if self.lora not in (getattr(dit, "lora_dict", None) or {}):
                 dit.load_lora(str(self.lora_path), self.lora, **self.lora_kwargs)
@@ -130,10 +137,14 @@ class LoRAAndBSAEnabled:
         return self
 
     def __exit__(self, *exc):
-        if self.bsa and hasattr(self.dit, "disable_bsa"):
-            self.dit.disable_bsa()
-        if self.lora and hasattr(self.dit, "disable_all_loras"):
-            self.dit.disable_all_loras()
+        dit = self.dit
+        if self.bsa and self._prev_bsa is not True and hasattr(dit, "disable_bsa"):
+            dit.disable_bsa()
+        if self.lora:
+            if self._prev_loras:
+                dit.enable_loras(self._prev_loras)
+            elif hasattr(dit, "disable_all_loras"):
+                dit.disable_all_loras()
         return False
 
 
