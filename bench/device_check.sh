@@ -90,7 +90,7 @@ fi
 
 if want 4; then
   step "4 kernels, block, attention, block_sparse_attention at the real shapes (limit ${LIMIT_KERNELS:-45} s each)"
-  "$PY" bench/suite.py --only kernels,block,attention,block_sparse_attention --out-dir "$OUT" --timeout-s "${LIMIT_KERNELS:-45}" \
+  "$PY" bench/suite.py --only fused_kernels,block,attention,block_sparse_attention --out-dir "$OUT" --timeout-s "${LIMIT_KERNELS:-45}" \
     2>&1 | tee -a "$LOG" | tail -n 2
 fi
 

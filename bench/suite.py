@@ -1,7 +1,7 @@
 """Every benchmark in one command, with the results filed the way the project keeps them.
 
     python bench/suite.py                                 # all benches, their default sizes
-    python bench/suite.py --only kernels,block,attention  # a subset (a lent GPU's call is 10 minutes:
+    python bench/suite.py --only fused_kernels,block,attention  # a subset (a lent GPU's call is 10 minutes:
     python bench/suite.py --only model                    #  split the suite over calls; files merge)
     python bench/suite.py --merge a.json b.json           # merge result files fetched from separate calls
     python bench/suite.py --only model --tag 720p --args 'model=--size 720p'  # filed as "model:720p"
@@ -33,7 +33,7 @@ from longcat_native.runtime.files import write_json_atomic, write_text_atomic
 _BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 _REPO = os.path.dirname(_BENCH_DIR)
 
-BENCHES = ("kernels", "block", "attention", "block_sparse_attention", "lora", "model", "parallel", "quantize",
+BENCHES = ("fused_kernels", "block", "attention", "block_sparse_attention", "lora", "model", "parallel", "quantize",
            "streaming", "step_cache")
 
 

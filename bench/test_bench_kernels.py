@@ -5,7 +5,7 @@
 
 Sizes are tiny: on CPU the fused ops run under the triton interpreter (bench/conftest.py sets
 TRITON_INTERPRET=1 when there is no CUDA), so these timings check plumbing, not performance.
-The smoke tests run ``bench/kernels.py`` and ``bench/block.py`` as subprocesses and check the
+The smoke tests run ``bench/fused_kernels.py`` and ``bench/block.py`` as subprocesses and check the
 final JSON line.
 """
 
@@ -122,8 +122,8 @@ def _check_positive(record, keys):
 
 
 def test_kernels_script_smoke():
-    record, _ = _run_script("bench/kernels.py", "--size", "small", "--repeats", "1")
-    assert record["bench"] == "kernels"
+    record, _ = _run_script("bench/fused_kernels.py", "--size", "small", "--repeats", "1")
+    assert record["bench"] == "fused_kernels"
     assert isinstance(record["device"], str) and record["device"]
     keys = ["copy_bandwidth_gbps"]
     for k in ("layernorm_modulate", "layernorm_affine", "residual_layernorm_modulate", "qk_rmsnorm_rope3d",

@@ -25,6 +25,7 @@ from ._common import (
 )
 # The selection's public names are re-exported (one import for the whole op); the private ones
 # are the chunk geometry and Triton helpers the attention kernel shares.
+from . import bsa_select as _selection
 from .bsa_select import (  # noqa: F401
     MAX_HEAD_DIM,
     _Geom,
@@ -50,21 +51,11 @@ from .bsa_select import (  # noqa: F401
 )
 
 __all__ = [
-    "bsa_grid_tiles",
-    "bsa_num_selected_topk",
-    "bsa_select_from_pooled",
-    "bsa_selection_mask",
-    "bsa_mask_to_indices",
-    "bsa_to_chunk_order",
-    "bsa_from_chunk_order",
-    "bsa_pool_reference",
-    "bsa_select_reference",
+    *_selection.__all__,
     "bsa_masked_attention_reference",
     "block_sparse_attention_reference",
-    "bsa_select",
     "bsa_sparse_attention",
     "block_sparse_attention",
-    "MAX_HEAD_DIM",
 ]
 
 _LOG2E = 1.4426950408889634

@@ -1,14 +1,14 @@
 """Per-kernel benchmark of the fused ops against their eager and torch.compile'd references.
 
-    python bench/kernels.py                      # GPU: 480p shapes; CPU: tiny shapes, triton interpreter
-    python bench/kernels.py --size 720p --dtype bfloat16 --repeats 50
-    python bench/kernels.py --size small --repeats 1 --no-compile
+    python bench/fused_kernels.py                      # GPU: 480p shapes; CPU: tiny shapes, triton interpreter
+    python bench/fused_kernels.py --size 720p --dtype bfloat16 --repeats 50
+    python bench/fused_kernels.py --size small --repeats 1 --no-compile
 
 For each kernel: median time of the fused op, its effective bandwidth (minimal bytes: every input
 read once + every output written once, divided by the time), that bandwidth as a percentage of
 the measured device copy bandwidth, and its speedup over (a) the eager plain-PyTorch reference
 and (b) ``torch.compile`` of that reference, all measured in the same run. The last line printed
-is one JSON object (``{"bench": "kernels", ...}``).
+is one JSON object (``{"bench": "fused_kernels", ...}``).
 
 Shapes (docs/workloads.md): ``480p`` is 93 frames at 480x832 -> latent grid 24 x 30 x 52 after the
 1x2x2 patch = 37,440 tokens; ``720p`` is 48 x 44 x 80 = 168,960 tokens; both C = 4096, 32 heads
@@ -219,7 +219,7 @@ def main(argv=None) -> int:
         for name, reason in compile_errors.items():
             print(f"compile n/a for {name}: {reason}")
     out = {
-        "bench": "kernels",
+        "bench": "fused_kernels",
         "device": dev_name,
         "size": size,
         "dtype": DTYPES[args.dtype],
