@@ -56,7 +56,7 @@ def run_memory_estimate(cfg, parameters: int, latent, decoded_frames: int, size,
                         budget_bytes: int = GPU_BUDGET_BYTES) -> Dict[str, Any]:
     """An ESTIMATE of the peak GPU memory of a generation run without guidance (batch 1) that
     denoises ``latent`` = (T, H, W) and decodes ``decoded_frames`` frames of ``size`` = (height,
-    width) pixels. The shapes come from the caller (``pipelines.run.refine_memory_estimate``).
+    width) pixels. The shapes come from the caller (``pipelines.plan.refine_memory_estimate``).
 
     Assumptions:
     - The stages run one after the other and the peak is the largest: text encoding (the umT5
