@@ -455,11 +455,12 @@ def denoise(
         cond = cond_src.expand(B, -1, -1, -1, -1)
         latents[:, :, :m] = cond
 
-    cp = getattr(dit, "cp", None)
-    if cp is not None:
-        # Every rank runs this loop; rank 0's inputs are the ones used everywhere, so ranks that
-        # drew different noise or encoded prompts differently cannot drift apart.
-        latents, text, mask, cond_src = cp.broadcast_from_rank0([latents, text, mask, cond_src])
+    parallel = getattr(_base_model(dit), "parallel", None)
+    if parallel is not None:
+        # Every rank of a replica runs this loop; the replica lead's inputs are the ones used
+        # everywhere in it, so ranks that drew different noise or encoded prompts differently
+        # cannot drift apart.
+        latents, text, mask, cond_src = parallel.broadcast_inputs([latents, text, mask, cond_src])
         if m:
             cond = cond_src.expand(B, -1, -1, -1, -1)
 

@@ -42,6 +42,10 @@ class LongCatDiTConstruction:
         kernels: str = "auto",
         attention: str = "auto",
         cp_size: int = 1,
+        ring_size: int = 1,
+        cfg_parallel: bool = False,
+        dp_size: int = 1,
+        shard_weights: bool = False,
         subfolder: Optional[str] = None,
         torch_dtype=None,
         pretrained_model_name_or_path=None,
@@ -67,19 +71,24 @@ class LongCatDiTConstruction:
         ``torch_dtype``, ``pretrained_model_name_or_path`` and ``subfolder`` are the official
         (diffusers) spellings; other keyword arguments name ``config.json`` keys and override them
         (e.g. ``text_tokens_zero_pad=False``, ``cp_split_hw=[1, 1]``).
+
+        Parallel runs under ``torchrun`` (docs/design/parallel.md; the world must be the product of
+        the sizes): ``cp_size`` Ulysses context parallelism, ``ring_size`` ring attention,
+        ``cfg_parallel`` the two halves of a guided step on two ranks, ``dp_size`` data-parallel
+        replicas, ``shard_weights`` FSDP2 sharding of the weights over every rank.
         """
         path = merge_alias(path, pretrained_model_name_or_path, "path", "pretrained_model_name_or_path")
         if path is None:
             raise TypeError("from_pretrained() needs a checkpoint path")
         dtype = merge_alias(dtype, torch_dtype, "dtype", "torch_dtype")
-        cp_size = _check_cp_size(cp_size)
+        pc = _parallel_config(cp_size, ring_size, cfg_parallel, dp_size, shard_weights)
         quantize = qz.check_quantize(quantize)
         offload = streaming.check_offload(offload, resident_blocks, max_memory)
         dit_dir, kind = qc.find_checkpoint(path, subfolder, quantize)
         mode, saved_dtype = qc.checkpoint_mode(dit_dir, kind, quantize)
         cfg = LongCatConfig.from_json_file(str(dit_dir / "config.json"), config_overrides)
         files = qc.weight_files(dit_dir, kind)
-        device = resolve_device(device, cp_size)
+        device = resolve_device(device, pc.world_size)
         dtype = resolve_dtype(dtype if dtype is not None else saved_dtype, device)
         # Nothing is allocated before the checkpoint is checked: the model is built on the meta
         # device (shapes only; quantized storage for a quantized mode), the safetensors headers are
@@ -91,7 +100,7 @@ class LongCatDiTConstruction:
         else:
             described = qc.native_description(dit_dir) if kind == "native" else None
             plan = qc.check_quantized_checkpoint(model, files, kind, cfg, described)
-        cp = _context_parallel(cfg, cp_size, device)
+        parallel, cp = _parallel(cfg, pc, device)
         model = cls._materialize(model, device, offload, resident_blocks, max_memory)
         if kind == "official" and mode is None:
             copy_official_weights(model, plan)
@@ -100,6 +109,7 @@ class LongCatDiTConstruction:
         streaming.finish_loading(model)  # streamed blocks filled in host memory: point them at staging
         model.checkpoint_path = str(dit_dir)
         model.cp = cp
+        model.parallel = parallel
         return model.eval()
 
     @classmethod
@@ -113,6 +123,10 @@ class LongCatDiTConstruction:
         kernels: str = "auto",
         attention: str = "auto",
         cp_size: int = 1,
+        ring_size: int = 1,
+        cfg_parallel: bool = False,
+        dp_size: int = 1,
+        shard_weights: bool = False,
         torch_dtype=None,
         quantize: Optional[str] = None,
         offload: Optional[str] = None,
@@ -131,20 +145,23 @@ class LongCatDiTConstruction:
         (the same values as without ``quantize``, seed for seed) and quantized one at a time.
         ``offload``, ``max_memory``, ``resident_blocks``: as in :meth:`from_pretrained` (streamed
         tensors are drawn on the device and copied to the host: the same values as without).
+        ``cp_size``, ``ring_size``, ``cfg_parallel``, ``dp_size``, ``shard_weights``: as in
+        :meth:`from_pretrained`.
         """
         dtype = merge_alias(dtype, torch_dtype, "dtype", "torch_dtype")
         quantize = qz.check_quantize(quantize)
         offload = streaming.check_offload(offload, resident_blocks, max_memory)
-        cp_size = _check_cp_size(cp_size)
+        pc = _parallel_config(cp_size, ring_size, cfg_parallel, dp_size, shard_weights)
         cfg = resolve_config(config_or_name, config_overrides)
-        device = resolve_device(device, cp_size)
-        cp = _context_parallel(cfg, cp_size, device)
+        device = resolve_device(device, pc.world_size)
+        parallel, cp = _parallel(cfg, pc, device)
         model = cls._allocate(cfg, resolve_dtype(dtype, device), device, kernels, attention, quantize,
                               offload=offload, resident_blocks=resident_blocks, max_memory=max_memory)
         if device.type != "meta":
             model._init_random(seed)  # same seed on every rank: identical replicas
         streaming.finish_loading(model)
         model.cp = cp
+        model.parallel = parallel
         return model.eval()
 
     @classmethod
@@ -205,37 +222,44 @@ class LongCatDiTConstruction:
                 p.copy_(t)
 
 
-def _check_cp_size(cp_size) -> int:
-    if isinstance(cp_size, bool) or not isinstance(cp_size, int) or cp_size < 1:
-        raise ValueError(f"cp_size must be a positive int, got {cp_size!r}")
-    return cp_size
+def _parallel_config(cp_size, ring_size, cfg_parallel, dp_size, shard_weights):
+    from .mesh import ParallelConfig
+
+    if not isinstance(cfg_parallel, bool):
+        raise ValueError(f"cfg_parallel must be True or False, got {cfg_parallel!r}")
+    return ParallelConfig(ulysses=cp_size, ring=ring_size, cfg=2 if cfg_parallel else 1, dp=dp_size,
+                          shard_weights=shard_weights)
 
 
-def _context_parallel(cfg: LongCatConfig, cp_size: int, device: torch.device):
-    """The ``ContextParallel`` for ``cp_size`` > 1 (None for 1), with ``cfg.cp_split_hw`` set to
-    the split in use. Every check that can fail runs on every rank before any collective but the
-    process-group setup, so a bad configuration is the same clear error everywhere."""
-    if cp_size == 1:
+def _parallel(cfg: LongCatConfig, pc, device: torch.device):
+    """``(Parallel or None, ContextParallel or None)`` for the layout ``pc``, with
+    ``cfg.cp_split_hw`` set to the split in use. Every check that can fail runs on every rank
+    before any collective but the process-group setup, so a bad configuration is the same clear
+    error everywhere."""
+    from .parallel import ContextParallel, resolve_split_hw
+
+    if pc.ulysses == 1:
         split = cfg.cp_split_hw
         if split is not None and split[0] * split[1] != 1:
             raise ValueError(f"cp_split_hw={split} splits the token grid over {split[0] * split[1]} ranks but "
                              "cp_size=1; pass cp_size equal to the split's product, or cp_split_hw=[1, 1]")
-        return None
-    from .parallel import ContextParallel, init_context_parallel, resolve_split_hw
-
-    split = resolve_split_hw(cp_size, cfg.cp_split_hw)
-    if cfg.num_heads % cp_size:
-        raise ValueError(f"context parallelism splits attention heads over ranks: num_heads={cfg.num_heads} is "
-                         f"not divisible by cp_size={cp_size}")
+        split = (1, 1)
+    else:
+        split = resolve_split_hw(pc.ulysses, cfg.cp_split_hw)
+    pc.check_model(cfg.num_heads)
+    if not pc.distributed:
+        return None, None
     if device.type == "meta":  # shapes only (planning): checked, nothing to communicate
         cfg.cp_split_hw = list(split)
-        return None
+        return None, None
     if device.type not in ("cuda", "cpu"):
-        raise ValueError(f"context parallelism runs on CUDA (NCCL) or the CPU (gloo), not on {device}")
+        raise ValueError(f"parallel runs use CUDA (NCCL) or the CPU (gloo), not {device}")
     if device.type == "cuda":
         torch.cuda.set_device(device)  # NCCL and its object collectives use the current device
-    group = init_context_parallel(cp_size, device)
+    from .mesh import init_parallel
+
+    par = init_parallel(pc, device)
     cfg.cp_split_hw = list(split)
-    cp = ContextParallel(group, split, cfg.num_heads, device)
-    cp.check_replicas(cfg)
-    return cp
+    par.check_replicas((tuple(split), cfg.hidden_size, cfg.depth, cfg.num_heads, tuple(cfg.patch_size)))
+    cp = ContextParallel(par.group("ulysses"), split, cfg.num_heads, device) if pc.ulysses > 1 else None
+    return par, cp

@@ -37,13 +37,13 @@ def resolve_dtype(dtype: Union[None, str, torch.dtype], device: torch.device) ->
     return dtype
 
 
-def resolve_device(device, cp_size: int = 1) -> torch.device:
-    """None -> CUDA when available (under context parallelism, this rank's GPU: ``LOCAL_RANK``
-    as torchrun sets it), else the CPU."""
+def resolve_device(device, world_size: int = 1) -> torch.device:
+    """None -> CUDA when available (in a parallel run, this rank's GPU: ``LOCAL_RANK`` as
+    torchrun sets it), else the CPU."""
     if device is None:
         if not torch.cuda.is_available():
             return torch.device("cpu")
-        if cp_size > 1:
+        if world_size > 1:
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
             torch.cuda.set_device(device)
             return device

@@ -57,6 +57,9 @@ class LongCatDiT(LongCatDiTConstruction, CallInputs, LongCatTransformer):
         # ContextParallel (runtime/parallel.py) when built with cp_size > 1: the forward is split
         # over the ranks of its process group, each rank passing and receiving full tensors.
         self.cp = None
+        # Parallel (runtime/mesh.py) in a parallel run: the device mesh and its groups (CFG-parallel,
+        # data parallel, weight sharding read it); None in a single process.
+        self.parallel = None
         # Which LoRAs are active, in which mode, and the exact copies merged weights restore from.
         self.lora_state = lora.LoRAState()
         # The CUDAGraphRunner that denoise replays for this model (runtime/compiled.py,

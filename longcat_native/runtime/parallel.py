@@ -1,26 +1,18 @@
 """Context parallelism: one forward split over ``cp_size`` ranks with torch.distributed (the
-official scheme: Ulysses attention over a 2D split of the token grid).
+official scheme: Ulysses attention over a 2D split of the token grid). The process groups are
+runtime/mesh.py's (this is its ``ulysses`` dimension).
 
 Design notes: docs/design/parallel.md.
 """
 
 from __future__ import annotations
 
-import datetime
 import math
-import os
 from typing import Optional, Sequence, Tuple
 
 import torch
 
-__all__ = [
-    "ContextParallel", "optimal_split_hw", "init_context_parallel", "resolve_split_hw",
-    "comm_bytes_per_block", "DEFAULT_TIMEOUT_S",
-]
-
-# Long enough for the first compile of a 48-block forward on one rank while others wait;
-# LONGCAT_CP_TIMEOUT_S overrides it (read when the group is created).
-DEFAULT_TIMEOUT_S = 1800.0
+__all__ = ["ContextParallel", "optimal_split_hw", "resolve_split_hw", "comm_bytes_per_block"]
 
 
 def optimal_split_hw(cp_size: int) -> Tuple[int, int]:
@@ -53,36 +45,9 @@ def _dist():
     return dist
 
 
-def init_context_parallel(cp_size: int, device: torch.device, timeout_s: Optional[float] = None):
-    """The process group for ``cp_size`` ranks: the default group if one is initialized, else one
-    made from torchrun's environment (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``)
-    with NCCL for CUDA models and gloo for CPU models. The group must have exactly ``cp_size``
-    ranks (one model replica split over all of them)."""
-    dist = _dist()
-    if not dist.is_initialized():
-        if "WORLD_SIZE" not in os.environ or "RANK" not in os.environ:
-            raise RuntimeError(
-                f"cp_size={cp_size} needs torch.distributed: launch with `torchrun --nproc-per-node {cp_size} ...` "
-                "(which sets RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT), or call "
-                "torch.distributed.init_process_group() before building the model"
-            )
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        if timeout_s is None:
-            timeout_s = float(os.environ.get("LONGCAT_CP_TIMEOUT_S", DEFAULT_TIMEOUT_S))
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
-    world = dist.get_world_size()
-    if world != cp_size:
-        raise ValueError(f"cp_size={cp_size} but the process group has {world} ranks; launch exactly cp_size "
-                         f"processes (torchrun --nproc-per-node {cp_size})")
-    backend = str(dist.get_backend())
-    if device.type == "cpu" and "gloo" not in backend:
-        raise ValueError(f"the model is on the CPU but the process group's backend is {backend!r}; CPU tensors "
-                         "need gloo (init_process_group('gloo'))")
-    return dist.group.WORLD
-
-
 class ContextParallel:
-    """The split of one forward over the ranks of ``group`` (docs/design/parallel.md)."""
+    """The split of one forward over the ranks of ``group`` (the mesh's ``ulysses`` group;
+    docs/design/parallel.md)."""
 
     def __init__(self, group, split_hw: Tuple[int, int], num_heads: int, device=None):
         dist = _dist()
@@ -100,40 +65,6 @@ class ContextParallel:
         self.num_heads = num_heads
         self.local_heads = num_heads // self.size
         self.device = device
-
-    def check_replicas(self, cfg) -> None:
-        """Once, at construction: every rank built the same model and split (a rank with another
-        config would otherwise exchange mismatched tensors, or hang in a collective)."""
-        dist = _dist()
-        mine = (self.split_h, self.split_w, cfg.hidden_size, cfg.depth, cfg.num_heads, tuple(cfg.patch_size))
-        everyone = [None] * self.size
-        dist.all_gather_object(everyone, mine, group=self.group)
-        if any(o != mine for o in everyone):
-            raise ValueError(f"context-parallel ranks disagree on (split_h, split_w, hidden, depth, heads, patch): "
-                             f"{everyone}; every rank must build the same model with the same cp_size")
-
-    def broadcast_from_rank0(self, tensors):
-        """Rank 0's tensors on every rank (``None`` entries stay ``None``): what pipelines use so
-        every rank denoises the same inputs. Shapes and dtypes travel first, so other ranks need
-        not pass matching tensors. Each tensor stays on (or is received on) its rank's device."""
-        dist = _dist()
-        src = dist.get_global_rank(self.group, 0)
-        meta = [None if t is None else (tuple(t.shape), t.dtype) for t in tensors]
-        box = [meta]
-        dist.broadcast_object_list(box, src=src, group=self.group)
-        out = []
-        for t, m in zip(tensors, box[0]):
-            if m is None:
-                out.append(None)
-                continue
-            if self.rank == 0:
-                buf = t.contiguous()
-            else:
-                device = t.device if t is not None else self.device
-                buf = torch.empty(m[0], dtype=m[1], device=device)
-            dist.broadcast(buf, src=src, group=self.group)
-            out.append(buf)
-        return out
 
     def __repr__(self) -> str:
         return f"ContextParallel(rank={self.rank}, size={self.size}, split_hw=({self.split_h}, {self.split_w}))"
