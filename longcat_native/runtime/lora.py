@@ -1,7 +1,8 @@
-"""LoRA for ``LongCatDiT``: the official LoRA files, merged or unmerged, switched exactly.
+"""LoRA for ``LongCatDiT``: the official LoRA files (and FastVideo's, runtime/lora_fastvideo.py),
+merged or unmerged, switched exactly.
 
 Design notes (the official format, the modes, exact restore and its memory cost):
-docs/design/lora.md.
+docs/design/lora.md; FastVideo's format: docs/design/checkpoints.md ("LoRA files").
 """
 
 from __future__ import annotations
@@ -16,10 +17,11 @@ from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
+from .lora_fastvideo import is_fastvideo_key, read_fastvideo_lora
 from .names import merge_alias
 
 __all__ = [
-    "LORA_PREFIX", "LORA_HYPHEN", "LORA_MODES", "LoRA", "LoRAModuleWeights", "LoRAState",
+    "LORA_PREFIX", "LORA_HYPHEN", "LORA_MODES", "LORA_FORMATS", "LoRA", "detect_lora_format", "LoRAModuleWeights", "LoRAState",
     "read_lora_file", "lora_from_state_dict", "official_lora_targets", "encode_lora_name",
     "load_lora", "enable_loras", "disable_all_loras", "set_lora_mode", "release_base_copies", "base_copy_bytes",
 ]
@@ -27,6 +29,7 @@ __all__ = [
 LORA_PREFIX = "lora___lorahyphen___"
 LORA_HYPHEN = "___lorahyphen___"
 LORA_MODES = ("merged", "unmerged")
+LORA_FORMATS = ("official", "fastvideo")
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 _MAX_PROBLEMS = 20  # a LoRA error lists this many problems, then counts the rest
 _KEY = re.compile(r"^(?P<stem>[^.]+)\."
@@ -52,8 +55,8 @@ def _decode_lora_name(stem: str) -> str:
 class LoRAModuleWeights:
     """One targeted official Linear: its file tensors (host, file dtype) and where it lands."""
 
-    lora_name: str  # key stem in the file (official attribute name)
-    module_name: str  # official dotted name, e.g. "blocks.0.ffn.w3"
+    lora_name: str  # key stem in the file (official attribute name); FastVideo: see FastVideoModule
+    module_name: str  # official dotted name, e.g. "blocks.0.ffn.w3" (a fused one for a FastVideo q/k/v part)
     internal_name: str  # our module, e.g. "blocks.0.ffn.w13"
     row_offset: int  # first row of the official module inside ours (F for ffn.w3, else 0)
     down: torch.Tensor  # [n * r, in]
@@ -81,7 +84,9 @@ class LoRA:
     """A loaded LoRA file (``dit.lora_dict[key]``). ``loras`` (official name) lists its modules.
 
     The effective scale of module m is ``multiplier * m.alpha_scale``. Changing ``multiplier``
-    (or :meth:`set_multiplier`) takes effect at the next ``enable_loras``.
+    (or :meth:`set_multiplier`) takes effect at the next ``enable_loras``. ``format`` is the
+    file's ("official" or "fastvideo"; for the latter ``alpha_scale`` is FastVideo's
+    ``int(lora_alpha) / rank`` and ``lora_network_dim`` the largest rank in the file).
     """
 
     key: str
@@ -90,6 +95,7 @@ class LoRA:
     lora_network_dim: int
     lora_network_alpha: Optional[float]
     loras: List[LoRAModuleWeights] = field(default_factory=list)
+    format: str = "official"
 
     def set_multiplier(self, multiplier: float) -> None:
         self.multiplier = _check_multiplier(multiplier)
@@ -106,7 +112,7 @@ class LoRA:
 
     def __repr__(self) -> str:
         return (f"LoRA(key={self.key!r}, path={self.path!r}, multiplier={self.multiplier}, "
-                f"rank={self.lora_network_dim}, modules={len(self.loras)})")
+                f"rank={self.lora_network_dim}, modules={len(self.loras)}, format={self.format!r})")
 
 
 def _check_multiplier(m) -> float:
@@ -164,8 +170,11 @@ def official_lora_targets(model: nn.Module) -> Dict[str, Tuple[str, int, int, in
 
 def lora_from_state_dict(model: nn.Module, tensors: Dict[str, torch.Tensor], key, multiplier=1.0,
                          lora_network_dim: int = 128, lora_network_alpha=64, path=None) -> LoRA:
-    """Check ``tensors`` (the official LoRA layout) against ``model`` and build a :class:`LoRA`.
-    Raises one ValueError naming every bad key."""
+    """Check ``tensors`` (an official or a FastVideo LoRA state dict, told apart by its keys:
+    :func:`detect_lora_format`) against ``model`` and build a :class:`LoRA`. Raises one
+    ValueError naming every bad key. ``lora_network_dim`` is checked against an official file's
+    rank (as the official loader does); a FastVideo file carries its ranks and alphas per layer
+    (FastVideo's loader takes no rank), so there both arguments are only recorded."""
     multiplier = _check_multiplier(multiplier)
     if isinstance(lora_network_dim, bool) or not isinstance(lora_network_dim, int) or lora_network_dim <= 0:
         raise ValueError(f"lora_network_dim must be a positive int (the LoRA rank), got {lora_network_dim!r}")
@@ -180,14 +189,26 @@ def lora_from_state_dict(model: nn.Module, tensors: Dict[str, torch.Tensor], key
         raise ValueError(f"LoRA tensor names must be strings, got {', '.join(bad_names[:_MAX_PROBLEMS])}")
     targets = official_lora_targets(model)
     where = f"LoRA file {str(path)!r}" if path is not None else "LoRA state dict"
+    fmt = detect_lora_format(tensors, where)
+    alpha = None if lora_network_alpha is None else float(lora_network_alpha)
+    problems: List[str] = []
+    if fmt == "fastvideo":
+        fv = read_fastvideo_lora(tensors, targets, problems)
+        _raise_problems(problems, where, key)
+        modules = [LoRAModuleWeights(lora_name=m.lora_name, module_name=m.module_name, internal_name=m.internal_name,
+                                     row_offset=m.row_offset, down=m.down, ups=m.ups, alpha_scale=m.alpha_scale,
+                                     multiplier=multiplier) for m in fv]
+        return LoRA(key=key, path=None if path is None else str(path), multiplier=multiplier,
+                    lora_network_dim=max(m.rank for m in modules), lora_network_alpha=alpha, loras=modules,
+                    format="fastvideo")
 
     groups: Dict[str, Dict[str, torch.Tensor]] = {}
-    problems: List[str] = []
     for k in sorted(tensors):
         m = _KEY.match(k)
         if m is None:
-            problems.append(f"{k}: not a LoRA key (expected <lora_name>.lora_down.weight, .lora_up.weight, "
-                            ".lora_up.blocks.<i>.weight or .alpha_scale)")
+            problems.append(f"{k}: not a LoRA key (expected the official <lora_name>.lora_down.weight, "
+                            ".lora_up.weight, .lora_up.blocks.<i>.weight, .alpha_scale, or FastVideo's "
+                            "<module>.lora_A, .lora_B, .lora_alpha)")
             continue
         groups.setdefault(m.group("stem"), {})[k[len(m.group("stem")) + 1 :]] = tensors[k]
     if not groups and not problems:
@@ -274,14 +295,30 @@ def lora_from_state_dict(model: nn.Module, tensors: Dict[str, torch.Tensor], key
             down=parts["lora_down.weight"], ups=[parts[s] for s in ups_keys],
             alpha_scale=float(parts["alpha_scale"].detach().float().reshape(())), multiplier=multiplier,
         ))
+    _raise_problems(problems, where, key)
+    return LoRA(key=key, path=None if path is None else str(path), multiplier=multiplier,
+                lora_network_dim=lora_network_dim, lora_network_alpha=alpha, loras=modules)
+
+
+def _raise_problems(problems: List[str], where: str, key) -> None:
     if problems:
         shown = problems[:_MAX_PROBLEMS] + ([f"... and {len(problems) - _MAX_PROBLEMS} more"]
                                             if len(problems) > _MAX_PROBLEMS else [])
         raise ValueError(f"{where} (key {key!r}) does not fit this model; {len(problems)} problem(s):\n  "
                          + "\n  ".join(shown))
-    alpha = None if lora_network_alpha is None else float(lora_network_alpha)
-    return LoRA(key=key, path=None if path is None else str(path), multiplier=multiplier,
-                lora_network_dim=lora_network_dim, lora_network_alpha=alpha, loras=modules)
+
+
+def detect_lora_format(tensors: Mapping[str, torch.Tensor], where: str = "LoRA state dict") -> str:
+    """"official" or "fastvideo", from the keys (an official key never matches FastVideo's
+    pattern nor the reverse). A file holding keys of both is refused, naming one of each; a file
+    with neither is read as official (whose checks name every key)."""
+    official = [k for k in tensors if _KEY.match(k)]
+    fastvideo = [k for k in tensors if is_fastvideo_key(k)]
+    if official and fastvideo:
+        raise ValueError(f"{where} mixes two LoRA formats: {len(official)} official key(s) (e.g. {sorted(official)[0]!r}) "
+                         f"and {len(fastvideo)} FastVideo key(s) (e.g. {sorted(fastvideo)[0]!r}); a LoRA file holds one "
+                         "format (load each part as its own LoRA key)")
+    return "fastvideo" if fastvideo else "official"
 
 
 def _consistent_rank(down, ups, n, rows, fin) -> Optional[int]:
