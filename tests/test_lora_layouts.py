@@ -236,9 +236,9 @@ def test_fastvideo_math_where_it_differs_from_official(tmp_path, mode):
         fv[f"blocks.1.self_attn.{t}.lora_B"] = torch.randn(C, r, generator=g)
         fv[f"blocks.1.self_attn.{t}.lora_alpha"] = torch.tensor(float(r + 1))
     # a one-target module with 2 up blocks: the converter's block-diagonal lora_B (same math)
-    w1 = {k: v for k, v in _fixture_lora("cfg_step_lora").items() if "ffn" + HYPHEN + "w1" in k and "blocks" + HYPHEN + "0" in k}
     stem = PREFIX + "blocks.0.ffn.w1".replace(".", HYPHEN)
-    down, up = w1[stem + ".lora_down.weight"], w1[stem + ".lora_up.weight"]
+    fixture = _fixture_lora("cfg_step_lora")
+    down, up = fixture[stem + ".lora_down.weight"], fixture[stem + ".lora_up.weight"]
     w1 = {stem + ".lora_down.weight": torch.cat([down, torch.randn(4, C, generator=g) / C**0.5]),
           stem + ".lora_up.blocks.0.weight": up[:256], stem + ".lora_up.blocks.1.weight": up[256:],
           stem + ".alpha_scale": torch.tensor(0.5)}
@@ -316,7 +316,8 @@ def test_converted_one_up_block_qkv_lora_is_refused(tiny_dit, tmp_path):
     official = {stem + ".lora_down.weight": torch.randn(6, 128, generator=g),
                 stem + ".lora_up.weight": torch.randn(384, 6, generator=g), stem + ".alpha_scale": torch.tensor(0.5)}
     fv = to_fastvideo(official)
-    assert fv["blocks.0.self_attn.to_q.lora_A"].shape == (2, 128) and fv["blocks.0.self_attn.to_q.lora_B"].shape == (128, 6)
+    assert fv["blocks.0.self_attn.to_q.lora_A"].shape == (2, 128)
+    assert fv["blocks.0.self_attn.to_q.lora_B"].shape == (128, 6)
     msg = _error(tiny_dit, tmp_path, fv)
     assert msg.count("rank mismatch") == 3 and "blocks.0.self_attn.to_k.lora_A, blocks.0.self_attn.to_k.lora_B" in msg
     assert "one lora_up" in msg and "load the official file instead" in msg

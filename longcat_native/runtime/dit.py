@@ -142,9 +142,10 @@ class LongCatDiT(LongCatDiTConstruction, CallInputs, LongCatTransformer):
     # -- LoRA (the official API; the work is in runtime/lora.py) -------------------------------
     def load_lora(self, lora_path=None, lora_key=None, multiplier=1.0, lora_network_dim=128,
                   lora_network_alpha=64, *, path=None, key=None):
-        """Read an official LoRA safetensors file into ``self.lora_dict[lora_key]`` (nothing is
-        applied until :meth:`enable_loras`). Scale per module: ``multiplier * alpha_scale`` (the
-        file's); ``lora_network_dim`` must be the file's rank. Reloading a key replaces it."""
+        """Read an official (or FastVideo-format) LoRA safetensors file into
+        ``self.lora_dict[lora_key]`` (nothing is applied until :meth:`enable_loras`). Scale per
+        module: ``multiplier * alpha_scale`` (the file's); ``lora_network_dim`` must be an official
+        file's rank. Reloading a key replaces it."""
         return lora.load_lora(self, lora_path, lora_key, multiplier, lora_network_dim, lora_network_alpha,
                               path=path, key=key)
 

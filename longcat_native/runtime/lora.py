@@ -21,7 +21,8 @@ from .lora_fastvideo import is_fastvideo_key, read_fastvideo_lora
 from .names import merge_alias
 
 __all__ = [
-    "LORA_PREFIX", "LORA_HYPHEN", "LORA_MODES", "LORA_FORMATS", "LoRA", "detect_lora_format", "LoRAModuleWeights", "LoRAState",
+    "LORA_PREFIX", "LORA_HYPHEN", "LORA_MODES", "LORA_FORMATS", "LoRA", "LoRAModuleWeights", "LoRAState",
+    "detect_lora_format",
     "read_lora_file", "lora_from_state_dict", "official_lora_targets", "encode_lora_name",
     "load_lora", "enable_loras", "disable_all_loras", "set_lora_mode", "release_base_copies", "base_copy_bytes",
 ]
@@ -315,9 +316,10 @@ def detect_lora_format(tensors: Mapping[str, torch.Tensor], where: str = "LoRA s
     official = [k for k in tensors if _KEY.match(k)]
     fastvideo = [k for k in tensors if is_fastvideo_key(k)]
     if official and fastvideo:
-        raise ValueError(f"{where} mixes two LoRA formats: {len(official)} official key(s) (e.g. {sorted(official)[0]!r}) "
-                         f"and {len(fastvideo)} FastVideo key(s) (e.g. {sorted(fastvideo)[0]!r}); a LoRA file holds one "
-                         "format (load each part as its own LoRA key)")
+        raise ValueError(f"{where} mixes two LoRA formats: {len(official)} official key(s) "
+                         f"(e.g. {sorted(official)[0]!r}) and {len(fastvideo)} FastVideo key(s) "
+                         f"(e.g. {sorted(fastvideo)[0]!r}); a LoRA file holds one format (load each part "
+                         "as its own LoRA key)")
     return "fastvideo" if fastvideo else "official"
 
 
@@ -389,7 +391,8 @@ def release_base_copies(dit) -> None:
 
 def load_lora(dit, lora_path=None, lora_key=None, multiplier=1.0, lora_network_dim=128, lora_network_alpha=64,
               *, path=None, key=None) -> LoRA:
-    """Read and check a LoRA file, keep it as ``dit.lora_dict[key]``. Nothing is applied.
+    """Read and check a LoRA file (official or FastVideo format, told apart by its keys), keep it
+    as ``dit.lora_dict[key]``. Nothing is applied.
 
     Loading a key that exists replaces it (as the official loader does); if that key is active,
     the active set is applied again with the new weights, so the model always reflects
@@ -421,7 +424,15 @@ def _draw_as_official_init(lora: LoRA) -> None:
     stage-1 posterior and ``t_thresh`` noise from that RNG, so with ``torch.manual_seed`` before
     a LoRA load (the demos load the refinement LoRA just before refining) only the same draws
     give the official video. Drawn as float64 (two 32-bit draws each: the same stream, half the
-    time: 2.9 s per 1e9 draws on 2 CPU cores; the official rank-128 refinement LoRA is ~0.85e9)."""
+    time: 2.9 s per 1e9 draws on 2 CPU cores; the official rank-128 refinement LoRA is ~0.85e9).
+
+    A FastVideo file draws what the official load of the file it was converted from draws (its
+    q/k/v are re-assembled into that file's modules), so a seeded official-style refinement gives
+    the same video with either copy of a LoRA. FastVideo's own loader draws nothing, but its
+    refinement is its own flow (its noise order and seeding differ from the official demo's),
+    which this runtime does not reproduce, so no draws would match nothing. (A one-target module
+    with several up blocks, which FastVideo stores as one block-diagonal lora_B, counts its zeros
+    too: no published LoRA has one.)"""
     n = sum(2 * m.down.numel() + sum(u.numel() for u in m.ups) for m in lora.loras)
     pairs, chunk = n // 2, 1 << 22
     buf = torch.empty(min(pairs, chunk), dtype=torch.float64)
