@@ -10,7 +10,8 @@ rule by rule (FastVideo is not imported), and the expected math is FastVideo's m
 - where FastVideo's math is not the official one (non-integral alpha, no alpha, q/k/v parts of
   different ranks) the output is FastVideo's;
 - bad files (unknown modules, rank or shape mismatches, the converter's broken split of a
-  one-up-block fused LoRA, mixed formats) fail naming their keys and change nothing.
+  one-up-block fused LoRA, mixed formats) fail naming their keys and change nothing;
+- the pipelines' ``lora_path=`` takes a FastVideo file.
 """
 
 import json
@@ -294,6 +295,8 @@ def test_bad_fastvideo_files_name_their_keys(tiny_dit, tmp_path):
     sd["blocks.0.self_attn.to_out.lora_B"] = torch.randn(128, 4)
     sd["blocks.0.ffn.w1.lora_A"] = torch.randn(4, 100)  # wrong in_features
     sd["blocks.0.ffn.w1.lora_B"] = torch.randn(512, 4)
+    sd["blocks.1.cross_attn.to_out.lora_A"] = torch.randn(0, 128)
+    sd["blocks.1.cross_attn.to_out.lora_B"] = torch.randn(128, 0)
     msg = _error(tiny_dit, tmp_path, sd)
     assert "module 'blocks.0.self_attn.qkv_fused' is not a LoRA target" in msg
     assert "module 'patch_embed.proj'" in msg and "Conv3d" in msg
@@ -304,7 +307,8 @@ def test_bad_fastvideo_files_name_their_keys(tiny_dit, tmp_path):
     assert "blocks.0.self_attn.to_out.lora_A.weight: the same tensor as blocks.0.self_attn.to_out.lora_A" in msg
     assert "blocks.0.ffn.w1.lora_A: shape [4, 100], expected [rank, 128]" in msg
     assert "self_attn.to_v" not in msg and "blocks.0.ffn.w2" not in msg  # the good ones
-    assert msg.count("\n  ") == 8
+    assert "blocks.1.cross_attn.to_out.lora_A, blocks.1.cross_attn.to_out.lora_B: rank 0" in msg
+    assert msg.count("\n  ") == 9
 
 
 def test_converted_one_up_block_qkv_lora_is_refused(tiny_dit, tmp_path):
@@ -331,3 +335,16 @@ def test_mixed_format_file_is_refused(tiny_dit, tmp_path):
     msg = _error(tiny_dit, tmp_path, sd, lora_network_dim=4)
     assert "mixes two LoRA formats" in msg and "'blocks.0.self_attn.to_out.lora_A'" in msg
     assert PREFIX + "blocks" + HYPHEN + "0" + HYPHEN + "adaLN_modulation" in msg
+
+
+def test_pipelines_load_fastvideo_files_by_path(tmp_path):
+    """The pipelines' ``lora=``/``lora_path=`` switch (LoRAAndBSAEnabled) loads a FastVideo file."""
+    from longcat_native.pipelines.options import LoRAAndBSAEnabled
+
+    dit = lcn.LongCatDiT.from_pretrained(FIXTURE_ROOT, kernels="reference")
+    path = _write(tmp_path, "cfg_step_lora", to_fastvideo(_fixture_lora("cfg_step_lora")))
+    inputs, _, expected, _ = load_case("lora_cfg_step")
+    with LoRAAndBSAEnabled(dit, "cfg_step", lora_path=path):
+        assert dit.active_loras == ["cfg_step"] and dit.lora_dict["cfg_step"].format == "fastvideo"
+        assert_close_rel(_run(dit, inputs), expected["output"], MODEL_RTOL, "lora_path= a FastVideo file")
+    assert dit.active_loras == []

@@ -153,6 +153,9 @@ def read_fastvideo_lora(tensors: Mapping[str, torch.Tensor], targets: Dict[str, 
             problems.append(f"{ka}, {kb}: rank mismatch, lora_A {list(A.shape)} has {A.shape[0]} rows but lora_B "
                             f"{list(B.shape)} has {B.shape[1]} columns{hint}")
             continue
+        if A.shape[0] == 0:
+            problems.append(f"{ka}, {kb}: rank 0 (lora_A {list(A.shape)}, lora_B {list(B.shape)})")
+            continue
         bad = False
         if A.shape[1] != fin:
             problems.append(f"{ka}: shape {list(A.shape)}, expected [rank, {fin}] for {module} (in_features {fin})")
