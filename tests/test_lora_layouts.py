@@ -348,3 +348,28 @@ def test_pipelines_load_fastvideo_files_by_path(tmp_path):
         assert dit.active_loras == ["cfg_step"] and dit.lora_dict["cfg_step"].format == "fastvideo"
         assert_close_rel(_run(dit, inputs), expected["output"], MODEL_RTOL, "lora_path= a FastVideo file")
     assert dit.active_loras == []
+
+
+def test_lora_files_are_found_in_fastvideo_folders(tmp_path):
+    """A Diffusers root keeps lora/distilled/ and lora/refinement/ (FastVideo's converter);
+    the official lora/<key>.safetensors wins where both exist; two candidate files in a folder
+    is no answer (never a guess)."""
+    from types import SimpleNamespace
+
+    from longcat_native.pipelines.options import find_lora_file
+
+    (tmp_path / "transformer").mkdir()
+    dit = SimpleNamespace(checkpoint_path=str(tmp_path / "transformer"))
+    distilled = tmp_path / "lora" / "distilled"
+    distilled.mkdir(parents=True)
+    (distilled / "cfg_step_lora.safetensors").write_bytes(b"x")
+    (distilled / "other.safetensors").write_bytes(b"x")
+    refinement = tmp_path / "lora" / "refinement"
+    refinement.mkdir()
+    (refinement / "adapter.safetensors").write_bytes(b"x")
+    assert find_lora_file(dit, "cfg_step_lora") == distilled / "cfg_step_lora.safetensors"
+    assert find_lora_file(dit, "refinement_lora") == refinement / "adapter.safetensors"
+    (refinement / "second.safetensors").write_bytes(b"x")
+    assert find_lora_file(dit, "refinement_lora") is None
+    (tmp_path / "lora" / "refinement_lora.safetensors").write_bytes(b"x")
+    assert find_lora_file(dit, "refinement_lora") == tmp_path / "lora" / "refinement_lora.safetensors"

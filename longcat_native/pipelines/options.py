@@ -78,7 +78,16 @@ def model_device(dit):
     return getattr(dit, "device", torch.device("cpu"))
 
 
+# FastVideo's Diffusers repos keep each official LoRA in a folder of its own (their converter,
+# scripts/checkpoint_conversion/longcat_to_fastvideo.py: lora/distilled/, lora/refinement/).
+FASTVIDEO_LORA_FOLDERS = {"cfg_step_lora": "distilled", "refinement_lora": "refinement"}
+
+
 def find_lora_file(dit, key: str) -> Optional[Path]:
+    """The LoRA file of ``key`` beside the model's checkpoint: ``lora/<key>.safetensors`` (the
+    official root), else FastVideo's ``lora/<folder>/<key>.safetensors`` or the one
+    ``.safetensors`` file in that folder (the Diffusers root); looked for in the checkpoint
+    folder and its parent."""
     ckpt = getattr(dit, "checkpoint_path", None)
     if not ckpt:
         return None
@@ -86,6 +95,14 @@ def find_lora_file(dit, key: str) -> Optional[Path]:
         f = root / "lora" / f"{key}.safetensors"
         if f.is_file():
             return f
+        folder = root / "lora" / FASTVIDEO_LORA_FOLDERS.get(key, key)
+        if folder.is_dir():
+            f = folder / f"{key}.safetensors"
+            if f.is_file():
+                return f
+            files = sorted(folder.glob("*.safetensors"))
+            if len(files) == 1:
+                return files[0]
     return None
 
 
