@@ -295,3 +295,18 @@ def test_nan_weights_are_refused_after_the_copy(tmp_path):
     path = write(tmp_path / "nan.safetensors", sd)
     with pytest.raises(CheckpointError, match="blocks.1.self_attn.k.weight"):
         load(path, quantize="fp8-weight-only")
+
+
+def test_streamed_load_equals_the_resident_load(tmp_path):
+    """offload="blocks": the streamed blocks are filled in host memory by the same copy."""
+    path = write(tmp_path / "f.safetensors", comfy_fp8_state_dict())
+    resident = load(path, quantize="fp8-weight-only", device="cpu")
+    dit = load(path, quantize="fp8-weight-only", device="cpu", offload="blocks", resident_blocks=0)
+    assert dit.weight_streamer is not None and dit.weight_streamer.streamed == (0, 1)
+    inputs, _, _, meta = load_case("t2v_mask")
+    with torch.no_grad():
+        assert torch.equal(dit(**inputs, **meta.get("kwargs", {})), resident(**inputs, **meta.get("kwargs", {})))
+    dit.disable_weight_streaming()
+    ours = dict(resident.state_dict())
+    for k, v in dit.state_dict().items():
+        assert_same_bits(v, ours[k], k)
