@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import difflib
-import json
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -33,7 +32,7 @@ import torch.nn as nn
 
 from . import quantize as qz
 from .config import DEFAULT_BSA_PARAMS, LongCatConfig
-from .weights import FLOAT_DTYPES, CheckpointError, cap_list
+from .weights import CheckpointError, cap_list
 
 __all__ = ["COMFY_BLOCK_NAMES", "COMFY_TOP_NAMES", "COMFY_PREFIXES", "SCALED_FP8_MARKER", "ComfyCheckpoint",
            "single_file_kind", "open_comfy_checkpoint", "comfy_parts", "infer_config"]
@@ -368,8 +367,9 @@ def _read_scales(path: Path, prefix: str, tensors) -> Dict[str, float]:
     if not names:
         return out
     with safe_open(str(path), framework="pt", device="cpu") as st:
+        stored = set(st.keys())
         for k in names:
-            full = prefix + k if prefix + k in st.keys() else k
+            full = prefix + k if prefix + k in stored else k
             v = float(st.get_tensor(full).float().reshape(-1)[0]) if tensors[k][0] in ((), (1,)) else float("nan")
             if k.endswith(SCALE_INPUT):
                 if v != 1.0:
