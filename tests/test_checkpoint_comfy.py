@@ -7,6 +7,7 @@ fp8 files"): official name -> WanVideoWrapper name, the fused qkv / kv split in 
 tensor scale = amax / 448 stored as a 0-d float32 ``scale_weight``, a ``scale_input`` placeholder
 1.0 and the ``scaled_fp8`` marker, as ComfyUI's scaled files carry them."""
 
+import json
 import re
 import warnings
 
@@ -83,8 +84,22 @@ def _comfy_modules(official_module):
 
 
 def write(path, sd, prefix="", metadata=None):
-    save_file({(k if k == "scaled_fp8" else prefix + k): v for k, v in sd.items()}, str(path), metadata=metadata)
+    save_file({prefix + k: v for k, v in sd.items()}, str(path), metadata=metadata)
     return path
+
+
+def to_comfy_quant(sd):
+    """The same file in ComfyUI's newer per-layer format (comfy/quant_ops.py): a uint8 JSON
+    ``comfy_quant`` per fp8 layer, ``weight_scale`` for ``scale_weight``, no placeholder input scale."""
+    out = {}
+    for k, v in sd.items():
+        if k.endswith(".scale_weight"):
+            layer = k[: -len(".scale_weight")]
+            out[layer + ".weight_scale"] = v
+            out[layer + ".comfy_quant"] = torch.tensor(list(b'{"format": "float8_e4m3fn"}'), dtype=torch.uint8)
+        elif not k.endswith(".scale_input") and k != "scaled_fp8":
+            out[k] = v
+    return out
 
 
 def load(path, **kw):
@@ -236,7 +251,7 @@ def test_config_inferred_at_other_sizes_and_overrides(tmp_path):
      "calibrated input scales.*blocks.1.cross_attn.o.scale_input = 0.37"),
     ("comfy_quant", lambda sd: sd.update({"blocks.0.ffn.w2.comfy_quant": torch.tensor(list(b'{"format": "nvfp4"}'),
                                                                                         dtype=torch.uint8)}),
-     "mixed-precision.*comfy_quant"),
+     "mixed-precision format with layers of format nvfp4.*blocks.0.ffn.w2"),
     ("int8", lambda sd: sd.update({"blocks.0.ffn.w2.weight": torch.ones(128, 512, dtype=torch.int8)}),
      "integer-quantized.*I8"),
     ("wan", lambda sd: sd.update({"time_projection.1.weight": torch.ones(768, 128),
@@ -259,8 +274,9 @@ def test_other_files_are_refused_by_name(tmp_path):
         load(gguf)
     with pytest.raises(CheckpointError, match="official LongCat-Video layout.*dit/ folder"):
         load(SRC)  # the official weights file itself, without its folder's config.json
-    meta = write(tmp_path / "meta.safetensors", comfy_fp8_state_dict(), metadata={"_quantization_metadata": "{}"})
-    with pytest.raises(CheckpointError, match="mixed-precision"):
+    meta = write(tmp_path / "meta.safetensors", comfy_fp8_state_dict(), metadata={"_quantization_metadata": json.dumps(
+        {"format_version": "1.0", "layers": {"blocks.0.ffn.w2": {"format": "float8_e4m3fn_blockwise"}}})})
+    with pytest.raises(CheckpointError, match="format float8_e4m3fn_blockwise.*blocks.0.ffn.w2"):
         load(meta)
     not_st = tmp_path / "notes.safetensors"
     not_st.write_text("hello, this is not a checkpoint")
@@ -309,4 +325,15 @@ def test_streamed_load_equals_the_resident_load(tmp_path):
     dit.disable_weight_streaming()
     ours = dict(resident.state_dict())
     for k, v in dit.state_dict().items():
+        assert_same_bits(v, ours[k], k)
+
+
+def test_the_newer_comfy_quant_format_reads_as_the_scaled_one(tmp_path):
+    """ComfyUI's per-layer format with float8_e4m3fn layers (per-tensor ``weight_scale``) is the same
+    math: the same model as the scaled-fp8 file, bit for bit (prefixed keys, marker included)."""
+    sd = comfy_fp8_state_dict()
+    legacy = load(write(tmp_path / "legacy.safetensors", sd, "model.diffusion_model."), quantize="fp8-weight-only")
+    new = load(write(tmp_path / "new.safetensors", to_comfy_quant(sd)), quantize="fp8-weight-only")
+    ours = dict(legacy.state_dict())
+    for k, v in new.state_dict().items():
         assert_same_bits(v, ours[k], k)

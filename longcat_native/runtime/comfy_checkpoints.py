@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import json
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -123,12 +124,14 @@ class _Part:
 @dataclass
 class ComfyCheckpoint:
     """A ComfyUI single-file LongCat-Video checkpoint, read from its header: ``tensors`` maps the
-    un-prefixed key to ``(shape, safetensors dtype)``; ``cfg`` the config inferred from the shapes;
+    un-prefixed key (ComfyUI's newer per-layer format renamed to the scaled-fp8 spelling) to
+    ``(shape, safetensors dtype)``; ``cfg`` the config inferred from the shapes;
     ``mode`` the quantization the model is built with; ``inferred`` the config keys read from shapes."""
 
     path: Path
     prefix: str
     tensors: Dict[str, Tuple[Tuple[int, ...], str]]
+    file_keys: Dict[str, str]  # un-prefixed (legacy-spelled) name -> the key in the file
     scaled: bool
     cfg: LongCatConfig
     mode: Optional[str]
@@ -223,7 +226,7 @@ class ComfyCheckpoint:
                 layer = model.get_submodule(name.rsplit(".", 1)[0])
                 quantized = getattr(layer, "quant", None) is not None and name.endswith(".weight")
                 for part in parts:
-                    src = st.get_tensor(self.prefix + part.key)
+                    src = st.get_tensor(self.file_keys[part.key])
                     if name == "x_embedder.proj.weight":
                         src = src.reshape(p.shape)
                     src = src.to(p.device)
@@ -274,13 +277,15 @@ def open_comfy_checkpoint(path, quantize: Optional[str], overrides: Optional[dic
     float file (bf16/fp32 ComfyUI export) with ``quantize=None`` loads unquantized."""
     path = Path(path)
     header, metadata = _read_header(path)
-    _refuse_variants(path, header, metadata)
+    header, file_keys = _from_comfy_quant(path, header, metadata)
+    _refuse_variants(path, header)
     prefix = _find_prefix(path, header)
-    tensors = {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in header.items()}
-    if prefix + SCALED_FP8_MARKER in header:
-        tensors[SCALED_FP8_MARKER] = tensors.pop(prefix + SCALED_FP8_MARKER)
+    tensors, keys = {}, {}
+    for k, v in header.items():
+        name = k[len(prefix):] if k.startswith(prefix) else k
+        tensors[name], keys[name] = v, file_keys.get(k, k)
     scaled = SCALED_FP8_MARKER in tensors or any(k.endswith(SCALE_WEIGHT) for k in tensors)
-    scales = _read_scales(path, prefix, tensors)
+    scales = _read_scales(path, tensors, keys)
     cfg, inferred = infer_config(path, tensors, overrides)
     fp8 = any(tensors.get(k, ((), ""))[1] == _FP8 for k in _target_keys(cfg))
     mode = qz.check_quantize(quantize)
@@ -289,7 +294,7 @@ def open_comfy_checkpoint(path, quantize: Optional[str], overrides: Optional[dic
         warnings.warn(f"{path.name} stores its block weights in float8_e4m3fn: loading them as stored, "
                       "quantize='fp8-weight-only' (float8 weights dequantized to the model dtype at each GEMM); "
                       "pass quantize='fp8' for FP8 GEMMs", stacklevel=3)
-    return ComfyCheckpoint(path, prefix, tensors, scaled, cfg, mode, inferred, scales)
+    return ComfyCheckpoint(path, prefix, tensors, keys, scaled, cfg, mode, inferred, scales)
 
 
 def _read_header(path: Path):
@@ -306,17 +311,54 @@ def _read_header(path: Path):
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
 
 
-def _refuse_variants(path: Path, header, metadata) -> None:
+def _from_comfy_quant(path: Path, header, metadata):
+    """ComfyUI's newer per-layer format (comfy/quant_ops.py; a ``<layer>.comfy_quant`` uint8 JSON
+    tensor and/or the header's ``_quantization_metadata`` ``{"layers": {layer: {"format": ...}}}``,
+    scales spelled ``weight_scale`` / ``input_scale``): its "float8_e4m3fn" layers are the same
+    math as scaled fp8 (qdata * per-tensor float32 scale) and are renamed to that spelling
+    (``-> (header, {legacy name: file key})``); any other format is a CheckpointError naming it."""
+    layers: Dict[str, str] = {}
+    raw = metadata.get("_quantization_metadata")
+    try:
+        if raw is not None:
+            for name, conf in json.loads(raw).get("layers", {}).items():
+                layers[name] = conf.get("format")
+        cq = [k for k in header if k.endswith(".comfy_quant")]
+        if cq:
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt", device="cpu") as st:
+                for k in cq:
+                    layers[k[: -len(".comfy_quant")]] = json.loads(st.get_tensor(k).numpy().tobytes()).get("format")
+    except (ValueError, AttributeError, TypeError) as e:
+        raise CheckpointError(f"{path}: unreadable ComfyUI quantization description ({e})") from e
+    if not layers:
+        return header, {}
+    other = {n: f for n, f in layers.items() if f != "float8_e4m3fn"}
+    if other:
+        formats = sorted({str(f) for f in other.values()})
+        raise CheckpointError(f"{path} is quantized in ComfyUI's mixed-precision format with layers of format "
+                              f"{', '.join(formats)}; longcat-native reads its float8_e4m3fn (per-tensor) layers only "
+                              f"({len(other)} others): " + cap_list(sorted(other), 6))
+    out, keys = {}, {}
+    for k, v in header.items():
+        if k.endswith(".comfy_quant"):
+            continue
+        layer, _, leaf = k.rpartition(".")
+        name = k
+        if layer in layers and leaf in ("weight_scale", "input_scale"):
+            name = layer + (SCALE_WEIGHT if leaf == "weight_scale" else SCALE_INPUT)
+        out[name], keys[name] = v, k
+    return out, keys
+
+
+def _refuse_variants(path: Path, header) -> None:
     """Every variant this loader cannot read is a CheckpointError naming it, before anything else."""
     def refuse(what, keys):
         raise CheckpointError(f"{path} is {what}; longcat-native reads ComfyUI LongCat-Video files in bf16/fp16/fp32, "
                               "fp8_e4m3fn or fp8_e4m3fn_scaled (per-tensor scale_weight) only. Offending tensors "
                               f"({len(keys)}): " + cap_list(sorted(keys), 6))
 
-    if "_quantization_metadata" in metadata or any(k.endswith(".comfy_quant") for k in header):
-        refuse("in ComfyUI's mixed-precision quantization format (per-layer .comfy_quant descriptions / "
-               "_quantization_metadata: NVFP4, MXFP8, int8 or fp8 layouts)",
-               [k for k in header if k.endswith(".comfy_quant")] or ["__metadata__._quantization_metadata"])
     e5m2 = [k for k, (_, d) in header.items() if d in ("F8_E5M2", "F8_E5M2FNUZ", "F8_E4M3FNUZ")]
     if e5m2:
         refuse(f"a {header[e5m2[0]][1]} file (fp8_e5m2 / fp8_e5m2_scaled: another float8 format than the "
@@ -355,7 +397,7 @@ def _find_prefix(path: Path, header) -> str:
                           + cap_list(sorted(header), 6))
 
 
-def _read_scales(path: Path, prefix: str, tensors) -> Dict[str, float]:
+def _read_scales(path: Path, tensors, file_keys) -> Dict[str, float]:
     """The per-tensor ``scale_weight`` values (each finite and > 0) by key; ``scale_input`` must be
     ComfyUI's placeholder 1.0 everywhere (comfy/utils.py convert_old_quants drops those): calibrated
     static input scales are the fp8-activation variant, refused (the fp8 modes here quantize
@@ -367,10 +409,8 @@ def _read_scales(path: Path, prefix: str, tensors) -> Dict[str, float]:
     if not names:
         return out
     with safe_open(str(path), framework="pt", device="cpu") as st:
-        stored = set(st.keys())
         for k in names:
-            full = prefix + k if prefix + k in stored else k
-            v = float(st.get_tensor(full).float().reshape(-1)[0]) if tensors[k][0] in ((), (1,)) else float("nan")
+            v = float(st.get_tensor(file_keys[k]).float().reshape(-1)[0]) if tensors[k][0] in ((), (1,)) else float("nan")
             if k.endswith(SCALE_INPUT):
                 if v != 1.0:
                     calibrated.append(f"{k} = {v:.6g}")
