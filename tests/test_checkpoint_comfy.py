@@ -38,7 +38,7 @@ TOP_MAP = {"x_embedder.proj": "patch_embedding", "t_embedder.mlp.0": "time_embed
 # the block Linears the file stores in fp8 (official names), and one embedder Linear: non-target tensors
 # may be fp8-scaled too (Comfy-Org's Wan files scale every Linear) and must load into the model dtype
 FP8_MODULES = re.compile(r"^blocks\.\d+\.(attn\.(qkv|proj)|cross_attn\.(q_linear|kv_linear|proj)|ffn\.w[123])$"
-                         r"|^y_embedder\.y_proj\.0$")
+                         r"|^(y_embedder\.y_proj\.0|t_embedder\.mlp\.2|final_layer\.linear)$")
 
 
 def to_comfy_names(official):
@@ -157,8 +157,10 @@ def test_scaled_fp8_file_loads_as_stored(tmp_path, prefix, monkeypatch):
             assert_same_bits(qz.dequantize(layer.weight, layer.weight_scale), torch.cat([_dequant(sd, k) for k in parts]),
                              f"{i}.{t} dequantized == fp8 * scale_weight")
     # non-target tensors in the model dtype: the fp8-scaled embedder dequantized, bf16 ones cast
-    emb = dit.get_submodule("y_embedder.y_proj.0")
-    assert emb.quant is None and torch.equal(emb.weight, _dequant(sd, "text_embedding.0.weight"))
+    for ours, theirs in [("y_embedder.y_proj.0", "text_embedding.0"), ("t_embedder.mlp.2", "time_embedding.mlp.2"),
+                         ("final_layer.linear", "head.head")]:
+        emb = dit.get_submodule(ours)
+        assert emb.quant is None and torch.equal(emb.weight, _dequant(sd, theirs + ".weight")), ours
     assert torch.equal(dit.get_submodule("blocks.1.adaLN_modulation").weight, sd["blocks.1.modulation.1.weight"].float())
     assert torch.equal(dit.x_embedder.proj.weight, sd["patch_embedding.weight"].float().reshape(128, -1))
     assert torch.equal(dit.blocks[0].pre_crs_attn_norm.bias, sd["blocks.0.norm3.bias"].float())
@@ -170,7 +172,7 @@ def test_scaled_fp8_file_loads_as_stored(tmp_path, prefix, monkeypatch):
     err = (out - twin).abs().max() / twin.abs().max()
     assert err < 1e-5, err
     dev = rel_l2(out, expected["output"])
-    print(f"\n[comfy] scaled fp8 file (bf16 rest), t2v_mask: max rel err vs float twin {err:.1e}; "
+    print(f"\n[comfy] scaled fp8 file (block GEMMs, 3 embedder/final Linears fp8; rest bf16), t2v_mask: max rel err vs float twin {err:.1e}; "
           f"relative L2 vs the official golden output {dev:.3e}")
     assert dev < 0.1
 

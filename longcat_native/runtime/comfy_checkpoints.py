@@ -261,7 +261,6 @@ def _name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
-
 # ---------------------------------------------------------------------------------------------
 # Opening a file: the variants it cannot read, the prefix, the scales, the config, the mode
 # ---------------------------------------------------------------------------------------------
