@@ -60,9 +60,10 @@ class LongCatDiTConstruction:
 
         ``quantize`` (docs/design/quantization.md): None, "fp8", "fp8-weight-only" or
         "int8-weight-only": the block GEMM weights are quantized tensor by tensor while loading.
-        ``path`` may also be a ComfyUI single file (``LongCat_TI2V_comfy_fp8_e4m3fn_scaled_KJ.safetensors``:
-        runtime/comfy_checkpoints.py; config inferred from its shapes, keyword arguments override;
-        an fp8 file loads as "fp8-weight-only" unless ``quantize`` says otherwise), an official INT8 folder (``quantization_config.json``, shards
+        ``path`` may also be a ComfyUI single file (``LongCat_TI2V_comfy_fp8_e4m3fn_scaled_KJ.safetensors``,
+        runtime/comfy_checkpoints.py: the config inferred from its shapes, keyword arguments
+        override; an fp8 file loads as "fp8-weight-only" unless ``quantize`` says otherwise), an
+        official INT8 folder (``quantization_config.json``, shards
         ``quantized_model-*.safetensors``; a root's ``base_model_int8/``), read as stored
         ("int8-weight-only"), or a folder written by :meth:`save_quantized` (its mode and dtype).
 
