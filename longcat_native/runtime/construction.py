@@ -18,6 +18,7 @@ from typing import Any, Dict, Optional, Union
 import torch
 
 from . import device as _device  # free_memory_bytes read through the module: one definition to patch
+from . import comfy_checkpoints as cc
 from . import quantize as qz
 from . import quantized_checkpoints as qc
 from . import streaming
@@ -59,7 +60,10 @@ class LongCatDiTConstruction:
 
         ``quantize`` (docs/design/quantization.md): None, "fp8", "fp8-weight-only" or
         "int8-weight-only": the block GEMM weights are quantized tensor by tensor while loading.
-        ``path`` may also be an official INT8 folder (``quantization_config.json``, shards
+        ``path`` may also be a ComfyUI single file (``LongCat_TI2V_comfy_fp8_e4m3fn_scaled_KJ.safetensors``,
+        runtime/comfy_checkpoints.py: the config inferred from its shapes, keyword arguments
+        override; an fp8 file loads as "fp8-weight-only" unless ``quantize`` says otherwise), an
+        official INT8 folder (``quantization_config.json``, shards
         ``quantized_model-*.safetensors``; a root's ``base_model_int8/``), read as stored
         ("int8-weight-only"), or a folder written by :meth:`save_quantized` (its mode and dtype).
 
@@ -85,9 +89,13 @@ class LongCatDiTConstruction:
         quantize = qz.check_quantize(quantize)
         offload = streaming.check_offload(offload, resident_blocks, max_memory)
         dit_dir, kind = qc.find_checkpoint(path, subfolder, quantize)
-        mode, saved_dtype = qc.checkpoint_mode(dit_dir, kind, quantize)
-        cfg = LongCatConfig.from_json_file(str(dit_dir / "config.json"), config_overrides)
-        files = qc.weight_files(dit_dir, kind)
+        if kind == "comfy":  # one file, no config.json: the config comes from its shapes
+            comfy = cc.open_comfy_checkpoint(dit_dir, quantize, config_overrides)
+            (mode, saved_dtype), cfg = (comfy.mode, None), comfy.cfg
+        else:
+            mode, saved_dtype = qc.checkpoint_mode(dit_dir, kind, quantize)
+            cfg = LongCatConfig.from_json_file(str(dit_dir / "config.json"), config_overrides)
+            files = qc.weight_files(dit_dir, kind)
         device = resolve_device(device, pc.world_size)
         dtype = resolve_dtype(dtype if dtype is not None else saved_dtype, device)
         # Nothing is allocated before the checkpoint is checked: the model is built on the meta
@@ -95,14 +103,18 @@ class LongCatDiTConstruction:
         # checked against it, then its size against the device's free memory; only then does it
         # get storage and the data is read (and quantized) one tensor at a time.
         model = cls._build_meta(cfg, dtype, kernels, attention, quantize=mode)
-        if kind == "official":
+        if kind == "comfy":
+            plan = comfy.check(model)
+        elif kind == "official":
             plan = check_official_weights({n: tuple(p.shape) for n, p in model.named_parameters()}, files, cfg)
         else:
             described = qc.native_description(dit_dir) if kind == "native" else None
             plan = qc.check_quantized_checkpoint(model, files, kind, cfg, described)
         parallel, cp = _parallel(cfg, pc, device)
         model = cls._materialize(model, device, offload, resident_blocks, max_memory)
-        if kind == "official" and mode is None:
+        if kind == "comfy":
+            comfy.copy(model, plan)
+        elif kind == "official" and mode is None:
             copy_official_weights(model, plan)
         else:
             qc.copy_weights(model, qc.plan_from_official(plan) if kind == "official" else plan)

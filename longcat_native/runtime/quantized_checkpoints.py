@@ -56,7 +56,8 @@ def _folder_kind(d: Path) -> Optional[str]:
 
 def find_checkpoint(path, subfolder: Optional[str], quantize: Optional[str]) -> Tuple[Path, str]:
     """``(folder, kind)``: kind "official" (config.json + diffusion_pytorch_model*), "official-int8"
-    (the official INT8 layout) or "native" (:func:`save_quantized`). Looked for in ``path[/subfolder]``,
+    (the official INT8 layout) or "native" (:func:`save_quantized`); ``(file, "comfy")`` for a
+    single-file ComfyUI checkpoint. Looked for in ``path[/subfolder]``,
     then its ``dit/``, then its ``base_model_int8/`` (and ``dit/base_model_int8/``); with
     ``quantize="int8-weight-only"`` an INT8 folder there is preferred to the float one."""
     from .weights import find_dit_dir
@@ -66,6 +67,10 @@ def find_checkpoint(path, subfolder: Optional[str], quantize: Optional[str]) -> 
         root = root / subfolder
     if not root.exists():
         raise FileNotFoundError(f"checkpoint path {str(root)!r} does not exist")
+    if root.is_file():  # a single-file checkpoint: ComfyUI's (runtime/comfy_checkpoints.py)
+        from .comfy_checkpoints import single_file_kind
+
+        return root, single_file_kind(root)
     int8_dirs = [root / OFFICIAL_INT8_FOLDER, root / "dit" / OFFICIAL_INT8_FOLDER]
     if quantize == "int8-weight-only" and _folder_kind(root) is None and _folder_kind(root / "dit") != "official-int8":
         for d in int8_dirs:
