@@ -386,3 +386,37 @@ def test_model_index_needs_only_what_is_loaded(tmp_path):
     pipe = P.LongCatVideoPipeline.from_pretrained(root, kernels="reference", device="cpu", dtype=torch.float32,
                                                   vae=False, text_encoder=False)
     assert pipe.vae is None and pipe.dit.checkpoint_layout == "diffusers"
+
+
+def test_info_and_generate_plan_read_a_diffusers_root(tmp_path, capsys):
+    """``info`` and ``generate``'s plan read the DiT config of any layout (FastVideo's keys here)."""
+    from longcat_native.cli import main
+    from longcat_native.pipelines.run import GenerateRequest, plan_generate
+
+    root = _pipeline_root(tmp_path)
+    assert main(["info", str(root), "--dtype", "float32", "--frames", "5", "--height", "64", "--width", "64",
+                 "--json"]) == 0
+    info = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert info["source"] == str(root / "transformer") and info["parameters"] == _official().num_parameters()
+    assert info["weight_file_bytes"] == (root / "transformer" / "model.safetensors").stat().st_size
+    plan = plan_generate(GenerateRequest(checkpoint=str(root), prompt="a cat", frames=5, resolution=(64, 64),
+                                         out=str(tmp_path / "o.safetensors")))
+    assert plan.root == root and plan.latent == (2, 8, 8)
+
+
+def test_pipeline_finds_the_loras_in_fastvideos_folders(tmp_path):
+    """A Diffusers root keeps each LoRA in its own folder (lora/distilled/, lora/refinement/)."""
+    from types import SimpleNamespace
+
+    from longcat_native.pipelines.options import find_lora_file
+
+    root = write_root(tmp_path / "root")
+    (root / "lora" / "distilled").mkdir(parents=True)
+    (root / "lora" / "refinement").mkdir()
+    shutil.copy(FIXTURE_ROOT / "lora" / "cfg_step_lora.safetensors", root / "lora" / "distilled" / "distilled.safetensors")
+    shutil.copy(FIXTURE_ROOT / "lora" / "refinement_lora.safetensors", root / "lora" / "refinement")
+    dit = SimpleNamespace(checkpoint_path=str(root / "transformer"))
+    assert find_lora_file(dit, "cfg_step_lora") == root / "lora" / "distilled" / "distilled.safetensors"
+    assert find_lora_file(dit, "refinement_lora") == root / "lora" / "refinement" / "refinement_lora.safetensors"
+    shutil.copy(FIXTURE_ROOT / "lora" / "cfg_step_lora.safetensors", root / "lora" / "distilled" / "other.safetensors")
+    assert find_lora_file(dit, "cfg_step_lora") is None  # two files: which one is not guessed

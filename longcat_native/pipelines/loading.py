@@ -84,9 +84,9 @@ class PipelineComponents:
         from ..runtime.dit import LongCatDiT
         from .media import MissingExtraError, missing_modules
 
-        _, layout, dit_cfg = checkpoint_config(path, quantize=dit_kwargs.get("quantize"))
-        if layout == "diffusers" and (checkpoint_root(path) / MODEL_INDEX).is_file():
-            check_model_index(path, text_encoder=text_encoder, vae=vae)  # the Diffusers root's own list
+        dit_folder, _, dit_cfg = checkpoint_config(path, quantize=dit_kwargs.get("quantize"))
+        if dit_folder.name == "transformer" and (checkpoint_root(path) / MODEL_INDEX).is_file():
+            check_model_index(path, text_encoder=text_encoder, vae=vae)  # a Diffusers root's own list
         root = check_components(path, text_encoder=text_encoder, vae=vae,
                                 caption_channels=dit_cfg.caption_channels, latent_channels=dit_cfg.in_channels)
         scheduler = SchedulerConfig.from_pretrained(root)

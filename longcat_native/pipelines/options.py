@@ -78,7 +78,15 @@ def model_device(dit):
     return getattr(dit, "device", torch.device("cpu"))
 
 
+# Where a FastVideo Diffusers root keeps the official LoRAs: one folder each (its converter writes
+# lora/distilled/cfg_step_lora.safetensors and lora/refinement/refinement_lora.safetensors).
+FASTVIDEO_LORA_DIRS = {"cfg_step_lora": "distilled", "refinement_lora": "refinement"}
+
+
 def find_lora_file(dit, key: str) -> Optional[Path]:
+    """``lora/<key>.safetensors`` beside the checkpoint's DiT folder (official), or the LoRA's own
+    folder of a Diffusers root (``lora/distilled/``, ``lora/refinement/``: the file named after the
+    key, else its one safetensors file)."""
     ckpt = getattr(dit, "checkpoint_path", None)
     if not ckpt:
         return None
@@ -86,6 +94,10 @@ def find_lora_file(dit, key: str) -> Optional[Path]:
         f = root / "lora" / f"{key}.safetensors"
         if f.is_file():
             return f
+        sub = root / "lora" / FASTVIDEO_LORA_DIRS.get(key, key)
+        files = [sub / f"{key}.safetensors"] if (sub / f"{key}.safetensors").is_file() else sorted(sub.glob("*.safetensors"))
+        if len(files) == 1:
+            return files[0]
     return None
 
 
@@ -113,8 +125,9 @@ class LoRAAndBSAEnabled:
             if self.lora not in (getattr(dit, "lora_dict", None) or {}):
                 path = self.lora_path or find_lora_file(dit, self.lora)
                 if path is None:
-                    raise ValueError(f"lora={self.lora!r} is not loaded and no lora/{self.lora}.safetensors was found "
-                                     "next to the checkpoint; pass lora_path= or load it with dit.load_lora()")
+                    raise ValueError(f"lora={self.lora!r} is not loaded and no lora/{self.lora}.safetensors (or a "
+                                     "Diffusers root's lora/<name>/ folder) was found next to the checkpoint; pass "
+                                     "lora_path= or load it with dit.load_lora()")
                 if not os.path.isfile(path):
                     raise ValueError(f"lora_path {path} is not a file")
                 if not hasattr(dit, "load_lora"):
