@@ -304,6 +304,10 @@ def test_detection_errors_list_what_was_looked_for(tmp_path):
                                               r"\(diffusers layout\)"):
         _load(both)
     _assert_same_weights(_load(both, subfolder="dit"), _official())  # the way out the message names
+    wrapper = tmp_path / "phase1"  # FastVideo's wrapper layout: official names and class in transformer/
+    shutil.copytree(OFFICIAL, wrapper / "transformer")
+    dit = _load(wrapper)
+    assert dit.checkpoint_layout == "official" and dit.checkpoint_path == str(wrapper / "transformer")
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "model_index.json").write_text(json.dumps(MODEL_INDEX))
