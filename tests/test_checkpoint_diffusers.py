@@ -156,6 +156,7 @@ def test_layouts_map_matches_fastvideos_converter():
             assert n in fv, (key, n)
             assert diffusers_to_official(n) == (key, i, len(names)), n
             mapped[n] = key
+        assert torch.equal(torch.cat([fv[n] for n in names]), sd[key]), key  # the row order too
     assert sorted(mapped) == sorted(fv)  # every FastVideo tensor comes from exactly one official one
 
 
@@ -267,10 +268,13 @@ def test_duplicated_non_float_and_patch_embed_shape(tmp_path):
         _load(folder)
 
 
-def test_official_names_under_a_fastvideo_config_are_explained(tmp_path):
+def test_names_of_the_other_layout_are_explained(tmp_path):
     sd = load_file(str(OFFICIAL / "diffusion_pytorch_model.safetensors"))
     msg = _error(tmp_path, sd)
     assert "official-layout names" in msg and "blocks.0.attn.qkv.weight" in msg
+    official_cfg = json.loads((OFFICIAL / "config.json").read_text())  # FastVideo tensors, official config
+    msg = _error(tmp_path / "b", config=official_cfg)
+    assert "FastVideo Diffusers names" in msg and "LongCatTransformer3DModel" in msg
 
 
 @pytest.mark.parametrize("changes,match", [
@@ -289,8 +293,8 @@ def test_config_keys_that_cannot_be_read_are_named(tmp_path, changes, match):
 
 
 def test_fastvideo_config_extras_that_agree_are_read(tmp_path):
-    cfg = fastvideo_config(attention_head_dim=32, num_channels_latents=16, num_heads=4, boundary_ratio=None)
-    cfg["boundary_ratio"] = None
+    cfg = fastvideo_config(attention_head_dim=32, num_channels_latents=16, num_heads=4, exclude_lora_layers=[])
+    cfg["boundary_ratio"] = None  # FastVideo's no-op values are read
     _assert_same_weights(_load(write_transformer(tmp_path / "t", config=cfg)), _official())
 
 
