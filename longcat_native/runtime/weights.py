@@ -18,7 +18,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
@@ -179,7 +179,7 @@ class LoadPlan:
     ``check_diffusers_weights``): per file, ``(checkpoint key, internal name, part)`` of every
     tensor to copy, ``part`` as :func:`row_block` reads it."""
 
-    by_file: Dict[Path, List[Tuple[str, str, Optional[int]]]]
+    by_file: Dict[Path, List[Tuple[str, str, Any]]]
 
 
 def check_official_weights(param_shapes: Dict[str, Tuple[int, ...]], files: List[Path], cfg) -> LoadPlan:
