@@ -45,18 +45,18 @@ def cmd_info(args) -> int:
 
     from .pipelines.plan import refine_memory_estimate
     from .pipelines.shapes import latent_size
-    from .runtime.config import LongCatConfig, resolve_config
+    from .runtime.config import resolve_config
     from .runtime.dit import LongCatDiT, resolve_dtype
     from .runtime.memory import activation_bytes
-    from .runtime.weights import find_dit_dir, list_weight_files
+    from .runtime.checkpoints import checkpoint_config
+    from .runtime.quantized_checkpoints import weight_files
 
     if args.cache is not None and args.max_memory is None:
         raise ValueError("info --cache traces a step cache in the --max-memory plan: it needs --max-memory")
     weight_bytes = None
     if args.path:
-        dit_dir = find_dit_dir(args.path)
-        cfg = LongCatConfig.from_json_file(str(dit_dir / "config.json"))
-        weight_bytes = sum(f.stat().st_size for f in list_weight_files(dit_dir))
+        dit_dir, layout, cfg = checkpoint_config(args.path)  # any layout (runtime/checkpoints.py)
+        weight_bytes = sum(f.stat().st_size for f in weight_files(dit_dir, layout))
         source = str(dit_dir)
     else:
         cfg = resolve_config(args.config)

@@ -1,5 +1,6 @@
-"""The components around the DiT in an official checkpoint root (``tokenizer/``,
-``text_encoder/``, ``vae/``, ``scheduler/``, ``dit/``): the umT5 text encoder with its tokenizer
+"""The components around the DiT in a checkpoint root (``tokenizer/``, ``text_encoder/``,
+``vae/``, ``scheduler/`` beside the official ``dit/`` or a FastVideo Diffusers root's
+``transformer/``, whose ``model_index.json`` is checked: :func:`check_model_index`): the umT5 text encoder with its tokenizer
 (``transformers``; prompts cleaned and padded to 512 tokens as officially), the Wan VAE
 (``diffusers``; the posterior sampled or its mean, latents normalized per channel, no tiling
 unless asked) and the flow-matching scheduler's settings. Missing folders are errors before any
@@ -27,7 +28,7 @@ from .media import require
 __all__ = [
     "TOKENIZER_DIR", "TEXT_ENCODER_DIR", "VAE_DIR", "DIT_DIR", "MAX_TEXT_TOKENS", "checkpoint_root",
     "check_components", "component_config", "clean_prompt", "TextEncoder", "VideoVAE", "SchedulerConfig",
-    "SCHEDULER_DIR",
+    "SCHEDULER_DIR", "MODEL_INDEX", "check_model_index",
 ]
 
 TOKENIZER_DIR, TEXT_ENCODER_DIR, VAE_DIR, DIT_DIR = "tokenizer", "text_encoder", "vae", "dit"
@@ -72,7 +73,8 @@ def check_components(root, text_encoder: bool = False, vae: bool = False, captio
         folder = root / name
         if not folder.is_dir():
             raise FileNotFoundError(f"checkpoint {str(root)!r} has no {name}/ folder ({what}); the official layout "
-                                    f"has tokenizer/, text_encoder/, vae/, dit/, lora/ under the root")
+                                    f"has tokenizer/, text_encoder/, vae/, dit/, lora/ under the root (a Diffusers "
+                                    f"root: transformer/ instead of dit/)")
         if not (folder / marker).is_file():
             raise FileNotFoundError(f"{str(folder)!r} has no {marker}: not a saved {what}")
     if text_encoder and caption_channels is not None:
@@ -86,6 +88,68 @@ def check_components(root, text_encoder: bool = False, vae: bool = False, captio
             raise ValueError(f"{str(root / VAE_DIR)!r}: z_dim {z_dim} does not match the DiT's in_channels "
                              f"{latent_channels}")
     return root
+
+
+MODEL_INDEX = "model_index.json"
+# FastVideo's LongCat pipelines (model_index.json's _class_name): one DiT, the same components.
+DIFFUSERS_PIPELINES = ("LongCatPipeline", "LongCatImageToVideoPipeline", "LongCatVideoContinuationPipeline")
+# component -> the classes model_index.json may name for it (what FastVideo's repos and converter write;
+# the official DiT class too, for a transformer/ holding official names)
+COMPONENT_CLASSES = {
+    "transformer": ("LongCatTransformer3DModel", "LongCatVideoTransformer3DModel"),
+    "vae": ("AutoencoderKLWan",),
+    "text_encoder": ("UMT5EncoderModel",),
+    "tokenizer": ("AutoTokenizer", "T5TokenizerFast", "T5Tokenizer"),
+    "scheduler": ("FlowMatchEulerDiscreteScheduler",),
+}
+
+
+def check_model_index(root, text_encoder: bool = False, vae: bool = False) -> dict:
+    """Check a Diffusers root's ``model_index.json``: a FastVideo LongCat pipeline
+    (``_class_name`` one of :data:`DIFFUSERS_PIPELINES`), every component ``[library, class]`` with
+    a class that component can be (:data:`COMPONENT_CLASSES`; ``[null, null]``: not there), no
+    component this loader does not know, and the folder of every component this load reads
+    (``transformer``, the ``scheduler`` when listed, ``tokenizer`` + ``text_encoder`` and ``vae``
+    when asked) listed and on disk. Errors name the component. Returns the index."""
+    path = checkpoint_root(root) / MODEL_INDEX
+    try:
+        index = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{str(path)!r} does not exist (a Diffusers root lists its components there)") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{str(path)!r} is not valid JSON ({e})") from None
+    if not isinstance(index, dict):
+        raise ValueError(f"{str(path)!r} must hold a JSON object")
+    if index.get("_class_name") not in DIFFUSERS_PIPELINES:
+        raise ValueError(f"{str(path)!r}: _class_name {index.get('_class_name')!r} is not a LongCat pipeline "
+                         f"(FastVideo's {', '.join(DIFFUSERS_PIPELINES)})")
+    listed = {}
+    for name, value in index.items():
+        if name.startswith("_") or not isinstance(value, (list, tuple)):
+            continue  # bookkeeping (_diffusers_version) and settings (workload_type)
+        if name not in COMPONENT_CLASSES:
+            raise ValueError(f"{str(path)!r} lists a component {name!r} this loader does not know (it reads "
+                             f"{', '.join(COMPONENT_CLASSES)})")
+        if len(value) != 2:
+            raise ValueError(f"{str(path)!r}: component {name!r} must be [library, class], got {value!r}")
+        if value[1] is None:
+            continue  # [null, null]: the pipeline has no such component
+        if value[1] not in COMPONENT_CLASSES[name]:
+            raise ValueError(f"{str(path)!r}: component {name!r} is a {value[1]!r}; longcat-native reads it as "
+                             f"{' or '.join(COMPONENT_CLASSES[name])}")
+        listed[name] = value
+    needed = ["transformer"] + (["scheduler"] if "scheduler" in listed else []) \
+        + (["tokenizer", "text_encoder"] if text_encoder else []) + (["vae"] if vae else [])
+    for name in needed:
+        if name not in listed:
+            hint = {"vae": " (pass vae=False to load without it)",
+                    "tokenizer": " (pass text_encoder=False to load without it)",
+                    "text_encoder": " (pass text_encoder=False to load without it)"}.get(name, "")
+            raise ValueError(f"{str(path)!r} lists no {name}{hint}")
+        if not (path.parent / name).is_dir():
+            raise FileNotFoundError(f"{str(path)!r} lists the component {name} ({listed[name][1]}) but "
+                                    f"{str(path.parent / name)!r} does not exist")
+    return index
 
 
 def component_config(root, name: str) -> dict:

@@ -58,8 +58,11 @@ class PipelineComponents:
                         text_encoder: bool = True, vae: bool = True, vae_tiling: bool = False,
                         vae_tile: Tuple[int, int] = (256, 256), vae_tile_stride: Tuple[int, int] = (192, 192),
                         buckets=None, max_memory=None, step_cache=None, **dit_kwargs) -> "PipelineComponents":
-        """Load ``dit/`` (:meth:`LongCatDiT.from_pretrained` with ``dtype``, ``device``, ``kernels``,
-        ``attention`` and config overrides), ``scheduler/scheduler_config.json`` (its ``shift`` and
+        """Load the DiT (:meth:`LongCatDiT.from_pretrained` with ``dtype``, ``device``, ``kernels``,
+        ``attention`` and config overrides: an official root's ``dit/``, or a FastVideo Diffusers
+        root's ``transformer/``, whose ``model_index.json`` is checked first: its pipeline and
+        component classes, and every component this load reads listed and on disk),
+        ``scheduler/scheduler_config.json`` (its ``shift`` and
         ``num_train_timesteps``; the official defaults when the file is missing) and, unless
         switched off, ``tokenizer/`` + ``text_encoder/`` (kept in host memory until a prompt is
         encoded) and ``vae/``, in the DiT's dtype. The VAE decodes and encodes whole frames, as
@@ -75,13 +78,15 @@ class PipelineComponents:
         ``pipe.memory_plan``; a budget nothing fits is a ValueError with the stage table. With
         ``step_cache`` (the StepCache the calls will take as ``cache=``) the plan counts its
         buffers in every denoising stage; a call with a cache the plan was not made with warns."""
-        from .components import SchedulerConfig, TextEncoder, VideoVAE, check_components
-        from ..runtime.config import LongCatConfig
+        from .components import (MODEL_INDEX, SchedulerConfig, TextEncoder, VideoVAE, check_components,
+                                 check_model_index, checkpoint_root)
+        from ..runtime.checkpoints import checkpoint_config
         from ..runtime.dit import LongCatDiT
         from .media import MissingExtraError, missing_modules
-        from ..runtime.weights import find_dit_dir
 
-        dit_cfg = LongCatConfig.from_json_file(str(find_dit_dir(path) / "config.json"))
+        dit_folder, _, dit_cfg = checkpoint_config(path, quantize=dit_kwargs.get("quantize"))
+        if dit_folder.name == "transformer" and (checkpoint_root(path) / MODEL_INDEX).is_file():
+            check_model_index(path, text_encoder=text_encoder, vae=vae)  # a Diffusers root's own list
         root = check_components(path, text_encoder=text_encoder, vae=vae,
                                 caption_channels=dit_cfg.caption_channels, latent_channels=dit_cfg.in_channels)
         scheduler = SchedulerConfig.from_pretrained(root)

@@ -130,8 +130,9 @@ class LoRAAndBSAEnabled:
             if self.lora not in (getattr(dit, "lora_dict", None) or {}):
                 path = self.lora_path or find_lora_file(dit, self.lora)
                 if path is None:
-                    raise ValueError(f"lora={self.lora!r} is not loaded and no lora/{self.lora}.safetensors was found "
-                                     "next to the checkpoint; pass lora_path= or load it with dit.load_lora()")
+                    raise ValueError(f"lora={self.lora!r} is not loaded and no lora/{self.lora}.safetensors (or a "
+                                     "Diffusers root's lora/<name>/ folder) was found next to the checkpoint; pass "
+                                     "lora_path= or load it with dit.load_lora()")
                 if not os.path.isfile(path):
                     raise ValueError(f"lora_path {path} is not a file")
                 if not hasattr(dit, "load_lora"):

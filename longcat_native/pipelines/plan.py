@@ -381,10 +381,9 @@ def plan_generate(r: GenerateRequest) -> GeneratePlan:
     _resolution(r)
     dit_cfg = None
     if not random_weights:
-        from ..runtime.config import LongCatConfig
-        from ..runtime.weights import find_dit_dir
+        from ..runtime.checkpoints import checkpoint_config
 
-        dit_cfg = LongCatConfig.from_json_file(str(find_dit_dir(r.checkpoint) / "config.json"))
+        dit_folder, dit_layout, dit_cfg = checkpoint_config(r.checkpoint, quantize=r.quantize)  # any layout
     cp_split = None
     if dit_cfg is not None:
         from ..runtime.parallel import resolve_split_hw
@@ -443,10 +442,10 @@ def plan_generate(r: GenerateRequest) -> GeneratePlan:
 
     root = scheduler = None
     if not random_weights:
-        from ..runtime.weights import find_dit_dir, list_weight_files
+        from ..runtime.quantized_checkpoints import weight_files
         from .components import SchedulerConfig, check_components
 
-        list_weight_files(find_dit_dir(r.checkpoint))
+        weight_files(dit_folder, dit_layout)
         root = check_components(r.checkpoint, text_encoder=need_text, vae=need_vae,
                                 caption_channels=dit_cfg.caption_channels, latent_channels=dit_cfg.in_channels)
         sched = SchedulerConfig.from_pretrained(root)
@@ -494,11 +493,10 @@ def memory_plan(plan: GeneratePlan, dtype):
     from .budget import Stage, format_plan, plan_memory
     from .components import TEXT_ENCODER_DIR, VAE_DIR, component_config
     from ..runtime.config import resolve_config
-    from ..runtime.weights import find_dit_dir
+    from ..runtime.checkpoints import checkpoint_config
 
     r = plan.request
-    cfg = resolve_config("tiny") if plan.random_weights else resolve_config(
-        str(find_dit_dir(r.checkpoint) / "config.json"))
+    cfg = resolve_config("tiny") if plan.random_weights else checkpoint_config(r.checkpoint, quantize=r.quantize)[2]
     cfg_batch = 2 if plan.guidance > 1 else 1
     stages = []
     if plan.text_source == "encoder":

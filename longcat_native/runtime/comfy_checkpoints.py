@@ -13,7 +13,7 @@ scale repeated over the rows as the per-row ``weight_scale`` (exact: the dequant
 ``fp8 * scale_weight``); every other tensor is read into the model dtype. Design notes, with the
 sources of every convention: docs/design/checkpoints.md ("ComfyUI fp8 files").
 
-This module imports nothing of quantized_checkpoints.py (which calls :func:`single_file_kind` from
+This module imports nothing of checkpoints.py (which calls :func:`single_file_kind` from
 ``find_checkpoint``): runtime/ imports only go down.
 """
 

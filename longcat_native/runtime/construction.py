@@ -12,11 +12,13 @@ streamed blocks) and filled one tensor at a time. Design notes: docs/design/quan
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any, Dict, Optional, Union
 
 import torch
 
+from . import checkpoints
 from . import device as _device  # free_memory_bytes read through the module: one definition to patch
 from . import comfy_checkpoints as cc
 from . import quantize as qz
@@ -24,8 +26,11 @@ from . import quantized_checkpoints as qc
 from . import streaming
 from .config import LongCatConfig, resolve_config
 from .device import resolve_device, resolve_dtype
+from .diffusers_checkpoints import check_diffusers_weights
 from .names import merge_alias
 from .weights import check_official_weights, copy_official_weights
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["LongCatDiTConstruction"]
 
@@ -56,7 +61,10 @@ class LongCatDiTConstruction:
         resident_blocks: Optional[int] = None,
         **config_overrides,
     ) -> "LongCatDiTConstruction":
-        """Load an official checkpoint: ``path`` is a ``dit/`` folder or a root that has one.
+        """Load a checkpoint: ``path`` is an official ``dit/`` folder or a root that has one, or a
+        FastVideo Diffusers ``transformer/`` folder or a root that has one (``model_index.json`` +
+        ``transformer/``; read as stored, its split q/k/v fused at load time). The layout found is
+        logged (INFO) and kept as ``checkpoint_layout`` (docs/design/checkpoints.md).
 
         ``quantize`` (docs/design/quantization.md): None, "fp8", "fp8-weight-only" or
         "int8-weight-only": the block GEMM weights are quantized tensor by tensor while loading.
@@ -88,13 +96,14 @@ class LongCatDiTConstruction:
         pc = _parallel_config(cp_size, ring_size, cfg_parallel, dp_size, shard_weights)
         quantize = qz.check_quantize(quantize)
         offload = streaming.check_offload(offload, resident_blocks, max_memory)
-        dit_dir, kind = qc.find_checkpoint(path, subfolder, quantize)
+        dit_dir, kind = checkpoints.find_checkpoint(path, subfolder, quantize)
+        logger.info("LongCatDiT.from_pretrained: %s layout in %s", checkpoints.LAYOUTS[kind], dit_dir)
         if kind == "comfy":  # one file, no config.json: the config comes from its shapes
             comfy = cc.open_comfy_checkpoint(dit_dir, quantize, config_overrides)
             (mode, saved_dtype), cfg = (comfy.mode, None), comfy.cfg
         else:
             mode, saved_dtype = qc.checkpoint_mode(dit_dir, kind, quantize)
-            cfg = LongCatConfig.from_json_file(str(dit_dir / "config.json"), config_overrides)
+            cfg = checkpoints.read_config(dit_dir, kind, config_overrides)
             files = qc.weight_files(dit_dir, kind)
         device = resolve_device(device, pc.world_size)
         dtype = resolve_dtype(dtype if dtype is not None else saved_dtype, device)
@@ -103,10 +112,12 @@ class LongCatDiTConstruction:
         # checked against it, then its size against the device's free memory; only then does it
         # get storage and the data is read (and quantized) one tensor at a time.
         model = cls._build_meta(cfg, dtype, kernels, attention, quantize=mode)
+        float_layout = kind in ("official", "diffusers")  # float weights, a weights.LoadPlan
         if kind == "comfy":
             plan = comfy.check(model)
-        elif kind == "official":
-            plan = check_official_weights({n: tuple(p.shape) for n, p in model.named_parameters()}, files, cfg)
+        elif float_layout:
+            check = check_official_weights if kind == "official" else check_diffusers_weights
+            plan = check({n: tuple(p.shape) for n, p in model.named_parameters()}, files, cfg)
         else:
             described = qc.native_description(dit_dir) if kind == "native" else None
             plan = qc.check_quantized_checkpoint(model, files, kind, cfg, described)
@@ -114,12 +125,13 @@ class LongCatDiTConstruction:
         model = cls._materialize(model, device, offload, resident_blocks, max_memory)
         if kind == "comfy":
             comfy.copy(model, plan)
-        elif kind == "official" and mode is None:
+        elif float_layout and mode is None:
             copy_official_weights(model, plan)
         else:
-            qc.copy_weights(model, qc.plan_from_official(plan) if kind == "official" else plan)
+            qc.copy_weights(model, qc.plan_from_official(plan) if float_layout else plan)
         streaming.finish_loading(model)  # streamed blocks filled in host memory: point them at staging
         model.checkpoint_path = str(dit_dir)
+        model.checkpoint_layout = kind
         model.cp = cp
         model.parallel = parallel
         return model.eval()

@@ -54,6 +54,8 @@ class LongCatDiT(LongCatDiTConstruction, CallInputs, LongCatTransformer):
         # Filled by the LoRA loader (official attribute name; the official pipeline reads it).
         self.lora_dict: Dict[str, Any] = {}
         self.checkpoint_path: Optional[str] = None  # the dit/ folder, for from_pretrained models
+        # its layout (runtime/checkpoints.py: "official", "diffusers", ...), None for from_config
+        self.checkpoint_layout: Optional[str] = None
         # ContextParallel (runtime/parallel.py) when built with cp_size > 1: the forward is split
         # over the ranks of its process group, each rank passing and receiving full tensors.
         self.cp = None
@@ -128,6 +130,7 @@ class LongCatDiT(LongCatDiTConstruction, CallInputs, LongCatTransformer):
                 f"kernels={self._describe(self.kernels, self.resolved_kernels)}, "
                 f"attention={self._describe(self.attention, self.resolved_attention)}"
                 + (f", quantization={self.quantization!r}" if self.quantization is not None else "")
+                + (f", checkpoint_layout={self.checkpoint_layout!r}" if self.checkpoint_layout is not None else "")
                 + (f", cp={self.cp}" if self.cp is not None else ""))
 
     def _describe(self, choice: str, resolve) -> str:

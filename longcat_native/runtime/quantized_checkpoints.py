@@ -23,7 +23,7 @@ from . import quantize as qz
 from .quantize import FP8_DTYPE, QUANT_MODES, dequantize, model_quantization, quantized_layers, storage_dtype
 
 __all__ = [
-    "find_checkpoint", "checkpoint_mode", "native_description", "weight_files", "QuantLoadPlan", "plan_from_official",
+    "quantized_kind", "checkpoint_mode", "native_description", "weight_files", "QuantLoadPlan", "plan_from_official",
     "check_quantized_checkpoint", "copy_weights", "write_safetensors", "check_save_target", "save_quantized",
     "NATIVE_MARKER", "NATIVE_WEIGHTS", "NATIVE_FILES", "OFFICIAL_INT8_CONFIG", "OFFICIAL_INT8_INDEX",
     "OFFICIAL_INT8_METHOD",
@@ -41,7 +41,9 @@ OFFICIAL_INT8_FOLDER = "base_model_int8"  # where the official Avatar checkpoint
 _SAFETENSORS_QUANT = {"I8": torch.int8, "F8_E4M3": FP8_DTYPE}
 
 
-def _folder_kind(d: Path) -> Optional[str]:
+def quantized_kind(d: Path) -> Optional[str]:
+    """"native" or "official-int8" from a folder's marker files, else None (the other layouts are
+    told apart by runtime/checkpoints.py, which reads these markers through this function)."""
     if not d.is_dir():
         return None
     if (d / NATIVE_MARKER).is_file():
@@ -49,42 +51,7 @@ def _folder_kind(d: Path) -> Optional[str]:
     if ((d / OFFICIAL_INT8_CONFIG).is_file() or (d / OFFICIAL_INT8_INDEX).is_file()
             or any(d.glob("quantized_model*.safetensors"))):
         return "official-int8"
-    if (d / "config.json").is_file():
-        return "official"
     return None
-
-
-def find_checkpoint(path, subfolder: Optional[str], quantize: Optional[str]) -> Tuple[Path, str]:
-    """``(folder, kind)``: kind "official" (config.json + diffusion_pytorch_model*), "official-int8"
-    (the official INT8 layout) or "native" (:func:`save_quantized`); ``(file, "comfy")`` for a
-    single-file ComfyUI checkpoint. Looked for in ``path[/subfolder]``,
-    then its ``dit/``, then its ``base_model_int8/`` (and ``dit/base_model_int8/``); with
-    ``quantize="int8-weight-only"`` an INT8 folder there is preferred to the float one."""
-    from .weights import find_dit_dir
-
-    root = Path(str(path)).expanduser()
-    if subfolder:
-        root = root / subfolder
-    if not root.exists():
-        raise FileNotFoundError(f"checkpoint path {str(root)!r} does not exist")
-    if root.is_file():  # a single-file checkpoint: ComfyUI's (runtime/comfy_checkpoints.py)
-        from .comfy_checkpoints import single_file_kind
-
-        return root, single_file_kind(root)
-    int8_dirs = [root / OFFICIAL_INT8_FOLDER, root / "dit" / OFFICIAL_INT8_FOLDER]
-    if quantize == "int8-weight-only" and _folder_kind(root) is None and _folder_kind(root / "dit") != "official-int8":
-        for d in int8_dirs:
-            if _folder_kind(d) == "official-int8":
-                return d, "official-int8"
-    for d in [root, root / "dit", *int8_dirs]:
-        kind = _folder_kind(d)
-        if kind is not None:
-            if kind == "official" and quantize == "int8-weight-only" and d == root / "dit":
-                for q in int8_dirs:
-                    if _folder_kind(q) == "official-int8":
-                        return q, "official-int8"
-            return d, kind
-    return find_dit_dir(path, subfolder), "official"  # raises its FileNotFoundError
 
 
 def _read_json(path: Path, what: str) -> dict:
@@ -105,7 +72,7 @@ def checkpoint_mode(folder: Path, kind: str, quantize: Optional[str]) -> Tuple[O
     ours, None (unquantized) for the official float layout."""
     from .weights import CheckpointError
 
-    if kind == "official":
+    if kind in ("official", "diffusers"):  # float weights: quantized while loading when asked
         return quantize, None
     if kind == "official-int8":
         cfg_path = folder / OFFICIAL_INT8_CONFIG
@@ -149,6 +116,10 @@ def weight_files(folder: Path, kind: str) -> List[Path]:
 
     if kind == "official":
         return list_weight_files(folder)
+    if kind == "diffusers":
+        from .diffusers_checkpoints import weight_files as diffusers_weight_files
+
+        return diffusers_weight_files(folder)
     if kind == "native":
         f = folder / NATIVE_WEIGHTS
         if not f.is_file():
@@ -166,7 +137,8 @@ def weight_files(folder: Path, kind: str) -> List[Path]:
 
 @dataclass
 class _Item:
-    """One tensor to copy: ``key`` in ``file`` into ``internal`` (row half ``half`` of w13, or all);
+    """One tensor to copy: ``key`` in ``file`` into the rows ``half`` of ``internal`` (weights.row_block:
+    all, a row half of w13, or a block of FastVideo's split q/k/v);
     ``scale_key``/``scale_file``: its per-row scales when the source is quantized."""
 
     internal: str
@@ -317,7 +289,7 @@ def copy_weights(model: nn.Module, plan: QuantLoadPlan) -> None:
     largest |q| x its scale must be finite in that dtype) -> CheckpointError naming them."""
     from safetensors import safe_open
 
-    from .weights import CheckpointError, cap_list
+    from .weights import CheckpointError, cap_list, row_block
 
     params = dict(model.named_parameters())
     model_dtype = next(p.dtype for p in params.values() if p.dtype in (torch.float32, torch.bfloat16, torch.float16))
@@ -334,7 +306,7 @@ def copy_weights(model: nn.Module, plan: QuantLoadPlan) -> None:
         for it in plan.items:
             p = params[it.internal]
             dev = p.device
-            rows = slice(None) if it.half is None else slice(it.half * (p.shape[0] // 2), (it.half + 1) * (p.shape[0] // 2))
+            rows = row_block(p.shape[0], it.half)
             src = get(it.file, it.key)
             if it.internal == "x_embedder.proj.weight":
                 src = src.reshape(p.shape)
@@ -441,7 +413,7 @@ def check_save_target(folder: Path) -> None:
         return
     from .weights import cap_list
 
-    if _folder_kind(folder) != "native":
+    if quantized_kind(folder) != "native":
         raise ValueError(f"save_quantized: {str(folder)!r} is not empty ({cap_list(entries, 6)}) and is not a folder "
                          f"written by save_quantized (no {NATIVE_MARKER}); name a new or empty folder, so that no "
                          "checkpoint is overwritten")

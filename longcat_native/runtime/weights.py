@@ -18,13 +18,14 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
 __all__ = ["CheckpointError", "find_dit_dir", "list_weight_files", "official_to_internal", "read_headers",
            "check_official_weights", "copy_official_weights", "load_official_weights", "cap_list",
-           "index_shards", "expected_official_shape", "internal_to_official"]
+           "index_shards", "expected_official_shape", "internal_to_official", "row_block", "mismatch_error",
+           "LoadPlan"]
 
 SINGLE_FILE = "diffusion_pytorch_model.safetensors"
 INDEX_FILE = "diffusion_pytorch_model.safetensors.index.json"
@@ -174,10 +175,11 @@ def read_headers(files: List[Path]) -> Iterator[Tuple[Path, str, Tuple[int, ...]
 
 @dataclass
 class LoadPlan:
-    """What :func:`check_official_weights` found: per file, ``(official key, internal name, w13
-    half or None)`` of every tensor to copy."""
+    """What a header check found (:func:`check_official_weights`, the Diffusers layout's
+    ``check_diffusers_weights``): per file, ``(checkpoint key, internal name, part)`` of every
+    tensor to copy, ``part`` as :func:`row_block` reads it."""
 
-    by_file: Dict[Path, List[Tuple[str, str, Optional[int]]]]
+    by_file: Dict[Path, List[Tuple[str, str, Any]]]
 
 
 def check_official_weights(param_shapes: Dict[str, Tuple[int, ...]], files: List[Path], cfg) -> LoadPlan:
@@ -215,21 +217,52 @@ def check_official_weights(param_shapes: Dict[str, Tuple[int, ...]], files: List
             else:
                 missing.append(internal_to_official(name))
     if missing or unexpected or wrong_shape or duplicates or not_float:
-        lines = [f"checkpoint {cap_list([str(f) for f in files], 4)} does not match the model config:"]
-        for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape),
-                             ("duplicated across shards", duplicates),
-                             ("not floating point (weights must be float tensors)", not_float)):
-            if items:
-                lines.append(f"  {title} ({len(items)}): " + cap_list(items))
-        defaulted = getattr(cfg, "defaulted_keys", ())
-        if defaulted and (missing or wrong_shape):
-            lines.append(f"  config.json does not set {', '.join(defaulted)}: the official defaults (the 13.6B "
-                         "model) were used for them. Is the config.json complete?")
-        raise CheckpointError("\n".join(lines))
+        hints = []
+        foreign = [k for k in unexpected if _is_diffusers_name(k)]
+        if foreign:
+            hints.append(f"{len(foreign)} unexpected name(s) are FastVideo Diffusers names (e.g. {foreign[0]}): is this "
+                         "a transformer/ folder whose config.json lacks \"_class_name\": \"LongCatTransformer3DModel\"?")
+        raise mismatch_error(files, cfg, missing, unexpected, wrong_shape, duplicates, not_float, hints)
     by_file: Dict[Path, list] = {}
     for f, key, internal, half in plan:
         by_file.setdefault(f, []).append((key, internal, half))
     return LoadPlan(by_file)
+
+
+def _is_diffusers_name(key: str) -> bool:
+    from .layouts import diffusers_to_official
+
+    mapped = diffusers_to_official(key)
+    return mapped is not None and mapped[0] != key
+
+
+def mismatch_error(files: List[Path], cfg, missing, unexpected, wrong_shape, duplicates, not_float,
+                   hints=()) -> "CheckpointError":
+    """The one CheckpointError of a header check: every problem of each kind named (the first
+    few, then a count), with ``hints`` (why it may be so) after them. Shared by the layouts."""
+    lines = [f"checkpoint {cap_list([str(f) for f in files], 4)} does not match the model config:"]
+    for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape),
+                         ("duplicated across shards", duplicates),
+                         ("not floating point (weights must be float tensors)", not_float)):
+        if items:
+            lines.append(f"  {title} ({len(items)}): " + cap_list(items))
+    defaulted = getattr(cfg, "defaulted_keys", ())
+    if defaulted and (missing or wrong_shape):
+        lines.append(f"  config.json does not set {', '.join(defaulted)}: the official defaults (the 13.6B "
+                     "model) were used for them. Is the config.json complete?")
+    lines += [f"  {h}" for h in hints]
+    return CheckpointError("\n".join(lines))
+
+
+def row_block(rows: int, part) -> slice:
+    """The rows of a (fused) parameter that one checkpoint tensor fills: all of them (``part``
+    None), row half ``part`` of two (an int: official ``ffn.w1``/``w3`` of ``w13``), or block ``i``
+    of ``k`` (``(i, k)``: FastVideo's split ``to_q``/``to_k``/``to_v`` of ``qkv`` / ``kv_linear``)."""
+    if part is None:
+        return slice(None)
+    i, k = (part, 2) if isinstance(part, int) else part
+    n = rows // k
+    return slice(i * n, (i + 1) * n)
 
 
 @torch.no_grad()
@@ -250,7 +283,7 @@ def copy_official_weights(model: torch.nn.Module, plan: LoadPlan) -> None:
                 src = st.get_tensor(key)  # memory-mapped
                 if internal == "x_embedder.proj.weight":
                     src = src.reshape(param.shape)
-                dst = param if half is None else param[half * (param.shape[0] // 2) : (half + 1) * (param.shape[0] // 2)]
+                dst = param[row_block(param.shape[0], half)]
                 dst.copy_(src.to(device=param.device, dtype=param.dtype))
                 flags.append(torch.isfinite(dst).all())
                 del src
