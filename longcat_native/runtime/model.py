@@ -32,6 +32,7 @@ from .attention import attention
 from .config import LongCatConfig
 from .profiling import nvtx_range
 from .quantize import dequantize, quantized_linear
+from .ring import apply_rope, ring_attention, segment_rope_tables
 
 __all__ = ["LongCatTransformer", "Linear", "timestep_features", "patchify", "unpatchify"]
 
@@ -148,8 +149,16 @@ class PatchEmbed(nn.Module):
         self.patch_size = cfg.patch_size
         self.proj = Linear(cfg.in_channels * cfg.patch_volume, cfg.hidden_size)
 
-    def forward(self, x):
-        return linear(patchify(x, self.patch_size), self.proj)
+    def forward(self, x, cp=None):
+        """[B, Cin, T, H, W] -> [B, N, C]; under context parallelism this rank's tokens only: its
+        2D tile's (Ulysses alone) or its chunk of every frame (with a ring; runtime/parallel.py)."""
+        if cp is None:
+            return linear(patchify(x, self.patch_size), self.proj)
+        if not cp.ring:
+            return linear(patchify(cp.local_latents(x, self.patch_size), self.patch_size), self.proj)
+        pt, ph, pw = self.patch_size
+        grid = (x.shape[2] // pt, x.shape[3] // ph, x.shape[4] // pw)
+        return linear(cp.local_tokens(patchify(x, self.patch_size), grid), self.proj)
 
 
 class TimestepEmbedder(nn.Module):
@@ -334,9 +343,17 @@ class LongCatBlock(nn.Module):
                 with nvtx_range("comm.qkv_all_to_all"):
                     qkv = ctx.cp.tokens_to_heads(qkv, ctx.grid)
             q, k, v = qkv.unbind(2)
-            with nvtx_range("op.qk_rmsnorm_rope3d"):
-                normed = ops.qk_rmsnorm_rope3d(q, k, a.q_norm.weight, a.k_norm.weight, ctx.grid,
-                                               t_offset=ctx.cache_frames, return_k_unroped=ctx.return_kv)
+            if ctx.rope is not None:
+                # A ring segment is no grid of its own: the norm by the op, RoPE from the segment's
+                # tables (the rows of the whole grid's; runtime/ring.py).
+                with nvtx_range("op.qk_rmsnorm_rope3d"):
+                    q, k_unroped = ops.qk_rmsnorm_rope3d(q, k, a.q_norm.weight, a.k_norm.weight)
+                    normed = (apply_rope(q, *ctx.rope), apply_rope(k_unroped, *ctx.rope), k_unroped)
+                del k_unroped
+            else:
+                with nvtx_range("op.qk_rmsnorm_rope3d"):
+                    normed = ops.qk_rmsnorm_rope3d(q, k, a.q_norm.weight, a.k_norm.weight, ctx.grid,
+                                                   t_offset=ctx.cache_frames, return_k_unroped=ctx.return_kv)
         q, k = normed[:2]
         new_kv = None
         if ctx.return_kv:
@@ -344,7 +361,15 @@ class LongCatBlock(nn.Module):
             new_kv = (k_unroped, v)
             if ctx.cp is not None:
                 with nvtx_range("comm.kv_all_gather"):
-                    new_kv = (ctx.cp.gather_heads(k_unroped), ctx.cp.gather_heads(v))
+                    new_kv = (ctx.cp.gather_heads(k_unroped, ctx.grid), ctx.cp.gather_heads(v, ctx.grid))
+        if ctx.rope is not None:
+            out = self._ring_attend(q, k, v, ctx, ops, kv_cache)
+            del qkv, q, k, v, normed
+            with nvtx_range("comm.out_all_to_all"):
+                out = ctx.cp.heads_to_tokens(out, ctx.grid)
+            with nvtx_range("op.proj"):
+                out = linear(out.reshape(B, n, C), a.proj)
+            return out, new_kv
         nc = ctx.num_cond_tokens
         T, Hh, Ww = ctx.grid
         if kv_cache is not None:
@@ -405,6 +430,22 @@ class LongCatBlock(nn.Module):
         return tuple(outs), v
 
     @staticmethod
+    def _ring_attend(q, k, v, ctx, ops, kv_cache):
+        """Ring attention of this rank's segment (runtime/ring.py): its conditioning tokens are
+        the first ``num_cond_latents`` frames' chunks; a KV cache is extra keys for every query."""
+        T, Hh, Ww = ctx.grid
+        seg_per_frame = Hh * Ww // ctx.cp.ring_size
+        cache = None
+        if kv_cache is not None:
+            k_cache, v_cache = kv_cache
+            with nvtx_range("op.qk_rmsnorm_rope3d"):
+                _, k_cache = ops.qk_rmsnorm_rope3d(None, k_cache, None, None, ctx.cache_grid)
+            cache = (k_cache, v_cache)
+        with nvtx_range("op.ring_attention"):
+            return ring_attention(ctx.cp, q, k, v, ctx.num_cond_tokens // (Hh * Ww) * seg_per_frame, ctx.attention,
+                                  cache)
+
+    @staticmethod
     def _attend(q, k, v, frames_q, frames_k, ctx, ops):
         """Dense attention, or block-sparse over the (frames, H, W) grids of q and k when BSA is
         on and the call's latent has more than one frame (the official rule)."""
@@ -462,11 +503,17 @@ class FinalLayer(nn.Module):
 # ---------------------------------------------------------------------------------------------
 
 
+# Why BSA is refused under ring attention (runtime/dit.py's enable_bsa says the same).
+_RING_BSA = ("block-sparse attention is not supported with ring attention (ring_size > 1): its 3D chunks straddle "
+             "the ring segments and each query chunk's selected key chunks would have to be fetched from other ranks; "
+             "disable BSA (dit.disable_bsa(), config enable_bsa=false) or use Ulysses alone (ring_size=1)")
+
+
 class ForwardContext:
     """Per-call facts every block reads (shapes, text, conditioning)."""
 
     __slots__ = ("grid", "cache_grid", "cache_frames", "num_cond_tokens", "num_cond_tokens_local", "text",
-                 "text_valid", "skip_crs_attn", "return_kv", "attention", "bsa", "cp", "ffn_chunk_tokens")
+                 "text_valid", "skip_crs_attn", "return_kv", "attention", "bsa", "cp", "ffn_chunk_tokens", "rope")
 
     def __init__(self, **kw):
         for k in self.__slots__:
@@ -552,13 +599,18 @@ class LongCatTransformer(nn.Module):
         grid = (T // pt, H // ph, W // pw)
         tokens_per_frame = grid[1] * grid[2]
         local_tokens_per_frame = tokens_per_frame
+        rope = None  # the ring segment's RoPE tables (None: RoPE from the grid)
         if cp is not None:
-            cp.check_grid(grid)
-            hidden_states = cp.local_latents(hidden_states, cfg.patch_size)
+            cp.check_grid(grid)  # before any collective, the same error on every rank
+            if cp.ring and cfg.enable_bsa:
+                raise ValueError(_RING_BSA)
             local_tokens_per_frame //= cp.size
+            if cp.ring:
+                rope = segment_rope_tables(grid, cfg.head_dim, cache_frames, cp.ring_rank, cp.ring_size,
+                                           hidden_states.device)
 
         with nvtx_range("embed.x_t_y"):
-            x = self.x_embedder(hidden_states)  # [B, N, C] (this rank's N / cp_size under CP)
+            x = self.x_embedder(hidden_states, cp)  # [B, N, C] (this rank's N / cp.size under CP)
             t = self.t_embedder(timestep.flatten()).view(B, grid[0], -1)  # float32 [B, T, C_t]
             y = text_valid = None
             if not skip_crs_attn:
@@ -587,6 +639,7 @@ class LongCatTransformer(nn.Module):
             bsa=cfg.bsa if cfg.enable_bsa else None,
             cp=cp,
             ffn_chunk_tokens=self.ffn_chunk_tokens,
+            rope=rope,
         )
 
         with nvtx_range("op.modulation"):
