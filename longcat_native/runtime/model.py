@@ -11,7 +11,7 @@ Internal layout differs from the official module tree only where it buys speed:
 The call sites ``ops.<op>`` (a ``kernels.Ops``, resolved per call by ``LongCatDiT.resolved_ops``)
 pick the plain-PyTorch reference or the fused kernels, block-sparse attention included.
 
-Why ~690 lines: the whole network in one file, read top to bottom; forward chunking and the step
+Why ~700 lines: the whole network in one file, read top to bottom; forward chunking and the step
 cache's head and tails (the forward split around its decision, so CUDA graphs can capture each
 part) are a few lines each where they act, not separate layers.
 """
@@ -32,7 +32,7 @@ from .attention import attention
 from .config import LongCatConfig
 from .profiling import nvtx_range
 from .quantize import dequantize, quantized_linear
-from .ring import apply_rope, ring_attention, segment_rope_tables
+from .ring import ring_norm_rope, ring_self_attention, segment_rope_tables
 
 __all__ = ["LongCatTransformer", "Linear", "timestep_features", "patchify", "unpatchify"]
 
@@ -343,15 +343,10 @@ class LongCatBlock(nn.Module):
                 with nvtx_range("comm.qkv_all_to_all"):
                     qkv = ctx.cp.tokens_to_heads(qkv, ctx.grid)
             q, k, v = qkv.unbind(2)
-            if ctx.rope is not None:
-                # A ring segment is no grid of its own: the norm by the op, RoPE from the segment's
-                # tables (the rows of the whole grid's; runtime/ring.py).
-                with nvtx_range("op.qk_rmsnorm_rope3d"):
-                    q, k_unroped = ops.qk_rmsnorm_rope3d(q, k, a.q_norm.weight, a.k_norm.weight)
-                    normed = (apply_rope(q, *ctx.rope), apply_rope(k_unroped, *ctx.rope), k_unroped)
-                del k_unroped
-            else:
-                with nvtx_range("op.qk_rmsnorm_rope3d"):
+            with nvtx_range("op.qk_rmsnorm_rope3d"):
+                if ctx.rope is not None:  # a ring segment: RoPE from its tables (runtime/ring.py)
+                    normed = ring_norm_rope(ops, q, k, a.q_norm.weight, a.k_norm.weight, ctx.rope)
+                else:
                     normed = ops.qk_rmsnorm_rope3d(q, k, a.q_norm.weight, a.k_norm.weight, ctx.grid,
                                                    t_offset=ctx.cache_frames, return_k_unroped=ctx.return_kv)
         q, k = normed[:2]
@@ -362,17 +357,12 @@ class LongCatBlock(nn.Module):
             if ctx.cp is not None:
                 with nvtx_range("comm.kv_all_gather"):
                     new_kv = (ctx.cp.gather_heads(k_unroped, ctx.grid), ctx.cp.gather_heads(v, ctx.grid))
-        if ctx.rope is not None:
-            out = self._ring_attend(q, k, v, ctx, ops, kv_cache)
-            del qkv, q, k, v, normed
-            with nvtx_range("comm.out_all_to_all"):
-                out = ctx.cp.heads_to_tokens(out, ctx.grid)
-            with nvtx_range("op.proj"):
-                out = linear(out.reshape(B, n, C), a.proj)
-            return out, new_kv
         nc = ctx.num_cond_tokens
         T, Hh, Ww = ctx.grid
-        if kv_cache is not None:
+        if ctx.rope is not None:
+            with nvtx_range("op.ring_attention"):
+                out = ring_self_attention(q, k, v, ctx, ops, kv_cache)
+        elif kv_cache is not None:
             # Cached keys are normalized, un-rotated; they take the first frames of the grid.
             k_cache, v_cache = kv_cache
             with nvtx_range("op.qk_rmsnorm_rope3d"):
@@ -428,22 +418,6 @@ class LongCatBlock(nn.Module):
                 buf[:, rows] = piece
             del qkv, q, k, v_rows, part
         return tuple(outs), v
-
-    @staticmethod
-    def _ring_attend(q, k, v, ctx, ops, kv_cache):
-        """Ring attention of this rank's segment (runtime/ring.py): its conditioning tokens are
-        the first ``num_cond_latents`` frames' chunks; a KV cache is extra keys for every query."""
-        T, Hh, Ww = ctx.grid
-        seg_per_frame = Hh * Ww // ctx.cp.ring_size
-        cache = None
-        if kv_cache is not None:
-            k_cache, v_cache = kv_cache
-            with nvtx_range("op.qk_rmsnorm_rope3d"):
-                _, k_cache = ops.qk_rmsnorm_rope3d(None, k_cache, None, None, ctx.cache_grid)
-            cache = (k_cache, v_cache)
-        with nvtx_range("op.ring_attention"):
-            return ring_attention(ctx.cp, q, k, v, ctx.num_cond_tokens // (Hh * Ww) * seg_per_frame, ctx.attention,
-                                  cache)
 
     @staticmethod
     def _attend(q, k, v, frames_q, frames_k, ctx, ops):

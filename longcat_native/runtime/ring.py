@@ -19,7 +19,8 @@ import torch
 from ..kernels.qk_rmsnorm_rope3d import rope3d_cos_sin
 from .attention import attention_with_lse
 
-__all__ = ["SoftmaxMerge", "merge_partials", "segment_rope_tables", "apply_rope", "ring_attention"]
+__all__ = ["SoftmaxMerge", "merge_partials", "segment_rope_tables", "apply_rope", "ring_norm_rope", "ring_attention",
+           "ring_self_attention"]
 
 
 class SoftmaxMerge:
@@ -84,6 +85,14 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (xf * cos[None, :, None, :] + rotated * sin[None, :, None, :]).to(x.dtype)
 
 
+def ring_norm_rope(ops, q, k, q_weight, k_weight, tables):
+    """``(q, k, k_unroped)`` of a ring segment: RMSNorm by the model's op (fused or reference, no
+    grid: no RoPE), then :func:`apply_rope` with the segment's tables. ``k_unroped`` is what a
+    returned KV cache stores."""
+    q, k_unroped = ops.qk_rmsnorm_rope3d(q, k, q_weight, k_weight)
+    return apply_rope(q, *tables), apply_rope(k_unroped, *tables), k_unroped
+
+
 # -- the ring --------------------------------------------------------------------------------------
 
 def ring_attention(cp, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_cond: int, backend: str,
@@ -126,3 +135,18 @@ def ring_attention(cp, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_co
     if n > num_cond:
         out[:, num_cond:] = noisy.result(q.dtype)
     return out
+
+
+def ring_self_attention(q, k, v, ctx, ops, kv_cache=None) -> torch.Tensor:
+    """The model's self-attention under a ring (model.py's ``ForwardContext`` ``ctx``): the
+    segment's conditioning tokens are the first ``num_cond_latents`` frames' chunks; a KV cache's
+    keys (normalized, un-rotated) are rotated on the cache's own grid, as on one device."""
+    T, Hh, Ww = ctx.grid
+    P = Hh * Ww
+    cache = None
+    if kv_cache is not None:
+        k_cache, v_cache = kv_cache
+        _, k_cache = ops.qk_rmsnorm_rope3d(None, k_cache, None, None, ctx.cache_grid)
+        cache = (k_cache, v_cache)
+    num_cond = ctx.num_cond_tokens // P * (P // ctx.cp.ring_size)
+    return ring_attention(ctx.cp, q, k, v, num_cond, ctx.attention, cache)
