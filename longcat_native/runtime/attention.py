@@ -20,7 +20,7 @@ from ..kernels._common import query_row_slices
 from .names import ATTENTION_BACKENDS, ATTENTION_CHOICES
 
 __all__ = ["ATTENTION_BACKENDS", "ATTENTION_CHOICES", "check_attention_name", "resolve_attention_backend",
-           "attention"]
+           "attention", "attention_with_lse"]
 
 _FLASH_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -249,3 +249,63 @@ def _attention_reference(q, k, v, key_valid):
             probs = torch.nan_to_num(probs, nan=0.0)
         out[:, s:e] = torch.einsum("bhqk,bkhd->bqhd", probs, vf).to(q.dtype)
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention with its log-sum-exp (ring attention's partial results)
+# ---------------------------------------------------------------------------------------------
+
+
+def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str):
+    """Dense softmax attention (scale D**-0.5, no mask) that also returns the log-sum-exp of each
+    query's scores: ``(out [B, Nq, H, D] in q's dtype, lse float32 [B, H, Nq])``. Partial results
+    over disjoint key sets merge exactly with it (runtime/ring.py, docs/design/parallel.md).
+
+    Every backend's kernel computes the log-sum-exp anyway; this asks for it: flash-attn's
+    ``return_attn_probs`` (FA2: ``softmax_lse``; FA3 returns it with the output), SDPA's
+    underlying ATen kernels (the CPU flash kernel; on CUDA the flash kernel for fp16/bf16 and the
+    memory-efficient one for float32; cuDNN's for ``cudnn``), the float32 oracle for
+    ``reference``. Never a host sync."""
+    B, Nq, H, D = q.shape
+    if Nq == 0 or k.shape[1] == 0:
+        raise ValueError(f"attention_with_lse needs queries and keys, got {Nq} queries and {k.shape[1]} keys")
+    scale = D**-0.5
+    if backend == "reference":
+        return _lse_reference(q, k, v, scale)
+    if backend in ("flash2", "flash3"):
+        module, err = _flash_module(backend)
+        if module is None:
+            raise ValueError(f"attention={backend!r}: the `{_FLASH_PACKAGES[backend]}` package is not importable "
+                             f"({err}); {_INSTALL_HINT[backend]}")
+        q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
+        res = module.flash_attn_func(q, k, v, softmax_scale=scale, causal=False, return_attn_probs=True)
+        return res[0], res[1].float()  # lse [B, H, Nq]
+    if backend not in ("sdpa", "cudnn"):
+        raise ValueError(f"unknown attention backend {backend!r}")
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, N, D] views
+    aten = torch.ops.aten
+    if q.device.type != "cuda":
+        out, lse = aten._scaled_dot_product_flash_attention_for_cpu(qt, kt, vt, 0.0, False, scale=scale)
+    elif backend == "cudnn":
+        out, lse = aten._scaled_dot_product_cudnn_attention(qt, kt, vt, None, True, 0.0, False, False,
+                                                            scale=scale)[:2]
+    elif q.dtype in _FLASH_DTYPES:
+        out, lse = aten._scaled_dot_product_flash_attention(qt, kt, vt, 0.0, False, False, scale=scale)[:2]
+    else:  # float32 on CUDA: the memory-efficient kernel
+        out, lse = aten._scaled_dot_product_efficient_attention(qt, kt, vt, None, True, 0.0, False, scale=scale)[:2]
+    # [B, H, Nq]; the memory-efficient kernel pads the rows to a multiple of 32, and some cuDNN
+    # versions return [B, H, Nq, 1].
+    return out.transpose(1, 2), lse.reshape(B, H, -1)[:, :, :Nq].float()
+
+
+def _lse_reference(q, k, v, scale):
+    B, Nq, H, D = q.shape
+    Nk = k.shape[1]
+    kf, vf = k.float(), v.float()
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty(B, H, Nq, dtype=torch.float32, device=q.device)
+    for s, e in query_row_slices(Nq, B * H * Nk * 4):
+        scores = torch.einsum("bqhd,bkhd->bhqk", q[:, s:e].float(), kf) * scale
+        lse[:, :, s:e] = torch.logsumexp(scores, dim=-1)
+        out[:, s:e] = torch.einsum("bhqk,bkhd->bqhd", torch.softmax(scores, dim=-1), vf).to(q.dtype)
+    return out, lse

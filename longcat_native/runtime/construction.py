@@ -260,9 +260,15 @@ def _parallel(cfg: LongCatConfig, pc, device: torch.device):
     ``cfg.cp_split_hw`` set to the split in use. Every check that can fail runs on every rank
     before any collective but the process-group setup, so a bad configuration is the same clear
     error everywhere."""
-    from .parallel import ContextParallel, resolve_split_hw
+    from .parallel import context_parallel, resolve_split_hw
 
-    if pc.ulysses == 1:
+    if pc.ring > 1:  # per-frame chunks, not 2D tiles (runtime/parallel.py)
+        split = cfg.cp_split_hw
+        if split is not None and tuple(split) != (1, 1):
+            raise ValueError(f"cp_split_hw={split}: with ring_size > 1 the tokens are split in per-frame chunks, "
+                             "not 2D tiles; pass no cp_split_hw (or [1, 1])")
+        split = (1, 1)
+    elif pc.ulysses == 1:
         split = cfg.cp_split_hw
         if split is not None and split[0] * split[1] != 1:
             raise ValueError(f"cp_split_hw={split} splits the token grid over {split[0] * split[1]} ranks but "
@@ -285,5 +291,5 @@ def _parallel(cfg: LongCatConfig, pc, device: torch.device):
     par = init_parallel(pc, device)
     cfg.cp_split_hw = list(split)
     par.check_replicas((tuple(split), cfg.hidden_size, cfg.depth, cfg.num_heads, tuple(cfg.patch_size)))
-    cp = ContextParallel(par.group("ulysses"), split, cfg.num_heads, device) if pc.ulysses > 1 else None
+    cp = context_parallel(par, split, cfg.num_heads, device)  # ring x Ulysses; None when both are 1
     return par, cp

@@ -27,7 +27,7 @@ from .config import LongCatConfig
 from .construction import LongCatDiTConstruction
 from .device import bsa_kernel_path, free_memory_bytes, resolve_device, resolve_dtype
 from .kv_cache import KVCache, model_identity
-from .model import LongCatTransformer
+from .model import _RING_BSA, LongCatTransformer
 from .names import KERNEL_CHOICES
 
 __all__ = ["LongCatDiT", "resolve_dtype", "resolve_device", "bsa_kernel_path", "free_memory_bytes"]
@@ -221,7 +221,10 @@ class LongCatDiT(LongCatDiTConstruction, CallInputs, LongCatTransformer):
     # -- block-sparse attention (official API) ------------------------------------------------
     def enable_bsa(self) -> None:
         """Self-attention becomes block-sparse (``config.bsa_params``) on latents of more than one
-        frame; grids that do not tile into the chunk shapes fall back to dense with a warning."""
+        frame; grids that do not tile into the chunk shapes fall back to dense with a warning.
+        Refused under ring attention (docs/design/parallel.md, "Ring attention")."""
+        if self.cp is not None and self.cp.ring:
+            raise ValueError(_RING_BSA)
         self.cfg.enable_bsa = True
 
     def disable_bsa(self) -> None:

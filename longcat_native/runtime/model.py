@@ -11,7 +11,7 @@ Internal layout differs from the official module tree only where it buys speed:
 The call sites ``ops.<op>`` (a ``kernels.Ops``, resolved per call by ``LongCatDiT.resolved_ops``)
 pick the plain-PyTorch reference or the fused kernels, block-sparse attention included.
 
-Why ~690 lines: the whole network in one file, read top to bottom; forward chunking and the step
+Why ~700 lines: the whole network in one file, read top to bottom; forward chunking and the step
 cache's head and tails (the forward split around its decision, so CUDA graphs can capture each
 part) are a few lines each where they act, not separate layers.
 """
@@ -32,6 +32,7 @@ from .attention import attention
 from .config import LongCatConfig
 from .profiling import nvtx_range
 from .quantize import dequantize, quantized_linear
+from .ring import ring_norm_rope, ring_self_attention, segment_rope_tables
 
 __all__ = ["LongCatTransformer", "Linear", "timestep_features", "patchify", "unpatchify"]
 
@@ -148,8 +149,16 @@ class PatchEmbed(nn.Module):
         self.patch_size = cfg.patch_size
         self.proj = Linear(cfg.in_channels * cfg.patch_volume, cfg.hidden_size)
 
-    def forward(self, x):
-        return linear(patchify(x, self.patch_size), self.proj)
+    def forward(self, x, cp=None):
+        """[B, Cin, T, H, W] -> [B, N, C]; under context parallelism this rank's tokens only: its
+        2D tile's (Ulysses alone) or its chunk of every frame (with a ring; runtime/parallel.py)."""
+        if cp is None:
+            return linear(patchify(x, self.patch_size), self.proj)
+        if not cp.ring:
+            return linear(patchify(cp.local_latents(x, self.patch_size), self.patch_size), self.proj)
+        pt, ph, pw = self.patch_size
+        grid = (x.shape[2] // pt, x.shape[3] // ph, x.shape[4] // pw)
+        return linear(cp.local_tokens(patchify(x, self.patch_size), grid), self.proj)
 
 
 class TimestepEmbedder(nn.Module):
@@ -335,8 +344,11 @@ class LongCatBlock(nn.Module):
                     qkv = ctx.cp.tokens_to_heads(qkv, ctx.grid)
             q, k, v = qkv.unbind(2)
             with nvtx_range("op.qk_rmsnorm_rope3d"):
-                normed = ops.qk_rmsnorm_rope3d(q, k, a.q_norm.weight, a.k_norm.weight, ctx.grid,
-                                               t_offset=ctx.cache_frames, return_k_unroped=ctx.return_kv)
+                if ctx.rope is not None:  # a ring segment: RoPE from its tables (runtime/ring.py)
+                    normed = ring_norm_rope(ops, q, k, a.q_norm.weight, a.k_norm.weight, ctx.rope)
+                else:
+                    normed = ops.qk_rmsnorm_rope3d(q, k, a.q_norm.weight, a.k_norm.weight, ctx.grid,
+                                                   t_offset=ctx.cache_frames, return_k_unroped=ctx.return_kv)
         q, k = normed[:2]
         new_kv = None
         if ctx.return_kv:
@@ -344,10 +356,13 @@ class LongCatBlock(nn.Module):
             new_kv = (k_unroped, v)
             if ctx.cp is not None:
                 with nvtx_range("comm.kv_all_gather"):
-                    new_kv = (ctx.cp.gather_heads(k_unroped), ctx.cp.gather_heads(v))
+                    new_kv = (ctx.cp.gather_heads(k_unroped, ctx.grid), ctx.cp.gather_heads(v, ctx.grid))
         nc = ctx.num_cond_tokens
         T, Hh, Ww = ctx.grid
-        if kv_cache is not None:
+        if ctx.rope is not None:
+            with nvtx_range("op.ring_attention"):
+                out = ring_self_attention(q, k, v, ctx, ops, kv_cache)
+        elif kv_cache is not None:
             # Cached keys are normalized, un-rotated; they take the first frames of the grid.
             k_cache, v_cache = kv_cache
             with nvtx_range("op.qk_rmsnorm_rope3d"):
@@ -462,11 +477,17 @@ class FinalLayer(nn.Module):
 # ---------------------------------------------------------------------------------------------
 
 
+# Why BSA is refused under ring attention (runtime/dit.py's enable_bsa says the same).
+_RING_BSA = ("block-sparse attention is not supported with ring attention (ring_size > 1): its 3D chunks straddle "
+             "the ring segments and each query chunk's selected key chunks would have to be fetched from other ranks; "
+             "disable BSA (dit.disable_bsa(), config enable_bsa=false) or use Ulysses alone (ring_size=1)")
+
+
 class ForwardContext:
     """Per-call facts every block reads (shapes, text, conditioning)."""
 
     __slots__ = ("grid", "cache_grid", "cache_frames", "num_cond_tokens", "num_cond_tokens_local", "text",
-                 "text_valid", "skip_crs_attn", "return_kv", "attention", "bsa", "cp", "ffn_chunk_tokens")
+                 "text_valid", "skip_crs_attn", "return_kv", "attention", "bsa", "cp", "ffn_chunk_tokens", "rope")
 
     def __init__(self, **kw):
         for k in self.__slots__:
@@ -552,13 +573,18 @@ class LongCatTransformer(nn.Module):
         grid = (T // pt, H // ph, W // pw)
         tokens_per_frame = grid[1] * grid[2]
         local_tokens_per_frame = tokens_per_frame
+        rope = None  # the ring segment's RoPE tables (None: RoPE from the grid)
         if cp is not None:
-            cp.check_grid(grid)
-            hidden_states = cp.local_latents(hidden_states, cfg.patch_size)
+            cp.check_grid(grid)  # before any collective, the same error on every rank
+            if cp.ring and cfg.enable_bsa:
+                raise ValueError(_RING_BSA)
             local_tokens_per_frame //= cp.size
+            if cp.ring:
+                rope = segment_rope_tables(grid, cfg.head_dim, cache_frames, cp.ring_rank, cp.ring_size,
+                                           hidden_states.device)
 
         with nvtx_range("embed.x_t_y"):
-            x = self.x_embedder(hidden_states)  # [B, N, C] (this rank's N / cp_size under CP)
+            x = self.x_embedder(hidden_states, cp)  # [B, N, C] (this rank's N / cp.size under CP)
             t = self.t_embedder(timestep.flatten()).view(B, grid[0], -1)  # float32 [B, T, C_t]
             y = text_valid = None
             if not skip_crs_attn:
@@ -587,6 +613,7 @@ class LongCatTransformer(nn.Module):
             bsa=cfg.bsa if cfg.enable_bsa else None,
             cp=cp,
             ffn_chunk_tokens=self.ffn_chunk_tokens,
+            rope=rope,
         )
 
         with nvtx_range("op.modulation"):
