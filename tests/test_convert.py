@@ -118,7 +118,8 @@ def test_a_diffusers_root_is_found_and_read(tmp_path):
 
 @pytest.mark.parametrize("to,dtype,src", [("int8", None, "official"), ("fp8", "bfloat16", "official"),
                                           ("int8", "float16", "diffusers")])
-def test_quantized_target_equals_quantizing_at_load(tmp_path, to, dtype, src):
+def test_quantized_target_equals_quantizing_at_load(tmp_path, monkeypatch, to, dtype, src):
+    monkeypatch.setattr(cv, "_CHUNK_ELEMENTS", 3000)  # weights quantized in slices of rows: the same bits
     source = FIXTURE_ROOT
     if src == "diffusers":
         source = tmp_path / "diff"
@@ -266,6 +267,12 @@ def test_other_refusals(tmp_path):
     save_file(sd, str(tmp_path / "big" / "diffusion_pytorch_model.safetensors"))
     with pytest.raises(ValueError, match=r"blocks\.0\.attn\.proj\.bias: NaN or Inf after the conversion to float16"):
         cv.convert_checkpoint(tmp_path / "big", tmp_path / "dst", "official", dtype="float16", quiet=True)
+    assert not (tmp_path / "dst").exists() and not any(p.name.startswith(".tmp-") for p in tmp_path.iterdir())
+    sd = _official_sd()
+    sd["blocks.1.attn.qkv.weight"][5, 7] = float("nan")
+    save_file(sd, str(tmp_path / "big" / "diffusion_pytorch_model.safetensors"))
+    with pytest.raises(ValueError, match=r"blocks\.1\.attn\.qkv\.weight: NaN or Inf in the source weight"):
+        cv.convert_checkpoint(tmp_path / "big", tmp_path / "dst", "int8", quiet=True)
     assert not (tmp_path / "dst").exists() and not any(p.name.startswith(".tmp-") for p in tmp_path.iterdir())
 
 

@@ -49,7 +49,7 @@ __all__ = ["CONVERT_TARGETS", "READERS", "ConvertResult", "convert_checkpoint", 
 
 DEFAULT_MAX_SHARD_SIZE = "5GB"  # Hugging Face's default (10**9 bytes per GB)
 TARGET_MODES = {"fp8": "fp8-weight-only", "int8": "int8-weight-only"}
-_ST_NAMES = qc._SAFETENSORS_NAMES  # torch dtype -> safetensors dtype name (one table for every writer)
+_ST_NAMES = {**qc._SAFETENSORS_NAMES, torch.float8_e5m2: "F8_E5M2"}  # torch dtype -> safetensors name
 
 
 @dataclass
@@ -188,19 +188,26 @@ def _quantized_groups(src: Source, mode: str, model_dtype: torch.dtype) -> List[
         if name in targets:
             outs = [_Out(name, storage, shape), _Out(name + "_scale", torch.float32, (shape[0],))]
 
-            def produce(files, refs=refs):
-                qs, ss = [], []
-                for ref in refs:  # w1 and w3 on their own, as from_pretrained quantizes them (rows are independent)
-                    v, s = files.read(ref)
-                    if s is not None and v.dtype == storage:
-                        q = v  # stored in this storage already: copied as stored, bit-exact
+            def produce(files, refs=refs, shape=shape):
+                q = torch.empty(shape, dtype=storage)
+                s = torch.empty(shape[0], dtype=torch.float32)
+                r = 0
+                for ref in refs:  # w1 and w3 on their own, as from_pretrained quantizes them
+                    v, sc = files.read(ref)
+                    n = v.shape[0]
+                    if sc is not None and v.dtype == storage:  # stored in this storage already: copied as stored
+                        q[r:r + n].copy_(v)
+                        s[r:r + n].copy_(sc)
                     else:
-                        w = qz.dequantize(v, s) if s is not None else v.float()
-                        q, s = qz.quantize_weight(w, storage)
-                        del w
-                    qs.append(q)
-                    ss.append(s.to(torch.float32))
-                return [torch.cat(qs) if len(qs) > 1 else qs[0], torch.cat(ss) if len(ss) > 1 else ss[0]]
+                        # Rows are quantized independently (per-row scales), so slices of rows give the
+                        # same bits as the whole weight at once, with float32 transients of one slice.
+                        for a, b in _row_chunks(n, v.shape[1]):
+                            w = qz.dequantize(v[a:b], sc[a:b]) if sc is not None else v[a:b]
+                            q[r + a:r + b], s[r + a:r + b] = qz.quantize_weight(w, storage)
+                            del w
+                    r += n
+                    del v, sc
+                return [q, s]
 
             groups.append(_Group(outs, produce, [r.name for r in refs]))
         else:
@@ -238,16 +245,37 @@ def _plan_shards(groups: List[_Group], max_bytes: int) -> List[List[_Group]]:
     return shards
 
 
+# Elements per slice of the value checks and the quantizer: their float32 transients stay at 32 MiB
+# whatever the tensor (the 13.6B model's qkv is 50M elements: its float32 copy alone would be 200 MB).
+_CHUNK_ELEMENTS = 1 << 23
+
+
+def _row_chunks(rows: int, cols: int) -> List[Tuple[int, int]]:
+    step = max(1, _CHUNK_ELEMENTS // max(cols, 1))
+    return [(r, min(r + step, rows)) for r in range(0, rows, step)]
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    flat = t.reshape(-1)
+    for i in range(0, flat.numel(), _CHUNK_ELEMENTS):
+        part = flat[i:i + _CHUNK_ELEMENTS]
+        if not bool(torch.isfinite(part.float() if part.element_size() == 1 else part).all()):
+            return False
+    return True
+
+
 def _check_values(out: _Out, t: torch.Tensor) -> None:
+    """Float outputs finite; quantized weights through their scales (a NaN or Inf source value makes its
+    row's amax, so its scale, NaN or Inf; the quantizer clamps every finite value into range)."""
     if tuple(t.shape) != tuple(out.shape) or t.dtype != out.dtype:  # pragma: no cover - a planning bug
         raise RuntimeError(f"{out.name} came out {t.dtype} {list(t.shape)}, planned {out.dtype} {list(out.shape)}")
-    if t.dtype in (torch.int8,):
-        return
-    if not bool(torch.isfinite(t.float() if t.dtype == qz.FP8_DTYPE else t).all()):
+    if out.name.endswith(".weight_scale"):
+        if not (_all_finite(t) and bool((t > 0).all())):
+            raise ValueError(f"{out.name[: -len('_scale')]}: NaN or Inf in the source weight (its scales are not "
+                             "finite and > 0)")
+    elif t.dtype not in (torch.int8, qz.FP8_DTYPE) and not _all_finite(t):
         raise ValueError(f"{out.name}: NaN or Inf after the conversion to {_dtype_name(t.dtype)} (the source value is out "
                          "of that dtype's range, or not finite); pick a wider --dtype")
-    if out.name.endswith(".weight_scale") and not bool((t > 0).all()):
-        raise ValueError(f"{out.name}: scales must be > 0")
 
 
 def _write_tensor(f, t: torch.Tensor) -> None:
