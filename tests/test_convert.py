@@ -4,6 +4,7 @@ anything is written, DST untouched by a failure mid-write, peak host memory well
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -168,6 +169,8 @@ def test_quantized_sources(tmp_path):
     assert_same_tensors(read_folder(tmp_path / "i8"), load_file(str(tmp_path / "saved" / qc.NATIVE_WEIGHTS)))
     r = cv.convert_checkpoint(tmp_path / "i8", tmp_path / "f", "official", quiet=True)
     assert r.source_layout == "native"
+    dit.save_quantized(tmp_path / "i8")  # a sharded save is a previous save, replaced as a whole
+    assert sorted(p.name for p in (tmp_path / "i8").iterdir()) == sorted(qc.NATIVE_FILES)
     out, sd = read_folder(tmp_path / "f"), dit.state_dict()
     w13 = torch.cat([out["blocks.1.ffn.w1.weight"], out["blocks.1.ffn.w3.weight"]])
     assert same_bits(w13, sd["blocks.1.ffn.w13.weight"].float() * sd["blocks.1.ffn.w13.weight_scale"][:, None])
@@ -255,6 +258,11 @@ def test_other_refusals(tmp_path):
         cv.convert_checkpoint(FIXTURE_ROOT, DIT, "official", overwrite=True)
     with pytest.raises(ValueError, match="overlaps the source"):
         cv.convert_checkpoint(FIXTURE_ROOT, DIT / "sub", "official")
+    shutil.copytree(DIT, tmp_path / "root" / "dit")  # beside the DiT in its root is fine; holding it is not
+    cv.convert_checkpoint(tmp_path / "root", tmp_path / "root" / "dit-int8", "int8", quiet=True)
+    assert (tmp_path / "root" / "dit-int8" / qc.NATIVE_MARKER).is_file()
+    with pytest.raises(ValueError, match="overlaps the source"):
+        cv.convert_checkpoint(tmp_path / "root" / "dit", tmp_path / "root", "official", overwrite=True)
     with pytest.raises(ValueError, match="--to must be one of"):
         cv.convert_checkpoint(FIXTURE_ROOT, tmp_path / "dst", "gguf")
     assert (tmp_path / "busy" / "keep.txt").read_text() == "mine" and not (tmp_path / "dst").exists()
@@ -268,6 +276,7 @@ def test_other_refusals(tmp_path):
     with pytest.raises(ValueError, match=r"blocks\.0\.attn\.proj\.bias: NaN or Inf after the conversion to float16"):
         cv.convert_checkpoint(tmp_path / "big", tmp_path / "dst", "official", dtype="float16", quiet=True)
     assert not (tmp_path / "dst").exists() and not any(p.name.startswith(".tmp-") for p in tmp_path.iterdir())
+    assert sorted(p.name for p in (tmp_path / "root").iterdir()) == ["dit", "dit-int8"]
     sd = _official_sd()
     sd["blocks.1.attn.qkv.weight"][5, 7] = float("nan")
     save_file(sd, str(tmp_path / "big" / "diffusion_pytorch_model.safetensors"))
@@ -313,11 +322,13 @@ def test_cli(tmp_path, capsys):
     assert line.startswith("converted diffusers") and "shards" in line and "peak RSS" in line
     assert main(["convert", str(FIXTURE_ROOT), str(tmp_path / "d"), "--to", "official"]) == 2
     assert "not empty; pass --overwrite" in capsys.readouterr().err
-    r = subprocess.run([sys.executable, "-c", "import sys; from longcat_native.cli import main\n"
-                        "try: main(['convert', '--help'])\nexcept SystemExit: pass\n"
-                        "print('TORCH' if 'torch' in sys.modules else 'NO TORCH')"],
+    # python -m longcat_native convert --help: complete, and no torch imported for it
+    r = subprocess.run([sys.executable, "-X", "importtime", "-m", "longcat_native", "convert", "--help"],
                        capture_output=True, text=True, timeout=120)
-    assert "--max-shard-size" in r.stdout and "--overwrite" in r.stdout and r.stdout.strip().endswith("NO TORCH")
+    assert r.returncode == 0 and all(f in r.stdout for f in ("--to", "--dtype", "--max-shard-size", "--overwrite",
+                                                              "--quiet", "--json", "SRC", "DST"))
+    modules = [line.rsplit("|", 1)[-1].strip() for line in r.stderr.splitlines() if line.startswith("import time:")]
+    assert "longcat_native.cli" in modules and not [m for m in modules if m.split(".")[0] in ("torch", "triton")]
 
 
 # ---------------------------------------------------------------------------------------------

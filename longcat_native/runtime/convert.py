@@ -317,10 +317,12 @@ def _write_shard(path: Path, groups: List[_Group], metadata: Dict[str, str], pro
 
 def _check_dst(dst: Path, src: Source, src_arg: Path, overwrite: bool) -> None:
     real = Path(os.path.realpath(dst))
-    for s in {Path(os.path.realpath(src.folder)), Path(os.path.realpath(src_arg))}:
-        if real == s or real in s.parents or s in real.parents:
-            raise ValueError(f"DST {str(dst)!r} overlaps the source {str(s)!r} (the same folder, inside it, "
-                             "or holding it); write the conversion to a separate folder")
+    folder, root = Path(os.path.realpath(src.folder)), Path(os.path.realpath(src_arg))
+    # Beside the DiT inside its root is fine (as the official base_model_int8/ is); inside the folder
+    # read, or a folder holding it (which --overwrite would delete), is not.
+    if real == folder or folder in real.parents or real == root or real in root.parents or real in folder.parents:
+        raise ValueError(f"DST {str(dst)!r} overlaps the source {str(folder)!r} (the same folder, inside it, or "
+                         "holding it); write the conversion to a separate folder")
     if real.exists() and not real.is_dir():
         raise ValueError(f"DST {str(dst)!r} is a file; name a folder")
     if real.is_dir() and any(real.iterdir()) and not overwrite:
@@ -343,7 +345,7 @@ def _progress_bar(total: int, desc: str, quiet: bool):
         return None
     try:
         from tqdm import tqdm
-    except ImportError:  # tqdm comes with the pipelines extra; the conversion needs none of it
+    except ImportError:  # not a dependency of longcat-native (transformers/diffusers bring it): no bar then
         return None
     return tqdm(total=total, unit="B", unit_scale=True, desc=desc, file=sys.stderr)
 
