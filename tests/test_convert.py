@@ -187,6 +187,53 @@ def test_quantized_sources(tmp_path):
     assert read_folder(tmp_path / "x")["blocks.0.attn.qkv.weight"].dtype == torch.float32
 
 
+def test_one_more_reader_is_a_table_entry(tmp_path, monkeypatch):
+    """A layout the converter does not know, added as a Reader: one file, official names, the
+    self-attention qkv stored as three float8 parts with a per-tensor scale each (ComfyUI's
+    convention), the last part's scale a constant. --to fp8 keeps the stored bytes (each part's scale
+    repeated over its rows); --to official dequantizes them."""
+    from longcat_native.runtime import convert_sources as cs
+
+    sd = _official_sd()
+    f = tmp_path / "model.toy.safetensors"
+    stored = {}
+    for k, w in list(sd.items()):
+        if k.endswith(".attn.qkv.weight"):
+            del sd[k]
+            for j, part in enumerate(w.chunk(3)):
+                scale = part.abs().amax() / 448 if j < 2 else torch.tensor(1.0)
+                sd[f"{k}.part{j}"] = (part / scale).to(torch.float8_e4m3fn)
+                if j < 2:
+                    sd[f"{k}.scale{j}"] = scale.reshape(())
+                stored[(k, j)] = (sd[f"{k}.part{j}"], float(scale))
+    save_file(sd, str(f))
+    cfg = LongCatConfig.from_dict(CONFIG)
+
+    def open_toy(path):
+        refs = {}
+        for name, shape in official_shapes(cfg).items():
+            if name.endswith(".attn.qkv.weight"):
+                refs[name] = cs.Ref(name, shape, torch.float8_e4m3fn, tuple(cs.Part(path, f"{name}.part{j}") for j in range(3)),
+                                    (cs.Part(path, f"{name}.scale0"), cs.Part(path, f"{name}.scale1"), 1.0))
+            else:
+                refs[name] = cs.Ref(name, shape, torch.float32, (cs.Part(path, name),))
+        return cs.Source("toy", path, CONFIG, cfg, refs, torch.float32)
+
+    toy = cs.Reader("toy", lambda p: p.name.endswith(".toy.safetensors"), open_toy)
+    monkeypatch.setattr(cs, "READERS", [toy] + cs.READERS)
+    cv.convert_checkpoint(f, tmp_path / "f8", "fp8", quiet=True)
+    q = read_folder(tmp_path / "f8")
+    k = "blocks.1.attn.qkv.weight"
+    assert same_bits(q[k], torch.cat([stored[(k, j)][0] for j in range(3)]))
+    rows = q[k].shape[0] // 3
+    assert same_bits(q[k + "_scale"], torch.tensor([stored[(k, j)][1] for j in range(3)]).repeat_interleave(rows))
+    r = cv.convert_checkpoint(f, tmp_path / "off", "official", quiet=True)
+    assert r.source_layout == "toy"
+    off = read_folder(tmp_path / "off")
+    assert same_bits(off[k], torch.cat([v.float() * s for v, s in (stored[(k, j)] for j in range(3))]))
+    assert same_bits(off["blocks.1.ffn.w2.weight"], _official_sd()["blocks.1.ffn.w2.weight"])
+
+
 def _diffusers_sd():
     sd = load_file(str(DIT / "diffusion_pytorch_model.safetensors"))
     out = {}

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 
@@ -52,14 +52,15 @@ class Part:
 @dataclass
 class Ref:
     """One official tensor: ``parts`` concatenated along dim 0 and reshaped to ``shape``; stored in
-    ``dtype`` (int8 / float8 when ``scale`` is set: then ``w = value * scale[:, None]``, the scales
-    float32 per row, or one per tensor)."""
+    ``dtype`` (int8 / float8 when ``scale`` is set: then ``w = value * scale[:, None]``). ``scale``:
+    one entry per part, each a Part holding that part's float32 per-row scales or a single per-tensor
+    scale (ComfyUI's ``scale_weight``), or a number (a constant scale, e.g. 1.0 for unscaled float8)."""
 
     name: str
     shape: Tuple[int, ...]
     dtype: torch.dtype
     parts: Tuple[Part, ...]
-    scale: Optional[Tuple[Part, ...]] = None
+    scale: Optional[Tuple[Union[Part, float], ...]] = None
 
 
 @dataclass
@@ -106,22 +107,27 @@ class TensorFiles:
             self._ctx.append(ctx)
         return self._handles[f]
 
-    def _parts(self, parts: Tuple[Part, ...]) -> torch.Tensor:
-        ts = []
-        for p in parts:
-            st = self._get(p.file)
-            ts.append(st.get_tensor(p.key) if p.rows is None else st.get_slice(p.key)[p.rows[0]:p.rows[1]])
-        return ts[0] if len(ts) == 1 else torch.cat(ts)
+    def _part(self, p: Part) -> torch.Tensor:
+        st = self._get(p.file)
+        return st.get_tensor(p.key) if p.rows is None else st.get_slice(p.key)[p.rows[0]:p.rows[1]]
 
     def read(self, ref: Ref) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """``(value in ref.shape, float32 per-row scales or None)``."""
-        t = self._parts(ref.parts).reshape(ref.shape)
+        values = [self._part(p) for p in ref.parts]
+        t = (values[0] if len(values) == 1 else torch.cat(values)).reshape(ref.shape)
         if ref.scale is None:
             return t, None
-        s = self._parts(ref.scale).reshape(-1).to(torch.float32)
-        if s.numel() == 1 and ref.shape[0] != 1:  # a per-tensor scale: the same for every row
-            s = s.expand(ref.shape[0]).contiguous()
-        return t, s
+        if len(ref.scale) != len(values):  # pragma: no cover - a reader's bug
+            raise ValueError(f"{ref.name}: {len(ref.scale)} scale entries for {len(values)} parts")
+        scales = []
+        for v, sc in zip(values, ref.scale):
+            rows = v.shape[0]
+            s = (torch.full((rows,), float(sc)) if not isinstance(sc, Part)
+                 else self._part(sc).reshape(-1).to(torch.float32))
+            if s.numel() == 1 and rows != 1:  # a per-tensor scale: the same for every row of its part
+                s = s.expand(rows)
+            scales.append(s)
+        return t, (scales[0] if len(scales) == 1 else torch.cat(scales)).contiguous()
 
 
 # ---------------------------------------------------------------------------------------------
