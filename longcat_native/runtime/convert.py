@@ -39,7 +39,8 @@ import torch
 
 from . import quantize as qz
 from . import quantized_checkpoints as qc
-from .convert_sources import OFFICIAL_CLASS, READERS, Ref, Source, TensorFiles, official_config_to_diffusers, open_source
+from .convert_sources import (OFFICIAL_CLASS, READERS, Ref, Source, TensorFiles, official_config_to_diffusers,
+                              open_source)
 from .files import atomic_folder
 from .layouts import official_to_diffusers
 from .names import CONVERT_TARGETS, parse_bytes
@@ -212,7 +213,8 @@ def _quantized_groups(src: Source, mode: str, model_dtype: torch.dtype) -> List[
             groups.append(_Group(outs, produce, [r.name for r in refs]))
         else:
             groups.append(_Group([_Out(name, model_dtype, shape)],
-                                 lambda files, ref=refs[0], shape=shape: [_float_of(ref, files, model_dtype).reshape(shape)],
+                                 lambda files, ref=refs[0], shape=shape:
+                                 [_float_of(ref, files, model_dtype).reshape(shape)],
                                  [refs[0].name]))
     missing = set(src.refs) - {r for g in groups for r in g.sources}
     if missing:  # pragma: no cover - the source was checked complete against the same config
@@ -274,8 +276,8 @@ def _check_values(out: _Out, t: torch.Tensor) -> None:
             raise ValueError(f"{out.name[: -len('_scale')]}: NaN or Inf in the source weight (its scales are not "
                              "finite and > 0)")
     elif t.dtype not in (torch.int8, qz.FP8_DTYPE) and not _all_finite(t):
-        raise ValueError(f"{out.name}: NaN or Inf after the conversion to {_dtype_name(t.dtype)} (the source value is out "
-                         "of that dtype's range, or not finite); pick a wider --dtype")
+        raise ValueError(f"{out.name}: NaN or Inf after the conversion to {_dtype_name(t.dtype)} (the source value "
+                         "is out of that dtype's range, or not finite); pick a wider --dtype")
 
 
 def _write_tensor(f, t: torch.Tensor) -> None:
@@ -292,7 +294,8 @@ def _write_shard(path: Path, groups: List[_Group], metadata: Dict[str, str], pro
     offset = 0
     for g in groups:
         for o in g.outs:
-            header[o.name] = {"dtype": _ST_NAMES[o.dtype], "shape": list(o.shape), "data_offsets": [offset, offset + o.nbytes]}
+            header[o.name] = {"dtype": _ST_NAMES[o.dtype], "shape": list(o.shape),
+                              "data_offsets": [offset, offset + o.nbytes]}
             offset += o.nbytes
     header["__metadata__"] = metadata
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")

@@ -272,7 +272,8 @@ def _open_diffusers(folder: Path) -> Source:
         if len(dts) > 1:
             mixed.append(f"{off} from " + ", ".join(f"{slot[i][1]} {slot[i][2]}" for i in range(len(names))))
         elif not wrong and not not_float:
-            refs[off] = Ref(off, shape, _TORCH_DTYPES[dts.pop()], tuple(Part(slot[i][0], slot[i][1]) for i in range(len(names))))
+            parts = tuple(Part(slot[i][0], slot[i][1]) for i in range(len(names)))
+            refs[off] = Ref(off, shape, _TORCH_DTYPES[dts.pop()], parts)
     _report(folder, "diffusers", [("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong),
                                   ("duplicated across shards", duplicates),
                                   ("not floating point (weights must be float tensors)", not_float),
