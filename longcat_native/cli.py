@@ -1,4 +1,4 @@
-"""The ``longcat-native`` command: ``info``, ``forward``, ``generate``, ``profile`` and ``bench``."""
+"""The ``longcat-native`` command: ``info``, ``forward``, ``generate``, ``profile``, ``bench`` and ``convert``."""
 
 # Parsing and printing only. The work is imported inside each command: --help imports no torch.
 
@@ -311,6 +311,26 @@ def cmd_bench(args) -> int:
     return model.run_from_args(args, default_out_dir=os.path.join(os.getcwd(), "bench", "results"))
 
 
+def cmd_convert(args) -> int:
+    """Convert a LongCat-Video DiT checkpoint to another layout: --to official (the official dit/
+    layout: config.json + diffusion_pytorch_model[-0000i-of-0000n].safetensors + its index), diffusers
+    (FastVideo's transformer/ layout: split q/k/v, FastVideo's names and config keys), fp8 / int8
+    (longcat-native's quantized save, loaded back as quantize="fp8-weight-only" / "int8-weight-only";
+    quantize="fp8" reads the fp8 one too). SRC: an official dit/ folder or root, a FastVideo Diffusers
+    transformer/ folder or root (model_index.json + transformer/), a longcat-native quantized save or an
+    official INT8 folder (base_model_int8/; dequantized for a float target). Only the DiT is converted:
+    DST is the folder a loader is pointed at (a root's dit/ or transformer/). Every source tensor is
+    checked against the config (names, shapes, dtypes) before anything is written; tensors are
+    streamed one at a time (peak memory about the largest tensor group, not the model); DST appears
+    complete or not at all (written beside it, renamed into place)."""
+    from .runtime.convert import convert_checkpoint
+
+    result = convert_checkpoint(args.src, args.dst, args.to, dtype=args.dtype, max_shard_size=args.max_shard_size,
+                                overwrite=args.overwrite, quiet=args.quiet or args.json)
+    print(json.dumps(result.to_dict()) if args.json else result.summary())
+    return 0
+
+
 def _add_dit_source(p) -> None:
     """forward/profile: the model (--path or --config) and the random inputs' sizes."""
     src = p.add_mutually_exclusive_group()
@@ -422,6 +442,26 @@ def build_parser() -> argparse.ArgumentParser:
                            description=cmd_bench.__doc__)
     _bench_arguments(bench)
     bench.set_defaults(func=cmd_bench)
+
+    from .runtime.names import CONVERT_TARGETS, DTYPE_CHOICES
+
+    conv = sub.add_parser("convert", help="convert a DiT checkpoint: official, diffusers (FastVideo), fp8, int8",
+                          description=cmd_convert.__doc__)
+    conv.add_argument("src", metavar="SRC", help="source checkpoint: official dit/ or root, Diffusers transformer/ or "
+                                                 "root, longcat-native quantized save, official INT8 folder")
+    conv.add_argument("dst", metavar="DST", help="output folder (new or empty; see --overwrite)")
+    conv.add_argument("--to", required=True, choices=CONVERT_TARGETS, help="the output layout")
+    conv.add_argument("--dtype", default=None, choices=DTYPE_CHOICES,
+                      help="dtype of the float tensors (default: as stored; for fp8/int8 the model dtype of the "
+                           "unquantized tensors, default the source's one float dtype)")
+    conv.add_argument("--max-shard-size", default="5GB",
+                      help="largest weight file, e.g. 5GB (10**9 B, the default, as Hugging Face), 2GiB, 500MB; "
+                           "a checkpoint that fits is one file, otherwise shards + an index")
+    conv.add_argument("--overwrite", action="store_true",
+                      help="replace an existing non-empty DST (swapped for the new folder only once complete)")
+    conv.add_argument("--quiet", action="store_true", help="no progress bar (there is none when stderr is not a tty)")
+    conv.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    conv.set_defaults(func=cmd_convert)
     return p
 
 

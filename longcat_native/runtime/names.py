@@ -4,7 +4,7 @@ of arguments, with no torch import: the command line offers them without paying 
 from ..kernels import KERNEL_PATHS
 
 __all__ = ["KERNEL_PATHS", "KERNEL_CHOICES", "ATTENTION_BACKENDS", "ATTENTION_CHOICES", "DTYPE_CHOICES", "MAX_STEPS", "merge_alias",
-           "OFFLOAD_CHOICES", "QUANTIZE_CHOICES", "parse_bytes"]
+           "OFFLOAD_CHOICES", "QUANTIZE_CHOICES", "CONVERT_TARGETS", "parse_bytes"]
 
 KERNEL_CHOICES = KERNEL_PATHS + ("auto",)  # "auto": the fused path on CUDA, the reference elsewhere
 ATTENTION_BACKENDS = ("flash3", "flash2", "cudnn", "sdpa", "reference")
@@ -24,6 +24,7 @@ def merge_alias(ours, theirs, our_name: str, their_name: str):
 
 
 QUANTIZE_CHOICES = ("fp8", "fp8-weight-only", "int8-weight-only")  # runtime/quantize.py's modes
+CONVERT_TARGETS = ("official", "diffusers", "fp8", "int8")  # longcat-native convert --to (runtime/convert.py)
 OFFLOAD_CHOICES = ("none", "blocks")  # weight offload (runtime/streaming.py): "blocks" streams blocks from host memory
 
 _BYTE_UNITS = {"": 1, "b": 1, "k": 2**10, "kib": 2**10, "kb": 10**3, "m": 2**20, "mib": 2**20, "mb": 10**6,

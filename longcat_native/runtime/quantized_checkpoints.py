@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -25,12 +26,13 @@ from .quantize import FP8_DTYPE, QUANT_MODES, dequantize, model_quantization, qu
 __all__ = [
     "quantized_kind", "checkpoint_mode", "native_description", "weight_files", "QuantLoadPlan", "plan_from_official",
     "check_quantized_checkpoint", "copy_weights", "write_safetensors", "check_save_target", "save_quantized",
-    "NATIVE_MARKER", "NATIVE_WEIGHTS", "NATIVE_FILES", "OFFICIAL_INT8_CONFIG", "OFFICIAL_INT8_INDEX",
+    "NATIVE_MARKER", "NATIVE_WEIGHTS", "NATIVE_INDEX", "NATIVE_FILES", "OFFICIAL_INT8_CONFIG", "OFFICIAL_INT8_INDEX",
     "OFFICIAL_INT8_METHOD",
 ]
 
 NATIVE_MARKER = "longcat_quantized.json"
 NATIVE_WEIGHTS = "model.safetensors"
+NATIVE_INDEX = "model.safetensors.index.json"  # a sharded save (longcat-native convert): model-0000i-of-0000n
 NATIVE_FORMAT = "longcat-native-quantized"
 NATIVE_FORMAT_VERSION = 1
 OFFICIAL_INT8_CONFIG = "quantization_config.json"
@@ -121,6 +123,8 @@ def weight_files(folder: Path, kind: str) -> List[Path]:
 
         return diffusers_weight_files(folder)
     if kind == "native":
+        if (folder / NATIVE_INDEX).is_file():
+            return index_shards(folder, folder / NATIVE_INDEX)
         f = folder / NATIVE_WEIGHTS
         if not f.is_file():
             raise CheckpointError(f"{folder}: {NATIVE_WEIGHTS} is missing (written by save_quantized)")
@@ -360,6 +364,7 @@ _SAFETENSORS_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16
                       FP8_DTYPE: "F8_E4M3", torch.uint8: "U8", torch.int32: "I32", torch.int64: "I64",
                       torch.float64: "F64", torch.bool: "BOOL"}
 NATIVE_FILES = ("config.json", NATIVE_MARKER, NATIVE_WEIGHTS)  # everything save_quantized writes
+_NATIVE_SHARD = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")  # and a sharded save's files (convert)
 
 
 def write_safetensors(path, tensors: Dict[str, torch.Tensor], metadata: Optional[Dict[str, str]] = None) -> None:
@@ -417,7 +422,7 @@ def check_save_target(folder: Path) -> None:
         raise ValueError(f"save_quantized: {str(folder)!r} is not empty ({cap_list(entries, 6)}) and is not a folder "
                          f"written by save_quantized (no {NATIVE_MARKER}); name a new or empty folder, so that no "
                          "checkpoint is overwritten")
-    foreign = [e for e in entries if e not in NATIVE_FILES]
+    foreign = [e for e in entries if e not in NATIVE_FILES and e != NATIVE_INDEX and not _NATIVE_SHARD.match(e)]
     if foreign:
         raise ValueError(f"save_quantized: {str(folder)!r} is a previous save but also holds files save_quantized did "
                          f"not write ({cap_list(foreign, 6)}); a save replaces the whole folder, so move them or name "

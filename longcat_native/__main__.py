@@ -1,0 +1,7 @@
+"""``python -m longcat_native ...``: the ``longcat-native`` command (cli.py)."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
