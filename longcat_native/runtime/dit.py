@@ -18,7 +18,7 @@ import torch
 
 from ..kernels.ops import Ops, get_ops
 from ..kernels._common import is_fake, triton_usable_on
-from . import lora, streaming
+from . import lora, sharding, streaming
 from . import quantize as qz
 from . import quantized_checkpoints as qc
 from .attention import check_attention_name, resolve_attention_backend
@@ -60,6 +60,8 @@ class LongCatDiT(LongCatDiTConstruction, CallInputs, LongCatTransformer):
         # Parallel (runtime/mesh.py) in a parallel run: the device mesh and its groups (CFG-parallel,
         # data parallel, weight sharding read it); None in a single process.
         self.parallel = None
+        # Set by runtime/sharding.py when built with shard_weights=True (each rank holds 1/N of the blocks).
+        self.weight_sharding = None
         # Which LoRAs are active, in which mode, and the exact copies merged weights restore from.
         self.lora_state = lora.LoRAState()
         # The CUDAGraphRunner that denoise replays for this model (runtime/compiled.py,
@@ -100,6 +102,7 @@ class LongCatDiT(LongCatDiTConstruction, CallInputs, LongCatTransformer):
         """Write the model to the folder ``path`` in longcat-native's quantized layout (internal
         names, quantized tensors + float32 scales, config.json, longcat_quantized.json);
         ``from_pretrained(path)`` loads it back bit-exactly (docs/design/quantization.md)."""
+        sharding.check_not_sharded(self, "save_quantized")  # every rank would write the folder
         return str(qc.save_quantized(self, path))
 
     def resolved_kernels(self) -> str:
@@ -212,6 +215,7 @@ class LongCatDiT(LongCatDiTConstruction, CallInputs, LongCatTransformer):
 
     def _apply(self, fn, recurse=True):  # .to(), .cuda(), .half(), to_empty(): the weights would move
         streaming.check_not_streaming(self, "moving or casting the model")
+        sharding.check_not_sharded(self, "moving or casting the model")  # FSDP2 keeps views of the shards
         return super()._apply(fn, recurse)
 
     # -- block-sparse attention (official API) ------------------------------------------------

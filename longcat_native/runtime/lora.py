@@ -16,6 +16,7 @@ from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
+from . import sharding
 from .names import merge_alias
 
 __all__ = [
@@ -467,7 +468,9 @@ def _params(dit) -> Dict[str, nn.Parameter]:
     merge into a quantized weight rewrites its scales too, so they get exact copies as well."""
     params = dict(dit.named_parameters())
     params.update((n, b) for n, b in dit.named_buffers() if n.endswith(".weight_scale"))
-    return params
+    # Under shard_weights (runtime/sharding.py) a block parameter is this rank's rows: merge and
+    # restore work on them (sharding.row_offsets places the deltas), every rank on its own.
+    return {n: sharding.local_shard(p)[0] for n, p in params.items()}
 
 
 def _ensure_base_copy(st: LoRAState, name: str, p: torch.Tensor) -> None:
@@ -503,6 +506,7 @@ def _float32_copy(t: torch.Tensor, device) -> torch.Tensor:
 
 def _merge(dit, st: LoRAState, loras: List[LoRA]) -> None:
     params = _params(dit)
+    offsets = sharding.row_offsets(dit)  # {name: this rank's first row} under shard_weights, else {}
     plan: Dict[str, List[Tuple[int, torch.Tensor, torch.Tensor, float]]] = {}
     for lora in loras:
         for m in lora.loras:
@@ -511,6 +515,12 @@ def _merge(dit, st: LoRAState, loras: List[LoRA]) -> None:
                 plan.setdefault(m.internal_name + ".weight", []).append((row0, down, up, scale))
     # Weights merged before that the new set does not touch: back to the original.
     touched = set(plan) | {n[: -len("weight")] + "weight_scale" for n in plan}
+    if offsets and any(n[: -len("weight")] + "weight_scale" in params for n in plan):
+        # Requantizing a merged row needs its whole row (this rank's), but every rank needs every
+        # row's new scale (the scales are replicated): refused before anything is written.
+        raise ValueError("merged LoRAs on quantized weights sharded with shard_weights=True are not supported (each "
+                         "rank would rescale only its own rows of the replicated scales): set dit.lora_mode = "
+                         '"unmerged" (the low-rank branches compose with sharding and quantization)')
     for name in sorted(st.merged - touched):
         _restore(st, name, params[name])
     for name, items in plan.items():
@@ -534,10 +544,14 @@ def _merge(dit, st: LoRAState, loras: List[LoRA]) -> None:
             _ensure_base_copy(st, name, p)
             w = p.detach().to(dtype=torch.float32, copy=True)
         delta = torch.zeros_like(w)
+        first = offsets.get(name, 0)  # global index of w's first row
         for row0, down, up, scale in items:
+            lo, hi = max(row0, first), min(row0 + up.shape[0], first + w.shape[0])
+            if lo >= hi:  # none of this delta's rows are on this rank
+                continue
             d = down.to(device=p.device).to(torch.float32)
-            u = up.to(device=p.device).to(torch.float32)
-            delta[row0 : row0 + u.shape[0]].addmm_(u, d, alpha=scale)
+            u = up[lo - row0 : hi - row0].to(device=p.device).to(torch.float32)
+            delta[lo - first : hi - first].addmm_(u, d, alpha=scale)
         w += delta
         del delta
         st.merged.add(name)  # before the write: if it fails half-way, restore still covers it
