@@ -1,0 +1,149 @@
+"""Weight sharding (``shard_weights=True``, FSDP2, runtime/sharding.py): gloo on the CPU with 2 and
+4 processes, one launch per world size running every scenario of tests/sharding_worker.py, and
+the memory-plan arithmetic in one process.
+
+Multi-process: the official golden cases within the float32 bound and equal to the single-process
+model (1e-5); LoRA merged and unmerged, restored bit-exactly; int8/fp8 weights equal to the
+single-process quantized model; regional compile; Ulysses cp 2 composed with sharding over 4
+ranks; each rank's parameter bytes 1/N of the blocks'; the order of FSDP2's all-gathers (block
+i+1 gathered while block i runs, never more than two blocks); the refusals.
+"""
+
+import socket
+
+import pytest
+import torch
+from helpers import MODEL_RTOL
+from test_parallel import _launch as _launch_cp
+
+from longcat_native.runtime import sharding
+
+SINGLE_RTOL = 1e-5
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(world, scenarios, tmp_path, monkeypatch, timeout_s=240):
+    import test_parallel
+
+    monkeypatch.setattr(test_parallel, "WORKER", test_parallel.WORKER.parent / "sharding_worker.py")
+    monkeypatch.setenv("SHARD_TMP", str(tmp_path / "save"))
+    return _launch_cp(world, scenarios, tmp_path, timeout_s=timeout_s)
+
+
+def _check_cases(reports):
+    for rep in reports:
+        assert rep["cases"], f"rank {rep['rank']} ran no case"
+        for name, errs in rep["cases"].items():
+            if "golden" in errs:
+                assert errs["golden"] <= MODEL_RTOL, f"rank {rep['rank']} {name}: golden error {errs['golden']:.3g}"
+            if "single" in errs:
+                assert errs["single"] <= SINGLE_RTOL, f"rank {rep['rank']} {name}: vs single {errs['single']:.3g}"
+
+
+def _check_bytes(reports, world):
+    for rep in reports:
+        b = rep["checks"]["bytes"]
+        assert rep["checks"]["sharded"]
+        assert b["sum_over_ranks"] == b["block_params"]  # every byte on exactly one rank
+        assert b["sharded"] == b["block_params"] // world  # the fixture's rows divide by 1, 2, 4
+        assert b["replicated"] == b["single_replicated"]  # the root (and block buffers) whole
+
+
+def test_sharding_two_ranks(tmp_path, monkeypatch):
+    reports = _launch(2, ["prefetch", "lora", "quant", "compile", "errors"], tmp_path, monkeypatch)
+    _check_cases(reports)
+    _check_bytes(reports, 2)
+    for rep in reports:
+        c, e = rep["checks"], rep["errors"]
+        assert c["lora_merged_restored_exact"] and c["lora_unmerged_restored_exact"]
+        assert {"lora_merged", "lora_unmerged", "after_lora", "lora_unmerged_int8", "from_config_int8",
+                "compiled_regional", "t2v_mask_int8-weight-only", "t2v_mask_fp8-weight-only"} <= set(rep["cases"])
+        assert c["int8-weight-only_dtype"] == "torch.int8" and c["fp8-weight-only_dtype"] == "torch.float8_e4m3fn"
+        assert c["compiles"] == 1  # one compiled block body for every block
+        assert c["state_dict_full"]
+        for name, exc in (("quant_merged_lora", "ValueError"), ("compile_whole", "ValueError"),
+                          ("save_quantized", "RuntimeError"), ("cast", "RuntimeError"), ("offload", "ValueError"),
+                          ("graphs", "ValueError"), ("step_cache_dp", "ValueError")):
+            assert e[name]["raised"] == exc and not e[name].get("wrong_type"), (name, e[name])
+        assert "shard_weights" in e["offload"]["message"] and "unmerged" in e["quant_merged_lora"]["message"]
+        _check_prefetch(c["events"], depth=5, forwards=2)
+        assert c["gathered_after"] == 0  # every block resharded after the forward
+
+
+def _check_prefetch(events, depth, forwards):
+    """One all-gather per block per forward; block i+1's is issued after block i-1 ran and before
+    block i runs (one ahead, not all at once); at most two blocks gathered while one runs."""
+    gathers = [e for e in events if e[0] == "gather"]
+    runs = [e for e in events if e[0] == "run"]
+    assert len(gathers) == depth * forwards and len(runs) == depth * forwards, events
+    per = len(events) // forwards
+    for f in range(forwards):
+        ev = events[f * per:(f + 1) * per]
+        pos = {(kind, name): k for k, (kind, name, *_) in enumerate(ev)}
+        for i in range(depth):
+            assert pos[("gather", f"blocks.{i}")] < pos[("run", f"blocks.{i}")]
+            if i + 1 < depth:
+                assert pos[("gather", f"blocks.{i + 1}")] < pos[("run", f"blocks.{i}")], ev  # prefetched
+            if i >= 1 and i + 1 < depth:
+                assert pos[("gather", f"blocks.{i + 1}")] > pos[("run", f"blocks.{i - 1}")], ev  # not earlier
+        assert max(e[2] for e in ev if e[0] == "run") == 2
+
+
+def test_sharding_four_ranks_with_ulysses(tmp_path, monkeypatch):
+    reports = _launch(4, ["cp"], tmp_path, monkeypatch)
+    _check_cases(reports)
+    _check_bytes(reports, 4)
+    assert {"t2v_mask", "i2v_cond1"} <= set(reports[0]["cases"])
+
+
+# -- the memory plan's arithmetic (one process) ---------------------------------------------------
+
+
+def test_sharded_device_bytes_arithmetic():
+    sizes = (1000, [400, 400, 401], None)
+    b = sharding.sharded_device_bytes(sizes, 4)
+    assert b["shards"] == 100 + 100 + 101  # ceil per block: the rank with the most rows
+    assert b["replicated"] == 1000 and b["gathered"] == 401 + 400
+    assert b["total"] == 1000 + 301 + 801
+    assert sharding.sharded_device_bytes(sizes, 1, gathered=0)["total"] == 1000 + 1201
+
+
+def test_shard_rows_match_torch_chunk():
+    for rows in (1, 5, 8, 13, 64):
+        for world in (1, 2, 3, 4):
+            chunks = torch.arange(rows).chunk(world)
+            for i in range(world):
+                start, stop = sharding._shard_rows(rows, world, i)
+                expect = chunks[i].tolist() if i < len(chunks) else []
+                assert list(range(start, stop)) == expect, (rows, world, i)
+
+
+def test_plan_memory_counts_per_rank_weights():
+    from longcat_native.pipelines.budget import Stage, dit_device_bytes, plan_memory
+
+    cfg = {"hidden_size": 256, "depth": 8, "num_heads": 4, "caption_channels": 128, "adaln_tembed_dim": 64}
+    whole = dit_device_bytes(cfg, torch.bfloat16)["total"]
+    per_rank = dit_device_bytes(cfg, torch.bfloat16, shard_ranks=4)
+    from longcat_native.runtime.config import resolve_config
+    from longcat_native.runtime.dit import LongCatDiT
+    from longcat_native.runtime.streaming import block_sizes
+
+    other, full, _ = block_sizes(LongCatDiT.from_config(resolve_config(cfg, {}), device="meta", dtype=torch.bfloat16))
+    assert per_rank["total"] == other + sum(-(-b // 4) for b in full) + 2 * max(full)
+    assert per_rank["total"] < whole
+    stages = [Stage("denoise", "denoise", batch=1, latent=(2, 8, 8), tokens=16)]
+    plan = plan_memory(10 * 2**30, dit_config=cfg, stages=stages, shard_ranks=4)
+    assert plan.shard_ranks == 4 and plan.fits
+    assert plan.stages[0].parts["dit_weights"] == per_rank["total"]
+    unsharded = plan_memory(10 * 2**30, dit_config=cfg, stages=stages)
+    assert unsharded.stages[0].parts["dit_weights"] == whole
+    # Sharding and streaming exclude each other: a budget under the shards is over, not streamed.
+    small = plan_memory(per_rank["total"] // 2, dit_config=cfg, stages=stages, shard_ranks=4)
+    assert not small.fits and small.resident_blocks is None
+    with pytest.raises(ValueError, match="shard_ranks"):
+        plan_memory("1GiB", dit_config=cfg, stages=stages, shard_ranks=0)
