@@ -105,12 +105,17 @@ def test_sharding_four_ranks_with_ulysses(tmp_path, monkeypatch):
 
 
 def test_sharded_device_bytes_arithmetic():
-    sizes = (1000, [400, 400, 401], None)
+    # Three blocks: parameters as (rows, bytes per row), and a buffer (a quantized weight's scales).
+    params = [[(8, 10), (5, 4)], [(8, 10), (5, 4)], [(9, 10)]]
+    sizes = (1000, params, [7, 7, 0])
     b = sharding.sharded_device_bytes(sizes, 4)
-    assert b["shards"] == 100 + 100 + 101  # ceil per block: the rank with the most rows
-    assert b["replicated"] == 1000 and b["gathered"] == 401 + 400
-    assert b["total"] == 1000 + 301 + 801
-    assert sharding.sharded_device_bytes(sizes, 1, gathered=0)["total"] == 1000 + 1201
+    # rank 0 holds ceil(rows / 4) rows of each parameter: 2*10 + 2*4, twice, then 3*10
+    assert b["shards"] == 28 + 28 + 30
+    assert b["replicated"] == 1000 + 14  # the root and the buffers, whole on every rank
+    assert b["gathered"] == 100 + 100  # the two largest blocks' parameters
+    assert b["total"] == 86 + 1014 + 200
+    one = sharding.sharded_device_bytes(sizes, 1, gathered=0)
+    assert one["total"] == 1000 + 14 + 100 + 100 + 90  # one rank: the whole model
 
 
 def test_shard_rows_match_torch_chunk():
@@ -131,10 +136,11 @@ def test_plan_memory_counts_per_rank_weights():
     per_rank = dit_device_bytes(cfg, torch.bfloat16, shard_ranks=4)
     from longcat_native.runtime.config import resolve_config
     from longcat_native.runtime.dit import LongCatDiT
-    from longcat_native.runtime.streaming import block_sizes
-
-    other, full, _ = block_sizes(LongCatDiT.from_config(resolve_config(cfg, {}), device="meta", dtype=torch.bfloat16))
-    assert per_rank["total"] == other + sum(-(-b // 4) for b in full) + 2 * max(full)
+    meta = LongCatDiT.from_config(resolve_config(cfg, {}), device="meta", dtype=torch.bfloat16)
+    block = sum(p.numel() * 2 for p in meta.blocks[0].parameters())
+    other = sum(p.numel() * 2 for n, p in meta.named_parameters() if not n.startswith("blocks."))
+    assert per_rank["total"] == other + 8 * block // 4 + 2 * block  # rows of 256, 768, ... divide by 4
+    assert per_rank["shards"] == 8 * block // 4 and per_rank["gathered"] == 2 * block
     assert per_rank["total"] < whole
     stages = [Stage("denoise", "denoise", batch=1, latent=(2, 8, 8), tokens=16)]
     plan = plan_memory(10 * 2**30, dit_config=cfg, stages=stages, shard_ranks=4)

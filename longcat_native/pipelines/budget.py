@@ -107,6 +107,14 @@ def _dit_sizes(cfg_json: str, dtype: torch.dtype, quantize: Optional[str]):
     return block_sizes(LongCatDiT.from_config(json.loads(cfg_json), device="meta", dtype=dtype, quantize=quantize))
 
 
+@functools.lru_cache(maxsize=16)
+def _dit_shard_sizes(cfg_json: str, dtype: torch.dtype, quantize: Optional[str]):
+    from ..runtime.dit import LongCatDiT
+    from ..runtime.sharding import shard_sizes
+
+    return shard_sizes(LongCatDiT.from_config(json.loads(cfg_json), device="meta", dtype=dtype, quantize=quantize))
+
+
 def dit_device_bytes(cfg, dtype=torch.bfloat16, quantize: Optional[str] = None,
                      resident_blocks: Optional[int] = None, shard_ranks: int = 1) -> Dict[str, int]:
     """The DiT's weight bytes on the device (runtime/streaming.py's rule, on a meta model): with
@@ -119,11 +127,12 @@ def dit_device_bytes(cfg, dtype=torch.bfloat16, quantize: Optional[str] = None,
     from ..runtime.streaming import sized_device_bytes
 
     cfg = _config(cfg)
-    sizes = _dit_sizes(json.dumps(cfg.to_dict(), sort_keys=True), dtype, quantize)
     if shard_ranks > 1:
         if resident_blocks is not None:
             raise ValueError("sharded weights do not stream: resident_blocks goes with shard_ranks=1")
-        return sharded_device_bytes(sizes, shard_ranks)
+        return sharded_device_bytes(_dit_shard_sizes(json.dumps(cfg.to_dict(), sort_keys=True), dtype, quantize),
+                                    shard_ranks)
+    sizes = _dit_sizes(json.dumps(cfg.to_dict(), sort_keys=True), dtype, quantize)
     r = cfg.depth if resident_blocks is None else resident_blocks
     resident, staging = sized_device_bytes(sizes, r)
     return {"resident": resident, "staging": staging, "total": resident + staging,

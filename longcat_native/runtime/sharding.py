@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 __all__ = ["check_shard_options", "materialize_for_sharding", "shard_model", "is_sharded", "local_shard",
-           "row_offsets", "local_weight_bytes", "sharded_device_bytes", "check_not_sharded", "block_runner",
+           "row_offsets", "local_weight_bytes", "shard_sizes", "sharded_device_bytes", "check_not_sharded", "block_runner",
            "GATHERED_BLOCKS"]
 
 # Blocks gathered at once on the device: the one running and the one prefetched.
@@ -85,28 +85,31 @@ def _shard_rows(rows: int, world: int, index: int) -> Tuple[int, int]:
     return start, min(start + per, rows)
 
 
-def sharded_device_bytes(sizes, world: int, gathered: int = GATHERED_BLOCKS) -> Dict[str, int]:
-    """Per-rank device bytes of the weights sharded over ``world`` ranks, from
-    ``streaming.block_sizes(model)`` (works on a meta model): ``shards`` (this rank's 1/N of the
-    blocks, rounded up), ``replicated`` (the root's weights), ``gathered`` (the ``gathered``
-    largest whole blocks, the one running and the one prefetched) and ``total``. Block buffers
-    (quantized weights' float32 scales) are replicated and counted as whole in ``replicated``.
-    """
-    other, full, _ = sizes
-    shards = sum(-(-b // world) for b in full)
-    peak = sum(sorted(full, reverse=True)[:gathered])
-    return {"shards": shards, "replicated": other, "gathered": peak, "total": shards + other + peak}
-
-
-def _block_param_bytes(model) -> Tuple[int, List[int], List[int]]:
-    """(root bytes, each block's parameter bytes, each block's buffer bytes)."""
-    def nbytes(ts):
-        return sum(t.numel() * t.element_size() for t in ts)
-
+def shard_sizes(model) -> Tuple[int, List[List[Tuple[int, int]]], List[int]]:
+    """What :func:`sharded_device_bytes` needs (works on a meta model): (bytes outside the blocks,
+    each block's parameters as (dim-0 rows, bytes per row), each block's buffer bytes)."""
     blocks = list(model.blocks)
     in_blocks = {id(t) for b in blocks for t in list(b.parameters()) + list(b.buffers())}
-    other = nbytes([t for t in list(model.parameters()) + list(model.buffers()) if id(t) not in in_blocks])
-    return other, [nbytes(b.parameters()) for b in blocks], [nbytes(b.buffers()) for b in blocks]
+    other = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers())
+                if id(t) not in in_blocks)
+    params = [[(p.shape[0], p.numel() // max(p.shape[0], 1) * p.element_size()) for p in b.parameters()]
+              for b in blocks]
+    buffers = [sum(t.numel() * t.element_size() for t in b.buffers()) for b in blocks]
+    return other, params, buffers
+
+
+def sharded_device_bytes(sizes, world: int, gathered: int = GATHERED_BLOCKS) -> Dict[str, int]:
+    """Per-rank device bytes of the weights sharded over ``world`` ranks, from :func:`shard_sizes`:
+    ``shards`` (rank 0's rows of every block parameter, FSDP2's dim-0 chunks: the most any rank
+    holds), ``replicated`` (the root's weights and the block buffers: quantized weights' float32
+    scales), ``gathered`` (the parameters of the ``gathered`` largest blocks, whole: the one
+    running and the one prefetched) and ``total``."""
+    other, params, buffers = sizes
+    shards = sum(_shard_rows(rows, world, 0)[1] * row for block in params for rows, row in block)
+    whole = sorted((sum(rows * row for rows, row in block) for block in params), reverse=True)
+    peak = sum(whole[:gathered])
+    replicated = other + sum(buffers)
+    return {"shards": shards, "replicated": replicated, "gathered": peak, "total": shards + replicated + peak}
 
 
 def local_weight_bytes(model) -> Dict[str, int]:
@@ -159,9 +162,7 @@ def materialize_for_sharding(model, device: torch.device, world: int, free_bytes
     the blocks in host memory (on ``device`` itself for a CPU model) for :func:`shard_model` to
     move there shard by shard. Checks first that this rank's part fits ``free_bytes`` (None:
     unknown)."""
-    from .streaming import block_sizes
-
-    need = sharded_device_bytes(block_sizes(model), world)
+    need = sharded_device_bytes(shard_sizes(model), world)
     if free_bytes is not None and need["total"] > free_bytes:
         raise ValueError(
             f"the sharded weights need {need['total'] / 2**30:.2f} GiB per rank ({need['shards'] / 2**30:.2f} of "
