@@ -217,6 +217,24 @@ def run(report, world, scenarios):
             inputs, _, _, _ = load_case("t2v_mask")
             report["errors"]["step_cache_dp"] = _expect_error(
                 lambda: dit(**inputs, step_cache=StepCache()), ValueError)
+        # Loading in turns: the ranks' loads do not overlap, and one rank's failure is every rank's error.
+        def timed(_):
+            start = time.monotonic()
+            time.sleep(0.2)
+            return (start, time.monotonic())
+
+        spans = [None] * world
+        dist.all_gather_object(spans, sharding.load_in_turns(dit.parallel, timed, None))
+        report["checks"]["turns_disjoint"] = all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))
+
+        def fails_on_last(_):
+            if dist.get_rank() == world - 1:
+                raise ValueError("a bad tensor")
+            return 1
+
+        report["errors"]["turn_failure"] = _expect_error(
+            lambda: sharding.load_in_turns(dit.parallel, fails_on_last, None),
+            ValueError if dist.get_rank() == world - 1 else RuntimeError)
         # After the errors the ranks are still in step.
         out, _ = _run(dit, "t2v_mask")
         report["cases"]["after_errors"] = {"single": max_rel_err(out, _run(single, "t2v_mask")[0])}

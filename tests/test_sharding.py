@@ -71,6 +71,10 @@ def test_sharding_two_ranks(tmp_path, monkeypatch):
                           ("graphs", "ValueError"), ("step_cache_dp", "ValueError")):
             assert e[name]["raised"] == exc and not e[name].get("wrong_type"), (name, e[name])
         assert "shard_weights" in e["offload"]["message"] and "unmerged" in e["quant_merged_lora"]["message"]
+        assert c["turns_disjoint"]  # the ranks loaded one after another
+        last = rep["rank"] == rep["world"] - 1
+        assert e["turn_failure"]["raised"] == ("ValueError" if last else "RuntimeError"), e["turn_failure"]
+        assert "a bad tensor" in e["turn_failure"]["message"] and (last or "rank 1 failed" in e["turn_failure"]["message"])
         _check_prefetch(c["events"], depth=5, forwards=2)
         assert c["gathered_after"] == 0  # every block resharded after the forward
 

@@ -103,14 +103,20 @@ class LongCatDiTConstruction:
             plan = qc.check_quantized_checkpoint(model, files, kind, cfg, described)
         parallel, cp = _parallel(cfg, pc, device)
         shard = parallel if pc.shard_weights else None
-        model = cls._materialize(model, device, offload, resident_blocks, max_memory, shard=shard)
-        if kind == "official" and mode is None:
-            copy_official_weights(model, plan)
-        else:
-            qc.copy_weights(model, qc.plan_from_official(plan) if kind == "official" else plan)
-        streaming.finish_loading(model)  # streamed blocks filled in host memory: point them at staging
-        if shard is not None:  # the blocks filled in host memory: each to the device, this rank's rows only
-            sharding.shard_model(model, shard)
+
+        def load(model):
+            model = cls._materialize(model, device, offload, resident_blocks, max_memory, shard=shard)
+            if kind == "official" and mode is None:
+                copy_official_weights(model, plan)
+            else:
+                qc.copy_weights(model, qc.plan_from_official(plan) if kind == "official" else plan)
+            streaming.finish_loading(model)  # streamed blocks filled in host memory: point them at staging
+            if shard is not None:  # the blocks filled in host memory: each to the device, this rank's rows only
+                sharding.shard_model(model, shard)
+            return model
+
+        # shard_weights: the ranks load one after another (one host copy of the blocks at a time)
+        model = load(model) if shard is None else sharding.load_in_turns(shard, load, model)
         model.checkpoint_path = str(dit_dir)
         model.cp = cp
         model.parallel = parallel
@@ -161,13 +167,18 @@ class LongCatDiTConstruction:
         sharding.check_shard_options(pc, offload, device)
         parallel, cp = _parallel(cfg, pc, device)
         shard = parallel if pc.shard_weights else None
-        model = cls._allocate(cfg, resolve_dtype(dtype, device), device, kernels, attention, quantize,
-                              offload=offload, resident_blocks=resident_blocks, max_memory=max_memory, shard=shard)
-        if device.type != "meta":
-            model._init_random(seed)  # same seed on every rank: identical replicas
-        streaming.finish_loading(model)
-        if shard is not None:
-            sharding.shard_model(model, shard)
+
+        def load(_):
+            model = cls._allocate(cfg, resolve_dtype(dtype, device), device, kernels, attention, quantize,
+                                  offload=offload, resident_blocks=resident_blocks, max_memory=max_memory, shard=shard)
+            if device.type != "meta":
+                model._init_random(seed)  # same seed on every rank: identical replicas
+            streaming.finish_loading(model)
+            if shard is not None:
+                sharding.shard_model(model, shard)
+            return model
+
+        model = load(None) if shard is None else sharding.load_in_turns(shard, load, None)
         model.cp = cp
         model.parallel = parallel
         return model.eval()

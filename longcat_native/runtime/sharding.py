@@ -40,7 +40,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-__all__ = ["check_shard_options", "materialize_for_sharding", "shard_model", "is_sharded", "local_shard",
+__all__ = ["check_shard_options", "materialize_for_sharding", "load_in_turns", "shard_model", "is_sharded", "local_shard",
            "row_offsets", "local_weight_bytes", "shard_sizes", "sharded_device_bytes", "check_not_sharded", "block_runner",
            "GATHERED_BLOCKS"]
 
@@ -175,6 +175,38 @@ def materialize_for_sharding(model, device: torch.device, world: int, free_bytes
     for name, child in model.named_children():
         child.to_empty(device=host if name == "blocks" else device)
     return model
+
+
+def load_in_turns(parallel, load, arg):
+    """``load(arg)`` on every rank, one rank after another (rank order), with what it returns: the
+    ranks of a node share its host memory, and each rank's load holds the whole blocks there until
+    :func:`shard_model` moves them to the device, so in turns the host holds one copy, not N (the
+    later ranks read the checkpoint from the page cache). ``LONGCAT_SHARD_LOAD_TURNS=0`` loads on
+    every rank at once. A failure on the rank whose turn it is is raised on every rank (its own
+    exception there, a RuntimeError naming it elsewhere), so no rank waits for a turn that never
+    ends."""
+    import os
+
+    import torch.distributed as dist
+
+    if os.environ.get("LONGCAT_SHARD_LOAD_TURNS", "1") == "0":
+        return load(arg)
+    rank, world = parallel.rank, parallel.config.world_size
+    result = None
+    for turn in range(world):
+        failure, error = None, None
+        if turn == rank:
+            try:
+                result = load(arg)
+            except Exception as e:  # noqa: BLE001 - re-raised below, after every rank heard of it
+                failure, error = e, f"{type(e).__name__}: {e}"
+        box = [error]
+        dist.broadcast_object_list(box, src=turn)
+        if box[0] is not None:
+            if failure is not None:
+                raise failure
+            raise RuntimeError(f"rank {turn} failed loading its weights (shard_weights loads rank by rank): {box[0]}")
+    return result
 
 
 def shard_model(model, parallel) -> None:
