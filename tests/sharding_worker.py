@@ -110,6 +110,8 @@ def run(report, world, scenarios):
     block_params = sum(p.numel() * p.element_size() for p in single.blocks.parameters())
     report["checks"]["bytes"] = {"sharded": mine["sharded"], "replicated": mine["replicated"],
                                  "block_params": block_params, "single_replicated": whole["replicated"]}
+    report["checks"]["bytes"]["on_device"] = dit.weight_bytes_on_device()
+    report["checks"]["bytes"]["total"] = mine["total"]
     gathered = [None] * world
     dist.all_gather_object(gathered, mine["sharded"])
     report["checks"]["bytes"]["sum_over_ranks"] = sum(gathered)

@@ -52,6 +52,7 @@ def _check_bytes(reports, world):
         assert b["sum_over_ranks"] == b["block_params"]  # every byte on exactly one rank
         assert b["sharded"] == b["block_params"] // world  # the fixture's rows divide by 1, 2, 4
         assert b["replicated"] == b["single_replicated"]  # the root (and block buffers) whole
+        assert b["on_device"] == b["total"] == b["sharded"] + b["replicated"]  # dit.weight_bytes_on_device()
 
 
 def test_sharding_two_ranks(tmp_path, monkeypatch):
@@ -157,3 +158,14 @@ def test_plan_memory_counts_per_rank_weights():
     assert not small.fits and small.resident_blocks is None
     with pytest.raises(ValueError, match="shard_ranks"):
         plan_memory("1GiB", dit_config=cfg, stages=stages, shard_ranks=0)
+
+
+def test_shard_weights_refusals_in_one_process():
+    import longcat_native as lcn
+
+    with pytest.raises(ValueError, match="single process"):
+        lcn.LongCatDiT.from_config("tiny", device="cpu", shard_weights=True)
+    with pytest.raises(ValueError, match='offload="blocks"'):
+        lcn.LongCatDiT.from_config("tiny", device="cpu", shard_weights=True, offload="blocks")
+    meta = lcn.LongCatDiT.from_config("tiny", device="meta", shard_weights=True)  # planning: shapes only
+    assert not sharding.is_sharded(meta)

@@ -210,7 +210,10 @@ class LongCatDiT(LongCatDiTConstruction, CallInputs, LongCatTransformer):
         streaming.disable_weight_streaming(self)
 
     def weight_bytes_on_device(self) -> int:
-        """Device bytes of the weights: the resident tensors, plus the staging sets when streaming."""
+        """Device bytes of the weights: the resident tensors, plus the staging sets when streaming;
+        this rank's shards and replicated tensors under shard_weights (between forwards)."""
+        if sharding.is_sharded(self):
+            return sharding.local_weight_bytes(self)["total"]
         return streaming.weight_bytes_on_device(self)
 
     def _apply(self, fn, recurse=True):  # .to(), .cuda(), .half(), to_empty(): the weights would move
