@@ -174,14 +174,24 @@ def run(report, world, scenarios):
                     for e in meta["lora"]:
                         m.load_lora(FIXTURE_ROOT / e["file"], e["key"], multiplier=e["multiplier"],
                                     lora_network_dim=e["lora_network_dim"], lora_network_alpha=e["lora_network_alpha"])
-                report["errors"]["quant_merged_lora"] = _expect_error(lambda: q.enable_loras(meta["enable"]), ValueError)
-                for m in (q, qs):
-                    m.lora_mode = "unmerged"
-                    m.enable_loras(meta["enable"])
-                with torch.inference_mode():
-                    a = q(**inputs, **meta.get("kwargs", {}))
-                    b = qs(**inputs, **meta.get("kwargs", {}))
-                report["cases"]["lora_unmerged_int8"] = {"single": max_rel_err(a, b)}
+                base = {k: v.clone() for k, v in q.state_dict().items()}
+                for lmode in ("merged", "unmerged"):  # merged: requantized rows, the scales gathered
+                    for m in (q, qs):
+                        m.lora_mode = lmode
+                        m.enable_loras(meta["enable"])
+                    with torch.inference_mode():
+                        a = q(**inputs, **meta.get("kwargs", {}))
+                        b = qs(**inputs, **meta.get("kwargs", {}))
+                    report["cases"][f"lora_{lmode}_int8"] = {"single": max_rel_err(a, b)}
+                    report["checks"][f"lora_{lmode}_int8_scales_equal"] = torch.equal(
+                        q.blocks[0].attn.qkv.weight_scale, qs.blocks[0].attn.qkv.weight_scale)
+                    for m in (q, qs):
+                        m.disable_all_loras()
+                    after = q.state_dict()
+                    report["checks"][f"lora_{lmode}_int8_restored_exact"] = all(
+                        torch.equal(after[k].view(torch.uint8) if after[k].dtype == torch.int8 else after[k],
+                                    base[k].view(torch.uint8) if base[k].dtype == torch.int8 else base[k])
+                        for k in base)
             del q, qs
         # from_config: drawn tensor by tensor, the same values as the single-process model's
         r = lcn.LongCatDiT.from_config(str(FIXTURE_ROOT / "dit" / "config.json"), device="cpu", kernels="reference",

@@ -515,12 +515,6 @@ def _merge(dit, st: LoRAState, loras: List[LoRA]) -> None:
                 plan.setdefault(m.internal_name + ".weight", []).append((row0, down, up, scale))
     # Weights merged before that the new set does not touch: back to the original.
     touched = set(plan) | {n[: -len("weight")] + "weight_scale" for n in plan}
-    if offsets and any(n[: -len("weight")] + "weight_scale" in params for n in plan):
-        # Requantizing a merged row needs its whole row (this rank's), but every rank needs every
-        # row's new scale (the scales are replicated): refused before anything is written.
-        raise ValueError("merged LoRAs on quantized weights sharded with shard_weights=True are not supported (each "
-                         "rank would rescale only its own rows of the replicated scales): set dit.lora_mode = "
-                         '"unmerged" (the low-rank branches compose with sharding and quantization)')
     for name in sorted(st.merged - touched):
         _restore(st, name, params[name])
     for name, items in plan.items():
@@ -529,22 +523,23 @@ def _merge(dit, st: LoRAState, loras: List[LoRA]) -> None:
         # requantize per row (new scales); the exact copies cover the stored values and scales.
         sname = name[: -len("weight")] + "weight_scale"
         wscale = params.get(sname)
+        first = offsets.get(name, 0)  # global index of p's first row (this rank's rows, if sharded)
+        mine = slice(first, first + p.shape[0])  # p's rows of the (replicated, whole) scales
         if wscale is not None:
             from .quantize import dequantize
 
             if name in st.merged:
-                w = dequantize(st.base[name].host.to(p.device), st.base[sname].host.to(p.device))
+                w = dequantize(st.base[name].host.to(p.device), st.base[sname].host[mine].to(p.device))
             else:
                 _ensure_base_copy(st, name, p)
                 _ensure_base_copy(st, sname, wscale)
-                w = dequantize(p.detach(), wscale.detach())
+                w = dequantize(p.detach(), wscale.detach()[mine])
         elif name in st.merged:  # holds A's merge: start from the original copy
             w = _float32_copy(st.base[name].host, p.device)
         else:
             _ensure_base_copy(st, name, p)
             w = p.detach().to(dtype=torch.float32, copy=True)
         delta = torch.zeros_like(w)
-        first = offsets.get(name, 0)  # global index of w's first row
         for row0, down, up, scale in items:
             lo, hi = max(row0, first), min(row0 + up.shape[0], first + w.shape[0])
             if lo >= hi:  # none of this delta's rows are on this rank
@@ -563,7 +558,10 @@ def _merge(dit, st: LoRAState, loras: List[LoRA]) -> None:
             st.merged.add(sname)
             q, s = quantize_weight(w, p.dtype)
             p.copy_(q)
-            wscale.copy_(s)
+            if name in offsets:  # every rank's new scales for its rows, into every rank's whole copy
+                sharding.gather_rows(dit, wscale, s)
+            else:
+                wscale.copy_(s)
             del q, s
         del w
 

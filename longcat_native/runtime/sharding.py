@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 __all__ = ["check_shard_options", "materialize_for_sharding", "load_in_turns", "shard_model", "is_sharded", "local_shard",
-           "row_offsets", "local_weight_bytes", "shard_sizes", "sharded_device_bytes", "check_not_sharded", "block_runner",
+           "row_offsets", "gather_rows", "local_weight_bytes", "shard_sizes", "sharded_device_bytes", "check_not_sharded", "block_runner",
            "GATHERED_BLOCKS"]
 
 # Blocks gathered at once on the device: the one running and the one prefetched.
@@ -152,6 +152,22 @@ def row_offsets(model) -> Dict[str, int]:
     if not is_sharded(model):
         return {}
     return {n: local_shard(p)[1] for n, p in model.named_parameters() if n.startswith("blocks.")}
+
+
+def gather_rows(model, dst: torch.Tensor, local: torch.Tensor) -> None:
+    """``dst`` (a replicated tensor, [rows, ...]) set to every rank's ``local`` rows in rank order,
+    each rank's being its dim-0 chunk of ``dst`` (FSDP2's split): the new per-row scales of a
+    LoRA merged into a sharded quantized weight (runtime/lora.py). A collective over the world."""
+    import torch.distributed as dist
+
+    group = model.parallel.world_mesh.get_group()
+    world, rows = dist.get_world_size(group), dst.shape[0]
+    per = -(-rows // world)
+    send = local.new_zeros((per,) + tuple(local.shape[1:]))
+    send[: local.shape[0]] = local  # the last ranks' chunks are short or empty: padded at the end
+    out = local.new_empty((per * world,) + tuple(local.shape[1:]))
+    dist.all_gather_into_tensor(out, send, group=group)
+    dst.copy_(out[:rows])
 
 
 # -- construction --------------------------------------------------------------------------------
