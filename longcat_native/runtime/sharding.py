@@ -23,26 +23,25 @@ Inference only: no gradients (the parameters do not require them), no mixed prec
 dtype is the compute dtype). fp8/int8 weights are plain int8/float8 parameters
 (runtime/quantize.py): a block mixes them with model-dtype biases and norms, and FSDP2 all-gathers
 such a group as bytes (uint8), which gloo and NCCL both carry; the float32 ``weight_scale``
-buffers are replicated (FSDP2 shards parameters, not buffers; 0.4% of an int8 block).
+buffers are replicated (FSDP2 shards parameters, not buffers; 0.1% of an int8 block).
 
 Loading: the model is built on the meta device, then the root gets device storage and the blocks
 host storage (on a CPU model, both on the CPU), the checkpoint (or the random init) fills them
 as for any model, and :func:`shard_model` moves each block to the device and keeps this rank's
-rows only. The device never holds more than the shards, the root and one whole block; the host
-holds the blocks once per rank while loading (docs/design/parallel.md has the figures).
+rows only. The device never holds more than the shards, the root and one whole block; the ranks
+load one after another (:func:`load_in_turns`), so the host holds one copy of the blocks at a
+time (docs/design/parallel.md has the figures).
 """
 
 from __future__ import annotations
 
-import math
 from typing import Dict, List, Optional, Tuple
 
 import torch
-from torch import nn
 
-__all__ = ["check_shard_options", "materialize_for_sharding", "load_in_turns", "shard_model", "is_sharded", "local_shard",
-           "row_offsets", "gather_rows", "local_weight_bytes", "shard_sizes", "sharded_device_bytes", "check_not_sharded", "block_runner",
-           "GATHERED_BLOCKS"]
+__all__ = ["check_shard_options", "materialize_for_sharding", "load_in_turns", "shard_model", "is_sharded",
+           "check_not_sharded", "local_shard", "row_offsets", "gather_rows", "local_weight_bytes", "shard_sizes",
+           "sharded_device_bytes", "block_runner", "GATHERED_BLOCKS"]
 
 # Blocks gathered at once on the device: the one running and the one prefetched.
 GATHERED_BLOCKS = 2
