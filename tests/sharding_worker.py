@@ -136,6 +136,32 @@ def run(report, world, scenarios):
         report["checks"]["events"] = events
         report["checks"]["gathered_after"] = live()
 
+    if "step_cache" in scenarios:
+        # A cached step skips the middle blocks: the one prefetched after the first is not left
+        # gathered; decisions and outputs are the single-process run's (Ulysses over every rank).
+        from test_step_cache import _inputs
+        from test_step_cache import _run as _denoise
+
+        sc_dit = lcn.LongCatDiT.from_config("tiny", seed=0, depth=5, kernels="reference", cp_size=world,
+                                            shard_weights=True)
+        sc_single = lcn.LongCatDiT.from_config("tiny", seed=0, depth=5, kernels="reference")
+        inputs = _inputs(T=2, H=8, W=8, m=1)
+        caches = [lcn.StepCache(Fn_compute_blocks=1, Bn_compute_blocks=1, residual_diff_threshold=0.45,
+                                max_warmup_steps=2, warmup_interval=1)
+                  for _ in range(2)]
+        groups = [b._get_fsdp_state()._fsdp_param_group for b in sc_dit.blocks]
+        after = []  # blocks gathered or in flight once each step's forward returned
+        hook = sc_dit.register_forward_hook(lambda m, a, o: after.append(
+            sum(1 for g in groups if not g.is_sharded or g._all_gather_result is not None)))
+        out = _denoise(sc_dit, inputs, caches[0])
+        hook.remove()
+        ref = _denoise(sc_single, inputs, caches[1])
+        report["cases"]["step_cache"] = {"single": max_rel_err(out, ref)}
+        report["checks"]["step_cache"] = {
+            "decisions_equal": caches[0].stats["decisions"] == caches[1].stats["decisions"],
+            "cached_steps": caches[0].stats["cached_steps"], "steps": len(after),
+            "gathered_after": max(after)}
+
     if "lora" in scenarios:
         inputs, _, expected, meta = load_case("lora_both")
         base = {k: v.clone() for k, v in dit.state_dict().items()}  # full tensors (a collective)

@@ -56,7 +56,7 @@ def _check_bytes(reports, world):
 
 
 def test_sharding_two_ranks(tmp_path, monkeypatch):
-    reports = _launch(2, ["prefetch", "lora", "quant", "compile", "errors"], tmp_path, monkeypatch)
+    reports = _launch(2, ["prefetch", "step_cache", "lora", "quant", "compile", "errors"], tmp_path, monkeypatch)
     _check_cases(reports)
     _check_bytes(reports, 2)
     for rep in reports:
@@ -77,6 +77,8 @@ def test_sharding_two_ranks(tmp_path, monkeypatch):
         last = rep["rank"] == rep["world"] - 1
         assert e["turn_failure"]["raised"] == ("ValueError" if last else "RuntimeError"), e["turn_failure"]
         assert "a bad tensor" in e["turn_failure"]["message"] and (last or "rank 1 failed" in e["turn_failure"]["message"])
+        sc = c["step_cache"]
+        assert sc["decisions_equal"] and sc["cached_steps"] >= 1 and sc["gathered_after"] == 0, sc
         _check_prefetch(c["events"], depth=5, forwards=2)
         assert c["gathered_after"] == 0  # every block resharded after the forward
 

@@ -244,6 +244,7 @@ def shard_model(model, parallel) -> None:
     # from a path that skips the model's forward) would make itself a root.
     model._get_fsdp_state()._lazy_init()
     model.register_forward_pre_hook(_check_call, with_kwargs=True)
+    model.register_forward_hook(lambda m, args, out: _settle(m))
     model.register_state_dict_post_hook(_full_tensors)
     model.weight_sharding = {"world": mesh.size(), "next": nxt}
 
@@ -268,6 +269,23 @@ def _gather_before_modulation(block) -> None:
     block.modulation = modulation  # an instance attribute: LongCatTransformer calls blocks[i].modulation(t)
 
 
+def _settle(model) -> None:
+    """No block left gathered or with an all-gather in flight once a forward ends (or before the
+    next begins, after one that raised): a step cache's cached step skips the middle blocks, so
+    the block after the first ones was prefetched and never ran. Left pending, it would hold a
+    whole block through the step and later deliver the values gathered before, even after a
+    merged LoRA changed the shards in between. (FSDP2 has no public "cancel prefetch": its
+    param group's state is read here.)"""
+    for b in model.blocks:
+        group = b._get_fsdp_state()._fsdp_param_group
+        if group is None:
+            continue
+        if group._all_gather_result is not None:
+            group.wait_for_unshard()
+        if not group.is_sharded:
+            b.reshard()
+
+
 def _check_call(model, args, kwargs):
     """Every rank gathers every block of every forward: calls that skip blocks on some ranks only
     would pair one rank's all-gather of block j with another's of block k."""
@@ -276,6 +294,7 @@ def _check_call(model, args, kwargs):
         raise ValueError("a step cache skips blocks on the steps it decides to, which differ between data-parallel "
                          "replicas (their videos differ), while shard_weights gathers each block on every rank: "
                          "use dp_size=1 with a step cache, or no step cache")
+    _settle(model)  # after a forward that raised half-way
     return None
 
 
