@@ -106,7 +106,7 @@ def test_sharding_four_ranks_with_ulysses(tmp_path, monkeypatch):
     reports = _launch(4, ["cp"], tmp_path, monkeypatch)
     _check_cases(reports)
     _check_bytes(reports, 4)
-    assert {"t2v_mask", "i2v_cond1"} <= set(reports[0]["cases"])
+    assert "t2v_mask" in reports[0]["cases"]
 
 
 # -- the memory plan's arithmetic (one process) ---------------------------------------------------
