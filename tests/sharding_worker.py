@@ -247,6 +247,8 @@ def run(report, world, scenarios):
         report["errors"]["save_quantized"] = _expect_error(lambda: dit.save_quantized(os.environ["SHARD_TMP"]),
                                                            RuntimeError)
         report["errors"]["cast"] = _expect_error(lambda: dit.to(torch.float16), RuntimeError)
+        report["errors"]["load_state_dict"] = _expect_error(lambda: dit.load_state_dict(sd1), RuntimeError)
+        report["errors"]["streaming"] = _expect_error(lambda: dit.enable_weight_streaming(1), RuntimeError)
         report["errors"]["offload"] = _expect_error(lambda: _load(offload="blocks", **_layout(world, cp)), ValueError)
         from longcat_native.runtime.compiled import graph_runner_for
 

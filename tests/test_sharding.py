@@ -70,6 +70,7 @@ def test_sharding_two_ranks(tmp_path, monkeypatch):
         assert c["state_dict_full"]
         for name, exc in (("compile_whole", "ValueError"),
                           ("save_quantized", "RuntimeError"), ("cast", "RuntimeError"), ("offload", "ValueError"),
+                          ("load_state_dict", "RuntimeError"), ("streaming", "RuntimeError"),
                           ("graphs", "ValueError"), ("step_cache_dp", "ValueError")):
             assert e[name]["raised"] == exc and not e[name].get("wrong_type"), (name, e[name])
         assert "shard_weights" in e["offload"]["message"]

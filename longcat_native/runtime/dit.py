@@ -202,6 +202,7 @@ class LongCatDiT(LongCatDiTConstruction, CallInputs, LongCatTransformer):
         ``activation_reserve`` (default: the traced 480p CFG activation peak) fit it; neither
         given: the budget is what the device can hold. Returns the ``WeightStreamer``
         (``.memory_stats()``), or None when every block fits (nothing streams)."""
+        sharding.check_not_sharded(self, "weight streaming")
         return streaming.enable_weight_streaming(self, resident_blocks, max_memory=max_memory,
                                                  activation_reserve=activation_reserve, num_staging=num_staging)
 

@@ -246,6 +246,7 @@ def shard_model(model, parallel) -> None:
     model.register_forward_pre_hook(_check_call, with_kwargs=True)
     model.register_forward_hook(lambda m, args, out: _settle(m))
     model.register_state_dict_post_hook(_full_tensors)
+    model.register_load_state_dict_pre_hook(_refuse_load)
     model.weight_sharding = {"world": mesh.size(), "next": nxt}
 
 
@@ -257,6 +258,12 @@ def _full_tensors(module, state_dict, prefix, local_metadata) -> None:
     for k, v in list(state_dict.items()):
         if isinstance(v, DTensor):
             state_dict[k] = v.full_tensor()
+
+
+def _refuse_load(module, state_dict, prefix, *args) -> None:
+    raise RuntimeError("load_state_dict into a model built with shard_weights=True is not supported (its block "
+                       "parameters are FSDP2 shards): load the weights at construction, from_pretrained(..., "
+                       "shard_weights=True), or into an unsharded model")
 
 
 def _gather_before_modulation(block) -> None:
