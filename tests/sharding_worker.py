@@ -65,7 +65,8 @@ def _record_gathers():
 
     def unshard(self, async_op=False):
         if self._all_gather_result is None and not self.is_unsharded:
-            events.append(("gather", self._module_fqn))
+            whole = sum(fp.sharded_param.numel() * fp.sharded_param.element_size() for fp in self.fsdp_params)
+            events.append(("gather", self._module_fqn, whole))  # the bytes gathered (the whole block)
         return orig(self, async_op)
 
     FSDPParamGroup.unshard = unshard
@@ -136,6 +137,8 @@ def run(report, world, scenarios):
             h.remove()
         undo()
         report["checks"]["events"] = events
+        report["checks"]["deep_block_bytes"] = [sum(p.numel() * p.element_size() for p in b.parameters())
+                                                for b in deep.blocks]
         report["checks"]["gathered_after"] = live()
 
     if "step_cache" in scenarios:

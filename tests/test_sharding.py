@@ -81,6 +81,9 @@ def test_sharding_two_ranks(tmp_path, monkeypatch):
         sc = c["step_cache"]
         assert sc["decisions_equal"] and sc["cached_steps"] >= 1 and sc["gathered_after"] == 0, sc
         _check_prefetch(c["events"], depth=5, forwards=2)
+        # Communication counted: each forward gathers every block once, whole ((N-1)/N received).
+        gathered = sum(e[2] for e in c["events"] if e[0] == "gather")
+        assert gathered == 2 * sum(c["deep_block_bytes"])
         assert c["gathered_after"] == 0  # every block resharded after the forward
 
 
