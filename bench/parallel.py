@@ -13,6 +13,12 @@ NVLink 4 by default; a stated assumption, not a measurement) beside the compute 
 matmul peak measured in this run (on CUDA) — the fraction of a block the exchange would cost if
 not overlapped.
 
+Weight sharding (``shard_weights=True``): per-rank weight bytes (shards, replicated, the two
+gathered blocks) and the all-gather bytes each rank receives per forward for 1, 2, 4, 8 ranks in
+bf16 and int8, computed from the meta model; with ``--shard-trace`` the per-rank device peak of
+the official run's denoising stages traced (runtime/sharding.py, pipelines/budget.py
+``plan_memory(shard_ranks=)``).
+
 Measured: one forward on a single rank (CUDA: the real config at ``--size``, ``--depth`` blocks;
 CPU: the tiny preset at a small latent). Under ``torchrun`` with more than one process, the same
 forward with ``cp_size = WORLD_SIZE`` and the scaling efficiency ``t1 / (P * tP)``, with the
@@ -71,6 +77,46 @@ def computed_rows(size: str, cp_sizes, link_gbps: float, peak_tflops):
                      rec["comm_ms_per_block_at_link"], rec["compute_ms_per_block_at_peak"],
                      rec["comm_fraction_if_not_overlapped"]])
     return N, rows, records
+
+
+def sharding_rows(ranks, quantizes, trace: bool):
+    """Weight sharding (shard_weights, runtime/sharding.py) at the real config: per-rank weight bytes
+    (computed from the meta model: the shards, the replicated root and block buffers, the two
+    gathered blocks), the all-gather bytes each rank receives per forward (every block's other
+    (N-1)/N, counted from the same sizes), and with ``trace`` the traced per-rank device peak of the
+    official run's denoising stages (plan_memory: weights + traced activations + inputs + latents
+    + 1 GiB overhead; no chunking, no streaming)."""
+    from longcat_native.pipelines.budget import _dit_shard_sizes, dit_device_bytes, official_t2v_stages, plan_memory
+
+    cfg = resolve_config("longcat-video", {})
+    import json
+
+    stages = [s for s in official_t2v_stages() if s.kind == "denoise"]
+    rows, records = [], {}
+    for q in quantizes:
+        sizes = _dit_shard_sizes(json.dumps(cfg.to_dict(), sort_keys=True), torch.bfloat16, q)
+        block_params = sum(rows_ * row for block in sizes[1] for rows_, row in block)
+        for n in ranks:
+            b = (dit_device_bytes(cfg, torch.bfloat16, q, shard_ranks=n) if n > 1 else
+                 {"shards": block_params, "replicated": sizes[0] + sum(sizes[2]), "gathered": 0,
+                  "total": dit_device_bytes(cfg, torch.bfloat16, q)["total"]})
+            gathered_in = block_params - sum(-(-rows_ // n) * row for block in sizes[1] for rows_, row in block)
+            rec = {"weights_gib": b["total"] / 2**30, "shards_gib": b["shards"] / 2**30,
+                   "replicated_gib": b["replicated"] / 2**30, "gathered_gib": b["gathered"] / 2**30,
+                   "all_gather_gib_per_forward": (gathered_in if n > 1 else 0) / 2**30}
+            if trace:
+                plan = plan_memory(10**15, dit_config=cfg, quantize=q, stages=stages, allow_chunking=False,
+                                   shard_ranks=n)
+                for st in plan.stages:
+                    rec[f"{st.name}_peak_gib"] = st.device_bytes / 2**30
+            label = q or "bf16"
+            records[f"{label}_shard{n}"] = rec
+            rows.append([label, n, rec["shards_gib"], rec["replicated_gib"], rec["gathered_gib"], rec["weights_gib"],
+                         rec["all_gather_gib_per_forward"]]
+                        + ([rec.get(f"{s.name}_peak_gib") for s in stages] if trace else []))
+    headers = (["weights", "ranks", "shards GiB", "replicated GiB", "gathered GiB", "weights/rank GiB",
+                "all-gather GiB/forward/rank"] + ([f"{s.name} peak/rank GiB (traced)" for s in stages] if trace else []))
+    return headers, rows, records
 
 
 def measure(size, depth, device, dtype, repeats, warmup, world):
@@ -142,6 +188,9 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--no-measure", action="store_true", help="computed figures only")
+    p.add_argument("--shard-ranks", default="1,2,4,8", help="rank counts of the weight-sharding table")
+    p.add_argument("--shard-trace", action="store_true",
+                   help="weight-sharding table with the traced per-rank denoising peaks (tracing 720p takes ~a minute on CPU)")
     args = p.parse_args(argv)
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -178,6 +227,14 @@ def main(argv=None) -> int:
                 record[f"{size}_cp{P}_flop_per_comm_byte"] = rec["flop_per_comm_byte"]
                 if rec["comm_fraction_if_not_overlapped"] is not None:
                     record[f"{size}_cp{P}_comm_fraction_if_not_overlapped"] = rec["comm_fraction_if_not_overlapped"]
+    shard_headers, shard_rows_, shard_recs = sharding_rows([int(v) for v in args.shard_ranks.split(",")],
+                                                           (None, "int8-weight-only"), args.shard_trace)
+    print_table(shard_headers, [[fmt_num(v) for v in r] for r in shard_rows_],
+                title="weight sharding (shard_weights=True), real config, per rank: computed bytes"
+                      + ("; peaks traced (1 GiB overhead, no chunking, no streaming)" if args.shard_trace else ""))
+    for k, rec in shard_recs.items():
+        for f, v in rec.items():
+            record[f"{k}_{f}"] = v
     if measured:
         print(f"\nmeasured on {record['device']}: {measured['size']}, depth {measured['depth']}, "
               f"kernels {measured.get('kernels')}, attention {measured.get('attention')}")

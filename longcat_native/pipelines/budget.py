@@ -107,14 +107,31 @@ def _dit_sizes(cfg_json: str, dtype: torch.dtype, quantize: Optional[str]):
     return block_sizes(LongCatDiT.from_config(json.loads(cfg_json), device="meta", dtype=dtype, quantize=quantize))
 
 
+@functools.lru_cache(maxsize=16)
+def _dit_shard_sizes(cfg_json: str, dtype: torch.dtype, quantize: Optional[str]):
+    from ..runtime.dit import LongCatDiT
+    from ..runtime.sharding import shard_sizes
+
+    return shard_sizes(LongCatDiT.from_config(json.loads(cfg_json), device="meta", dtype=dtype, quantize=quantize))
+
+
 def dit_device_bytes(cfg, dtype=torch.bfloat16, quantize: Optional[str] = None,
-                     resident_blocks: Optional[int] = None) -> Dict[str, int]:
+                     resident_blocks: Optional[int] = None, shard_ranks: int = 1) -> Dict[str, int]:
     """The DiT's weight bytes on the device (runtime/streaming.py's rule, on a meta model): with
     ``resident_blocks`` (None: all) resident and the rest streamed, the resident weights, the
-    staging sets, their total, and the bytes streamed per forward."""
+    staging sets, their total, and the bytes streamed per forward. ``shard_ranks`` > 1
+    (``shard_weights=True`` over that many ranks, runtime/sharding.py; no streaming): ONE rank's
+    bytes, ``shards`` (its 1/N of the blocks) + ``replicated`` (the root) + ``gathered`` (the
+    block running and the one prefetched, whole) = ``total``."""
+    from ..runtime.sharding import sharded_device_bytes
     from ..runtime.streaming import sized_device_bytes
 
     cfg = _config(cfg)
+    if shard_ranks > 1:
+        if resident_blocks is not None:
+            raise ValueError("sharded weights do not stream: resident_blocks goes with shard_ranks=1")
+        return sharded_device_bytes(_dit_shard_sizes(json.dumps(cfg.to_dict(), sort_keys=True), dtype, quantize),
+                                    shard_ranks)
     sizes = _dit_sizes(json.dumps(cfg.to_dict(), sort_keys=True), dtype, quantize)
     r = cfg.depth if resident_blocks is None else resident_blocks
     resident, staging = sized_device_bytes(sizes, r)
@@ -301,6 +318,7 @@ class MemoryPlan:
     vae_tiling: bool
     text_encoder_layer_by_layer: bool = False
     step_cache: Optional[Dict[str, Any]] = None  # the StepCache's params() the denoising stages were traced with
+    shard_ranks: int = 1  # > 1: the DiT's weights sharded over that many ranks (shard_weights), bytes per rank
     stages: List[StagePlan] = field(default_factory=list)
     notes: List[str] = field(default_factory=list)
     floor_bytes: int = 0  # the largest stage's bytes no allowed setting removes (a lower bound, not traced)
@@ -324,6 +342,7 @@ class MemoryPlan:
                 "resident_blocks": self.resident_blocks, "depth": self.depth, "streams": self.streams,
                 "offload_dit": self.offload_dit, "vae_tiling": self.vae_tiling,
                 "text_encoder_layer_by_layer": self.text_encoder_layer_by_layer, "step_cache": self.step_cache,
+                "shard_ranks": self.shard_ranks,
                 "stages": [s.to_dict() for s in self.stages], "notes": list(self.notes),
                 "floor_bytes": self.floor_bytes, "traced": self.traced}
 
@@ -338,7 +357,7 @@ def plan_memory(budget, *, dit_config="longcat-video", quantize: Optional[str] =
                 stages: Optional[Sequence[Stage]] = None, text_encoder_config: Optional[dict] = None,
                 vae_config: Optional[dict] = None, allow_streaming: bool = True, allow_chunking: bool = True,
                 allow_vae_tiling: bool = True, allow_sequential_text_encoder: bool = True, overhead_bytes: int = OVERHEAD_BYTES,
-                step_cache=None) -> MemoryPlan:
+                step_cache=None, shard_ranks: int = 1) -> MemoryPlan:
     """The settings with which ``stages`` (default :func:`official_t2v_stages`) fit ``budget``
     (bytes or a string such as "24GiB") of device memory, and every stage's traced device peak.
     ``plan.fits`` is False when nothing allowed fits; the stages then say which is over.
@@ -348,8 +367,22 @@ def plan_memory(budget, *, dit_config="longcat-video", quantize: Optional[str] =
     pipelines use in every denoising pass): each denoising stage is traced as steps of a cached
     run, its buffers (part ``step_cache``) and the tensors its signal keeps through the blocks
     counted; the buffers are sized on every token of the stage, so a stage with conditioning
-    frames in the stream (the refinement's) is counted a little high."""
+    frames in the stream (the refinement's) is counted a little high. ``shard_ranks`` > 1: the
+    DiT built with ``shard_weights=True`` over that many ranks, the plan one rank's: its shards,
+    the replicated root and, while denoising, the two gathered blocks (runtime/sharding.py);
+    sharded weights neither stream nor move to host memory between stages (both are off)."""
     budget = parse_bytes(budget)
+    if isinstance(shard_ranks, bool) or not isinstance(shard_ranks, int) or shard_ranks < 1:
+        raise ValueError(f"plan_memory: shard_ranks must be a positive int (the ranks the weights are sharded over), "
+                         f"got {shard_ranks!r}")
+    if shard_ranks > 1:
+        allow_streaming = False
+
+    def dit_bytes(resident, denoising=True):
+        if shard_ranks == 1:
+            return dit_device_bytes(cfg, dtype, quantize, resident)["total"]
+        b = dit_device_bytes(cfg, dtype, quantize, None, shard_ranks)
+        return b["total"] if denoising else b["shards"] + b["replicated"]  # gathered only inside a forward
     cache_params = None
     if step_cache is not None:
         from ..runtime.step_cache import StepCache
@@ -372,7 +405,7 @@ def plan_memory(budget, *, dit_config="longcat-video", quantize: Optional[str] =
         DiT's and the text encoder's, traced exactly at these shapes), the latents, the overhead.
         Activations and the VAE's inputs come on top: each part is at most the planned one."""
         if s.kind == "denoise":
-            weights = dit_device_bytes(cfg, dtype, quantize, None)["total"]
+            weights = dit_bytes(None)
             if allow_streaming:
                 weights = min(weights, dit_device_bytes(cfg, dtype, quantize, 0)["total"])
             inputs = s.batch * (cfg.in_channels * math.prod(s.latent) * item + s.tokens * cfg.caption_channels * item
@@ -398,7 +431,7 @@ def plan_memory(budget, *, dit_config="longcat-video", quantize: Optional[str] =
         plan = MemoryPlan(budget, quantize, str(dtype).replace("torch.", ""), None, None, cfg.depth,
                           offload_dit=False, vae_tiling=False,
                           step_cache=None if cache_params is None else dict(cache_params),
-                          floor_bytes=floor, traced=False)
+                          floor_bytes=floor, traced=False, shard_ranks=shard_ranks)
         plan.stages = [StagePlan(s.name, s.kind, sum(floors[s.name].values()), ["dit"] if s.kind == "denoise" else
                                  ["text_encoder" if s.kind == "text_encode" else "vae"], floors[s.name],
                                  sum(floors[s.name].values()) <= budget, "floor, not traced")
@@ -410,7 +443,7 @@ def plan_memory(budget, *, dit_config="longcat-video", quantize: Optional[str] =
     def denoise_need(s, chunk, resident):
         inputs, act, cache, _ = _denoise_activation(cfg_json, s.batch, tuple(s.latent), s.bsa, dtype, quantize, chunk,
                                                     s.tokens, cache_params)
-        parts = {"dit_weights": dit_device_bytes(cfg, dtype, quantize, resident)["total"], "inputs": inputs,
+        parts = {"dit_weights": dit_bytes(resident), "inputs": inputs,
                  "activations": act - cache, "latents": latents_bytes[s.name], "overhead": overhead_bytes}
         if cache_params is not None:  # the traced peak is activations + these buffers
             parts["step_cache"] = cache
@@ -455,11 +488,16 @@ def plan_memory(budget, *, dit_config="longcat-video", quantize: Optional[str] =
         streamed = dit_device_bytes(cfg, dtype, quantize, resident)["streamed_per_forward"]
         notes.append(f"{cfg.depth - resident} of {cfg.depth} blocks streamed from host memory "
                      f"({streamed / GiB:.2f} GiB over the bus per forward)")
-    dit_on = dit_device_bytes(cfg, dtype, quantize, resident)["total"]
-    offload = any(sum(side_parts(s).values()) + dit_on > budget for s in sides)
+    dit_on = dit_bytes(resident, denoising=False)
+    # A sharded model stays where it is (moving it would break FSDP2's views of the shards).
+    offload = shard_ranks == 1 and any(sum(side_parts(s).values()) + dit_on > budget for s in sides)
     plan = MemoryPlan(budget, quantize, str(dtype).replace("torch.", ""), chunk, resident, cfg.depth,
                       offload_dit=offload, vae_tiling=tiling, text_encoder_layer_by_layer=sequential,
-                      step_cache=None if cache_params is None else dict(cache_params), notes=notes, floor_bytes=floor)
+                      step_cache=None if cache_params is None else dict(cache_params), notes=notes, floor_bytes=floor,
+                      shard_ranks=shard_ranks)
+    if shard_ranks > 1:
+        notes.append(f"DiT weights sharded over {shard_ranks} ranks (shard_weights): per rank its shards, the "
+                     "replicated embedders and final layer, and 2 whole blocks while denoising (current + prefetched)")
     rows: List[StagePlan] = []
     for s in stages:
         if s.kind == "denoise":
@@ -492,7 +530,9 @@ def format_plan(plan: MemoryPlan) -> str:
     parts), then the settings chosen."""
     verdict = (f"does NOT fit (peak at least {_gib(plan.peak_bytes).strip()}: not traced, the floor is over)"
                if not plan.traced else ("fits" if plan.fits else "does NOT fit") + f" (peak {_gib(plan.peak_bytes).strip()})")
-    lines = [f"device budget {_gib(plan.budget_bytes).strip()}, DiT weights {plan.quantize or plan.dtype}: " + verdict]
+    per_rank = f" sharded over {plan.shard_ranks} ranks (per rank)" if plan.shard_ranks > 1 else ""
+    lines = [f"device budget {_gib(plan.budget_bytes).strip()}, DiT weights {plan.quantize or plan.dtype}{per_rank}: "
+             + verdict]
     for s in plan.stages:
         parts = ", ".join(f"{k} {v / GiB:.2f}" for k, v in s.parts.items())
         lines.append(f"  {s.name:18s} {_gib(s.device_bytes)} {'ok ' if s.fits else 'OVER'}  on device: "

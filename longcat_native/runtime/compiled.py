@@ -13,6 +13,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
+from . import sharding
 from .dit import LongCatDiT
 
 __all__ = ["compile_model", "CompiledModel", "CUDAGraphRunner", "default_compile_mode", "graph_runner_for",
@@ -73,9 +74,20 @@ class CompiledModel:
                               f"limit {self.recompile_limit}) for graph inputs {shapes}", stacklevel=2)
             return compiled
 
+        # A model sharded with shard_weights (runtime/sharding.py): dynamo refuses FSDP2's hooks
+        # (marked skipped), so only the block body is compiled and the hooks' work runs eagerly
+        # around it; a whole-forward compile would trace every hook.
+        sharded = sharding.is_sharded(_base_model(model))
+        if sharded and not self.regional:
+            raise ValueError("a model built with shard_weights=True compiles regionally only "
+                             "(compile(dit, regional=True)): FSDP2 gathers each block in hooks around the block "
+                             "call, which torch.compile does not trace; the regional compile runs them eagerly "
+                             "around the compiled block")
         # mode is applied through the inductor wrapper (torch.compile forbids mode with a backend).
-        target = _call_block if self.regional else model
+        target = (_call_block_forward if sharded else _call_block) if self.regional else model
         self.compiled = torch.compile(target, backend=counting_backend, fullgraph=fullgraph, dynamic=dynamic)
+        if sharded:
+            self.compiled = sharding.block_runner(_base_model(model), self.compiled)
         # A whole-forward compile cannot hold a step cache's data-dependent skip (a host read
         # between the first blocks and the rest): steps with an active StepCache run the blocks
         # through a regional compile of one block, made on first use (docs/design/step_cache.md).
@@ -145,6 +157,16 @@ def compile_model(model, mode: Optional[str] = None, fullgraph: bool = True, dyn
 def _call_block(block, *args):
     """What regional compilation compiles: one block's call, the block an argument."""
     return torch.nn.Module.__call__(block, *args)
+
+
+def _call_block_forward(block, *args):
+    """What regional compilation compiles for a sharded model: the block's body without its
+    module hooks (FSDP2's, run by ``sharding.block_runner`` around this)."""
+    return type(block).forward(block, *args)
+
+
+def _base_model(model):
+    return model.model if isinstance(model, CompiledModel) else model
 
 
 # ---------------------------------------------------------------------------------------------
@@ -528,8 +550,10 @@ class CUDAGraphRunner:
 
 
 def _graphs_supported(model) -> bool:
-    """Whole-forward graphs apply to a CUDA model without context parallelism."""
-    return _model_device(model).type == "cuda" and getattr(model, "cp", None) is None
+    """Whole-forward graphs apply to a CUDA model without context parallelism or weight sharding
+    (FSDP2 swaps each block's parameters between its shard and the gathered copy every call)."""
+    return (_model_device(model).type == "cuda" and getattr(model, "cp", None) is None
+            and not sharding.is_sharded(model))
 
 
 def graph_runner_for(dit, graphs="auto"):
@@ -552,6 +576,7 @@ def graph_runner_for(dit, graphs="auto"):
         if graphs is True:
             where = ("not a LongCatDiT" if not isinstance(base, LongCatDiT) else
                      "under context parallelism" if getattr(base, "cp", None) is not None else
+                    "sharded (shard_weights=True)" if sharding.is_sharded(base) else
                      f"on {_model_device(base)}, not CUDA")
             raise ValueError(f"graphs=True needs a LongCatDiT on a CUDA device; the model is {where}. "
                              "Use graphs='auto' or False.")

@@ -23,7 +23,7 @@ from . import device as _device  # free_memory_bytes read through the module: on
 from . import comfy_checkpoints as cc
 from . import quantize as qz
 from . import quantized_checkpoints as qc
-from . import streaming
+from . import sharding, streaming
 from .config import LongCatConfig, resolve_config
 from .device import resolve_device, resolve_dtype
 from .diffusers_checkpoints import check_diffusers_weights
@@ -106,6 +106,7 @@ class LongCatDiTConstruction:
             cfg = checkpoints.read_config(dit_dir, kind, config_overrides)
             files = qc.weight_files(dit_dir, kind)
         device = resolve_device(device, pc.world_size)
+        sharding.check_shard_options(pc, offload, device)
         dtype = resolve_dtype(dtype if dtype is not None else saved_dtype, device)
         # Nothing is allocated before the checkpoint is checked: the model is built on the meta
         # device (shapes only; quantized storage for a quantized mode), the safetensors headers are
@@ -122,14 +123,23 @@ class LongCatDiTConstruction:
             described = qc.native_description(dit_dir) if kind == "native" else None
             plan = qc.check_quantized_checkpoint(model, files, kind, cfg, described)
         parallel, cp = _parallel(cfg, pc, device)
-        model = cls._materialize(model, device, offload, resident_blocks, max_memory)
-        if kind == "comfy":
-            comfy.copy(model, plan)
-        elif float_layout and mode is None:
-            copy_official_weights(model, plan)
-        else:
-            qc.copy_weights(model, qc.plan_from_official(plan) if float_layout else plan)
-        streaming.finish_loading(model)  # streamed blocks filled in host memory: point them at staging
+        shard = parallel if pc.shard_weights else None
+
+        def load(model):
+            model = cls._materialize(model, device, offload, resident_blocks, max_memory, shard=shard)
+            if kind == "comfy":
+                comfy.copy(model, plan)
+            elif float_layout and mode is None:
+                copy_official_weights(model, plan)
+            else:
+                qc.copy_weights(model, qc.plan_from_official(plan) if float_layout else plan)
+            streaming.finish_loading(model)  # streamed blocks filled in host memory: point them at staging
+            if shard is not None:  # the blocks filled in host memory: each to the device, this rank's rows only
+                sharding.shard_model(model, shard)
+            return model
+
+        # shard_weights: the ranks load one after another (one host copy of the blocks at a time)
+        model = load(model) if shard is None else sharding.load_in_turns(shard, load, model)
         model.checkpoint_path = str(dit_dir)
         model.checkpoint_layout = kind
         model.cp = cp
@@ -178,12 +188,21 @@ class LongCatDiTConstruction:
         pc = _parallel_config(cp_size, ring_size, cfg_parallel, dp_size, shard_weights)
         cfg = resolve_config(config_or_name, config_overrides)
         device = resolve_device(device, pc.world_size)
+        sharding.check_shard_options(pc, offload, device)
         parallel, cp = _parallel(cfg, pc, device)
-        model = cls._allocate(cfg, resolve_dtype(dtype, device), device, kernels, attention, quantize,
-                              offload=offload, resident_blocks=resident_blocks, max_memory=max_memory)
-        if device.type != "meta":
-            model._init_random(seed)  # same seed on every rank: identical replicas
-        streaming.finish_loading(model)
+        shard = parallel if pc.shard_weights else None
+
+        def load(_):
+            model = cls._allocate(cfg, resolve_dtype(dtype, device), device, kernels, attention, quantize,
+                                  offload=offload, resident_blocks=resident_blocks, max_memory=max_memory, shard=shard)
+            if device.type != "meta":
+                model._init_random(seed)  # same seed on every rank: identical replicas
+            streaming.finish_loading(model)
+            if shard is not None:
+                sharding.shard_model(model, shard)
+            return model
+
+        model = load(None) if shard is None else sharding.load_in_turns(shard, load, None)
         model.cp = cp
         model.parallel = parallel
         return model.eval()
@@ -203,14 +222,19 @@ class LongCatDiTConstruction:
 
     @staticmethod
     def _materialize(model: "LongCatDiTConstruction", device: torch.device, offload=None, resident_blocks=None,
-                     max_memory=None) -> "LongCatDiTConstruction":
+                     max_memory=None, shard=None) -> "LongCatDiTConstruction":
         """Uninitialized storage on ``device`` in the model's dtype (no default init pass, no host
         copy), after checking that the weights fit the device's free memory where it is known.
         ``offload="blocks"``: the streamed blocks get host storage instead (runtime/streaming.py;
-        the streamer is installed, pointing at the host copies until ``streaming.finish_loading``)."""
+        the streamer is installed, pointing at the host copies until ``streaming.finish_loading``).
+        ``shard`` (the Parallel of a shard_weights run): the blocks get host storage, sharded onto the
+        device once filled (runtime/sharding.py), and the check is this rank's part."""
         qz.place(model, device)  # "fp8" -> "fp8-weight-only" on GPUs without FP8 GEMMs (one warning)
         if device.type == "meta":
             return model
+        if shard is not None:
+            return sharding.materialize_for_sharding(model, device, shard.config.world_size,
+                                                     _device.free_memory_bytes(device))
         if offload is not None:
             return streaming.materialize_streamed(model, device, resident_blocks=resident_blocks,
                                                   max_memory=max_memory)

@@ -18,7 +18,7 @@ import torch
 
 from ..kernels.ops import Ops, get_ops
 from ..kernels._common import is_fake, triton_usable_on
-from . import lora, streaming
+from . import lora, sharding, streaming
 from . import quantize as qz
 from . import quantized_checkpoints as qc
 from .attention import check_attention_name, resolve_attention_backend
@@ -62,6 +62,8 @@ class LongCatDiT(LongCatDiTConstruction, CallInputs, LongCatTransformer):
         # Parallel (runtime/mesh.py) in a parallel run: the device mesh and its groups (CFG-parallel,
         # data parallel, weight sharding read it); None in a single process.
         self.parallel = None
+        # Set by runtime/sharding.py when built with shard_weights=True (each rank holds 1/N of the blocks).
+        self.weight_sharding = None
         # Which LoRAs are active, in which mode, and the exact copies merged weights restore from.
         self.lora_state = lora.LoRAState()
         # The CUDAGraphRunner that denoise replays for this model (runtime/compiled.py,
@@ -102,6 +104,7 @@ class LongCatDiT(LongCatDiTConstruction, CallInputs, LongCatTransformer):
         """Write the model to the folder ``path`` in longcat-native's quantized layout (internal
         names, quantized tensors + float32 scales, config.json, longcat_quantized.json);
         ``from_pretrained(path)`` loads it back bit-exactly (docs/design/quantization.md)."""
+        sharding.check_not_sharded(self, "save_quantized")  # every rank would write the folder
         return str(qc.save_quantized(self, path))
 
     def resolved_kernels(self) -> str:
@@ -203,6 +206,7 @@ class LongCatDiT(LongCatDiTConstruction, CallInputs, LongCatTransformer):
         ``activation_reserve`` (default: the traced 480p CFG activation peak) fit it; neither
         given: the budget is what the device can hold. Returns the ``WeightStreamer``
         (``.memory_stats()``), or None when every block fits (nothing streams)."""
+        sharding.check_not_sharded(self, "weight streaming")
         return streaming.enable_weight_streaming(self, resident_blocks, max_memory=max_memory,
                                                  activation_reserve=activation_reserve, num_staging=num_staging)
 
@@ -211,11 +215,15 @@ class LongCatDiT(LongCatDiTConstruction, CallInputs, LongCatTransformer):
         streaming.disable_weight_streaming(self)
 
     def weight_bytes_on_device(self) -> int:
-        """Device bytes of the weights: the resident tensors, plus the staging sets when streaming."""
+        """Device bytes of the weights: the resident tensors, plus the staging sets when streaming;
+        this rank's shards and replicated tensors under shard_weights (between forwards)."""
+        if sharding.is_sharded(self):
+            return sharding.local_weight_bytes(self)["total"]
         return streaming.weight_bytes_on_device(self)
 
     def _apply(self, fn, recurse=True):  # .to(), .cuda(), .half(), to_empty(): the weights would move
         streaming.check_not_streaming(self, "moving or casting the model")
+        sharding.check_not_sharded(self, "moving or casting the model")  # FSDP2 keeps views of the shards
         return super()._apply(fn, recurse)
 
     # -- block-sparse attention (official API) ------------------------------------------------

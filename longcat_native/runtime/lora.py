@@ -17,6 +17,7 @@ from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
+from . import sharding
 from .lora_fastvideo import is_fastvideo_key, read_fastvideo_lora
 from .names import merge_alias
 
@@ -515,7 +516,9 @@ def _params(dit) -> Dict[str, nn.Parameter]:
     merge into a quantized weight rewrites its scales too, so they get exact copies as well."""
     params = dict(dit.named_parameters())
     params.update((n, b) for n, b in dit.named_buffers() if n.endswith(".weight_scale"))
-    return params
+    # Under shard_weights (runtime/sharding.py) a block parameter is this rank's rows: merge and
+    # restore work on them (sharding.row_offsets places the deltas), every rank on its own.
+    return {n: sharding.local_shard(p)[0] for n, p in params.items()}
 
 
 def _ensure_base_copy(st: LoRAState, name: str, p: torch.Tensor) -> None:
@@ -551,6 +554,7 @@ def _float32_copy(t: torch.Tensor, device) -> torch.Tensor:
 
 def _merge(dit, st: LoRAState, loras: List[LoRA]) -> None:
     params = _params(dit)
+    offsets = sharding.row_offsets(dit)  # {name: this rank's first row} under shard_weights, else {}
     plan: Dict[str, List[Tuple[int, torch.Tensor, torch.Tensor, float]]] = {}
     for lora in loras:
         for m in lora.loras:
@@ -567,15 +571,17 @@ def _merge(dit, st: LoRAState, loras: List[LoRA]) -> None:
         # requantize per row (new scales); the exact copies cover the stored values and scales.
         sname = name[: -len("weight")] + "weight_scale"
         wscale = params.get(sname)
+        first = offsets.get(name, 0)  # global index of p's first row (this rank's rows, if sharded)
+        mine = slice(first, first + p.shape[0])  # p's rows of the (replicated, whole) scales
         if wscale is not None:
             from .quantize import dequantize
 
             if name in st.merged:
-                w = dequantize(st.base[name].host.to(p.device), st.base[sname].host.to(p.device))
+                w = dequantize(st.base[name].host.to(p.device), st.base[sname].host[mine].to(p.device))
             else:
                 _ensure_base_copy(st, name, p)
                 _ensure_base_copy(st, sname, wscale)
-                w = dequantize(p.detach(), wscale.detach())
+                w = dequantize(p.detach(), wscale.detach()[mine])
         elif name in st.merged:  # holds A's merge: start from the original copy
             w = _float32_copy(st.base[name].host, p.device)
         else:
@@ -583,9 +589,12 @@ def _merge(dit, st: LoRAState, loras: List[LoRA]) -> None:
             w = p.detach().to(dtype=torch.float32, copy=True)
         delta = torch.zeros_like(w)
         for row0, down, up, scale in items:
+            lo, hi = max(row0, first), min(row0 + up.shape[0], first + w.shape[0])
+            if lo >= hi:  # none of this delta's rows are on this rank
+                continue
             d = down.to(device=p.device).to(torch.float32)
-            u = up.to(device=p.device).to(torch.float32)
-            delta[row0 : row0 + u.shape[0]].addmm_(u, d, alpha=scale)
+            u = up[lo - row0 : hi - row0].to(device=p.device).to(torch.float32)
+            delta[lo - first : hi - first].addmm_(u, d, alpha=scale)
         w += delta
         del delta
         st.merged.add(name)  # before the write: if it fails half-way, restore still covers it
@@ -597,7 +606,10 @@ def _merge(dit, st: LoRAState, loras: List[LoRA]) -> None:
             st.merged.add(sname)
             q, s = quantize_weight(w, p.dtype)
             p.copy_(q)
-            wscale.copy_(s)
+            if name in offsets:  # every rank's new scales for its rows, into every rank's whole copy
+                sharding.gather_rows(dit, wscale, s)
+            else:
+                wscale.copy_(s)
             del q, s
         del w
 
