@@ -13,6 +13,7 @@ import math
 import operator
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Dict, Mapping, Optional, Tuple
 
@@ -382,6 +383,18 @@ def denoise(
     active cache replays a graph of its first blocks, reads the signal, then replays the graph of
     a full or of a cached step's rest (each captured once per shape); a whole-forward compiled
     model runs its blocks through a regional compile then.
+
+    Parallel runs (``dit.parallel``, runtime/mesh.py; docs/design/parallel.md): the replica
+    lead's inputs are broadcast to its ranks. CFG-parallel (``cfg_parallel=True``) runs a guided
+    step's negative half on cfg index 0 and its positive half on index 1 (batch B each), then
+    all-gathers the prediction over the pair once per step; CFG-zero and the Euler step run on
+    both alike, and a step cache reduces its signal over the replica, so both take the
+    single-process decision. With guidance <= 1 both ranks run the whole batch (a warning: the
+    second's work is redundant). Data parallel (``dp_size``): replica j denoises the contiguous
+    slice ``dp_split(B, dp)[j]`` of the batch (of inputs every rank holds whole) and the slices are
+    all-gathered at the end, so every rank returns the single-process [B, ...] result; a replica
+    with no item only joins that gather. There ``callback`` sees the replica's slice, and a step
+    cache decides per replica, on its items (equal to a single-process run of them alone).
     """
     B, m = check_latent_inputs(dit, noise, cond_latents)
     for name, t in (("noise", noise), ("cond_latents", cond_latents)):
@@ -461,78 +474,117 @@ def denoise(
         # everywhere in it, so ranks that drew different noise or encoded prompts differently
         # cannot drift apart.
         latents, text, mask, cond_src = parallel.broadcast_inputs([latents, text, mask, cond_src])
-        if m:
-            cond = cond_src.expand(B, -1, -1, -1, -1)
+    cfg_split = parallel is not None and parallel.size("cfg") == 2 and do_cfg
+    if parallel is not None and parallel.size("cfg") == 2 and not do_cfg:
+        warnings.warn(f"denoise: guidance_scale={guidance_scale:g} <= 1 has no negative half to split; both ranks of "
+                      "the CFG-parallel pair run the whole (unguided) batch, with equal results", stacklevel=2)
+    out_shape = tuple(latents.shape)  # [B, C, T, H, W]: what every rank returns
+    items = None
+    if parallel is not None and parallel.size("dp") > 1:
+        # Data parallel: this replica's contiguous slice of the batch (runtime/mesh.py dp_split),
+        # cut from the inputs every rank holds whole (the noise the single-process run draws), so
+        # the gathered result is the single-process one. CFG batches are [negative, positive].
+        items = lo, hi = parallel.items(B)
+        halves = 2 if do_cfg else 1
+        rows = lambda t: None if t is None else torch.cat([c[lo:hi] for c in t.chunk(halves)])  # noqa: E731
+        latents, text, mask = latents[lo:hi], rows(text), rows(mask)
+        if cond_src is not None and cond_src.shape[0] == B:
+            cond_src = cond_src[lo:hi]
+        if kv_cache is not None and next(iter(kv_cache.values()))[0].shape[0] == B:
+            kv_cache = {b: (k[lo:hi], v[lo:hi]) for b, (k, v) in kv_cache.items()}
+        B = hi - lo
+    if cfg_split:  # CFG-parallel: this rank's half of the guided batch (cfg index 0: negative)
+        half = parallel.index("cfg")
+        text = text.chunk(2)[half]
+        mask = None if mask is None else mask.chunk(2)[half]
 
-    cached = use_kv_cache or kv_cache is not None
-    kv = None
-    if cached:
-        kv = kv_cache if kv_cache is not None else compute_kv_cache(dit, cond_src, text, offload_kv_cache)
-        kv = _expand_cache(kv, 2 * B if do_cfg else B)
-        latents = latents[:, :, m:].contiguous()  # only the noisy frames are carried
-    frames = latents.shape[2]
-    batch = 2 * B if do_cfg else B
-    first_noisy = 0 if cached else m
+    def run_local(latents, text, mask, cond_src, kv):
+        """The loop on this rank's batch -> (latents, first non-finite step or -1, on the device)."""
+        cond = None if cond_src is None else cond_src.expand(B, -1, -1, -1, -1)
+        cached = use_kv_cache or kv is not None
+        batch = 2 * B if do_cfg and not cfg_split else B
+        if cached:
+            kv = kv if kv is not None else compute_kv_cache(dit, cond_src, text, offload_kv_cache)
+            kv = _expand_cache(kv, batch)
+            latents = latents[:, :, m:].contiguous()  # only the noisy frames are carried
+        frames = latents.shape[2]
+        first_noisy = 0 if cached else m
 
-    step_model = graph_runner_for(dit, graphs)
-    sc = _check_cache(cache)
-    # A CUDA graph runner captures a step with an active cache in parts around the decision (the
-    # head, then a full or a cached tail: runtime/compiled.py).
-    sc_call = sc if sc is not None and sc.active else None
-    # The first step whose latents hold NaN/Inf, kept on the device (-1: none yet) by torch ops
-    # only: no host sync per step; read once after the loop.
-    first_bad = torch.full((), -1, dtype=torch.long, device=latents.device)
-    start = time.perf_counter()
-    # The cache serves this run until the loop ends (a RuntimeError now if it serves another);
-    # a loop that raises releases it without a report.
-    with torch.no_grad(), _cache_run(sc, dit, ts_host):
-        for i in range(n):
-            t = timesteps[i]
-            model_in = torch.cat([latents, latents], dim=0) if do_cfg else latents
-            timestep = t.expand(batch, frames)
-            if first_noisy:
-                timestep = timestep.clone()
-                timestep[:, :first_noisy] = 0
-            kwargs = {}
-            if cached:
-                kwargs = dict(num_cond_latents=m, kv_cache_dict=kv)
-            elif m:
-                kwargs = dict(num_cond_latents=m)
-            if sc is not None:
-                if sc_call is not None:
-                    kwargs["step_cache"] = sc_call
-                    sc.begin_step(i, _cache_key(dit, model_in, text))
+        step_model = graph_runner_for(dit, graphs)
+        sc = _check_cache(cache)
+        # A CUDA graph runner captures a step with an active cache in parts around the decision (the
+        # head, then a full or a cached tail: runtime/compiled.py).
+        sc_call = sc if sc is not None and sc.active else None
+        # The first step whose latents hold NaN/Inf, kept on the device (-1: none yet) by torch ops
+        # only: no host sync per step; read once after the loop.
+        first_bad = torch.full((), -1, dtype=torch.long, device=latents.device)
+        start = time.perf_counter()
+        # CFG-parallel: each rank's signal covers its half; the sums over the replica's ranks are
+        # the single-process batch's, so both halves take its decision.
+        group = parallel.replica_group if cfg_split else None
+        # The cache serves this run until the loop ends (a RuntimeError now if it serves another);
+        # a loop that raises releases it without a report.
+        with torch.no_grad(), _cache_run(sc, dit, ts_host, group):
+            for i in range(n):
+                t = timesteps[i]
+                model_in = torch.cat([latents, latents], dim=0) if batch != B else latents
+                timestep = t.expand(batch, frames)
+                if first_noisy:
+                    timestep = timestep.clone()
+                    timestep[:, :first_noisy] = 0
+                kwargs = {}
+                if cached:
+                    kwargs = dict(num_cond_latents=m, kv_cache_dict=kv)
+                elif m:
+                    kwargs = dict(num_cond_latents=m)
+                if sc is not None:
+                    if sc_call is not None:
+                        kwargs["step_cache"] = sc_call
+                        sc.begin_step(i, _cache_key(dit, model_in, text))
+                    else:
+                        sc.begin_step(i)
+                v = step_model(model_in, timestep, text, mask, **kwargs)
+                if sc is not None:
+                    sc.end_step(full_without_hook=sc_call is None)
+                if isinstance(v, tuple):
+                    v = v[0]
+                if cfg_split:  # one all-gather per step: [negative half, positive half]
+                    v = parallel.all_gather(v, "cfg")
+                if do_cfg:
+                    v_uncond, v_cond = v.chunk(2)
+                    if first_noisy and not cfg_zero_cond_frames:
+                        v_uncond, v_cond = v_uncond[:, :, first_noisy:], v_cond[:, :, first_noisy:]
+                        v = cfg_zero(v_uncond, v_cond, guidance_scale)
+                    else:
+                        v = cfg_zero(v_uncond, v_cond, guidance_scale)[:, :, first_noisy:]
                 else:
-                    sc.begin_step(i)
-            v = step_model(model_in, timestep, text, mask, **kwargs)
-            if sc is not None:
-                sc.end_step(full_without_hook=sc_call is None)
-            if isinstance(v, tuple):
-                v = v[0]
-            if do_cfg:
-                v_uncond, v_cond = v.chunk(2)
-                if first_noisy and not cfg_zero_cond_frames:
-                    v_uncond, v_cond = v_uncond[:, :, first_noisy:], v_cond[:, :, first_noisy:]
-                    v = cfg_zero(v_uncond, v_cond, guidance_scale)
+                    v = v[:, :, first_noisy:]
+                if first_noisy:
+                    latents[:, :, first_noisy:] = euler_step(latents[:, :, first_noisy:], v, dts[i])
                 else:
-                    v = cfg_zero(v_uncond, v_cond, guidance_scale)[:, :, first_noisy:]
-            else:
-                v = v[:, :, first_noisy:]
-            if first_noisy:
-                latents[:, :, first_noisy:] = euler_step(latents[:, :, first_noisy:], v, dts[i])
-            else:
-                latents = euler_step(latents, v, dts[i])
-            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(latents).all(), i, first_bad)
-            if progress:
-                _sync(device)
-                now = time.perf_counter()
-                print(f"denoise step {i + 1}/{n}  t={ts_host[i]:7.2f}  {now - start:.3f} s/step",
-                      file=sys.stderr, flush=True)
-                start = now
-            if callback is not None:
-                callback(i, ts_host[i], latents)
+                    latents = euler_step(latents, v, dts[i])
+                first_bad = torch.where((first_bad < 0) & ~torch.isfinite(latents).all(), i, first_bad)
+                if progress:
+                    _sync(device)
+                    now = time.perf_counter()
+                    print(f"denoise step {i + 1}/{n}  t={ts_host[i]:7.2f}  {now - start:.3f} s/step",
+                          file=sys.stderr, flush=True)
+                    start = now
+                if callback is not None:
+                    callback(i, ts_host[i], latents)
+        if cached:
+            latents = torch.cat([cond, latents], dim=2)
+        return latents, first_bad
+
+    if B:
+        latents, first_bad = run_local(latents, text, mask, cond_src, kv_cache)
+    else:  # a replica with no item: nothing to denoise, but it joins the gather below
+        first_bad = torch.full((), -1, dtype=torch.long, device=latents.device)
+    if items is not None:
+        latents, first_bad = _gather_replicas(parallel, latents, first_bad, out_shape)
     # The one host read, after the last step (torch.equal answers a Python bool); the step
-    # number is read only when there is an error to report.
+    # number is read only when there is an error to report. Under data parallelism every rank
+    # raises it (the replicas' first bad steps are gathered with the latents).
     if not torch.equal(first_bad, torch.full_like(first_bad, -1)):
         bad = int(first_bad)
         raise NonFiniteLatentsError(
@@ -540,9 +592,24 @@ def denoise(
             f"{ts_host[bad]:.2f}); nothing is returned. Usual causes: a guidance_scale too large "
             f"(here {guidance_scale:g}), float16 overflow (use bfloat16 or float32), non-finite model weights"
         )
-    if cached:
-        latents = torch.cat([cond, latents], dim=2)
     return latents
+
+
+def _gather_replicas(parallel, latents, first_bad, out_shape):
+    """Every replica's slice of the batch on every rank -> (the whole batch [B, ...] in item
+    order, the earliest step any replica went non-finite at, or -1). Slices are padded to the
+    largest one (all_gather takes equal sizes), the padding dropped afterwards."""
+    from ..runtime.mesh import dp_split
+
+    splits = dp_split(out_shape[0], parallel.size("dp"))
+    per = max(hi - lo for lo, hi in splits)
+    buf = latents.new_zeros((per,) + tuple(out_shape[1:]))
+    buf[: latents.shape[0]] = latents
+    everyone = parallel.all_gather(buf, "dp")
+    out = torch.cat([everyone[j * per: j * per + hi - lo] for j, (lo, hi) in enumerate(splits)])
+    bads = parallel.all_gather(first_bad.view(1), "dp")
+    bads = torch.where(bads < 0, torch.full_like(bads, torch.iinfo(torch.long).max), bads).min()
+    return out, torch.where(bads == torch.iinfo(torch.long).max, torch.full_like(bads, -1), bads)
 
 
 def _check_cache(cache):
@@ -556,13 +623,13 @@ def _check_cache(cache):
 
 
 @contextlib.contextmanager
-def _cache_run(sc, dit, ts_host):
+def _cache_run(sc, dit, ts_host, group=None):
     """One run of the StepCache ``sc`` (None: nothing): begun on entry, ended (its report
     recorded) when the loop completes, released without a report when it raises."""
     if sc is None:
         yield
         return
-    token = sc.begin_run(_depth(dit), ts_host)
+    token = sc.begin_run(_depth(dit), ts_host, group=group)
     try:
         yield
     except BaseException:
