@@ -254,6 +254,11 @@ def cmd_generate(args) -> int:
             print(f"check    without the cache: latents rel. L2 {chk['latents_rel_l2']:.3g}"
                   + (f", decoded PSNR {psnr:.2f} dB" if psnr is not None else "")
                   + f"; {chk['uncached_total_s']:.2f} s uncached vs {s['total_s']:.2f} s cached")
+    par = s.get("parallel")
+    if par:
+        print(f"parallel {par['layout']}; bytes rank 0 sent in the pipeline's gathers: {par['comm_bytes_rank0']}")
+    if len(s["outputs"]) > 1:
+        print(f"outputs  {len(s['outputs'])} files, one per video: {', '.join(s['outputs'])}")
     print(f"output   {s['output']}" + (f" ({video_shape[0]} frames, {video_shape[1]}x{video_shape[2]}; metadata in "
                                         f"{s['metadata_file']})" if video_shape else ""))
     if s["random_weights"]:
@@ -348,7 +353,7 @@ def add_request_flags(p, names=None) -> None:
     for f in dataclasses.fields(GenerateRequest):
         if names is not None and f.name not in names:
             continue
-        kw = {k: v for k, v in f.metadata.items() if k != "group"}
+        kw = {k: v for k, v in f.metadata.items() if k not in ("group", "aliases")}
         if f.default is False:
             kw["action"] = "store_true"
         if "type" in kw and kw["type"] not in (int, float):
@@ -359,7 +364,7 @@ def add_request_flags(p, names=None) -> None:
             if title not in groups:
                 groups[title] = p.add_argument_group(title)
             target = groups[title]
-        target.add_argument("--" + f.name.replace("_", "-"), default=f.default, **kw)
+        target.add_argument("--" + f.name.replace("_", "-"), *f.metadata.get("aliases", ()), default=f.default, **kw)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -119,6 +119,7 @@ def run(rep, world, scenarios):
     single = _fixture()
     single_cache = _cache_model()
 
+    rep["timings"]["before_cfg"] = time.perf_counter()
     if "cfg" in scenarios:  # CFG-parallel over all ranks of a 2-rank world, or x Ulysses on 4
         cp = world // 2
         dit = _fixture(cfg_parallel=True, cp_size=cp)
@@ -139,6 +140,7 @@ def run(rep, world, scenarios):
         cases[f"{tag}_step_cache"], checks[f"{tag}_step_cache"] = _step_cache(
             _cache_model(cfg_parallel=True, cp_size=cp), single_cache)
 
+    rep["timings"]["before_dp"] = time.perf_counter()
     if "dp" in scenarios:  # data parallel over every rank, then dp x CFG-parallel on 4
         dit = _fixture(dp_size=world)
         # world + 1 items: uneven (the first replica takes two), and 1 item: replicas left idle.
@@ -151,6 +153,7 @@ def run(rep, world, scenarios):
             cases["dp2_cfg2_t2v_uneven"] = _t2v(both, single, B=3)
             cases["dp2_cfg2_vc_kv"] = _continuation(both, single)
 
+    rep["timings"]["before_errors"] = time.perf_counter()
     if "errors" in scenarios:
         cfg_json = str(FIXTURE_ROOT / "dit" / "config.json")
         errs = rep["errors"]
@@ -161,6 +164,23 @@ def run(rep, world, scenarios):
             cfg_json, cfg_parallel=True, cp_size=3, kernels="reference"))
         dist.barrier()  # the group still works after both
 
+    rep["timings"]["before_cli"] = time.perf_counter()
+    if "cli" in scenarios:  # the command line in this process group (it keeps a group it did not create)
+        import contextlib
+        import io
+
+        from longcat_native.cli import main as cli_main
+
+        flags = ["--dp", "2", "--num-videos", "3"] if world == 2 else \
+            ["--dp", "2", "--cfg-parallel", "--prompt", "a red fox", "a blue bird", "snow", "--num-videos", "1"]
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            code = cli_main(["generate", "--steps", "2", "--seed", "3", "--json",
+                             "--out", os.path.join(os.environ["CLI_OUT"], "v.safetensors")] + flags)
+        rep["cli"] = {"code": code, "stdout": buf.getvalue(), "flags": flags}
+        dist.barrier()
+
+    rep["timings"]["before_crash"] = time.perf_counter()
     if "crash" in scenarios:  # last: the last rank fails, the others are in a collective
         dit = _fixture(dp_size=world)
         dist.barrier()
@@ -179,7 +199,7 @@ def run(rep, world, scenarios):
 
 def main(out_dir, scenarios):
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    rep = {"rank": rank, "world": world, "cases": {}, "errors": {}, "checks": {}}
+    rep = {"rank": rank, "world": world, "cases": {}, "errors": {}, "checks": {}, "timings": {}}
     t0 = time.perf_counter()
     code = 0
     try:
