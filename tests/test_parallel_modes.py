@@ -178,10 +178,10 @@ def _plan_error(monkeypatch, world, **flags):
 
 def test_generate_parallel_flags_checked_before_loading(monkeypatch, tmp_path):
     out = str(tmp_path / "x.safetensors")
-    assert "torchrun --nproc-per-node 4" in _plan_error(monkeypatch, None, out=out, cfg_parallel=True, dp_size=2)
+    assert "torchrun --nproc-per-node 4 -m longcat_native.cli generate" in _plan_error(monkeypatch, None, out=out, cfg_parallel=True, dp_size=2)
     msg = _plan_error(monkeypatch, 4, out=out, cfg_parallel=True, cp_size=4)
     assert "needs 8" in msg and "started 4" in msg
-    assert "2 with --cfg-parallel" in _plan_error(monkeypatch, 2, out=out, dp_size=1)  # world 2, layout 1
+    assert "must equal --cp-size" in _plan_error(monkeypatch, 2, out=out, dp_size=1)  # world 2, layout 1
     assert "no negative half" in _plan_error(monkeypatch, 2, out=out, cfg_parallel=True, guidance=1.0)
     assert "no negative half" in _plan_error(monkeypatch, 2, out=out, cfg_parallel=True, distill=True)
     assert "attention heads" in _plan_error(monkeypatch, 6, out=out, cfg_parallel=True, cp_size=3)
@@ -217,3 +217,15 @@ def test_single_process_generate_several_prompts_and_videos(tmp_path, monkeypatc
     lat = load_file(str(out))["latents"]
     assert lat.shape[0] == 4 and res.summary["outputs"] == [str(out)]
     assert not torch.allclose(lat[0], lat[1]) and not torch.allclose(lat[1], lat[2])
+
+
+def test_info_shows_the_layout(capsys):
+    from longcat_native.cli import main
+
+    assert main(["info", "--config", "tiny", "--frames", "5", "--height", "64", "--width", "64", "--batch", "3",
+                 "--cp", "2", "--cfg-parallel", "--dp", "2", "--json"]) == 0
+    layout = json.loads(capsys.readouterr().out)["parallel"]
+    assert layout["world"] == 8 and layout["videos_per_replica"] == 2 and layout["guided_batch_per_rank"] == 2
+    assert layout["heads_per_rank"] == 2
+    assert main(["info", "--config", "tiny", "--cp", "3"]) == 2
+    assert "attention heads" in capsys.readouterr().err

@@ -293,11 +293,12 @@ def _check_parallel(r: GenerateRequest, guidance: float, num_heads: Optional[int
     launched = int(env) if env else None
     if world > 1 and launched is None:
         raise ValueError(f"the layout {parallel_layout(r)} runs one process per rank: launch it as `torchrun "
-                         f"--nproc-per-node {world} -m longcat_native generate ...` with the same flags")
+                         f"--nproc-per-node {world} -m longcat_native.cli generate ...` (or -m longcat_native) with "
+                         "the same flags")
     if launched is not None and launched != world:
         raise ValueError(f"torchrun started {launched} processes but the layout {parallel_layout(r)} needs {world}: "
-                         "the product --cp-size x --ring-size x (2 with --cfg-parallel) x --dp-size must equal "
-                         "--nproc-per-node (times the nodes)")
+                         "--nproc-per-node must equal --cp-size x --ring-size x (2 with --cfg-parallel) x --dp-size "
+                         "(times the nodes)")
     if r.cfg_parallel and guidance <= 1:
         raise ValueError(f"--cfg-parallel splits a guided step's negative and positive halves, but guidance "
                          f"{guidance:g} <= 1 runs no negative half{' (refinement runs unguided)' if r.task == 'refine' else ''}"

@@ -219,7 +219,8 @@ def _long_pixels(plan: GeneratePlan, dit, vae, text, lora_key, guided: dict, not
     pipe = LongCatVideoPipeline(dit, _PrecomputedText(text, dit.config.caption_channels), vae)
     segs: List[torch.Tensor] = []
     kw = {k: v for k, v in guided.items() if k != "guidance_scale"}
-    frames = pipe.generate_long(r.prompt, r.negative_prompt, num_segments=r.segments, num_frames=plan.frames,
+    prompt = r.prompt if isinstance(r.prompt, str) else r.prompt[0]  # plan_generate allows one here
+    frames = pipe.generate_long(prompt, r.negative_prompt, num_segments=r.segments, num_frames=plan.frames,
                                 num_cond_frames=plan.cond_frames, latent=plan.latent, resize=r.resize,
                                 guidance_scale=guided["guidance_scale"], use_kv_cache=not r.no_kv_cache,
                                 vae_sample=not r.vae_mean, output_type="video", segment_latents=segs, lora=lora_key,
