@@ -229,3 +229,21 @@ def test_info_shows_the_layout(capsys):
     assert layout["heads_per_rank"] == 2
     assert main(["info", "--config", "tiny", "--cp", "3"]) == 2
     assert "attention heads" in capsys.readouterr().err
+
+
+pytest_plugins = ("tiny_components",)  # the session-wide tiny_root fixture (umT5 + Wan VAE, tiny)
+
+
+def test_generate_mp4_one_file_per_video(tmp_path, tiny_root, monkeypatch, capsys):
+    """Several videos to .mp4: OUT-<index>.mp4 each with its sidecar, in prompt-major order."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    from longcat_native.cli import main
+
+    out = tmp_path / "v.mp4"
+    assert main(["generate", "--checkpoint", str(tiny_root), "--prompt", "a cat", "a dog", "--latent", "2", "8", "12",
+                 "--kernels", "reference", "--steps", "1", "--out", str(out), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["outputs"] == [str(tmp_path / "v-0.mp4"), str(tmp_path / "v-1.mp4")]
+    assert sorted(os.listdir(tmp_path)) == ["v-0.mp4", "v-0.mp4.json", "v-1.mp4", "v-1.mp4.json"]
+    meta = json.loads((tmp_path / "v-1.mp4.json").read_text())
+    assert meta["item"] == "1" and meta["items"] == "2"

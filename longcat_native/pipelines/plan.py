@@ -555,10 +555,13 @@ def memory_plan(plan: GeneratePlan, dtype):
     r = plan.request
     cfg = resolve_config("tiny") if plan.random_weights else resolve_config(
         str(find_dit_dir(r.checkpoint) / "config.json"))
-    cfg_batch = 2 if plan.guidance > 1 and not r.cfg_parallel else 1  # CFG-parallel: one half per rank
+    prompts = plan.text[0].shape[0] if plan.text is not None else (1 if isinstance(r.prompt, str) else len(r.prompt))
+    videos = -(-prompts * r.num_videos // r.dp_size)  # this rank's replica's share at most
+    # CFG-parallel: one half of the guided batch per rank
+    cfg_batch = videos * (2 if plan.guidance > 1 and not r.cfg_parallel else 1)
     stages = []
     if plan.text_source == "encoder":
-        stages.append(Stage("text_encode", "text_encode", batch=cfg_batch))
+        stages.append(Stage("text_encode", "text_encode", batch=prompts * (2 if plan.guidance > 1 else 1)))
     lat = tuple(plan.latent)
     if r.task == "refine" and plan.refine_size is not None:  # the doubled, padded stage-1 video
         pad = refine_frame_padding((lat[0] - 1) * VAE_TIME_STRIDE + 1)
@@ -566,7 +569,7 @@ def memory_plan(plan: GeneratePlan, dtype):
                plan.refine_size[1] // VAE_SPACE_STRIDE)
     if plan.need_vae and plan.pixels is not None:
         stages.append(Stage("vae_encode", "vae_encode", latent=lat))
-    stages.append(Stage("denoise", "denoise", batch=1 if r.task == "refine" else cfg_batch, latent=lat,
+    stages.append(Stage("denoise", "denoise", batch=videos if r.task == "refine" else cfg_batch, latent=lat,
                         bsa=r.task == "refine"))
     if plan.to_video:
         stages.append(Stage("vae_decode", "vae_decode", latent=lat))
