@@ -1,7 +1,9 @@
-"""``python -m longcat_native ...``: the ``longcat-native`` command (cli.py)."""
+"""``python -m longcat_native ...`` (and ``torchrun --nproc-per-node N -m longcat_native generate
+...``): the command line of longcat_native/cli.py."""
 
 import sys
 
 from .cli import main
 
-sys.exit(main())
+if __name__ == "__main__":
+    sys.exit(main())

@@ -84,6 +84,7 @@ def cmd_info(args) -> int:
     }
     if refine is not None:
         info["refine_720p_estimate"] = refine
+    layout = info["parallel"] = _layout(args, cfg, act)
     plan = None
     if args.max_memory is not None:
         from .pipelines.budget import format_plan, plan_memory
@@ -131,6 +132,10 @@ def cmd_info(args) -> int:
           f"{act['tokens']:,} tokens per item")
     print(f"peak activations  {_fmt_bytes(act['peak_activation_bytes'])} (fused path, traced on fake tensors, at "
           f"{act['peak_op']}; see --help)")
+    if layout["world"] > 1:
+        print(f"parallel          {layout['layout']}: per rank {layout['tokens_per_rank']:,} tokens x "
+              f"{layout['heads_per_rank']} heads, up to {layout['videos_per_replica']} of the "
+              f"--batch videos per replica, a guided step's batch {layout['guided_batch_per_rank']} per rank")
     if args.kv_frames:
         print(f"kv cache          {_fmt_bytes(act['kv_cache_bytes'])} for {args.kv_frames} frames")
     print(f"forward peak      {_fmt_bytes(act['peak_forward_bytes'])} (weights + inputs + activations, traced; "
@@ -254,6 +259,11 @@ def cmd_generate(args) -> int:
             print(f"check    without the cache: latents rel. L2 {chk['latents_rel_l2']:.3g}"
                   + (f", decoded PSNR {psnr:.2f} dB" if psnr is not None else "")
                   + f"; {chk['uncached_total_s']:.2f} s uncached vs {s['total_s']:.2f} s cached")
+    par = s.get("parallel")
+    if par:
+        print(f"parallel {par['layout']}; bytes rank 0 sent in the pipeline's gathers: {par['comm_bytes_rank0']}")
+    if len(s["outputs"]) > 1:
+        print(f"outputs  {len(s['outputs'])} files, one per video: {', '.join(s['outputs'])}")
     print(f"output   {s['output']}" + (f" ({video_shape[0]} frames, {video_shape[1]}x{video_shape[2]}; metadata in "
                                         f"{s['metadata_file']})" if video_shape else ""))
     if s["random_weights"]:
@@ -357,6 +367,26 @@ def _argparse_type(parse):
 
 
 _MODEL_FLAGS = ("device", "dtype", "kernels", "attention", "seed")  # every command that builds the model
+_PARALLEL_FLAGS = ("cp_size", "ring_size", "cfg_parallel", "dp_size", "shard_weights")
+
+
+def _layout(args, cfg, act) -> dict:
+    """info's parallel layout: what one rank of it computes per forward (no process is started;
+    the checks are generate's, but the launch's)."""
+    from .pipelines.plan import parallel_layout, parallel_world
+
+    r = GenerateRequest(**{k: getattr(args, k) for k in _PARALLEL_FLAGS})
+    for flag, v in (("--cp-size", r.cp_size), ("--ring-size", r.ring_size), ("--dp-size", r.dp_size)):
+        if v < 1:
+            raise ValueError(f"{flag} must be >= 1, got {v}")
+    if cfg.num_heads % r.cp_size:
+        raise ValueError(f"--cp-size {r.cp_size} must divide the model's {cfg.num_heads} attention heads")
+    cp = r.cp_size * r.ring_size
+    videos = -(-args.batch // r.dp_size)  # the largest replica's share (contiguous slices)
+    return {"layout": parallel_layout(r), "world": parallel_world(r),
+            "guided_batch_per_rank": videos if r.cfg_parallel else 2 * videos,
+            "tokens_per_rank": -(-act["tokens"] // cp), "heads_per_rank": cfg.num_heads // r.cp_size,
+            "videos_per_replica": videos}
 
 
 def add_request_flags(p, names=None) -> None:
@@ -368,7 +398,7 @@ def add_request_flags(p, names=None) -> None:
     for f in dataclasses.fields(GenerateRequest):
         if names is not None and f.name not in names:
             continue
-        kw = {k: v for k, v in f.metadata.items() if k != "group"}
+        kw = {k: v for k, v in f.metadata.items() if k not in ("group", "aliases")}
         if f.default is False:
             kw["action"] = "store_true"
         if "type" in kw and kw["type"] not in (int, float):
@@ -379,7 +409,7 @@ def add_request_flags(p, names=None) -> None:
             if title not in groups:
                 groups[title] = p.add_argument_group(title)
             target = groups[title]
-        target.add_argument("--" + f.name.replace("_", "-"), default=f.default, **kw)
+        target.add_argument("--" + f.name.replace("_", "-"), *f.metadata.get("aliases", ()), default=f.default, **kw)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -401,6 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="also estimate the 480p -> 720p refinement's peak GPU memory for a config smaller than "
                            "the official one (printed by default for the official size)")
     add_request_flags(info, ("quantize", "max_memory", "cache"))  # --cache: with --max-memory only
+    add_request_flags(info, _PARALLEL_FLAGS)  # the layout's per-rank shares (no launch needed)
     info.add_argument("--json", action="store_true", help="print one JSON object")
     info.set_defaults(func=cmd_info)
 

@@ -24,7 +24,8 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = ["TINY_DEFAULT_LATENT", "TASK_CHOICES", "GenerateRequest", "GeneratePlan", "plan_generate", "memory_plan",
-           "request_step_cache", "refine_memory_estimate", "int_in", "finite_number", "parse_resolution"]
+           "request_step_cache", "refine_memory_estimate", "int_in", "finite_number", "parse_resolution", "parallel_world",
+           "parallel_layout"]
 
 # The embedded default (no checkpoint): the tiny preset with random weights, on a latent small
 # enough for any CPU: 4 latent frames (13 video frames) of 8 x 12 (64 x 96 pixels).
@@ -86,8 +87,8 @@ def _flag(default=None, help: str = "", group: str = "", **argparse):
     return field(default=default, metadata={"help": help, "group": group, **argparse})
 
 
-INPUT, SIZE, SAMPLING, OUTPUT, MODEL, MEMORY = ("what to generate", "size", "sampling", "output", "model",
-                                                "memory and speed")
+INPUT, SIZE, SAMPLING, OUTPUT, MODEL, PARALLEL, MEMORY = ("what to generate", "size", "sampling", "output", "model",
+                                                          "multi-GPU (torchrun)", "memory and speed")
 
 
 @dataclass
@@ -102,7 +103,8 @@ class GenerateRequest:
 
     checkpoint: Optional[str] = _flag(help="checkpoint root or dit/ folder (default: tiny random weights)", group=INPUT)
     task: str = _flag("t2v", choices=TASK_CHOICES, group=INPUT)
-    prompt: str = _flag("a cat walking on grass", "prompt string, encoded by the checkpoint's text encoder", INPUT)
+    prompt: Any = _flag("a cat walking on grass", "prompt string(s), encoded by the checkpoint's text encoder; "
+                        "several (--prompt A B ...) make one video each (x --num-videos)", INPUT, nargs="+")
     negative_prompt: str = _flag("", "negative prompt string, used when guidance > 1 (default empty, as the official "
                                      "pipeline)", INPUT)
     prompt_embeds: Optional[str] = _flag(help="a .safetensors file with prompt_embeds [B, 1, L, C], prompt_mask, "
@@ -129,6 +131,8 @@ class GenerateRequest:
     cond_frames: Optional[int] = _flag(help="conditioning video frames of vc/long (default 13; 5 tiny)", group=SIZE,
                                        type=int)
     segments: int = _flag(1, "continuation segments of task long (default 1)", SIZE, type=int)
+    num_videos: int = _flag(1, "videos per prompt (official num_videos_per_prompt; default 1): each prompt's "
+                               "videos are consecutive items of the batch, with their own noise", SIZE, type=int)
     steps: Optional[int] = _flag(
         help="length of the base schedule (default 50; 16 with --distill). What runs: t2v/i2v that many steps; vc "
              "adds the 10-step enhance_hf tail (not with --distill); long runs a t2v segment plus each vc segment; "
@@ -167,9 +171,19 @@ class GenerateRequest:
     dtype: Optional[str] = _flag(help="default: bfloat16 on cuda, float32 on cpu", group=MODEL)
     kernels: str = _flag("auto", group=MODEL, choices=tuple(sorted(KERNEL_CHOICES)))
     attention: str = _flag("auto", group=MODEL, choices=ATTENTION_CHOICES)
-    cp_size: int = _flag(1, "context parallelism over N processes: run as `torchrun --nproc-per-node N -m "
-                            "longcat_native.cli generate ... --cp-size N`; rank 0 writes the output and prints",
-                         MODEL, type=int)
+    cp_size: int = _flag(1, "Ulysses context parallelism: each forward's tokens split over N ranks (N divides the "
+                            "attention heads). Every parallel flag runs under `torchrun --nproc-per-node W -m "
+                            "longcat_native generate ...` with W = cp x ring x (2 with --cfg-parallel) x dp; rank 0 "
+                            "prints", PARALLEL, type=int, aliases=("--cp",))
+    ring_size: int = _flag(1, "ring attention: the tokens in N segments whose keys/values travel a ring (beyond the "
+                              "head count, across nodes); composes with --cp", PARALLEL, type=int, aliases=("--ring",))
+    cfg_parallel: bool = _flag(False, "CFG-parallel: a guided step's negative and positive halves on two ranks, one "
+                                      "all-gather of the prediction per step (needs --guidance > 1)", PARALLEL)
+    dp_size: int = _flag(1, "data parallel: the videos (prompts x --num-videos) split over N replicas, contiguous "
+                            "slices; each replica's first rank writes its videos as OUT-<index>.<ext>",
+                         PARALLEL, type=int, aliases=("--dp",))
+    shard_weights: bool = _flag(False, "FSDP2: the DiT's weights sharded over every rank, each block gathered "
+                                       "before use (less memory per GPU)", PARALLEL)
     cache: Optional[str] = _flag(
         help="step caching (docs/design/step_cache.md): dbcache or taylorseer, optionally ':key=value,...' with fn, "
              "bn, threshold, warmup, interval, max_cached, max_continuous, order (or the StepCache names), e.g. "
@@ -255,18 +269,43 @@ def _load_prompt_embeds(path: str) -> tuple:
 
 # -- plan --------------------------------------------------------------------------------------------
 
-def _check_cp_launch(cp_size: int) -> None:
-    """--cp-size N must run under torchrun with N processes (every rank sees the same
-    environment, so every rank fails the same way)."""
-    if cp_size < 1:
-        raise ValueError(f"--cp-size must be >= 1, got {cp_size}")
-    world = os.environ.get("WORLD_SIZE")
-    if cp_size > 1 and world is None:
-        raise ValueError(f"--cp-size {cp_size} runs one process per rank: launch it as `torchrun --nproc-per-node "
-                         f"{cp_size} -m longcat_native.cli generate ... --cp-size {cp_size}`")
-    if cp_size > 1 and int(world) != cp_size:
-        raise ValueError(f"--cp-size {cp_size} but torchrun started {world} processes (--nproc-per-node must equal "
-                         "--cp-size)")
+def parallel_world(r: GenerateRequest) -> int:
+    """The processes the request's layout takes: cp x ring x cfg x dp."""
+    return r.cp_size * r.ring_size * (2 if r.cfg_parallel else 1) * r.dp_size
+
+
+def parallel_layout(r: GenerateRequest) -> str:
+    """The layout in words, e.g. ``dp=2 x cfg=2 x ulysses=2 (8 ranks)``."""
+    parts = [f"{k}={v}" for k, v in (("dp", r.dp_size), ("cfg", 2 if r.cfg_parallel else 1), ("ring", r.ring_size),
+                                     ("ulysses", r.cp_size)) if v > 1]
+    text = " x ".join(parts) if parts else "single process"
+    return text + (", weights sharded" if r.shard_weights else "") + f" ({parallel_world(r)} ranks)"
+
+
+def _check_parallel(r: GenerateRequest, guidance: float, num_heads: Optional[int]) -> None:
+    """The layout against the launch and the request, the same on every rank (each sees the same
+    flags and environment, so every rank fails alike, before any process group exists)."""
+    for flag, v in (("--cp-size", r.cp_size), ("--ring-size", r.ring_size), ("--dp-size", r.dp_size)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{flag} must be an integer >= 1, got {v!r}")
+    world = parallel_world(r)
+    env = os.environ.get("WORLD_SIZE")
+    launched = int(env) if env else None
+    if world > 1 and launched is None:
+        raise ValueError(f"the layout {parallel_layout(r)} runs one process per rank: launch it as `torchrun "
+                         f"--nproc-per-node {world} -m longcat_native.cli generate ...` (or -m longcat_native) with "
+                         "the same flags")
+    if launched is not None and launched != world:
+        raise ValueError(f"torchrun started {launched} processes but the layout {parallel_layout(r)} needs {world}: "
+                         "--nproc-per-node must equal --cp-size x --ring-size x (2 with --cfg-parallel) x --dp-size "
+                         "(times the nodes)")
+    if r.cfg_parallel and guidance <= 1:
+        raise ValueError(f"--cfg-parallel splits a guided step's negative and positive halves, but guidance "
+                         f"{guidance:g} <= 1 runs no negative half{' (refinement runs unguided)' if r.task == 'refine' else ''}"
+                         ": drop --cfg-parallel (use --dp for more videos at once) or give --guidance > 1")
+    if num_heads is not None and num_heads % r.cp_size:
+        raise ValueError(f"--cp-size {r.cp_size} must divide the model's {num_heads} attention heads (Ulysses splits "
+                         "heads over ranks); --ring-size splits further")
 
 
 def _check_inputs(r: GenerateRequest, random_weights: bool, to_video: bool) -> None:
@@ -361,7 +400,11 @@ def plan_generate(r: GenerateRequest) -> GeneratePlan:
     Errors here come before any loading. Reads the (small) conditioning image/video files."""
     random_weights = r.checkpoint is None
     task = r.task
-    _check_cp_launch(r.cp_size)
+    if isinstance(r.num_videos, bool) or not isinstance(r.num_videos, int) or r.num_videos < 1:
+        raise ValueError(f"--num-videos must be an integer >= 1, got {r.num_videos!r}")
+    prompts = [r.prompt] if isinstance(r.prompt, str) else list(r.prompt) if isinstance(r.prompt, (list, tuple)) else []
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ValueError(f"--prompt must be one or more strings, got {r.prompt!r}")
     request_step_cache(r)  # a bad --cache spec is an error before anything loads
     _check_memory_flags(r)
     out = r.out or f"longcat_{task}_seed{r.seed}.safetensors"
@@ -424,12 +467,25 @@ def plan_generate(r: GenerateRequest) -> GeneratePlan:
         if r.guidance is not None and r.guidance > 1:
             raise ValueError(f"--guidance {r.guidance}: refinement runs without guidance (give no --guidance)")
         guidance = 1.0
+    if random_weights:
+        from ..runtime.config import resolve_config
+
+        num_heads = resolve_config("tiny").num_heads
+    else:
+        num_heads = dit_cfg.num_heads
+    _check_parallel(r, guidance, num_heads)
     chain = r.chain if r.chain is not None else ("pixels" if to_video and not random_weights else "latent")
     if chain not in ("pixels", "latent"):
         raise ValueError(f"--chain must be pixels or latent, got {chain!r}")
     if task == "long" and chain == "pixels" and not to_video:
         raise ValueError("--chain pixels (the official long video: each segment decoded, the next one continuing its "
                          "uint8 frames) writes decoded video: --out F.mp4, or --chain latent for latents")
+    if task == "long" and chain == "pixels" and (r.num_videos > 1 or not isinstance(r.prompt, str) and len(r.prompt) > 1):
+        raise ValueError("--chain pixels (the official long video) makes one video: one --prompt and --num-videos 1, "
+                         "or --chain latent")
+    if task == "long" and chain == "pixels" and r.dp_size > 1:
+        raise ValueError("--dp-size splits several videos over replicas, but --chain pixels makes one video: use "
+                         "--chain latent, or --cp / --cfg-parallel to speed one video up")
     if r.chain is not None and task != "long":
         raise ValueError(f"--chain is for task long; task {task!r} has one segment")
     text_source = "file" if r.prompt_embeds is not None else ("random" if random_weights else "encoder")
@@ -497,10 +553,13 @@ def memory_plan(plan: GeneratePlan, dtype):
 
     r = plan.request
     cfg = resolve_config("tiny") if plan.random_weights else checkpoint_config(r.checkpoint, quantize=r.quantize)[2]
-    cfg_batch = 2 if plan.guidance > 1 else 1
+    prompts = plan.text[0].shape[0] if plan.text is not None else (1 if isinstance(r.prompt, str) else len(r.prompt))
+    videos = -(-prompts * r.num_videos // r.dp_size)  # this rank's replica's share at most
+    # CFG-parallel: one half of the guided batch per rank
+    cfg_batch = videos * (2 if plan.guidance > 1 and not r.cfg_parallel else 1)
     stages = []
     if plan.text_source == "encoder":
-        stages.append(Stage("text_encode", "text_encode", batch=cfg_batch))
+        stages.append(Stage("text_encode", "text_encode", batch=prompts * (2 if plan.guidance > 1 else 1)))
     lat = tuple(plan.latent)
     if r.task == "refine" and plan.refine_size is not None:  # the doubled, padded stage-1 video
         pad = refine_frame_padding((lat[0] - 1) * VAE_TIME_STRIDE + 1)
@@ -508,7 +567,7 @@ def memory_plan(plan: GeneratePlan, dtype):
                plan.refine_size[1] // VAE_SPACE_STRIDE)
     if plan.need_vae and plan.pixels is not None:
         stages.append(Stage("vae_encode", "vae_encode", latent=lat))
-    stages.append(Stage("denoise", "denoise", batch=1 if r.task == "refine" else cfg_batch, latent=lat,
+    stages.append(Stage("denoise", "denoise", batch=videos if r.task == "refine" else cfg_batch, latent=lat,
                         bsa=r.task == "refine"))
     if plan.to_video:
         stages.append(Stage("vae_decode", "vae_decode", latent=lat))

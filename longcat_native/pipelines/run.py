@@ -19,8 +19,8 @@ import torch
 from ..runtime.files import atomic_output
 from ..runtime.memory import StageMemory
 from .options import find_lora_file, make_noise
-from .plan import (TINY_DEFAULT_LATENT, TINY_TEXT_TOKENS, GeneratePlan, GenerateRequest, memory_plan, plan_generate,
-                   refine_memory_estimate, request_step_cache)
+from .plan import (TINY_DEFAULT_LATENT, TINY_TEXT_TOKENS, GeneratePlan, GenerateRequest, memory_plan, parallel_layout,
+                   parallel_world, plan_generate, refine_memory_estimate, request_step_cache)
 from .shapes import VAE_SPACE_STRIDE, VAE_TIME_STRIDE, square_vae_tile
 from .tasks import generate
 
@@ -31,7 +31,7 @@ __all__ = ["TINY_DEFAULT_LATENT", "GenerateRequest", "GeneratePlan", "GenerateRe
 @dataclass
 class GenerateResult:
     """``summary``: what the command prints (one JSON object with ``--json``); None on the ranks
-    other than 0 under context parallelism. ``config``: the DiT's config."""
+    other than 0 of a parallel run. ``config``: the DiT's config."""
 
     summary: Optional[dict]
     finite: bool
@@ -59,20 +59,32 @@ def _device(r: GenerateRequest) -> torch.device:
         return torch.device(r.device)
     if not torch.cuda.is_available():
         return torch.device("cpu")
-    if r.cp_size > 1:
+    if parallel_world(r) > 1:
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     return torch.device("cuda")
 
 
-def _finish_cp(dit) -> None:
-    """Under context parallelism: wait for every rank (rank 0 decodes and writes after the others
-    are done denoising), then tear the process group down."""
-    if getattr(dit, "cp", None) is None:
+def _finish_parallel(dit, own_group: bool) -> None:
+    """In a parallel run: wait for every rank (so rank 0 reports once every replica's files are
+    written), then tear the process group down if this run created it."""
+    if getattr(dit, "parallel", None) is None:
         return
     import torch.distributed as dist
 
-    dist.barrier(group=dit.cp.group)
-    dist.destroy_process_group()
+    dist.barrier()
+    if own_group:
+        dist.destroy_process_group()
+
+
+def _item_path(out: str, index: int) -> str:
+    """Item ``index``'s file of a run that writes one file per video: ``<stem>-<index><ext>``."""
+    stem, ext = os.path.splitext(out)
+    return f"{stem}-{index}{ext}"
+
+
+def _parallel_args(r: GenerateRequest) -> dict:
+    return dict(cp_size=r.cp_size, ring_size=r.ring_size, cfg_parallel=r.cfg_parallel, dp_size=r.dp_size,
+                shard_weights=r.shard_weights)
 
 
 def _load(plan: GeneratePlan, mem: StageMemory, device, notes: List[str], mplan=None):
@@ -88,13 +100,13 @@ def _load(plan: GeneratePlan, mem: StageMemory, device, notes: List[str], mplan=
     with mem.stage("load"):
         if plan.random_weights:
             dit = LongCatDiT.from_config("tiny", dtype=r.dtype, device=device, seed=0,
-                                         kernels=r.kernels, attention=r.attention, cp_size=r.cp_size, **memory)
+                                         kernels=r.kernels, attention=r.attention, **_parallel_args(r), **memory)
             source = "embedded tiny preset, RANDOM WEIGHTS"
             notes.insert(0, "RANDOM WEIGHTS: the tiny preset with seed-0 random parameters, not a trained model; "
                             "the latents are a smoke test, not a video")
         else:
             dit = LongCatDiT.from_pretrained(r.checkpoint, dtype=r.dtype, device=device,
-                                             kernels=r.kernels, attention=r.attention, cp_size=r.cp_size, **memory)
+                                             kernels=r.kernels, attention=r.attention, **_parallel_args(r), **memory)
             source = str(dit.checkpoint_path or r.checkpoint)
         vae = None
         if plan.need_vae:
@@ -207,7 +219,8 @@ def _long_pixels(plan: GeneratePlan, dit, vae, text, lora_key, guided: dict, not
     pipe = LongCatVideoPipeline(dit, _PrecomputedText(text, dit.config.caption_channels), vae)
     segs: List[torch.Tensor] = []
     kw = {k: v for k, v in guided.items() if k != "guidance_scale"}
-    frames = pipe.generate_long(r.prompt, r.negative_prompt, num_segments=r.segments, num_frames=plan.frames,
+    prompt = r.prompt if isinstance(r.prompt, str) else r.prompt[0]  # plan_generate allows one here
+    frames = pipe.generate_long(prompt, r.negative_prompt, num_segments=r.segments, num_frames=plan.frames,
                                 num_cond_frames=plan.cond_frames, latent=plan.latent, resize=r.resize,
                                 guidance_scale=guided["guidance_scale"], use_kv_cache=not r.no_kv_cache,
                                 vae_sample=not r.vae_mean, output_type="video", segment_latents=segs, lora=lora_key,
@@ -243,7 +256,13 @@ def _run(plan: GeneratePlan) -> GenerateResult:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dtype = resolve_dtype(r.dtype, device)
-    lead = int(os.environ.get("RANK", "0")) == 0 if r.cp_size > 1 else True
+    distributed = parallel_world(r) > 1
+    lead = int(os.environ.get("RANK", "0")) == 0 if distributed else True
+    own_group = False
+    if distributed:
+        import torch.distributed as dist
+
+        own_group = not (dist.is_available() and dist.is_initialized())  # the model creates it: we end it
     mem = StageMemory(device)
 
     mplan = memory_plan(plan, dtype) if r.max_memory is not None else None
@@ -275,7 +294,9 @@ def _run(plan: GeneratePlan) -> GenerateResult:
         pe, pm, ne, nm = plan.text
         text_note = f"prompt embeddings from {r.prompt_embeds}"
     elif plan.text_source == "random":
-        pe, pm = _random_text(r.prompt, TINY_TEXT_TOKENS, cfg.caption_channels)
+        prompts = [r.prompt] if isinstance(r.prompt, str) else list(r.prompt)
+        pe, pm = (torch.cat(t) for t in zip(*(_random_text(p, TINY_TEXT_TOKENS, cfg.caption_channels)
+                                               for p in prompts)))
         ne, nm = _random_text(r.negative_prompt, TINY_TEXT_TOKENS, cfg.caption_channels)
         text_note = "RANDOM text embeddings derived from the prompt strings (no text encoder)"
     if guidance <= 1:
@@ -283,6 +304,7 @@ def _run(plan: GeneratePlan) -> GenerateResult:
         if r.negative_prompt:
             notes.append(f"--negative-prompt ignored: guidance {guidance} <= 1 runs no negative branch (as officially)")
 
+    pe, pm, ne, nm = _videos(pe, pm, ne, nm, r.num_videos)
     g = torch.Generator(device="cpu").manual_seed(r.seed)
     cond, refine_cond, pad, noise = _conditioning(plan, pipe, cfg, mem, notes, g, pe.shape[0])
 
@@ -350,42 +372,37 @@ def _run(plan: GeneratePlan) -> GenerateResult:
             check = {"uncached_total_s": time.perf_counter() - t1,
                      "latents_rel_l2": float((out.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30)),
                      "psnr_db": None, "_ref": ref}
+    par = dit.parallel
+    items = out.shape[0]
+    per_item = (par is not None and par.size("dp") > 1) or (plan.to_video and items > 1)
+    lo, hi = par.items(items) if par is not None else (0, items)
+    writer = par is None or par.is_replica_lead
+    if par is not None:
+        notes.append(f"parallel layout {parallel_layout(r)}: {items} video(s), this replica {lo}..{hi - 1}; each "
+                     "replica's first rank writes its videos, rank 0 reports")
     if dit.cp is not None:
         notes.append(f"context parallelism: {dit.cp.size} ranks, token grid split {dit.cp.split_h} x "
-                     f"{dit.cp.split_w}; rank 0 writes the output")
-        if not lead:
-            _finish_cp(dit)
-            return GenerateResult(summary=None, finite=finite, config=cfg)
-
+                     f"{dit.cp.split_w}")
+    outputs = [_item_path(plan.out, i) for i in range(items)] if per_item else [plan.out]
     video_shape = None
-    if plan.to_video:
-        fps = r.fps if r.fps is not None else (30.0 if task == "refine" else 15.0)
-        crop = (pad["cond_added"], pad["cond_added"] + pad["frames"]) if pad is not None else None
-        with mem.stage("vae_decode"):
-            frames_u8 = long_frames if task == "long" and plan.chain == "pixels" else \
-                pipe.decode(out, "video", frames=crop)[0]
-            if check is not None:
-                ref_u8 = pipe.decode(check["_ref"], "video", frames=crop)[0]
-                mse = float(((frames_u8.float() - ref_u8.float()) ** 2).mean())
-                check["psnr_db"] = float("inf") if mse == 0 else 10 * math.log10(255.0 ** 2 / mse)
-                del ref_u8
-        from .media import write_video
-
-        write_video(plan.out, frames_u8, fps=fps, crf=10 if task == "refine" else 18)
-        video_shape = list(frames_u8.shape)
-        with atomic_output(plan.out + ".json") as tmp:  # the .mp4 cannot hold them: a sidecar
-            Path(tmp).write_text(json.dumps(_metadata(plan, dit, cache, out, len(step_times), source, text_note),
-                                            indent=1) + "\n")
-        tiled = plan.vae_tile is not None and max(video_shape[1:3]) > plan.vae_tile
-        notes.append(f"decoded by the VAE ({f'in {plan.vae_tile}-pixel tiles' if tiled else 'whole frames'}), "
-                     f"{video_shape[0]} frames {video_shape[1]}x{video_shape[2]} written at {fps:g} fps")
-    else:
+    if not finite:  # denoise checks its own result; this guards the other paths to the file
+        raise ValueError(f"the {task} result holds non-finite values; {plan.out} was not written")
+    if writer:
         meta = _metadata(plan, dit, cache, out, len(step_times), source, text_note)
-        if not finite:  # denoise checks its own result; this guards the other paths to the file
-            raise ValueError(f"the {task} result holds non-finite values; {plan.out} was not written")
-        latents = out.detach().float().cpu().contiguous()
-        with atomic_output(plan.out) as tmp:  # a failed or interrupted write leaves the previous file
-            save_file({"latents": latents}, tmp, metadata=meta)
+        mine = range(lo, hi) if per_item else [None]
+        if plan.to_video:
+            video_shape = _write_videos(plan, pipe, mem, out, mine, pad, check, notes, meta,
+                                        long_frames if task == "long" and plan.chain == "pixels" else None)
+        else:
+            for i in mine:
+                lat = out if i is None else out[i: i + 1]
+                m_i = meta if i is None else dict(meta, item=str(i), items=str(items))
+                with atomic_output(plan.out if i is None else _item_path(plan.out, i)) as tmp:
+                    # a failed or interrupted write leaves the previous file
+                    save_file({"latents": lat.detach().float().cpu().contiguous()}, tmp, metadata=m_i)
+    if not lead:
+        _finish_parallel(dit, own_group)
+        return GenerateResult(summary=None, finite=finite, config=cfg)
     n = len(step_times)
     memory = mem.summary()
     summary = {
@@ -396,10 +413,14 @@ def _run(plan: GeneratePlan) -> GenerateResult:
         "distill": bool(r.distill), "seed": r.seed, "load_s": load_s, "total_s": total,
         "step_times_s": step_times, "mean_step_s": (sum(step_times) / n) if n else None,
         "peak_memory_bytes": memory["peak_bytes"], "peak_memory_kind": memory["kind"], "memory": memory,
-        "output": plan.out, "output_finite": finite, "quantize": dit.quantization, "cache": r.cache,
+        "output": outputs[0], "outputs": outputs, "output_finite": finite, "quantize": dit.quantization,
+        "cache": r.cache,
     }
+    if par is not None:
+        summary["parallel"] = {"layout": parallel_layout(r), "world": parallel_world(r), "coords": dict(par.coords),
+                               "items_rank0": [lo, hi], "comm_bytes_rank0": dict(par.comm_bytes)}
     if plan.to_video:
-        summary["metadata_file"] = plan.out + ".json"
+        summary["metadata_file"] = outputs[0] + ".json"
     if mplan is not None:
         summary["memory_plan"] = mplan.to_dict()
     if cache is not None:
@@ -407,8 +428,53 @@ def _run(plan: GeneratePlan) -> GenerateResult:
         if check is not None:
             check.pop("_ref", None)
             summary["cache_check"] = check
-    _finish_cp(dit)
+    _finish_parallel(dit, own_group)
     return GenerateResult(summary=summary, finite=finite, config=cfg)
+
+
+def _videos(pe, pm, ne, nm, n: int):
+    """The text of every video: a batch-1 negative shared by several prompts expanded to them,
+    then each prompt's rows repeated ``n`` times, consecutively (the official
+    ``num_videos_per_prompt`` layout: prompt 0's videos, then prompt 1's)."""
+    P = pe.shape[0]
+    out = []
+    for t in (pe, pm, ne, nm):
+        if t is not None and t.shape[0] == 1 and P > 1:
+            t = t.expand(P, *t.shape[1:]).contiguous()
+        out.append(t if t is None or n == 1 else t.repeat_interleave(n, dim=0))
+    return tuple(out)
+
+
+def _write_videos(plan: GeneratePlan, pipe, mem: StageMemory, out, mine, pad, check, notes: List[str], meta: dict,
+                  long_frames=None):
+    """Decode and write this rank's videos (``mine``: item indices, or [None]: item 0 to
+    ``plan.out``), each with its metadata sidecar; -> the first one's [F, H, W, 3] shape."""
+    from .media import write_video
+
+    r, task = plan.request, plan.request.task
+    fps = r.fps if r.fps is not None else (30.0 if task == "refine" else 15.0)
+    crop = (pad["cond_added"], pad["cond_added"] + pad["frames"]) if pad is not None else None
+    shape = None
+    for i in mine:
+        k = 0 if i is None else i
+        path = plan.out if i is None else _item_path(plan.out, i)
+        with mem.stage("vae_decode"):
+            frames_u8 = long_frames if long_frames is not None else pipe.decode(out[k: k + 1], "video", frames=crop)[0]
+            if check is not None and k == 0:
+                ref_u8 = pipe.decode(check["_ref"][:1], "video", frames=crop)[0]
+                mse = float(((frames_u8.float() - ref_u8.float()) ** 2).mean())
+                check["psnr_db"] = float("inf") if mse == 0 else 10 * math.log10(255.0 ** 2 / mse)
+                del ref_u8
+        write_video(path, frames_u8, fps=fps, crf=10 if task == "refine" else 18)
+        with atomic_output(path + ".json") as tmp:  # the .mp4 cannot hold them: a sidecar
+            m_i = meta if i is None else dict(meta, item=str(i), items=str(out.shape[0]))
+            Path(tmp).write_text(json.dumps(m_i, indent=1) + "\n")
+        shape = shape or list(frames_u8.shape)
+    if shape is not None:
+        tiled = plan.vae_tile is not None and max(shape[1:3]) > plan.vae_tile
+        notes.append(f"decoded by the VAE ({f'in {plan.vae_tile}-pixel tiles' if tiled else 'whole frames'}), "
+                     f"{shape[0]} frames {shape[1]}x{shape[2]} written at {fps:g} fps")
+    return shape
 
 
 def _metadata(plan: GeneratePlan, dit, cache, out, steps_run: int, source: str, text_note) -> dict:

@@ -1,7 +1,8 @@
 """Flow-matching Euler sampling with the official LongCat-Video schedules and CFG-zero guidance,
-bit for bit in float32 as the official pipeline (its scheduler: shift 12, no dynamic shifting):
-the schedules (base, distilled, ``t_thresh`` truncation, the ``enhance_hf`` tail), ``cfg_zero``,
-and :func:`denoise`, the loop on latents with conditioning frames and the KV cache.
+bit for bit in float32 as the official pipeline: ``cfg_zero``, the Euler step and
+:func:`denoise`, the loop on latents with conditioning frames, the KV cache, the step cache and
+the CFG-parallel / data-parallel splits. The schedules (base, distilled, ``t_thresh``
+truncation, the ``enhance_hf`` tail) are in :mod:`.schedules`, re-exported here.
 
 Design notes: docs/design/sampler.md.
 """
@@ -13,13 +14,16 @@ import math
 import operator
 import sys
 import time
-from dataclasses import dataclass
+import warnings
 from typing import Callable, Dict, Mapping, Optional, Tuple
 
 import torch
 
 from ..runtime.compiled import graph_runner_for
 from ..runtime.names import MAX_STEPS
+from .schedules import (DEFAULT_SHIFT, ENHANCE_HF_START, ENHANCE_HF_STEPS, NUM_DISTILL_STEPS,  # noqa: F401
+                        NUM_TRAIN_TIMESTEPS, Schedule, base_sigmas, distill_sigmas, enhance_hf_schedule,
+                        flow_schedule, get_schedule, shift_sigmas, truncate_schedule)
 
 __all__ = [
     "NUM_TRAIN_TIMESTEPS", "NUM_DISTILL_STEPS", "DEFAULT_SHIFT", "Schedule",
@@ -28,121 +32,7 @@ __all__ = [
     "NonFiniteLatentsError", "MAX_STEPS",
 ]
 
-NUM_TRAIN_TIMESTEPS = 1000   # scheduler config num_train_timesteps
-NUM_DISTILL_STEPS = 50       # the distilled (cfg_step LoRA) model was trained on a 50-point grid
-DEFAULT_SHIFT = 12.0         # scheduler config shift (use_dynamic_shifting: false)
-ENHANCE_HF_START = 500       # video continuation: tail of uniform timesteps from here towards 0
-ENHANCE_HF_STEPS = 10
 CFG_ZERO_EPS = 1e-8
-
-
-@dataclass(frozen=True)
-class Schedule:
-    """``timesteps`` [n] float32 (what the DiT is given) and ``sigmas`` [n + 1] float32 (what the
-    Euler step uses; the last is 0). Both on the CPU; :func:`denoise` moves them once."""
-
-    timesteps: torch.Tensor
-    sigmas: torch.Tensor
-
-    def __post_init__(self):
-        if self.timesteps.dim() != 1 or self.sigmas.shape != (self.timesteps.shape[0] + 1,):
-            raise ValueError(f"a schedule needs timesteps [n] and sigmas [n + 1], got "
-                             f"{tuple(self.timesteps.shape)} and {tuple(self.sigmas.shape)}")
-
-    def __len__(self) -> int:
-        return int(self.timesteps.shape[0])
-
-
-def _check_steps(num_steps) -> int:
-    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
-        raise ValueError(f"num_steps must be a positive int, got {num_steps!r}")
-    return num_steps
-
-
-def base_sigmas(num_steps: int) -> torch.Tensor:
-    """Unshifted sigmas of the base model: ``linspace(1, 0.001, num_steps)`` in float32."""
-    return torch.linspace(1.0, 0.001, _check_steps(num_steps), dtype=torch.float32)
-
-
-def distill_sigmas(num_steps: int = 16) -> torch.Tensor:
-    """Unshifted sigmas of the distilled (cfg_step LoRA) model: the grid 20/1000 ... 1000/1000
-    walked from high to low noise, subsampled at ``floor(linspace(0, 50, num_steps, endpoint=False))``."""
-    num_steps = _check_steps(num_steps)
-    if num_steps > NUM_DISTILL_STEPS:
-        raise ValueError(f"the distilled schedule has at most {NUM_DISTILL_STEPS} steps, got {num_steps}")
-    stride = NUM_TRAIN_TIMESTEPS // NUM_DISTILL_STEPS
-    grid = (torch.arange(1, NUM_DISTILL_STEPS + 1, dtype=torch.float32) * stride).round().long()
-    # floor(i * 50 / n) for i < n: numpy's linspace(0, 50, n, endpoint=False) then floor. Exact in
-    # float64 for these small integers, so plain Python arithmetic gives the same indices.
-    idx = torch.tensor([math.floor(i * (NUM_DISTILL_STEPS / num_steps)) for i in range(num_steps)], dtype=torch.long)
-    return (torch.flip(grid, [0])[idx].float() / NUM_TRAIN_TIMESTEPS).to(torch.float32)
-
-
-def shift_sigmas(sigmas: torch.Tensor, shift: float = DEFAULT_SHIFT) -> torch.Tensor:
-    """The scheduler's static shift, in float32: ``shift * s / (1 + (shift - 1) * s)``."""
-    shift = float(shift)
-    if not shift > 0:
-        raise ValueError(f"shift must be > 0, got {shift}")
-    s = sigmas.to(torch.float32)
-    return shift * s / (1 + (shift - 1) * s)
-
-
-def flow_schedule(num_steps: int = 50, distill: bool = False, shift: float = DEFAULT_SHIFT,
-                  num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) -> Schedule:
-    """The official ``scheduler.set_timesteps(n, sigmas=pipeline.get_timesteps_sigmas(n, distill))``
-    (``shift`` and ``num_train_timesteps``: the scheduler config's; timesteps = sigmas * the latter)."""
-    if isinstance(num_train_timesteps, bool) or not isinstance(num_train_timesteps, int) or num_train_timesteps < 1:
-        raise ValueError(f"num_train_timesteps must be a positive int, got {num_train_timesteps!r}")
-    sig = distill_sigmas(num_steps) if distill else base_sigmas(num_steps)
-    sig = shift_sigmas(sig, shift)
-    timesteps = sig * num_train_timesteps
-    return Schedule(timesteps, torch.cat([sig, torch.zeros(1, dtype=torch.float32)]))
-
-
-def _from_timesteps(timesteps: torch.Tensor) -> Schedule:
-    # The official pipeline overwrites scheduler.timesteps and sets sigmas = timesteps / 1000 + [0].
-    timesteps = timesteps.to(torch.float32)
-    return Schedule(timesteps, torch.cat([timesteps / NUM_TRAIN_TIMESTEPS, torch.zeros(1, dtype=torch.float32)]))
-
-
-def truncate_schedule(schedule: Schedule, t_thresh: float = 0.5) -> Schedule:
-    """Refinement: start at ``t_thresh * 1000`` and continue with the schedule's timesteps below it
-    (50 steps, shift 12, t_thresh 0.5: 500, 443.0, 343.5, 207.8, 11.9)."""
-    t_thresh = float(t_thresh)
-    if not 0 < t_thresh <= 1:
-        raise ValueError(f"t_thresh must be in (0, 1], got {t_thresh}")
-    thresh = torch.tensor(t_thresh * NUM_TRAIN_TIMESTEPS, dtype=torch.float32)
-    ts = schedule.timesteps
-    return _from_timesteps(torch.cat([thresh[None], ts[ts < thresh]]))
-
-
-def enhance_hf_schedule(schedule: Schedule, start: float = ENHANCE_HF_START,
-                        num_tail_steps: int = ENHANCE_HF_STEPS) -> Schedule:
-    """Video continuation's ``enhance_hf``: keep the timesteps above ``start`` and replace the rest
-    by ``num_tail_steps`` uniform timesteps from ``start`` towards 0 (0 excluded)."""
-    ts = schedule.timesteps
-    # np.linspace(500, 0, 10, endpoint=False, dtype=float32): 500 - 50 i, exact.
-    tail = torch.tensor([start - start * i / num_tail_steps for i in range(num_tail_steps)], dtype=torch.float32)
-    return _from_timesteps(torch.cat([ts[ts > start], tail]))
-
-
-def get_schedule(num_steps: int = 50, distill: bool = False, shift: float = DEFAULT_SHIFT,
-                 t_thresh: Optional[float] = None, enhance_hf: bool = False,
-                 num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) -> Schedule:
-    """One place for every official schedule. ``t_thresh`` (refinement) truncates the base
-    schedule; ``enhance_hf`` (video continuation) replaces its tail. They exclude each other and
-    ``distill`` (the official pipeline asserts ``not (use_distill and enhance_hf)``). ``shift``
-    and ``num_train_timesteps`` are the scheduler config's (:func:`flow_schedule`)."""
-    if enhance_hf and distill:
-        raise ValueError("enhance_hf and distill cannot both be set (the official pipeline forbids it)")
-    if t_thresh is not None and (distill or enhance_hf):
-        raise ValueError("t_thresh (refinement) runs the base schedule; do not combine it with distill or enhance_hf")
-    sched = flow_schedule(num_steps, distill=distill, shift=shift, num_train_timesteps=num_train_timesteps)
-    if t_thresh is not None:
-        sched = truncate_schedule(sched, t_thresh)
-    if enhance_hf:
-        sched = enhance_hf_schedule(sched)
-    return sched
 
 
 def cfg_zero(v_uncond: torch.Tensor, v_cond: torch.Tensor, guidance_scale: float,
@@ -382,6 +272,18 @@ def denoise(
     active cache replays a graph of its first blocks, reads the signal, then replays the graph of
     a full or of a cached step's rest (each captured once per shape); a whole-forward compiled
     model runs its blocks through a regional compile then.
+
+    Parallel runs (``dit.parallel``, runtime/mesh.py; docs/design/parallel.md): the replica
+    lead's inputs are broadcast to its ranks. CFG-parallel (``cfg_parallel=True``) runs a guided
+    step's negative half on cfg index 0 and its positive half on index 1 (batch B each), then
+    all-gathers the prediction over the pair once per step; CFG-zero and the Euler step run on
+    both alike, and a step cache reduces its signal over the replica, so both take the
+    single-process decision. With guidance <= 1 both ranks run the whole batch (a warning: the
+    second's work is redundant). Data parallel (``dp_size``): replica j denoises the contiguous
+    slice ``dp_split(B, dp)[j]`` of the batch (of inputs every rank holds whole) and the slices are
+    all-gathered at the end, so every rank returns the single-process [B, ...] result; a replica
+    with no item only joins that gather. There ``callback`` sees the replica's slice, and a step
+    cache decides per replica, on its items (equal to a single-process run of them alone).
     """
     B, m = check_latent_inputs(dit, noise, cond_latents)
     for name, t in (("noise", noise), ("cond_latents", cond_latents)):
@@ -461,78 +363,117 @@ def denoise(
         # everywhere in it, so ranks that drew different noise or encoded prompts differently
         # cannot drift apart.
         latents, text, mask, cond_src = parallel.broadcast_inputs([latents, text, mask, cond_src])
-        if m:
-            cond = cond_src.expand(B, -1, -1, -1, -1)
+    cfg_split = parallel is not None and parallel.size("cfg") == 2 and do_cfg
+    if parallel is not None and parallel.size("cfg") == 2 and not do_cfg:
+        warnings.warn(f"denoise: guidance_scale={guidance_scale:g} <= 1 has no negative half to split; both ranks of "
+                      "the CFG-parallel pair run the whole (unguided) batch, with equal results", stacklevel=2)
+    out_shape = tuple(latents.shape)  # [B, C, T, H, W]: what every rank returns
+    items = None
+    if parallel is not None and parallel.size("dp") > 1:
+        # Data parallel: this replica's contiguous slice of the batch (runtime/mesh.py dp_split),
+        # cut from the inputs every rank holds whole (the noise the single-process run draws), so
+        # the gathered result is the single-process one. CFG batches are [negative, positive].
+        items = lo, hi = parallel.items(B)
+        halves = 2 if do_cfg else 1
+        rows = lambda t: None if t is None else torch.cat([c[lo:hi] for c in t.chunk(halves)])  # noqa: E731
+        latents, text, mask = latents[lo:hi], rows(text), rows(mask)
+        if cond_src is not None and cond_src.shape[0] == B:
+            cond_src = cond_src[lo:hi]
+        if kv_cache is not None and next(iter(kv_cache.values()))[0].shape[0] == B:
+            kv_cache = {b: (k[lo:hi], v[lo:hi]) for b, (k, v) in kv_cache.items()}
+        B = hi - lo
+    if cfg_split:  # CFG-parallel: this rank's half of the guided batch (cfg index 0: negative)
+        half = parallel.index("cfg")
+        text = text.chunk(2)[half]
+        mask = None if mask is None else mask.chunk(2)[half]
 
-    cached = use_kv_cache or kv_cache is not None
-    kv = None
-    if cached:
-        kv = kv_cache if kv_cache is not None else compute_kv_cache(dit, cond_src, text, offload_kv_cache)
-        kv = _expand_cache(kv, 2 * B if do_cfg else B)
-        latents = latents[:, :, m:].contiguous()  # only the noisy frames are carried
-    frames = latents.shape[2]
-    batch = 2 * B if do_cfg else B
-    first_noisy = 0 if cached else m
+    def run_local(latents, text, mask, cond_src, kv):
+        """The loop on this rank's batch -> (latents, first non-finite step or -1, on the device)."""
+        cond = None if cond_src is None else cond_src.expand(B, -1, -1, -1, -1)
+        cached = use_kv_cache or kv is not None
+        batch = 2 * B if do_cfg and not cfg_split else B
+        if cached:
+            kv = kv if kv is not None else compute_kv_cache(dit, cond_src, text, offload_kv_cache)
+            kv = _expand_cache(kv, batch)
+            latents = latents[:, :, m:].contiguous()  # only the noisy frames are carried
+        frames = latents.shape[2]
+        first_noisy = 0 if cached else m
 
-    step_model = graph_runner_for(dit, graphs)
-    sc = _check_cache(cache)
-    # A CUDA graph runner captures a step with an active cache in parts around the decision (the
-    # head, then a full or a cached tail: runtime/compiled.py).
-    sc_call = sc if sc is not None and sc.active else None
-    # The first step whose latents hold NaN/Inf, kept on the device (-1: none yet) by torch ops
-    # only: no host sync per step; read once after the loop.
-    first_bad = torch.full((), -1, dtype=torch.long, device=latents.device)
-    start = time.perf_counter()
-    # The cache serves this run until the loop ends (a RuntimeError now if it serves another);
-    # a loop that raises releases it without a report.
-    with torch.no_grad(), _cache_run(sc, dit, ts_host):
-        for i in range(n):
-            t = timesteps[i]
-            model_in = torch.cat([latents, latents], dim=0) if do_cfg else latents
-            timestep = t.expand(batch, frames)
-            if first_noisy:
-                timestep = timestep.clone()
-                timestep[:, :first_noisy] = 0
-            kwargs = {}
-            if cached:
-                kwargs = dict(num_cond_latents=m, kv_cache_dict=kv)
-            elif m:
-                kwargs = dict(num_cond_latents=m)
-            if sc is not None:
-                if sc_call is not None:
-                    kwargs["step_cache"] = sc_call
-                    sc.begin_step(i, _cache_key(dit, model_in, text))
+        step_model = graph_runner_for(dit, graphs)
+        sc = _check_cache(cache)
+        # A CUDA graph runner captures a step with an active cache in parts around the decision (the
+        # head, then a full or a cached tail: runtime/compiled.py).
+        sc_call = sc if sc is not None and sc.active else None
+        # The first step whose latents hold NaN/Inf, kept on the device (-1: none yet) by torch ops
+        # only: no host sync per step; read once after the loop.
+        first_bad = torch.full((), -1, dtype=torch.long, device=latents.device)
+        start = time.perf_counter()
+        # CFG-parallel: each rank's signal covers its half; the sums over the replica's ranks are
+        # the single-process batch's, so both halves take its decision.
+        group = parallel.replica_group if cfg_split else None
+        # The cache serves this run until the loop ends (a RuntimeError now if it serves another);
+        # a loop that raises releases it without a report.
+        with torch.no_grad(), _cache_run(sc, dit, ts_host, group):
+            for i in range(n):
+                t = timesteps[i]
+                model_in = torch.cat([latents, latents], dim=0) if batch != B else latents
+                timestep = t.expand(batch, frames)
+                if first_noisy:
+                    timestep = timestep.clone()
+                    timestep[:, :first_noisy] = 0
+                kwargs = {}
+                if cached:
+                    kwargs = dict(num_cond_latents=m, kv_cache_dict=kv)
+                elif m:
+                    kwargs = dict(num_cond_latents=m)
+                if sc is not None:
+                    if sc_call is not None:
+                        kwargs["step_cache"] = sc_call
+                        sc.begin_step(i, _cache_key(dit, model_in, text))
+                    else:
+                        sc.begin_step(i)
+                v = step_model(model_in, timestep, text, mask, **kwargs)
+                if sc is not None:
+                    sc.end_step(full_without_hook=sc_call is None)
+                if isinstance(v, tuple):
+                    v = v[0]
+                if cfg_split:  # one all-gather per step: [negative half, positive half]
+                    v = parallel.all_gather(v, "cfg")
+                if do_cfg:
+                    v_uncond, v_cond = v.chunk(2)
+                    if first_noisy and not cfg_zero_cond_frames:
+                        v_uncond, v_cond = v_uncond[:, :, first_noisy:], v_cond[:, :, first_noisy:]
+                        v = cfg_zero(v_uncond, v_cond, guidance_scale)
+                    else:
+                        v = cfg_zero(v_uncond, v_cond, guidance_scale)[:, :, first_noisy:]
                 else:
-                    sc.begin_step(i)
-            v = step_model(model_in, timestep, text, mask, **kwargs)
-            if sc is not None:
-                sc.end_step(full_without_hook=sc_call is None)
-            if isinstance(v, tuple):
-                v = v[0]
-            if do_cfg:
-                v_uncond, v_cond = v.chunk(2)
-                if first_noisy and not cfg_zero_cond_frames:
-                    v_uncond, v_cond = v_uncond[:, :, first_noisy:], v_cond[:, :, first_noisy:]
-                    v = cfg_zero(v_uncond, v_cond, guidance_scale)
+                    v = v[:, :, first_noisy:]
+                if first_noisy:
+                    latents[:, :, first_noisy:] = euler_step(latents[:, :, first_noisy:], v, dts[i])
                 else:
-                    v = cfg_zero(v_uncond, v_cond, guidance_scale)[:, :, first_noisy:]
-            else:
-                v = v[:, :, first_noisy:]
-            if first_noisy:
-                latents[:, :, first_noisy:] = euler_step(latents[:, :, first_noisy:], v, dts[i])
-            else:
-                latents = euler_step(latents, v, dts[i])
-            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(latents).all(), i, first_bad)
-            if progress:
-                _sync(device)
-                now = time.perf_counter()
-                print(f"denoise step {i + 1}/{n}  t={ts_host[i]:7.2f}  {now - start:.3f} s/step",
-                      file=sys.stderr, flush=True)
-                start = now
-            if callback is not None:
-                callback(i, ts_host[i], latents)
+                    latents = euler_step(latents, v, dts[i])
+                first_bad = torch.where((first_bad < 0) & ~torch.isfinite(latents).all(), i, first_bad)
+                if progress:
+                    _sync(device)
+                    now = time.perf_counter()
+                    print(f"denoise step {i + 1}/{n}  t={ts_host[i]:7.2f}  {now - start:.3f} s/step",
+                          file=sys.stderr, flush=True)
+                    start = now
+                if callback is not None:
+                    callback(i, ts_host[i], latents)
+        if cached:
+            latents = torch.cat([cond, latents], dim=2)
+        return latents, first_bad
+
+    if B:
+        latents, first_bad = run_local(latents, text, mask, cond_src, kv_cache)
+    else:  # a replica with no item: nothing to denoise, but it joins the gather below
+        first_bad = torch.full((), -1, dtype=torch.long, device=latents.device)
+    if items is not None:
+        latents, first_bad = _gather_replicas(parallel, latents, first_bad, out_shape)
     # The one host read, after the last step (torch.equal answers a Python bool); the step
-    # number is read only when there is an error to report.
+    # number is read only when there is an error to report. Under data parallelism every rank
+    # raises it (the replicas' first bad steps are gathered with the latents).
     if not torch.equal(first_bad, torch.full_like(first_bad, -1)):
         bad = int(first_bad)
         raise NonFiniteLatentsError(
@@ -540,9 +481,24 @@ def denoise(
             f"{ts_host[bad]:.2f}); nothing is returned. Usual causes: a guidance_scale too large "
             f"(here {guidance_scale:g}), float16 overflow (use bfloat16 or float32), non-finite model weights"
         )
-    if cached:
-        latents = torch.cat([cond, latents], dim=2)
     return latents
+
+
+def _gather_replicas(parallel, latents, first_bad, out_shape):
+    """Every replica's slice of the batch on every rank -> (the whole batch [B, ...] in item
+    order, the earliest step any replica went non-finite at, or -1). Slices are padded to the
+    largest one (all_gather takes equal sizes), the padding dropped afterwards."""
+    from ..runtime.mesh import dp_split
+
+    splits = dp_split(out_shape[0], parallel.size("dp"))
+    per = max(hi - lo for lo, hi in splits)
+    buf = latents.new_zeros((per,) + tuple(out_shape[1:]))
+    buf[: latents.shape[0]] = latents
+    everyone = parallel.all_gather(buf, "dp")
+    out = torch.cat([everyone[j * per: j * per + hi - lo] for j, (lo, hi) in enumerate(splits)])
+    bads = parallel.all_gather(first_bad.view(1), "dp")
+    bads = torch.where(bads < 0, torch.full_like(bads, torch.iinfo(torch.long).max), bads).min()
+    return out, torch.where(bads == torch.iinfo(torch.long).max, torch.full_like(bads, -1), bads)
 
 
 def _check_cache(cache):
@@ -556,13 +512,13 @@ def _check_cache(cache):
 
 
 @contextlib.contextmanager
-def _cache_run(sc, dit, ts_host):
+def _cache_run(sc, dit, ts_host, group=None):
     """One run of the StepCache ``sc`` (None: nothing): begun on entry, ended (its report
     recorded) when the loop completes, released without a report when it raises."""
     if sc is None:
         yield
         return
-    token = sc.begin_run(_depth(dit), ts_host)
+    token = sc.begin_run(_depth(dit), ts_host, group=group)
     try:
         yield
     except BaseException:

@@ -24,11 +24,12 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-__all__ = ["MESH_DIMS", "ParallelConfig", "Parallel", "init_parallel", "DEFAULT_TIMEOUT_S", "world_from_env"]
+__all__ = ["MESH_DIMS", "ParallelConfig", "Parallel", "init_parallel", "DEFAULT_TIMEOUT_S", "world_from_env",
+           "dp_split"]
 
 MESH_DIMS = ("dp", "cfg", "ring", "ulysses")
 
@@ -104,6 +105,20 @@ class ParallelConfig:
         return {d: out[d] for d in MESH_DIMS}
 
 
+def dp_split(n: int, dp: int) -> List[Tuple[int, int]]:
+    """The contiguous ``(start, stop)`` slice of ``n`` batch items each of ``dp`` replicas
+    computes: the first ``n % dp`` replicas take one item more (``numpy.array_split``'s rule), so
+    replica ``j`` holds items ``start..stop-1`` of the single-process batch and a replica may
+    hold none when ``n < dp``."""
+    base, extra = divmod(int(n), int(dp))
+    out, start = [], 0
+    for j in range(dp):
+        stop = start + base + (1 if j < extra else 0)
+        out.append((start, stop))
+        start = stop
+    return out
+
+
 def world_from_env() -> Optional[int]:
     """``WORLD_SIZE`` as torchrun sets it, or None outside a launcher."""
     w = os.environ.get("WORLD_SIZE")
@@ -157,6 +172,9 @@ class Parallel:
     replica_src: int = 0  # global rank of the replica's first rank
     coords: Dict[str, int] = field(default_factory=dict)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    # Bytes this rank sent through :meth:`all_gather`, per mesh dimension (the pipelines' CFG and
+    # DP exchanges; the forward's Ulysses/ring traffic is counted by runtime/parallel.py's formula).
+    comm_bytes: Dict[str, int] = field(default_factory=dict)
 
     def group(self, dim: str):
         """The process group of mesh dimension ``dim`` this rank belongs to."""
@@ -178,6 +196,25 @@ class Parallel:
     def is_replica_lead(self) -> bool:
         """The first rank of this rank's replica: the one that writes the replica's outputs."""
         return self.rank == self.replica_src
+
+    def items(self, n: int) -> Tuple[int, int]:
+        """The ``(start, stop)`` slice of an ``n``-item batch this rank's replica computes
+        (:func:`dp_split`)."""
+        return dp_split(n, self.size("dp"))[self.index("dp")]
+
+    def all_gather(self, x: torch.Tensor, dim: str) -> torch.Tensor:
+        """``x`` of every rank of ``dim``'s group, concatenated along dim 0 in ``dim``-index order
+        (a functional collective, waited on at once; the bytes sent are counted in
+        :attr:`comm_bytes`)."""
+        import torch.distributed._functional_collectives as funcol
+
+        x = x.contiguous()
+        gather = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor
+        out = gather(x, 0, self.group(dim))
+        wait = getattr(out, "wait", None)
+        out = wait() if callable(wait) else out
+        self.comm_bytes[dim] = self.comm_bytes.get(dim, 0) + x.numel() * x.element_size()
+        return out
 
     def check_replicas(self, signature: Sequence) -> None:
         """Every rank built the same model and layout (a rank with another config would

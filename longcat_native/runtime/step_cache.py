@@ -106,6 +106,7 @@ class StepCache:
         self.runs: List[Dict[str, Any]] = []
         self._run: Optional[Dict[str, Any]] = None
         self._owner = None  # (token, thread id, thread name) of the run in progress
+        self._group = None  # the run's signal reduction group (begin_run), None: the CP group's
         self._lock = threading.Lock()  # begin_run's check-and-claim is one step across threads
         self.buffers: Optional[_Buffers] = None  # the device state (see _Buffers)
         self._reset_state()
@@ -153,9 +154,13 @@ class StepCache:
     # one is in progress (another thread's, or one interleaved in the same thread: a pipeline
     # call from a step callback, two loops stepping alternately, CFG branches run as separate
     # denoise calls) is refused before it touches that state, and the first carries on.
-    def begin_run(self, depth: int, timesteps: List[float]) -> object:
+    def begin_run(self, depth: int, timesteps: List[float], group=None) -> object:
         """A new run (a ``denoise`` call): empty cache, new report. Returns the run's token, for
-        :meth:`end_run` / :meth:`abort_run`. RuntimeError while another run is in progress."""
+        :meth:`end_run` / :meth:`abort_run`. RuntimeError while another run is in progress.
+        ``group``: the process group whose ranks together hold the step's whole batch and token
+        set (CFG-parallel: the replica's ranks, each with one half of the guided batch); the
+        signal's sums are all-reduced over it instead of over the CP group, so every rank takes
+        the single-process decision."""
         self.check_depth(depth)
         token = object()
         with self._lock:
@@ -166,6 +171,7 @@ class StepCache:
             self._run = {"steps": len(timesteps), "depth": depth, "middle_blocks": len(self.middle(depth)),
                          "per_step": [], "resets": 0, "_timesteps": list(timesteps)}
             self._step = -1
+            self._group = group
             self._owner = (token, threading.get_ident(), threading.current_thread().name)
         return token
 
@@ -197,12 +203,13 @@ class StepCache:
 
     def _release(self) -> None:
         self._run = None
+        self._group = None
         self._owner = None
         self._reset_state()
         self.buffers = None  # the tensors are not kept past the run (a graph runner keeps its own)
 
     def __getstate__(self):  # copy / pickle: the parameters and reports, never a run in progress
-        state = dict(self.__dict__, _lock=None, _run=None, _owner=None, buffers=None)
+        state = dict(self.__dict__, _lock=None, _run=None, _owner=None, buffers=None, _group=None)
         return state
 
     def __setstate__(self, state):
@@ -377,10 +384,13 @@ class StepCache:
             return None, r
         prev = b.prev.float()
         sums = torch.stack([(r.float() - prev).abs().sum(), prev.abs().sum()])
-        if cp is not None:  # every rank takes the same decision from the global sums
+        group = self._group
+        if group is None and cp is not None:
+            group = cp.group
+        if group is not None:  # every rank takes the same decision from the global sums
             import torch.distributed._functional_collectives as funcol
 
-            sums = funcol.all_reduce(sums, "sum", cp.group)
+            sums = funcol.all_reduce(sums, "sum", group)
             wait = getattr(sums, "wait", None)
             sums = wait() if callable(wait) else sums
         return sums, r
