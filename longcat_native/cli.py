@@ -102,8 +102,9 @@ def cmd_info(args) -> int:
             from .runtime.step_cache import StepCache, parse_cache_spec
 
             step_cache = StepCache(**parse_cache_spec(args.cache))
+        # --shard-weights: one rank's shards plus the gathered blocks (FSDP2 over every rank)
         plan = plan_memory(args.max_memory, dit_config=cfg, quantize=args.quantize, dtype=dtype,
-                           step_cache=step_cache, **root_cfg)
+                           step_cache=step_cache, shard_ranks=layout["world"] if args.shard_weights else 1, **root_cfg)
         info["memory_plan"] = plan.to_dict()
     if args.quantize is not None:
         qmeta = LongCatDiT.from_config(cfg, device="meta", dtype=dtype, kernels="reference", quantize=args.quantize)

@@ -176,3 +176,19 @@ def test_shard_weights_refusals_in_one_process():
         lcn.LongCatDiT.from_config("tiny", device="cpu", shard_weights=True, offload="blocks")
     meta = lcn.LongCatDiT.from_config("tiny", device="meta", shard_weights=True)  # planning: shapes only
     assert not sharding.is_sharded(meta)
+
+
+def test_the_planners_plan_one_rank_of_a_sharded_run(capsys):
+    """info --max-memory, generate's plan and the pipeline's max_memory= count a sharded DiT's
+    per-rank weights (plan_memory's shard_ranks = every rank of the layout)."""
+    import json
+
+    from longcat_native.cli import main
+    from longcat_native.pipelines.loading import _shard_ranks
+
+    for flags, ranks in (([], 1), (["--shard-weights"], 4), (["--shard-weights", "--cfg-parallel", "--dp", "2"], 16)):
+        main(["info", "--config", "tiny", "--frames", "9", "--height", "64", "--width", "64", "--max-memory", "1GiB",
+              "--cp-size", "4", *flags, "--json"])
+        assert json.loads(capsys.readouterr().out)["memory_plan"]["shard_ranks"] == ranks
+    assert _shard_ranks({"shard_weights": True, "cp_size": 2, "ring_size": 2, "cfg_parallel": True}) == 8
+    assert _shard_ranks({"cp_size": 2}) == 1

@@ -205,6 +205,14 @@ class PipelineComponents:
                 self.dit.to(home)
 
 
+def _shard_ranks(dit_kwargs) -> int:
+    """The ranks a ``shard_weights=True`` DiT shards over (every rank of its layout), else 1."""
+    if not dit_kwargs.get("shard_weights"):
+        return 1
+    return (int(dit_kwargs.get("cp_size", 1)) * int(dit_kwargs.get("ring_size", 1))
+            * (2 if dit_kwargs.get("cfg_parallel") else 1) * int(dit_kwargs.get("dp_size", 1)))
+
+
 def _budget_plan(root, dit_cfg, max_memory, dtype, device, dit_kwargs, text_encoder: bool, vae: bool, step_cache=None):
     """The memory plan of the official 3-stage run for this checkpoint's components, or a
     ValueError with its stage table when nothing fits ``max_memory``."""
@@ -219,7 +227,8 @@ def _budget_plan(root, dit_cfg, max_memory, dtype, device, dit_kwargs, text_enco
               if (text_encoder or st.kind != "text_encode") and (vae or not st.kind.startswith("vae_"))]
     plan = plan_memory(max_memory, dit_config=dit_cfg, quantize=dit_kwargs.get("quantize"), dtype=dt, stages=stages,
                        text_encoder_config=component_config(root, TEXT_ENCODER_DIR) if text_encoder else None,
-                       vae_config=component_config(root, VAE_DIR) if vae else None, step_cache=step_cache)
+                       vae_config=component_config(root, VAE_DIR) if vae else None, step_cache=step_cache,
+                       shard_ranks=_shard_ranks(dit_kwargs))
     if not plan.fits:
         raise ValueError("the official run does not fit max_memory:\n" + format_plan(plan))
     return plan

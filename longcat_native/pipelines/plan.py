@@ -539,8 +539,9 @@ def _check_memory_flags(r: GenerateRequest) -> None:
         parse_bytes(r.max_memory)
         if r.offload not in (None, "none"):
             raise ValueError("--max-memory plans the streaming itself: drop --offload")
-        if r.cp_size > 1:
-            raise ValueError("--max-memory plans one device; with --cp-size each rank holds the whole model")
+        if r.cp_size > 1 or r.ring_size > 1:
+            raise ValueError("--max-memory plans one device running a whole forward; with --cp-size / --ring the "
+                             "ranks split each forward, which the plan does not model: drop --max-memory")
 
 
 def memory_plan(plan: GeneratePlan, dtype):
@@ -576,7 +577,8 @@ def memory_plan(plan: GeneratePlan, dtype):
                         text_encoder_config=component_config(root, TEXT_ENCODER_DIR)
                         if plan.text_source == "encoder" else None,
                         vae_config=component_config(root, VAE_DIR) if plan.need_vae and root else None,
-                        step_cache=request_step_cache(r))
+                        step_cache=request_step_cache(r),
+                        shard_ranks=parallel_world(r) if r.shard_weights else 1)
     if not mplan.fits:
         raise ValueError(f"the run does not fit --max-memory {r.max_memory}:\n" + format_plan(mplan))
     return mplan
