@@ -262,6 +262,13 @@ def run(report, world, scenarios):
             inputs, _, _, _ = load_case("t2v_mask")
             report["errors"]["step_cache_dp"] = _expect_error(
                 lambda: dit(**inputs, step_cache=StepCache()), ValueError)
+            from longcat_native.pipelines.sampler import denoise
+
+            # one video over more replicas than videos: refused on every rank before any gather
+            text = inputs["encoder_hidden_states"][:1]
+            report["errors"]["dp_without_work"] = _expect_error(
+                lambda: denoise(dit, torch.randn(1, 16, 1, 4, 4), text, num_steps=1, guidance_scale=1.0,
+                                progress=False), ValueError)
         # Loading in turns: the ranks' loads do not overlap, and one rank's failure is every rank's error.
         def timed(_):
             start = time.monotonic()

@@ -71,9 +71,11 @@ def test_sharding_two_ranks(tmp_path, monkeypatch):
         for name, exc in (("compile_whole", "ValueError"),
                           ("save_quantized", "RuntimeError"), ("cast", "RuntimeError"), ("offload", "ValueError"),
                           ("load_state_dict", "RuntimeError"), ("streaming", "RuntimeError"),
-                          ("graphs", "ValueError"), ("step_cache_dp", "ValueError")):
+                          ("graphs", "ValueError"), ("step_cache_dp", "ValueError"),
+                          ("dp_without_work", "ValueError")):
             assert e[name]["raised"] == exc and not e[name].get("wrong_type"), (name, e[name])
         assert "shard_weights" in e["offload"]["message"]
+        assert "every replica must denoise at least one video" in e["dp_without_work"]["message"]
         assert c["turns_disjoint"]  # the ranks loaded one after another
         last = rep["rank"] == rep["world"] - 1
         assert e["turn_failure"]["raised"] == ("ValueError" if last else "RuntimeError"), e["turn_failure"]

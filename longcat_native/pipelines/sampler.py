@@ -374,6 +374,12 @@ def denoise(
         # cut from the inputs every rank holds whole (the noise the single-process run draws), so
         # the gathered result is the single-process one. CFG batches are [negative, positive].
         items = lo, hi = parallel.items(B)
+        if B < parallel.size("dp") and getattr(_base_model(dit), "weight_sharding", None) is not None:
+            # every rank gathers each block's shards in every forward (FSDP2 collectives): a replica
+            # with nothing to denoise would leave the others waiting in the first gather
+            raise ValueError(f"{B} video(s) over dp_size={parallel.size('dp')} replicas with shard_weights=True: "
+                             "every replica must denoise at least one video (the weight gathers are collectives "
+                             "of all ranks); pass at least dp_size videos, or a smaller dp_size")
         halves = 2 if do_cfg else 1
         rows = lambda t: None if t is None else torch.cat([c[lo:hi] for c in t.chunk(halves)])  # noqa: E731
         latents, text, mask = latents[lo:hi], rows(text), rows(mask)
