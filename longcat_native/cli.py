@@ -328,8 +328,9 @@ def cmd_convert(args) -> int:
     (FastVideo's transformer/ layout: split q/k/v, FastVideo's names and config keys), fp8 / int8
     (longcat-native's quantized save, loaded back as quantize="fp8-weight-only" / "int8-weight-only";
     quantize="fp8" reads the fp8 one too). SRC: an official dit/ folder or root, a FastVideo Diffusers
-    transformer/ folder or root (model_index.json + transformer/), a longcat-native quantized save or an
-    official INT8 folder (base_model_int8/; dequantized for a float target). Only the DiT is converted:
+    transformer/ folder or root (model_index.json + transformer/), a longcat-native quantized save, an
+    official INT8 folder (base_model_int8/; dequantized for a float target) or a ComfyUI single file
+    (fp8 bytes kept by --to fp8, fp8 * scale_weight otherwise). Only the DiT is converted:
     DST is the folder a loader is pointed at (a root's dit/ or transformer/). Every source tensor is
     checked against the config (names, shapes, dtypes) before anything is written; tensors are
     streamed one at a time (peak memory about the largest tensor group, not the model); DST appears
@@ -480,7 +481,8 @@ def build_parser() -> argparse.ArgumentParser:
     conv = sub.add_parser("convert", help="convert a DiT checkpoint: official, diffusers (FastVideo), fp8, int8",
                           description=cmd_convert.__doc__)
     conv.add_argument("src", metavar="SRC", help="source checkpoint: official dit/ or root, Diffusers transformer/ or "
-                                                 "root, longcat-native quantized save, official INT8 folder")
+                                                 "root, longcat-native quantized save, official INT8 folder, ComfyUI "
+                                                 ".safetensors file")
     conv.add_argument("dst", metavar="DST", help="output folder (new or empty; see --overwrite)")
     conv.add_argument("--to", required=True, choices=CONVERT_TARGETS, help="the output layout")
     conv.add_argument("--dtype", default=None, choices=DTYPE_CHOICES,

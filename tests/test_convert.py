@@ -287,15 +287,22 @@ def test_other_refusals(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="no LongCat-Video DiT checkpoint found"):
         cv.convert_checkpoint(tmp_path / "empty", tmp_path / "dst", "official")
-    # split parts of one fused tensor in two dtypes
+    # split parts of one fused tensor in two dtypes: the loader casts each into the model dtype; "as
+    # stored" names no dtype for the fused tensor, so --dtype is needed (and then it is the loader's)
     sd = _diffusers_sd()
     sd["blocks.0.self_attn.to_k.weight"] = sd["blocks.0.self_attn.to_k.weight"].half()
     write_diffusers(tmp_path / "mixed", sd)
-    with pytest.raises(CheckpointError, match=r"different dtypes.*blocks\.0\.attn\.qkv\.weight"):
+    with pytest.raises(ValueError, match=r"blocks\.0\.attn\.qkv\.weight is stored .* several dtypes .*to_k\.weight "
+                                         r"float16.*pass --dtype"):
         cv.convert_checkpoint(tmp_path / "mixed", tmp_path / "dst", "official")
-    # a FastVideo config that contradicts itself
-    write_diffusers(tmp_path / "cfg", _diffusers_sd(), dict(CONFIG, num_attention_heads=8))
-    with pytest.raises(CheckpointError, match="num_attention_heads = 8 and num_heads = 4 disagree"):
+    with pytest.raises(ValueError, match=r"several dtypes .*blocks\.0\.attn\.qkv\.weight.*pass --dtype"):
+        cv.convert_checkpoint(tmp_path / "mixed", tmp_path / "dst", "int8")
+    cv.convert_checkpoint(tmp_path / "mixed", tmp_path / "mixed32", "official", dtype="float32", quiet=True)
+    assert_same_models(lcn.LongCatDiT.from_pretrained(tmp_path / "mixed32", kernels="reference"),
+                       lcn.LongCatDiT.from_pretrained(tmp_path / "mixed", dtype=torch.float32, kernels="reference"))
+    # a FastVideo config that contradicts itself: the loader's own refusal
+    write_diffusers(tmp_path / "cfg", _diffusers_sd(), dict(CONFIG, _class_name=DIFFUSERS_CLASS, num_attention_heads=8))
+    with pytest.raises(CheckpointError, match="num_heads 4 contradicts num_attention_heads 8"):
         cv.convert_checkpoint(tmp_path / "cfg", tmp_path / "dst", "official")
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "keep.txt").write_text("mine")
@@ -437,3 +444,130 @@ def test_peak_ram_stays_far_below_the_checkpoint(tmp_path):
     assert all(0 <= p < RAM_BOUND for p in peaks.values()), f"checkpoint {total / 2**20:.0f} MiB, peaks {peaks}"
     assert (tmp_path / "int8" / qc.NATIVE_MARKER).is_file() and (tmp_path / "diffusers" / "config.json").is_file()
     assert len(list((tmp_path / "diffusers").glob("*.safetensors"))) == 4  # 100MB shards
+
+
+# ---------------------------------------------------------------------------------------------
+# ComfyUI single files, and the converter refusing what the loader refuses
+# ---------------------------------------------------------------------------------------------
+
+
+def _comfy_file(tmp_path, variant):
+    """The ComfyUI file of tests/test_checkpoint_comfy.py's writer: scaled fp8 under ComfyUI's
+    "model.diffusion_model." prefix, its newer per-layer comfy_quant spelling, or unscaled fp8."""
+    from test_checkpoint_comfy import comfy_fp8_state_dict, to_comfy_quant, write
+
+    sd = comfy_fp8_state_dict(scaled=variant != "unscaled")
+    if variant == "comfy_quant":
+        sd = to_comfy_quant(sd)
+    return write(tmp_path / f"LongCat_{variant}.safetensors", sd,
+                 prefix="model.diffusion_model." if variant == "scaled" else ""), sd
+
+
+@pytest.mark.parametrize("variant", ["scaled", "comfy_quant", "unscaled"])
+def test_comfy_file_converts_as_from_pretrained_loads_it(tmp_path, variant):
+    """--to fp8 keeps the file's float8 bytes with its per-tensor scale repeated over the rows, and
+    --to int8 requantizes fp8 * scale: both bit for bit what from_pretrained(file, quantize=...)
+    holds (the model dtype, bf16, is the file's float dtype). --to official dequantizes fp8 * scale
+    (float32, rounded once into --dtype): the dequantized fp8-weight-only model, bit for bit."""
+    from test_checkpoint_comfy import _float_twin
+
+    f, sd = _comfy_file(tmp_path, variant)
+    for to in ("fp8", "int8") if variant != "comfy_quant" else ("fp8",):
+        r = cv.convert_checkpoint(f, tmp_path / to, to, max_shard_size="100KB", quiet=True)
+        assert r.source_layout == "comfy" and r.source == str(f)
+        want = lcn.LongCatDiT.from_pretrained(f, quantize=MODE[to], dtype=torch.bfloat16, kernels="reference")
+        assert_same_models(lcn.LongCatDiT.from_pretrained(tmp_path / to, kernels="reference"), want)
+    q = read_folder(tmp_path / "fp8")
+    k = "blocks.1.attn.qkv.weight"
+    parts = [sd[f"blocks.1.self_attn.{p}.weight"] for p in "qkv"]
+    assert same_bits(q[k], torch.cat(parts))  # the stored bytes
+    scales = [sd[f"blocks.1.self_attn.{p}.{'weight_scale' if variant == 'comfy_quant' else 'scale_weight'}"]
+              if variant != "unscaled" else torch.tensor(1.0) for p in "qkv"]
+    assert same_bits(q[k + "_scale"], torch.stack(scales).float().repeat_interleave(parts[0].shape[0]))
+
+    twin = _float_twin(lcn.LongCatDiT.from_pretrained(f, quantize="fp8-weight-only", dtype=torch.float32,
+                                                      kernels="reference")).state_dict()
+    for dtype in ("float32", "bfloat16"):
+        cv.convert_checkpoint(f, tmp_path / f"off-{dtype}", "official", dtype=dtype, quiet=True)
+        assert {t.dtype for t in read_folder(tmp_path / f"off-{dtype}").values()} == {getattr(torch, dtype)}
+        got = lcn.LongCatDiT.from_pretrained(tmp_path / f"off-{dtype}", dtype=getattr(torch, dtype),
+                                             kernels="reference")
+        assert_same_tensors(got.state_dict(), {n: t.to(got.dtype) for n, t in twin.items()})
+    # the same through the Diffusers layout, the dtype by default the file's float dtype (bf16)
+    cv.convert_checkpoint(f, tmp_path / "diff", "diffusers", quiet=True)
+    assert_same_models(lcn.LongCatDiT.from_pretrained(tmp_path / "diff", kernels="reference"),
+                       lcn.LongCatDiT.from_pretrained(tmp_path / "off-bfloat16", kernels="reference"))
+
+
+def test_float_comfy_file_converts_back_to_the_official_tensors(tmp_path):
+    """A float ComfyUI export (no fp8): its split q/k/v, kv and w1/w3 are the official tensors' row
+    blocks, so --to official gives the official checkpoint bit for bit."""
+    from test_checkpoint_comfy import to_comfy_names, write
+
+    f = write(tmp_path / "LongCat_bf16.safetensors", to_comfy_names(_official_sd()), prefix="diffusion_model.")
+    cv.convert_checkpoint(f, tmp_path / "off", "official", quiet=True)
+    assert_same_tensors(read_folder(tmp_path / "off"), _official_sd())
+
+
+def _errors(fn):
+    try:
+        fn()
+    except Exception as e:  # noqa: BLE001 - the message and type are compared below
+        return type(e), str(e)
+    raise AssertionError("no error")
+
+
+def test_convert_refuses_what_from_pretrained_refuses(tmp_path):
+    """The readers are the loader's code: the same error, word for word, for a ComfyUI file with a
+    missing tensor, a Wan file, a Diffusers config with a key the loader does not know, and a
+    config.json of another model class."""
+    from test_checkpoint_comfy import comfy_fp8_state_dict, write
+
+    sd = comfy_fp8_state_dict()
+    del sd["blocks.1.cross_attn.v.weight"]
+    bad_comfy = write(tmp_path / "missing.safetensors", sd)
+    wan = write(tmp_path / "wan.safetensors",
+                dict(comfy_fp8_state_dict(), **{"time_projection.1.weight": torch.ones(2)}))
+    write_diffusers(tmp_path / "unknown_key", _diffusers_sd(),
+                    dict(CONFIG, _class_name=DIFFUSERS_CLASS, rope_theta=1e4))
+    write_diffusers(tmp_path / "foreign", _diffusers_sd(), dict(CONFIG, _class_name="WanTransformer3DModel"))
+    for src in (bad_comfy, wan, tmp_path / "unknown_key", tmp_path / "foreign", tmp_path):
+        want = _errors(lambda: lcn.LongCatDiT.from_pretrained(src, quantize="fp8-weight-only", kernels="reference"))
+        got = _errors(lambda: cv.convert_checkpoint(src, tmp_path / "dst", "official", quiet=True))
+        if src == tmp_path:  # no checkpoint at all: the converter says so, with the loader's words
+            assert got[0] is CheckpointError and want[1] in got[1], (got, want)
+        else:
+            assert got == want, (src, got, want)
+        assert not (tmp_path / "dst").exists()
+    assert "blocks.1.cross_attn.v.weight" in _errors(lambda: cv.convert_checkpoint(bad_comfy, tmp_path / "d", "fp8"))[1]
+    assert "rope_theta" in _errors(lambda: cv.convert_checkpoint(tmp_path / "unknown_key", tmp_path / "d", "int8"))[1]
+
+
+def test_diffusers_config_is_what_the_diffusers_loader_reads(tmp_path):
+    """An official config.json with a key the model does not read (the official loader ignores it,
+    warning) converts to Diffusers without it, with a warning naming it: the Diffusers loader
+    refuses unknown keys, so DST must not carry it. Every key is written explicitly: an official
+    config without text_tokens_zero_pad means False (the official default), a FastVideo one without
+    it True, so the value is written, and DST loads as the source model."""
+    config = {k: v for k, v in CONFIG.items() if k != "text_tokens_zero_pad"}
+    config["my_training_note"] = "lr 1e-4"
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps(config))
+    shutil.copy(DIT / "diffusion_pytorch_model.safetensors", src)
+    with pytest.warns(UserWarning) as caught:  # the key ignored on reading (as the loader does), then not written
+        cv.convert_checkpoint(src, tmp_path / "diff", "diffusers", quiet=True)
+    said = [str(w.message) for w in caught]
+    assert any("ignoring unknown config keys ['my_training_note']" in m for m in said), said
+    assert any("['my_training_note'] are not written to the Diffusers config.json" in m for m in said), said
+    written = json.loads((tmp_path / "diff" / "config.json").read_text())
+    assert "my_training_note" not in written and written["text_tokens_zero_pad"] is False
+    with pytest.warns(UserWarning, match="ignoring unknown config keys"):
+        want = lcn.LongCatDiT.from_pretrained(src, dtype=torch.float32, kernels="reference")
+    got = lcn.LongCatDiT.from_pretrained(tmp_path / "diff", dtype=torch.float32, kernels="reference")
+    assert got.config == want.config and not got.config.text_tokens_zero_pad
+    assert_same_models(got, want)
+    # and back: the official config the loader reads, the unknown key gone with the Diffusers step
+    cv.convert_checkpoint(tmp_path / "diff", tmp_path / "back", "official", quiet=True)
+    back = json.loads((tmp_path / "back" / "config.json").read_text())
+    assert LongCatConfig.from_dict(back) == want.config and "my_training_note" not in back

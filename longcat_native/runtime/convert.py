@@ -5,8 +5,8 @@ Targets (:data:`CONVERT_TARGETS`): ``official`` (the official ``dit/`` layout), 
 (FastVideo's ``transformer/`` layout, runtime/layouts.py's names), ``fp8`` / ``int8`` (longcat-native's
 quantized save, what ``LongCatDiT.from_pretrained`` reads back as "fp8-weight-only" /
 "int8-weight-only"). Sources: the table :data:`READERS` (runtime/convert_sources.py), each turning
-a folder (or file) into the official tensors it holds, checked complete against the model config
-before anything is written.
+a folder (or a ComfyUI single file) into the official tensors it holds, checked complete against the
+model config by the loader's own checks before anything is written.
 
 How (docs/design/checkpoints.md, "Converting"):
 - The shards are planned from the source's headers alone (names, dtypes, shapes: every output size is
@@ -31,6 +31,7 @@ import resource
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
@@ -39,8 +40,9 @@ import torch
 
 from . import quantize as qz
 from . import quantized_checkpoints as qc
-from .convert_sources import (OFFICIAL_CLASS, READERS, Ref, Source, TensorFiles, official_config_to_diffusers,
-                              open_source)
+from .checkpoints import read_config
+from .convert_sources import OFFICIAL_CLASS, READERS, Ref, Source, TensorFiles, open_source
+from .diffusers_checkpoints import diffusers_config
 from .files import atomic_folder
 from .layouts import official_to_diffusers
 from .names import CONVERT_TARGETS, parse_bytes
@@ -121,6 +123,9 @@ def _float_of(ref: Ref, files: TensorFiles, dtype: torch.dtype) -> torch.Tensor:
 def _float_dtype(ref: Ref, src: Source, dtype: Optional[torch.dtype]) -> torch.dtype:
     if dtype is not None:
         return dtype
+    if ref.name in src.mixed:
+        raise ValueError(f"{ref.name} is stored in {src.folder} as row blocks of several dtypes "
+                         f"({src.mixed[ref.name]}): there is no one dtype to keep it in; pass --dtype")
     if ref.scale is None:
         return ref.dtype
     if src.model_dtype is None:
@@ -159,7 +164,9 @@ def _diffusers_groups(src: Source, dtype: Optional[torch.dtype]) -> List[_Group]
 def _model_dtype(src: Source, dtype: Optional[torch.dtype]) -> torch.dtype:
     dt = dtype if dtype is not None else src.model_dtype
     if dt is None:
-        dtypes = sorted({_dtype_name(r.dtype) for r in src.refs.values() if r.scale is None})
+        dtypes = sorted({_dtype_name(r.dtype) for r in src.refs.values()
+                         if r.scale is None and r.name not in src.mixed})
+        dtypes += [f"{name}: {parts}" for name, parts in src.mixed.items()][:3]
         raise ValueError(f"{src.folder} stores its float tensors in several dtypes ({', '.join(dtypes)}); a quantized "
                          "save has one model dtype for them: pass --dtype")
     if dt not in (torch.float32, torch.bfloat16, torch.float16):
@@ -357,8 +364,8 @@ def convert_checkpoint(src, dst, to: str, *, dtype=None, max_shard_size=DEFAULT_
                        overwrite: bool = False, quiet: bool = False) -> ConvertResult:
     """Convert the LongCat-Video DiT checkpoint ``src`` (any layout of :data:`READERS`: an official
     ``dit/`` folder or root, a FastVideo Diffusers ``transformer/`` folder or root, a longcat-native
-    quantized save, an official INT8 folder) to the folder ``dst`` in the layout ``to`` (one of
-    :data:`CONVERT_TARGETS`).
+    quantized save, an official INT8 folder, a ComfyUI single file) to the folder ``dst`` in the
+    layout ``to`` (one of :data:`CONVERT_TARGETS`).
 
     ``dtype``: the float dtype of the output's float tensors (default: as stored; a quantized target's
     model dtype, default the source's single float dtype). ``max_shard_size``: bytes per weight file
@@ -387,8 +394,16 @@ def convert_checkpoint(src, dst, to: str, *, dtype=None, max_shard_size=DEFAULT_
         metadata = {"format": "pt"}
     elif to == "diffusers":
         groups, stem, index_name = _diffusers_groups(source, out_dtype), SINGLE_FILE[: -len(".safetensors")], INDEX_FILE
-        extra = {"config.json": official_config_to_diffusers(source.config)}
+        # The config the loader read, in FastVideo's keys: every key explicit. Keys the source's config
+        # has and the model does not read are not carried over: the official loader ignores them (with
+        # a warning), the Diffusers one refuses them, so writing them would make DST unloadable.
+        extra = {"config.json": diffusers_config(source.cfg)}
         metadata = {"format": "pt"}
+        dropped = sorted(getattr(source.cfg, "unknown_keys", {}) or ())
+        if dropped:
+            warnings.warn(f"{source.folder}: config.json keys {dropped} are not written to the Diffusers config.json "
+                          "(the model does not read them; the official loader ignores them, the Diffusers loader "
+                          "refuses unknown keys)", stacklevel=2)
     else:
         mode = TARGET_MODES[to]
         model_dtype = _model_dtype(source, out_dtype)
@@ -429,6 +444,11 @@ def convert_checkpoint(src, dst, to: str, *, dtype=None, max_shard_size=DEFAULT_
                 (tmp / index_name).write_text(json.dumps(index, indent=2), encoding="utf-8")
             for fname, obj in extra.items():
                 (tmp / fname).write_text(json.dumps(obj, indent=2), encoding="utf-8")
+            # DST's config read back by the loader's own reader before DST appears: what convert
+            # writes, from_pretrained reads (a failure here is a converter bug, and leaves no DST)
+            with warnings.catch_warnings():  # an unknown key kept in an official config was warned of on reading
+                warnings.simplefilter("ignore")
+                read_config(tmp, "diffusers" if to == "diffusers" else "official")
     finally:
         if bar is not None:
             bar.close()

@@ -8,34 +8,34 @@ official parameter name in model order, a :class:`Ref` saying where its data is 
 concatenate, rows of a fused tensor, per-row scales when stored quantized). Adding a layout is a
 detect and an open appended to :data:`READERS`; the writers (runtime/convert.py) only see Refs.
 
+The built-in readers are the loader's own code: detection is ``checkpoints.find_checkpoint`` (the
+same layouts, subfolders and refusals as ``from_pretrained``), configs and header checks are
+those of weights.py, diffusers_checkpoints.py, quantized_checkpoints.py and comfy_checkpoints.py,
+so the converter accepts and refuses what the loader does.
+
 Design notes: docs/design/checkpoints.md ("Converting").
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 
 from . import quantized_checkpoints as qc
+from .checkpoints import LAYOUTS, find_checkpoint, read_config
+from .comfy_checkpoints import open_comfy_checkpoint
 from .config import LongCatConfig
-from .layouts import diffusers_to_official, official_to_diffusers
-from .weights import (FLOAT_DTYPES, CheckpointError, cap_list, check_official_weights, expected_official_shape,
-                      index_shards, internal_to_official, list_weight_files, read_headers)
+from .diffusers_checkpoints import DIFFUSERS_CLASS, OFFICIAL_CLASS, check_diffusers_weights
+from .weights import (CheckpointError, LoadPlan, check_official_weights, expected_official_shape, internal_to_official,
+                      read_headers)
 
-__all__ = ["Part", "Ref", "Source", "Reader", "READERS", "SUBFOLDERS", "TensorFiles", "open_source",
-           "official_shapes", "official_config_to_diffusers", "diffusers_config_to_official", "OFFICIAL_CLASS",
-           "DIFFUSERS_CLASS"]
+__all__ = ["Part", "Ref", "Source", "Reader", "READERS", "TensorFiles", "open_source", "official_shapes",
+           "OFFICIAL_CLASS", "DIFFUSERS_CLASS"]
 
-OFFICIAL_CLASS = "LongCatVideoTransformer3DModel"  # the official dit/config.json's _class_name
-DIFFUSERS_CLASS = "LongCatTransformer3DModel"  # FastVideo's (scripts/checkpoint_conversion/longcat_to_fastvideo.py)
-# config.json keys FastVideo spells differently (its LongCatVideoArchConfig field names)
-_DIFFUSERS_CONFIG_KEYS = {"num_heads": "num_attention_heads"}
-# where a root keeps its DiT, tried in order after the path itself
-SUBFOLDERS = ("dit", "transformer", qc.OFFICIAL_INT8_FOLDER, f"dit/{qc.OFFICIAL_INT8_FOLDER}")
 _TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                  "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I8": torch.int8}
 
@@ -72,6 +72,9 @@ class Source:
     refs: Dict[str, Ref]  # every official parameter, in model order
     model_dtype: Optional[torch.dtype]  # the one float dtype of the unquantized tensors, None if several
     quantization: Optional[str] = None
+    # official name -> its parts' dtypes, for a tensor stored as row blocks in several float dtypes
+    # (the loader casts each into the model dtype; "as stored" names no one dtype: --dtype needed)
+    mixed: Dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -130,54 +133,21 @@ class TensorFiles:
         return t, (scales[0] if len(scales) == 1 else torch.cat(scales)).contiguous()
 
 
+
+
 # ---------------------------------------------------------------------------------------------
-# Configs and the expected tensors
+# The expected tensors, and plans turned into Refs
 # ---------------------------------------------------------------------------------------------
-
-
-def official_config_to_diffusers(config: dict) -> dict:
-    """An official config.json as FastVideo's converter writes it: ``_class_name``
-    LongCatTransformer3DModel, ``num_heads`` -> ``num_attention_heads``, every other key as it is."""
-    out = {_DIFFUSERS_CONFIG_KEYS.get(k, k): v for k, v in config.items()}
-    out["_class_name"] = DIFFUSERS_CLASS
-    return out
-
-
-def diffusers_config_to_official(config: dict, where: str = "config.json") -> dict:
-    """The inverse of :func:`official_config_to_diffusers`; ``attention_head_dim`` (FastVideo derives
-    it as hidden_size / heads) is checked and dropped."""
-    out = {}
-    back = {v: k for k, v in _DIFFUSERS_CONFIG_KEYS.items()}
-    for k, v in config.items():
-        ours = back.get(k, k)
-        if ours in out and out[ours] != v:
-            raise CheckpointError(f"{where}: {k} = {v!r} and {ours} = {out[ours]!r} disagree")
-        out[ours] = v
-    head_dim = out.pop("attention_head_dim", None)
-    if head_dim is not None and isinstance(out.get("hidden_size"), int) and isinstance(out.get("num_heads"), int) \
-            and out["num_heads"] and head_dim != out["hidden_size"] // out["num_heads"]:
-        raise CheckpointError(f"{where}: attention_head_dim {head_dim!r} is not hidden_size / num_attention_heads "
-                              f"({out['hidden_size']} / {out['num_heads']})")
-    if "_class_name" in out:
-        out["_class_name"] = OFFICIAL_CLASS
-    return out
-
-
-def _read_config(folder: Path) -> dict:
-    path = folder / "config.json"
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: not a readable config.json ({e})") from e
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path} must hold a JSON object")
-    return data
 
 
 def _meta_model(cfg: LongCatConfig, dtype=torch.float32, quantize=None):
     from .dit import LongCatDiT
 
     return LongCatDiT.from_config(cfg, device="meta", dtype=dtype, kernels="reference", quantize=quantize)
+
+
+def _shapes(model) -> Dict[str, Tuple[int, ...]]:
+    return {n: tuple(p.shape) for n, p in model.named_parameters()}
 
 
 def official_shapes(cfg: LongCatConfig, model=None) -> Dict[str, Tuple[int, ...]]:
@@ -194,20 +164,44 @@ def official_shapes(cfg: LongCatConfig, model=None) -> Dict[str, Tuple[int, ...]
     return out
 
 
-def _common_dtype(refs: Dict[str, Ref]) -> Optional[torch.dtype]:
+def _common_dtype(refs: Dict[str, Ref], mixed: Dict[str, str]) -> Optional[torch.dtype]:
     dtypes = {r.dtype for r in refs.values() if r.scale is None}
-    return dtypes.pop() if len(dtypes) == 1 else None
+    return dtypes.pop() if len(dtypes) == 1 and not mixed else None
 
 
-def _headers(files: List[Path]) -> Dict[Tuple[Path, str], Tuple[Tuple[int, ...], str]]:
-    return {(f, k): (tuple(shape), dt) for f, k, shape, dt in read_headers(files)}
+def _headers(files: List[Path]) -> Dict[Tuple[Path, str], str]:
+    return {(f, k): dt for f, k, _, dt in read_headers(files)}
 
 
-def _report(folder: Path, layout: str, problems: List[Tuple[str, List[str]]]) -> None:
-    if any(items for _, items in problems):
-        lines = [f"checkpoint {folder} ({layout} layout) does not match its config.json:"]
-        lines += [f"  {title} ({len(items)}): {cap_list(items)}" for title, items in problems if items]
-        raise CheckpointError("\n".join(lines))
+def _official_name(internal: str, part) -> Tuple[str, int]:
+    """``(official name, row block index)`` of one entry of a ``LoadPlan`` (weights.row_block's
+    ``part``): a ``w13`` half is the official ``w1`` / ``w3``, a ``(i, k)`` block is block i of the
+    fused official tensor (FastVideo's split q/k/v), None the whole tensor."""
+    if isinstance(part, int):
+        return internal.replace(".w13.", ".w1." if part == 0 else ".w3."), 0
+    return internal_to_official(internal), (0 if part is None else part[0])
+
+
+def _float_refs(plan: LoadPlan, files: List[Path], expected: Dict[str, Tuple[int, ...]]):
+    """The Refs of a float layout's checked plan (official or Diffusers: every entry already checked
+    by the loader's header check), and the tensors whose row blocks come in several dtypes."""
+    dtypes = _headers(files)
+    blocks: Dict[str, Dict[int, Tuple[Path, str]]] = {}
+    for f, entries in plan.by_file.items():
+        for key, internal, part in entries:
+            name, i = _official_name(internal, part)
+            blocks.setdefault(name, {})[i] = (f, key)
+    refs, mixed = {}, {}
+    for name, shape in expected.items():
+        parts = [blocks[name][i] for i in sorted(blocks[name])]
+        stored = [_TORCH_DTYPES[dtypes[p]] for p in parts]
+        dtype = stored[0]
+        for d in stored[1:]:  # torch.cat promotes the blocks to a dtype holding each exactly
+            dtype = torch.promote_types(dtype, d)
+        if len(set(stored)) > 1:
+            mixed[name] = ", ".join(f"{k} {str(d).replace('torch.', '')}" for (_, k), d in zip(parts, stored))
+        refs[name] = Ref(name, shape, dtype, tuple(Part(f, k) for f, k in parts))
+    return refs, mixed
 
 
 # ---------------------------------------------------------------------------------------------
@@ -215,77 +209,39 @@ def _report(folder: Path, layout: str, problems: List[Tuple[str, List[str]]]) ->
 # ---------------------------------------------------------------------------------------------
 
 
-def _open_official(folder: Path) -> Source:
-    config = _read_config(folder)
-    cfg = LongCatConfig.from_dict(config, source=str(folder / "config.json"))
-    files = list_weight_files(folder)
+def _read_json(path: Path) -> dict:
+    data = json.loads(path.read_text(encoding="utf-8"))  # read_config (run first) reported an unreadable one
+    if not isinstance(data, dict):  # pragma: no cover - likewise
+        raise CheckpointError(f"{path} must hold a JSON object")
+    return data
+
+
+def _open_float(folder: Path, kind: str) -> Source:
+    """The official ``dit/`` or FastVideo's ``transformer/`` folder: the loader's config reader and
+    header check (``check_official_weights`` / ``check_diffusers_weights``), whose plan becomes the
+    Refs. The official config.json is kept as written (unknown keys too: the official loader ignores
+    them with a warning); a Diffusers one is the config the loader read, in official keys."""
+    try:
+        cfg = read_config(folder, kind)
+    except ValueError as e:  # LongCatConfig's own validation (a bad value), as from_pretrained raises it
+        raise CheckpointError(str(e)) from None
+    if kind == "official":
+        config = _read_json(folder / "config.json")
+    else:
+        config = dict(cfg.to_dict(), _class_name=OFFICIAL_CLASS)
+    files = qc.weight_files(folder, kind)
+    check = check_official_weights if kind == "official" else check_diffusers_weights
     model = _meta_model(cfg)
-    plan = check_official_weights({n: tuple(p.shape) for n, p in model.named_parameters()}, files, cfg)
-    headers = _headers(files)
-    found = {key: Ref(key, headers[(f, key)][0], _TORCH_DTYPES[headers[(f, key)][1]], (Part(f, key),))
-             for f, entries in plan.by_file.items() for key, _, _ in entries}
-    refs = {name: found[name] for name in official_shapes(cfg, model)}
-    return Source("official", folder, config, cfg, refs, _common_dtype(refs))
-
-
-def _diffusers_files(folder: Path) -> List[Path]:
-    indexes = sorted(p for p in folder.glob("*.safetensors.index.json") if p.is_file())
-    if len(indexes) > 1:
-        raise CheckpointError(f"{folder} holds several safetensors indexes ({cap_list([p.name for p in indexes])}); "
-                              "keep the one its weights belong to")
-    if indexes:
-        return index_shards(folder, indexes[0])
-    return list_weight_files(folder)  # the single file, or every *.safetensors (FastVideo writes model.safetensors)
-
-
-def _open_diffusers(folder: Path) -> Source:
-    where = str(folder / "config.json")
-    config = diffusers_config_to_official(_read_config(folder), where)
-    cfg = LongCatConfig.from_dict(config, source=where)
-    files = _diffusers_files(folder)
-    expected = official_shapes(cfg)
-    slots: Dict[str, Dict[int, Tuple[Path, str, str]]] = {}
-    unexpected, duplicates, wrong, not_float, mixed, missing = [], [], [], [], [], []
-    for f, key, shape, dt in read_headers(files):
-        m = diffusers_to_official(key)
-        if m is None or m[0] not in expected:
-            unexpected.append(key + (" (an official name)" if key in expected else ""))
-            continue
-        off, part, parts = m
-        if part in slots.setdefault(off, {}):
-            duplicates.append(key)
-            continue
-        slots[off][part] = (f, key, dt)
-        want = (expected[off][0] // parts,) + tuple(expected[off][1:])
-        if tuple(shape) != want:
-            wrong.append(f"{key}: checkpoint {list(shape)}, model expects {list(want)}")
-        elif dt not in FLOAT_DTYPES:
-            not_float.append(f"{key}: {dt}")
-    refs = {}
-    for off, shape in expected.items():
-        names, slot = official_to_diffusers(off), slots.get(off, {})
-        absent = [n for i, n in enumerate(names) if i not in slot]
-        if absent:
-            missing += absent
-            continue
-        dts = {slot[i][2] for i in range(len(names))}
-        if len(dts) > 1:
-            mixed.append(f"{off} from " + ", ".join(f"{slot[i][1]} {slot[i][2]}" for i in range(len(names))))
-        elif not wrong and not not_float:
-            parts = tuple(Part(slot[i][0], slot[i][1]) for i in range(len(names)))
-            refs[off] = Ref(off, shape, _TORCH_DTYPES[dts.pop()], parts)
-    _report(folder, "diffusers", [("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong),
-                                  ("duplicated across shards", duplicates),
-                                  ("not floating point (weights must be float tensors)", not_float),
-                                  ("split parts of one fused tensor in different dtypes", mixed)])
-    return Source("diffusers", folder, config, cfg, refs, _common_dtype(refs))
+    plan = check(_shapes(model), files, cfg)
+    refs, mixed = _float_refs(plan, files, official_shapes(cfg, model))
+    return Source(kind, folder, config, cfg, refs, _common_dtype(refs, mixed), mixed=mixed)
 
 
 def _open_quantized(folder: Path, kind: str) -> Source:
     """An official INT8 folder ("official-int8") or a longcat-native save ("native"), checked by the
     loader's own checks (runtime/quantized_checkpoints.py), so convert accepts what loads."""
     mode, saved_dtype = qc.checkpoint_mode(folder, kind, None)
-    config = _read_config(folder)
+    config = _read_json(folder / "config.json")
     cfg = LongCatConfig.from_dict(config, source=str(folder / "config.json"))
     files = qc.weight_files(folder, kind)
     described = qc.native_description(folder) if kind == "native" else None
@@ -295,7 +251,7 @@ def _open_quantized(folder: Path, kind: str) -> Source:
     internal_rows = {n: p.shape[0] for n, p in model.named_parameters()}
     refs: Dict[str, Ref] = {}
     for it in plan.items:
-        dtype = _TORCH_DTYPES[headers[(it.file, it.key)][1]]
+        dtype = _TORCH_DTYPES[headers[(it.file, it.key)]]
         if it.internal.endswith(".ffn.w13.weight") and it.half is None:  # ours: w13 fused, w1 and w3 its row halves
             h = internal_rows[it.internal] // 2
             for i, w in enumerate((".w1.", ".w3.")):
@@ -311,61 +267,98 @@ def _open_quantized(folder: Path, kind: str) -> Source:
         scale = (Part(it.scale_file, it.scale_key),) if it.scale_key else None
         refs[off] = Ref(off, expected[off], dtype, (Part(it.file, it.key),), scale)
     refs = {name: refs[name] for name in expected}
-    model_dtype = saved_dtype if kind == "native" else _common_dtype(refs)
+    model_dtype = saved_dtype if kind == "native" else _common_dtype(refs, {})
     return Source(kind, folder, config, cfg, refs, model_dtype, mode)
 
 
-def _is_native(p: Path) -> bool:
-    return p.is_dir() and (p / qc.NATIVE_MARKER).is_file()
+def _open_comfy(path: Path) -> Source:
+    """A ComfyUI single file (runtime/comfy_checkpoints.py: its refusals, the config inferred from
+    the shapes, the header check). The check's plan has, per internal parameter, one ``_Part`` per
+    file key in row order: each becomes a Part of the official tensor's Ref, with its scale when it
+    is float8 (the per-tensor ``scale_weight`` tensor, or 1.0 for an unscaled float8 weight), so
+    ``--to fp8`` keeps the stored bytes and every other target dequantizes ``fp8 * scale``."""
+    # The quantize mode only decides what a load would build (and, when None, warns that the file
+    # loads as fp8-weight-only); the converter's target decides what is written.
+    comfy = open_comfy_checkpoint(path, "fp8-weight-only")
+    cfg = comfy.cfg
+    model = _meta_model(cfg)
+    plan = comfy.check(model)
+    expected = official_shapes(cfg, model)
+    refs, mixed, split = {}, {}, []
+    for internal, parts in plan.items():
+        if internal.endswith(".ffn.w13.weight"):  # stored as w1 and w3, the official names
+            named = [(internal.replace(".w13.", w), [p]) for w, p in zip((".w1.", ".w3."), parts)]
+        else:
+            named = [(internal_to_official(internal), parts)]
+        for name, ps in named:
+            stored = [_TORCH_DTYPES[comfy.tensors[p.key][1]] for p in ps]
+            if len({p.fp8 for p in ps}) > 1:
+                split.append(f"{name} from " + ", ".join(f"{p.key} {comfy.tensors[p.key][1]}" for p in ps))
+                continue
+            files = tuple(Part(path, comfy.file_keys[p.key]) for p in ps)
+            if ps[0].fp8:
+                scale = tuple(Part(path, comfy.file_keys[p.scale_key]) if p.scale_key else float(p.scale) for p in ps)
+                refs[name] = Ref(name, expected[name], stored[0], files, scale)
+                continue
+            dtype = stored[0]
+            for d in stored[1:]:
+                dtype = torch.promote_types(dtype, d)
+            if len(set(stored)) > 1:
+                mixed[name] = ", ".join(f"{p.key} {comfy.tensors[p.key][1]}" for p in ps)
+            refs[name] = Ref(name, expected[name], dtype, files)
+    if split:
+        raise CheckpointError(f"ComfyUI checkpoint {path}: the converter cannot write a tensor whose row blocks are "
+                              f"stored partly float8 and partly float ({len(split)}): " + "; ".join(split[:4])
+                              + ". Load it with from_pretrained (it reads such files), or convert a file stored "
+                              "uniformly")
+    refs = {name: refs[name] for name in expected}
+    config = dict(cfg.to_dict(), _class_name=OFFICIAL_CLASS)
+    return Source("comfy", path, config, cfg, refs, _common_dtype(refs, mixed), mixed=mixed)
 
 
-def _is_official_int8(p: Path) -> bool:
-    return p.is_dir() and ((p / qc.OFFICIAL_INT8_CONFIG).is_file() or (p / qc.OFFICIAL_INT8_INDEX).is_file()
-                           or any(p.glob("quantized_model*.safetensors")))
-
-
-def _is_official(p: Path) -> bool:
-    return p.is_dir() and (p / "config.json").is_file()
-
-
-def _is_diffusers(p: Path) -> bool:
-    """A config.json of FastVideo's (its class name or key names), or weights with Diffusers names."""
-    if not _is_official(p):
-        return False
+def _layout_here(path: Path) -> Optional[str]:
+    """The layout ``checkpoints.find_checkpoint`` finds at ``path`` itself (None: none, or only in
+    a subfolder). Its refusals (a config.json of another model class, a GGUF or pickle file, dit/
+    and transformer/ both present) are raised as they are."""
     try:
-        config = json.loads((p / "config.json").read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return False
-    if isinstance(config, dict) and (config.get("_class_name") == DIFFUSERS_CLASS or "num_attention_heads" in config):
-        return True
-    files = sorted(p.glob("*.safetensors"))[:1]
-    try:
-        keys = [k for _, k, _, _ in read_headers(files)]
-    except CheckpointError:
-        return False
-    return any(diffusers_to_official(k) is not None and official_to_diffusers(k) is None for k in keys)
+        found, kind = find_checkpoint(path, None, None)
+    except FileNotFoundError:
+        return None
+    return kind if Path(found) == path else None
+
+
+def _reader(kind: str, open_fn: Callable[[Path], Source]) -> Reader:
+    return Reader(kind, lambda p: _layout_here(p) == kind, open_fn)
 
 
 READERS: List[Reader] = [
-    Reader("native", _is_native, lambda p: _open_quantized(p, "native")),
-    Reader("official-int8", _is_official_int8, lambda p: _open_quantized(p, "official-int8")),
-    Reader("diffusers", _is_diffusers, _open_diffusers),
-    Reader("official", _is_official, _open_official),
+    _reader("native", lambda p: _open_quantized(p, "native")),
+    _reader("official-int8", lambda p: _open_quantized(p, "official-int8")),
+    _reader("diffusers", lambda p: _open_float(p, "diffusers")),
+    _reader("official", lambda p: _open_float(p, "official")),
+    _reader("comfy", _open_comfy),
 ]
 
 
 def open_source(path: Path) -> Source:
-    """The checkpoint at ``path`` (a folder of a known layout, or a root holding one in
-    :data:`SUBFOLDERS`), opened by the first reader of :data:`READERS` that recognizes it."""
-    path = Path(path)
+    """The checkpoint at ``path``, opened by the first reader of :data:`READERS` whose ``detect``
+    recognizes it; else where ``checkpoints.find_checkpoint`` finds it (a root's ``dit/``,
+    ``transformer/`` or ``base_model_int8/``, as ``from_pretrained`` looks), opened by the reader of
+    that layout."""
+    path = Path(path).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"source {str(path)!r} does not exist")
-    candidates = [path] + ([path / s for s in SUBFOLDERS] if path.is_dir() else [])
-    for c in candidates:
-        for reader in READERS:
-            if reader.detect(c):
-                return reader.open(c)
-    looked = ", ".join(repr(str(c)) for c in candidates)
-    raise CheckpointError(f"no LongCat-Video DiT checkpoint found at {looked} (readable layouts: "
-                          f"{', '.join(r.name for r in READERS)}; a folder needs a config.json, or the marker of "
-                          "its layout)")
+    for reader in READERS:
+        if reader.detect(path):
+            return reader.open(path)
+    names = ", ".join(r.name for r in READERS)
+    try:
+        folder, kind = find_checkpoint(path, None, None)
+    except FileNotFoundError as e:
+        raise CheckpointError(f"no LongCat-Video DiT checkpoint found at {str(path)!r} (readable layouts: {names}): "
+                              f"{e}") from None
+    reader = next((r for r in READERS if r.name == kind), None)
+    if reader is None:  # pragma: no cover - every layout of checkpoints.LAYOUTS has a reader
+        raise CheckpointError(f"{folder} is a {LAYOUTS[kind]} checkpoint and no converter reader reads it "
+                              f"(readers: {names})")
+    return reader.open(folder)

@@ -29,7 +29,7 @@ from .layouts import diffusers_to_official, official_to_diffusers
 from .weights import (FLOAT_DTYPES, CheckpointError, LoadPlan, index_shards, internal_to_official, mismatch_error,
                       read_headers)
 
-__all__ = ["DIFFUSERS_CLASS", "OFFICIAL_CLASS", "config_class", "read_config", "weight_files",
+__all__ = ["DIFFUSERS_CLASS", "OFFICIAL_CLASS", "config_class", "read_config", "diffusers_config", "weight_files",
            "expected_diffusers_tensors", "check_diffusers_weights"]
 
 DIFFUSERS_CLASS = "LongCatTransformer3DModel"  # FastVideo's native DiT (fastvideo/models/dits/longcat.py)
@@ -111,6 +111,18 @@ def read_config(folder: Path, overrides: Optional[Dict[str, Any]] = None) -> Lon
     if bad:
         raise CheckpointError(f"{path}: " + "; ".join(bad))
     return cfg
+
+
+def diffusers_config(cfg: LongCatConfig) -> Dict[str, Any]:
+    """The FastVideo ``config.json`` of ``cfg``, the inverse of :func:`read_config` (what the
+    converter writes): every key explicit, so no default of either layout decides a value (FastVideo
+    defaults ``text_tokens_zero_pad`` to True, the official constructor to False)."""
+    d = cfg.to_dict()
+    out: Dict[str, Any] = {"_class_name": DIFFUSERS_CLASS, "num_attention_heads": d.pop("num_heads")}
+    out.update((k, d.pop(k)) for k in _SAME_KEYS if k in d)
+    if d:  # a LongCatConfig field this layout has no key for: a bug here, not a bad file
+        raise RuntimeError(f"runtime/diffusers_checkpoints.py has no FastVideo config key for {sorted(d)}")
+    return out
 
 
 def weight_files(folder: Path) -> List[Path]:
