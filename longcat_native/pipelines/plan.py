@@ -12,7 +12,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Optional, Sequence, Tuple
 
 from ..runtime.files import check_output_path
 from ..runtime.names import (ATTENTION_CHOICES, KERNEL_CHOICES, MAX_STEPS, OFFLOAD_CHOICES, QUANTIZE_CHOICES,
@@ -282,9 +282,12 @@ def parallel_layout(r: GenerateRequest) -> str:
     return text + (", weights sharded" if r.shard_weights else "") + f" ({parallel_world(r)} ranks)"
 
 
-def _check_parallel(r: GenerateRequest, guidance: float, num_heads: Optional[int]) -> None:
+def _check_parallel(r: GenerateRequest, guidance: float, num_heads: Optional[int],
+                    latents: Sequence[Tuple[int, int, int]] = ()) -> None:
     """The layout against the launch and the request, the same on every rank (each sees the same
-    flags and environment, so every rank fails alike, before any process group exists)."""
+    flags and environment, so every rank fails alike, before any process group exists).
+    ``latents``: the (T, H, W) latent sizes the run denoises (a ring needs their tokens per frame
+    to divide by ring x cp: the model's check_grid, here before loading)."""
     for flag, v in (("--cp-size", r.cp_size), ("--ring-size", r.ring_size), ("--dp-size", r.dp_size)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{flag} must be an integer >= 1, got {v!r}")
@@ -306,6 +309,15 @@ def _check_parallel(r: GenerateRequest, guidance: float, num_heads: Optional[int
     if num_heads is not None and num_heads % r.cp_size:
         raise ValueError(f"--cp-size {r.cp_size} must divide the model's {num_heads} attention heads (Ulysses splits "
                          "heads over ranks); --ring-size splits further")
+    if r.ring_size > 1:
+        ranks = r.ring_size * r.cp_size
+        for _, h, w in latents:
+            tokens = (h // 2) * (w // 2)  # the DiT's 2 x 2 spatial patches
+            if tokens % ranks:
+                raise ValueError(f"--ring {r.ring_size} x --cp {r.cp_size} = {ranks} ranks split each latent frame's "
+                                 f"{h // 2} x {w // 2} = {tokens} tokens (latent {h} x {w}, halved) into equal "
+                                 f"chunks: {tokens} is not divisible by {ranks}; pick a size whose tokens per frame "
+                                 "divide, or fewer ranks")
 
 
 def _check_inputs(r: GenerateRequest, random_weights: bool, to_video: bool) -> None:
@@ -473,7 +485,9 @@ def plan_generate(r: GenerateRequest) -> GeneratePlan:
         num_heads = resolve_config("tiny").num_heads
     else:
         num_heads = dit_cfg.num_heads
-    _check_parallel(r, guidance, num_heads)
+    denoised = [latent] + ([(1, refine_size[0] // VAE_SPACE_STRIDE, refine_size[1] // VAE_SPACE_STRIDE)]
+                           if refine_size is not None else [])
+    _check_parallel(r, guidance, num_heads, denoised)
     chain = r.chain if r.chain is not None else ("pixels" if to_video and not random_weights else "latent")
     if chain not in ("pixels", "latent"):
         raise ValueError(f"--chain must be pixels or latent, got {chain!r}")

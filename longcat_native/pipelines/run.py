@@ -381,8 +381,13 @@ def _run(plan: GeneratePlan) -> GenerateResult:
         notes.append(f"parallel layout {parallel_layout(r)}: {items} video(s), this replica {lo}..{hi - 1}; each "
                      "replica's first rank writes its videos, rank 0 reports")
     if dit.cp is not None:
-        notes.append(f"context parallelism: {dit.cp.size} ranks, token grid split {dit.cp.split_h} x "
-                     f"{dit.cp.split_w}")
+        cp = dit.cp
+        # A ring cuts each frame's tokens into equal chunks; only Ulysses alone tiles the grid.
+        how = (f"ring {cp.ring_size} x Ulysses {cp.ulysses_size}, each latent frame's tokens in {cp.size} chunks"
+               if cp.ring_size > 1 else f"Ulysses {cp.ulysses_size}, token grid split {cp.split_h} x {cp.split_w}")
+        rest = [f"{d} {par.size(d)}" for d in ("cfg", "dp") if par is not None and par.size(d) > 1]
+        rest += ["weights sharded"] if r.shard_weights else []
+        notes.append(f"context parallelism: {cp.size} ranks, {how}" + (f" ({', '.join(rest)})" if rest else ""))
     outputs = [_item_path(plan.out, i) for i in range(items)] if per_item else [plan.out]
     video_shape = None
     if not finite:  # denoise checks its own result; this guards the other paths to the file
