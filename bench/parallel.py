@@ -195,7 +195,8 @@ def step_comm_bytes(cfg, ulysses, ring, cfg_par, shard_world, batch, latent, gui
     out["cp_output_gather"] = (P - 1) * b * (N // P) * pt * ph * pw * cfg.out_channels * 4 if P > 1 else 0
     out["cfg"] = b * cfg.out_channels * T * H * W * 4 if (guided and cfg_par > 1) else 0
     if shard_world > 1:
-        sizes = _dit_shard_sizes(json.dumps(cfg.to_dict(), sort_keys=True), dtype, quantize)
+        d = dict(cfg.to_dict(), cp_split_hw=[1, 1])  # a parallel model's split: the meta model is one rank
+        sizes = _dit_shard_sizes(json.dumps(d, sort_keys=True), dtype, quantize)
         whole = sum(rows * row for block in sizes[1] for rows, row in block)
         out["fsdp"] = whole - sharded_device_bytes(sizes, shard_world)["shards"]
     out = {k: int(v) for k, v in out.items()}
