@@ -119,6 +119,251 @@ def sharding_rows(ranks, quantizes, trace: bool):
     return headers, rows, records
 
 
+
+# -- per mode: weights, communication per step, traced peak, per rank ------------------------------
+
+# name, ulysses, ring, cfg, dp, shard_weights. "shard N" shards over every rank of the layout.
+MODE_LAYOUTS = (
+    ("single GPU", 1, 1, 1, 1, False),
+    ("ulysses 2", 2, 1, 1, 1, False),
+    ("ulysses 4", 4, 1, 1, 1, False),
+    ("ulysses 8", 8, 1, 1, 1, False),
+    ("ring 2", 1, 2, 1, 1, False),
+    ("ring 2 x ulysses 4", 4, 2, 1, 1, False),
+    ("ring 4 x ulysses 8", 8, 4, 1, 1, False),
+    ("cfg 2", 1, 1, 2, 1, False),
+    ("cfg 2 x ulysses 4", 4, 1, 2, 1, False),
+    ("dp 2", 1, 1, 1, 2, False),
+    ("shard 4 (dp 4)", 1, 1, 1, 4, True),
+    ("shard 4 x ulysses 4", 4, 1, 1, 1, True),
+    ("shard 8 x cfg 2 x ulysses 4", 4, 1, 2, 1, True),
+)
+# The layouts the --count launch checks, by world size (tiny model, gloo).
+COUNT_LAYOUTS = {
+    2: (("ulysses 2", 2, 1, 1, 1, False), ("ring 2", 1, 2, 1, 1, False), ("cfg 2", 1, 1, 2, 1, False),
+        ("dp 2", 1, 1, 1, 2, False), ("shard 2 (dp 2)", 1, 1, 1, 2, True)),
+    4: (("ring 2 x ulysses 2", 2, 2, 1, 1, False), ("cfg 2 x ulysses 2", 2, 1, 2, 1, False),
+        ("shard 4 x ulysses 4", 4, 1, 1, 1, True), ("shard 4 x cfg 2 x ring 2", 1, 2, 2, 1, True)),
+}
+COMM_KINDS = ("ulysses", "ring_kv", "cp_output_gather", "cfg", "fsdp")
+MODE_STEPS = {"480p": 50, "720p": 5}  # the official run: 50-step CFG base, 5-step refinement (budget.py)
+
+
+def layout_problem(cfg, ulysses, ring, grid, bsa):
+    """Why the model refuses this layout at this token grid (the same checks as ParallelConfig
+    .check_model and ContextParallel.check_grid, without a process group), or None."""
+    from longcat_native.runtime.parallel import optimal_split_hw
+
+    _, nh, nw = grid
+    if cfg.num_heads % ulysses:
+        return f"num_heads {cfg.num_heads} not divisible by ulysses {ulysses}"
+    if ring > 1:
+        if bsa:
+            return "BSA is refused under a ring"
+        if (nh * nw) % (ring * ulysses):
+            return f"{nh * nw} tokens per frame not divisible by {ring * ulysses} ranks"
+        return None
+    sh, sw = optimal_split_hw(ulysses)
+    if nh % sh or nw % sw:
+        return f"token grid {nh} x {nw} not divisible into {sh} x {sw} tiles"
+    return None
+
+
+def step_comm_bytes(cfg, ulysses, ring, cfg_par, shard_world, batch, latent, guided, dtype, quantize=None):
+    """Bytes rank 0 receives (= sends, for these collectives) per denoising step, by kind, computed:
+    Ulysses all-to-alls and ring k/v (``comm_bytes_per_block`` x depth), the context-parallel
+    output all-gather (the final layer's float32 ``[B, N/P, pt*ph*pw*C_out]`` from each of P-1
+    peers), the CFG all-gather of the float32 prediction (what ``Parallel.all_gather`` counts: the
+    rank's half, which its one peer receives), and FSDP's block all-gathers (every block's rows
+    but rank 0's, runtime/sharding.py's chunking; one forward per step). ``batch`` is the step's
+    whole batch (2 with CFG); CFG-parallel gives each rank half of it."""
+    import json
+
+    from longcat_native.pipelines.budget import _dit_shard_sizes
+    from longcat_native.runtime.sharding import sharded_device_bytes
+
+    T, H, W = latent
+    pt, ph, pw = cfg.patch_size
+    N = (T // pt) * (H // ph) * (W // pw)
+    b = batch // cfg_par if (guided and cfg_par > 1) else batch
+    P = ulysses * ring
+    e = torch.empty((), dtype=dtype).element_size() if not isinstance(dtype, int) else dtype
+    blk = comm_bytes_per_block(ulysses, b, N, cfg.hidden_size, e, ring_size=ring)
+    out = dict.fromkeys(COMM_KINDS, 0)
+    out["ulysses"] = cfg.depth * (blk["qkv_all_to_all"] + blk["out_all_to_all"])
+    out["ring_kv"] = cfg.depth * blk.get("ring_kv", 0)
+    out["cp_output_gather"] = (P - 1) * b * (N // P) * pt * ph * pw * cfg.out_channels * 4 if P > 1 else 0
+    out["cfg"] = b * cfg.out_channels * T * H * W * 4 if (guided and cfg_par > 1) else 0
+    if shard_world > 1:
+        d = dict(cfg.to_dict(), cp_split_hw=[1, 1])  # a parallel model's split: the meta model is one rank
+        sizes = _dit_shard_sizes(json.dumps(d, sort_keys=True), dtype, quantize)
+        whole = sum(rows * row for block in sizes[1] for rows, row in block)
+        out["fsdp"] = whole - sharded_device_bytes(sizes, shard_world)["shards"]
+    out = {k: int(v) for k, v in out.items()}
+    out["total"] = sum(out.values())
+    return out
+
+
+def mode_rows(size, trace: bool, dtype=torch.bfloat16, quantize=None):
+    """One row per layout of MODE_LAYOUTS at ``size``'s real shapes: world size, per-rank weight
+    bytes (budget.dit_device_bytes, sharded: runtime/sharding.sharded_device_bytes), per-step
+    communication per rank by kind, its total per step and per run, and with ``trace`` the traced
+    per-rank peak of one denoising forward (plan_memory of the rank's stage: its batch under
+    CFG-parallel, its weights under sharding; under ring/Ulysses the tracer runs the whole
+    forward, so that figure is an upper bound of what one rank holds with N/P tokens)."""
+    from longcat_native.pipelines.budget import Stage, dit_device_bytes, plan_memory
+
+    spec = SIZES[size]
+    cfg = resolve_config(spec["preset"], spec["overrides"])
+    latent, batch, bsa = spec["latent"], spec["batch"], spec["bsa"]
+    guided = batch == 2  # the 480p base runs CFG (batch 2); the refinement does not
+    pt, ph, pw = cfg.patch_size
+    grid = (latent[0] // pt, latent[1] // ph, latent[2] // pw)
+    steps = MODE_STEPS.get(size, 50)
+    rows, records = [], {}
+    for name, u, r, c, d, shard in MODE_LAYOUTS:
+        world = u * r * c * d
+        why = layout_problem(cfg, u, r, grid, bsa)
+        if why is None and c > 1 and not guided:
+            why = "no CFG in this stage (batch 1): the cfg rank has nothing to do"
+        key = name.replace(" x ", "_").replace(" ", "").replace("(", "_").replace(")", "").replace("GPU", "")
+        if why:
+            rows.append([name, world, f"refused: {why}"] + [None] * (len(COMM_KINDS) + 3 + int(trace)))
+            records[key] = {"refused": why}
+            continue
+        wb = dit_device_bytes(cfg, dtype, quantize, shard_ranks=world if shard else 1)["total"]
+        comm = step_comm_bytes(cfg, u, r, c, world if shard else 1, batch, latent, guided, dtype, quantize)
+        rec = {"world_size": world, "weights_gib_per_rank": wb / 2**30,
+               **{f"{k}_mib_per_step_per_rank": comm[k] / 2**20 for k in COMM_KINDS},
+               "comm_gib_per_step_per_rank": comm["total"] / 2**30,
+               "comm_gib_per_run_per_rank": comm["total"] * steps / 2**30}
+        row = [name, world, wb / 2**30] + [comm[k] / 2**20 for k in COMM_KINDS] + [comm["total"] / 2**30,
+                                                                                   comm["total"] * steps / 2**30]
+        if trace:
+            b_rank = batch // c if guided else batch
+            stage = Stage(f"denoise_{size}", "denoise", batch=b_rank, latent=latent, bsa=bsa)
+            plan = plan_memory(10**15, dit_config=cfg, quantize=quantize, dtype=dtype, stages=[stage],
+                               allow_chunking=False, shard_ranks=world if shard else 1)
+            peak = plan.stages[0].device_bytes / 2**30
+            rec["peak_gib_per_rank_traced"] = peak
+            rec["peak_is_upper_bound"] = u * r > 1
+            row.append(f"{peak:.2f}" + (" (<=, whole forward)" if u * r > 1 else ""))
+        rows.append(row)
+        records[key] = rec
+    headers = (["layout", "world", "weights/rank GiB"] + [f"{k} MiB/step" for k in COMM_KINDS]
+               + ["comm GiB/step/rank", f"comm GiB/{steps} steps/rank"] + (["peak/rank GiB (traced)"] if trace else []))
+    return headers, rows, records, steps
+
+
+class _CollectiveCounter:
+    """Counts the bytes rank's collectives move, by kind, from the ops themselves (a
+    TorchDispatchMode sees every functional and c10d collective): an all-to-all sends its input
+    but the rank's own chunk (the ring's permute is an all-to-all with one destination); an
+    all-gather receives its input from every peer; FSDP2's c10d all-gathers receive the output
+    but the rank's own input. The kind is the op's and the process group's: ``kinds[op]`` maps group names
+    ("all_to_all", "all_gather"); anything else counts as "other"."""
+
+    def __init__(self, kinds):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        counter = self
+        self.kinds, self.bytes = kinds, {}
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                counter._see(func, args)
+                return func(*args, **(kwargs or {}))
+
+        self.mode = _Mode()
+
+    def _add(self, kind, n):
+        self.bytes[kind] = self.bytes.get(kind, 0) + int(n)
+
+    def _see(self, func, args):
+        import torch.distributed as dist
+        from torch.distributed.distributed_c10d import _resolve_process_group
+
+        name = func.name()
+        if name.startswith("_c10d_functional::"):
+            op = name.split("::")[1]
+            if op == "all_to_all_single":
+                x, _, splits, group = args[:4]
+                pg = _resolve_process_group(group)
+                nb, me = x.numel() * x.element_size(), dist.get_rank(pg)
+                if splits is None:
+                    own = nb // dist.get_world_size(pg)
+                else:
+                    own = splits[me] * (nb // max(x.shape[0], 1))
+                self._add(self.kinds["all_to_all"].get(group, "other"), nb - own)
+            elif op == "all_gather_into_tensor":
+                x, n, group = args[:3]
+                self._add(self.kinds["all_gather"].get(group, "other"), x.numel() * x.element_size() * (n - 1))
+            elif op not in ("wait_tensor", "_wrap_tensor_autograd"):
+                self._add("other", sum(a.numel() * a.element_size() for a in args if isinstance(a, torch.Tensor)))
+        elif name.startswith("c10d::") and "allgather" in name:
+            out, inp = args[0], args[1]
+            flat = lambda t: sum(v.numel() * v.element_size() for v in t) if isinstance(t, (list, tuple)) else (  # noqa
+                t.numel() * t.element_size())
+            self._add("fsdp", flat(out) - flat(inp))
+
+    def __enter__(self):
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.mode.__exit__(*exc)
+
+
+def count_run(world: int):
+    """Under torchrun (gloo on CPU): for each layout of COUNT_LAYOUTS[world], the tiny model's
+    bytes per denoising step per rank, counted (collectives seen by _CollectiveCounter, and
+    ``Parallel.comm_bytes["cfg"]``), beside step_comm_bytes for the same shapes. A step is the
+    difference of a 3-step and a 2-step run (so the once-per-run exchanges, such as the input
+    broadcast and DP's final gather, drop out). Every rank checks its own count against rank 0's
+    formula (FSDP's rows: rank 0 holds the most, so ranks compare their own share)."""
+    import torch.distributed as dist
+
+    import longcat_native as lcn
+    from longcat_native.pipelines.sampler import denoise
+
+    layouts = COUNT_LAYOUTS.get(world)
+    if layouts is None:
+        raise SystemExit(f"--count has layouts for {sorted(COUNT_LAYOUTS)} ranks, not {world}")
+    latent, L = (2, 8, 8), 8
+    results = {}
+    for name, u, r, c, d, shard in layouts:
+        dit = lcn.LongCatDiT.from_config("tiny", seed=0, kernels="reference", attention="sdpa", cp_size=u,
+                                         ring_size=r, cfg_parallel=c > 1, dp_size=d, shard_weights=shard)
+        par, cfgm = dit.parallel, dit.config
+        kinds = {"all_to_all": {}, "all_gather": {}}
+        for op, dim, kind in (("all_to_all", "ulysses", "ulysses"), ("all_to_all", "ring", "ring_kv"),
+                              ("all_gather", "cfg", "cfg"), ("all_gather", "dp", "dp")):
+            if par.size(dim) > 1:
+                kinds[op][par.group(dim).group_name] = kind
+        if dit.cp is not None:  # the output gather runs over every ring x Ulysses rank
+            kinds["all_gather"][dit.cp.group.group_name] = "cp_output_gather"
+        g = torch.Generator().manual_seed(2)
+        noise = torch.randn(d, cfgm.in_channels, *latent, generator=g)
+        pe, ne = (torch.randn(d, 1, L, cfgm.caption_channels, generator=g) for _ in range(2))
+        mask = torch.ones(d, L, dtype=torch.long)
+        counted = []
+        for steps in (2, 3):
+            par.comm_bytes.clear()
+            with torch.inference_mode(), _CollectiveCounter(kinds) as cc:
+                denoise(dit, noise, pe, mask, ne, mask, num_steps=steps, guidance_scale=4.0, progress=False)
+            cc.bytes.pop("cfg", None)  # the CFG gather is Parallel.all_gather's: its own counter
+            cc.bytes.pop("dp", None)
+            counted.append({**cc.bytes, "cfg": par.comm_bytes.get("cfg", 0)})
+        step = {k: counted[1].get(k, 0) - counted[0].get(k, 0) for k in set(counted[0]) | set(counted[1])}
+        comp = step_comm_bytes(cfgm, u, r, c, world if shard else 1, 2, latent, True, dit.dtype)
+        step = {k: step.get(k, 0) for k in COMM_KINDS + ("other",)}
+        results[name] = {"counted": step, "computed": {k: comp[k] for k in COMM_KINDS},
+                         "match": all(step[k] == comp[k] for k in COMM_KINDS) and not step["other"]}
+        del dit
+        dist.barrier()
+    return results
+
+
 def measure(size, depth, device, dtype, repeats, warmup, world):
     """Single-rank forward time, and with ``world > 1`` (torchrun) the CP forward time."""
     import longcat_native as lcn
@@ -175,6 +420,28 @@ def measure(size, depth, device, dtype, repeats, warmup, world):
     return out, rank
 
 
+def _count_main(world: int) -> int:
+    import torch.distributed as dist
+
+    if world < 2:
+        raise SystemExit("--count needs torchrun --nproc-per-node 2 (or 4): it counts the collectives of parallel runs")
+    results = count_run(world)
+    ok = all(r["match"] for r in results.values())
+    if dist.get_rank() == 0:
+        rows = [[name, k, r["counted"][k], r["computed"][k], "yes" if r["counted"][k] == r["computed"][k] else "NO"]
+                for name, r in results.items() for k in COMM_KINDS if r["counted"][k] or r["computed"][k]]
+        rows += [[name, "other", r["counted"]["other"], 0, "NO"] for name, r in results.items() if r["counted"]["other"]]
+        print_table(["layout", "kind", "counted B/step", "computed B/step", "equal"], rows,
+                    title=f"tiny model, {world} gloo ranks: bytes rank 0 exchanges per denoising step")
+        record = {"bench": "parallel", "mode": "count", "world_size": world, "count_matches_formula": ok}
+        for name, r in results.items():
+            key = name.replace(" x ", "_").replace(" ", "").replace("(", "_").replace(")", "")
+            record[f"count_{key}_counted_bytes_per_step"] = sum(r["counted"][k] for k in COMM_KINDS)
+            record[f"count_{key}_computed_bytes_per_step"] = sum(r["computed"].values())
+        emit_json(record)
+    return 0 if ok else 1
+
+
 def main(argv=None) -> int:
     import argparse
 
@@ -189,6 +456,12 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--no-measure", action="store_true", help="computed figures only")
     p.add_argument("--shard-ranks", default="1,2,4,8", help="rank counts of the weight-sharding table")
+    p.add_argument("--mode-sizes", default="480p,720p", help="shapes of the per-mode table")
+    p.add_argument("--mode-trace", action="store_true",
+                   help="per-mode table with each layout's traced per-rank denoising peak (~a minute or two on CPU)")
+    p.add_argument("--count", action="store_true",
+                   help="under torchrun (2 or 4 CPU/gloo ranks): count the tiny model's collectives per denoising "
+                        "step for each layout and compare with the per-mode formula; nothing else runs")
     p.add_argument("--shard-trace", action="store_true",
                    help="weight-sharding table with the traced per-rank denoising peaks (tracing 720p takes ~a minute on CPU)")
     args = p.parse_args(argv)
@@ -204,6 +477,8 @@ def main(argv=None) -> int:
     cp_sizes = [int(v) for v in args.cp_sizes.split(",")]
     peak = matmul_peak_tflops(device, dtype) if on_cuda else None
 
+    if args.count:
+        return _count_main(world)
     measured, rank = {}, 0
     if not args.no_measure:
         size = args.size or ("480p" if on_cuda else "small")
@@ -235,6 +510,19 @@ def main(argv=None) -> int:
     for k, rec in shard_recs.items():
         for f, v in rec.items():
             record[f"{k}_{f}"] = v
+    for size in args.mode_sizes.split(","):
+        headers_m, rows_m, recs_m, steps = mode_rows(size, args.mode_trace)
+        spec = SIZES[size]
+        print_table(headers_m, [[fmt_num(v) if not isinstance(v, str) else v for v in r] for r in rows_m],
+                    title=f"per mode, {size} (batch {spec['batch']}{', CFG' if spec['batch'] == 2 else ', no CFG'}"
+                          f"{', BSA' if spec['bsa'] else ''}, {steps} steps), real config, bf16, per rank: computed "
+                          "bytes (counted == computed on the tiny model: --count)"
+                          + ("; peak traced (1 GiB overhead; '<=' = the whole forward, an upper bound of a "
+                             "context-parallel rank's)" if args.mode_trace else ""))
+        for k, rec in recs_m.items():
+            for f, v in rec.items():
+                if f != "refused":
+                    record[f"{size}_{k}_{f}"] = v
     if measured:
         print(f"\nmeasured on {record['device']}: {measured['size']}, depth {measured['depth']}, "
               f"kernels {measured.get('kernels')}, attention {measured.get('attention')}")

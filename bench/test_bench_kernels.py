@@ -357,3 +357,25 @@ def test_device_check_script(tmp_path):
             mod = importlib.util.module_from_spec(spec_)
             spec_.loader.exec_module(mod)
             mod.parse_args(rest.split())  # the script's own parser; exits on an unknown option
+
+
+def test_parallel_per_mode_table_and_counted_bytes(tmp_path):
+    """The per-mode table's JSON keys, and a 2-rank gloo launch of --count: every layout's counted
+    bytes per step (collectives seen by the dispatch mode, Parallel.comm_bytes) equal the formula."""
+    import os
+    import subprocess
+    import sys
+
+    record, stdout = _run_script("bench/parallel.py", "--no-measure", "--shard-ranks", "2", "--mode-sizes", "480p")
+    assert "per mode, 480p" in stdout and "refused: 1560 tokens per frame" in stdout
+    assert record["480p_ulysses4_ulysses_mib_per_step_per_rank"] > 0
+    assert record["480p_cfg2_cfg_mib_per_step_per_rank"] > 0
+    assert record["480p_shard4_dp4_weights_gib_per_rank"] < record["480p_single_weights_gib_per_rank"] / 3
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.getcwd())
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "bench/parallel.py",
+                        "--count"], env=env, capture_output=True, text=True, timeout=120)
+    line = [ln for ln in p.stdout.splitlines() if ln.startswith("{")][-1]
+    rec = json.loads(line)
+    assert p.returncode == 0 and rec["count_matches_formula"] is True, p.stdout[-3000:] + p.stderr[-3000:]
+    assert rec["count_ring2_counted_bytes_per_step"] == rec["count_ring2_computed_bytes_per_step"] > 0
+    assert rec["count_shard2_dp2_counted_bytes_per_step"] > 0
