@@ -6,11 +6,9 @@ what gets tested. Every scenario runs on every rank; each rank writes what it sa
 ``<out>/rank<r>.json`` (errors measured, exceptions named) and the test asserts on all files.
 """
 
-import json
 import os
 import sys
 import time
-import traceback
 
 import torch
 
@@ -23,6 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from cases import FIXTURE_ROOT, FORWARD_CASES, load_case  # noqa: E402
 from helpers import max_rel_err  # noqa: E402
+from gloo_launch import expect_error as _expect_error, worker_main  # noqa: E402
 
 import longcat_native as lcn  # noqa: E402
 
@@ -53,29 +52,6 @@ def _errors(result, expected, single):
             errs[f"kv{b}_shape_mismatch"] = float(tuple(k.shape) != tuple(ek.shape))
         return errs
     return {"golden": max_rel_err(result, expected["output"]), "single": max_rel_err(result, single)}
-
-
-def _expect_error(fn, exc_type):
-    try:
-        fn()
-    except exc_type as e:
-        return {"raised": type(e).__name__, "message": str(e)}
-    except Exception as e:  # the wrong kind of error is a failure the test reports
-        return {"raised": type(e).__name__, "message": str(e), "wrong_type": True}
-    return {"raised": None}
-
-
-def main(out_dir, scenarios):
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    report = {"rank": rank, "world": world, "cases": {}, "errors": {}, "checks": {}}
-    t0 = time.perf_counter()
-    try:
-        run(report, world, scenarios)
-    except Exception:
-        report["crash"] = traceback.format_exc()
-    report["seconds"] = time.perf_counter() - t0
-    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-        json.dump(report, f, indent=1)
 
 
 def run(report, world, scenarios):
@@ -187,4 +163,4 @@ def run(report, world, scenarios):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2].split(","))
+    worker_main(run, sys.argv[1], sys.argv[2].split(","))

@@ -13,17 +13,16 @@ Scenarios (world 4):
              command's notes name the layout
 """
 
-import json
 import os
 import sys
 import time
-import traceback
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
+from gloo_launch import worker_main  # noqa: E402
 from parallel_modes_worker import _cache_model, _fixture, _golden, _step_cache, _t2v  # noqa: E402
 from ring_worker import _errors, _forward  # noqa: E402
 
@@ -92,22 +91,5 @@ def run(rep, world, scenarios):
         timings["cli"] = time.perf_counter() - t0
 
 
-def main(out_dir, scenarios):
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    rep = {"rank": rank, "world": world, "cases": {}, "errors": {}, "checks": {}, "timings": {}}
-    t0 = time.perf_counter()
-    code = 0
-    try:
-        run(rep, world, scenarios)
-    except Exception:
-        rep["crash"] = traceback.format_exc()
-        code = 1
-    rep["seconds"] = time.perf_counter() - t0
-    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-        json.dump(rep, f, indent=1)
-    sys.stdout.flush()
-    os._exit(code)  # no teardown that could wait on a failed peer
-
-
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2].split(","))
+    worker_main(run, sys.argv[1], sys.argv[2].split(","))

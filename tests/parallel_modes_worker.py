@@ -7,11 +7,9 @@ The last scenario, ``crash``, makes the last rank raise while the others are ins
 they must fail at once (gloo sees the peer go), not wait for the group's timeout.
 """
 
-import json
 import os
 import sys
 import time
-import traceback
 import warnings
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -22,6 +20,7 @@ import torch  # noqa: E402
 
 from cases import FIXTURE_ROOT, load_case  # noqa: E402
 from helpers import max_rel_err  # noqa: E402
+from gloo_launch import expect_error as _expect_error, worker_main  # noqa: E402
 
 import longcat_native as lcn  # noqa: E402
 from longcat_native.pipelines.tasks import generate_i2v, generate_t2v, generate_vc  # noqa: E402
@@ -100,16 +99,6 @@ def _t2v(dit, single, B=1, n_videos=1, guidance=4.0):
                                      progress=False)
     out = run(dit)
     return {"single": max_rel_err(out, run(single)), "shape": list(out.shape)}
-
-
-def _expect_error(fn, exc_type=ValueError):
-    try:
-        fn()
-    except exc_type as e:
-        return {"raised": type(e).__name__, "message": str(e)}
-    except Exception as e:
-        return {"raised": type(e).__name__, "message": str(e), "wrong_type": True}
-    return {"raised": None}
 
 
 def run(rep, world, scenarios):
@@ -197,24 +186,5 @@ def run(rep, world, scenarios):
             raise
 
 
-def main(out_dir, scenarios):
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    rep = {"rank": rank, "world": world, "cases": {}, "errors": {}, "checks": {}, "timings": {}}
-    t0 = time.perf_counter()
-    code = 0
-    try:
-        run(rep, world, scenarios)
-    except Exception:
-        rep["crash"] = traceback.format_exc()
-        code = 1
-    rep["seconds"] = time.perf_counter() - t0
-    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-        json.dump(rep, f, indent=1)
-    sys.stdout.flush()
-    # A rank that failed leaves at once (its peers see the connection close); no teardown that
-    # could wait on them.
-    os._exit(code)
-
-
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2].split(","))
+    worker_main(run, sys.argv[1], sys.argv[2].split(","))

@@ -7,11 +7,8 @@ size (world 2: ring 2; world 4: ring 2 x Ulysses 2, then ring 4) and writes what
 test then ends the other ranks (never a hang).
 """
 
-import json
 import os
 import sys
-import time
-import traceback
 
 import torch
 
@@ -22,6 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from cases import FIXTURE_ROOT, FORWARD_CASES, load_case  # noqa: E402
 from helpers import max_rel_err  # noqa: E402
+from gloo_launch import expect_error as _expect_error, worker_main  # noqa: E402
 
 import longcat_native as lcn  # noqa: E402
 from longcat_native.runtime import parallel as par_mod  # noqa: E402
@@ -54,16 +52,6 @@ def _errors(result, expected, single):
             errs[f"kv{b}_single"] = max(max_rel_err(k, s_kv[b][0]), max_rel_err(v, s_kv[b][1]))
         return errs
     return {"golden": max_rel_err(result, expected["output"]), "single": max_rel_err(result, single)}
-
-
-def _expect_error(fn, exc_type=ValueError):
-    try:
-        fn()
-    except exc_type as e:
-        return {"raised": type(e).__name__, "message": str(e)}
-    except Exception as e:  # the wrong kind of error: reported, the test fails on it
-        return {"raised": type(e).__name__, "message": str(e), "wrong_type": True}
-    return {"raised": None}
 
 
 class Counter:
@@ -206,24 +194,5 @@ def run(report, world):
                                                  "single": max_rel_err(out, singles["i2v_cond1"])}
 
 
-def main(out_dir):
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    report = {"rank": rank, "world": world, "cases": {}, "errors": {}, "checks": {}}
-    t0 = time.perf_counter()
-    code = 0
-    try:
-        run(report, world)
-    except BaseException:
-        report["crash"] = traceback.format_exc()
-        code = 1
-    report["seconds"] = time.perf_counter() - t0
-    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-        json.dump(report, f, indent=1)
-    if code:
-        sys.stdout.flush()
-        sys.stderr.write(report["crash"])
-        os._exit(1)  # at once: no atexit handler waits on a collective the others are stuck in
-
-
 if __name__ == "__main__":
-    main(sys.argv[1])
+    worker_main(run, sys.argv[1])

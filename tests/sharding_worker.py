@@ -7,11 +7,9 @@ asserts on all of them. A rank that fails writes its traceback and exits at once
 ranks' next collective fails instead of waiting (gloo sees the closed connection).
 """
 
-import json
 import os
 import sys
 import time
-import traceback
 
 import torch
 
@@ -21,6 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from cases import FIXTURE_ROOT, load_case  # noqa: E402
 from helpers import max_rel_err  # noqa: E402
+from gloo_launch import expect_error as _expect_error, worker_main  # noqa: E402
 
 import longcat_native as lcn  # noqa: E402
 
@@ -35,16 +34,6 @@ def _run(dit, name, **extra):
     with torch.inference_mode():
         out = dit(**inputs, **kwargs)
     return (out[0] if isinstance(out, tuple) else out), expected["output"]
-
-
-def _expect_error(fn, exc_type):
-    try:
-        fn()
-    except exc_type as e:
-        return {"raised": type(e).__name__, "message": str(e)}
-    except Exception as e:
-        return {"raised": type(e).__name__, "message": str(e), "wrong_type": True}
-    return {"raised": None}
 
 
 def _load(**kw):
@@ -75,24 +64,6 @@ def _record_gathers():
         return sum(1 for g in groups if g.is_unsharded or g._all_gather_result is not None)
 
     return events, groups, live, lambda: setattr(FSDPParamGroup, "unshard", orig)
-
-
-def main(out_dir, scenarios):
-    rank = int(os.environ["RANK"])
-    report = {"rank": rank, "world": int(os.environ["WORLD_SIZE"]), "cases": {}, "errors": {}, "checks": {}}
-    t0 = time.perf_counter()
-    ok = True
-    try:
-        run(report, report["world"], scenarios)
-    except Exception:
-        report["crash"] = traceback.format_exc()
-        ok = False
-    report["seconds"] = time.perf_counter() - t0
-    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-        json.dump(report, f, indent=1)
-    if not ok:
-        sys.stdout.flush()
-        os._exit(1)  # no teardown collective: the peers fail on the closed connection
 
 
 def run(report, world, scenarios):
@@ -293,4 +264,4 @@ def run(report, world, scenarios):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2].split(","))
+    worker_main(run, sys.argv[1], sys.argv[2].split(","))

@@ -10,12 +10,11 @@ rank without a hang.
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
+import gloo_launch
 import pytest
 import torch
 from helpers import MODEL_RTOL
@@ -27,42 +26,11 @@ WORKER = Path(__file__).parent / "cp_worker.py"
 REPO = Path(__file__).parent.parent
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _launch(world: int, scenarios, tmp_path, timeout_s: float = 600):
-    env_base = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE=str(world),
-                    LONGCAT_CP_TIMEOUT_S="300", OMP_NUM_THREADS="1",
-                    PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-    procs = []
-    for r in range(world):
-        env = dict(env_base, RANK=str(r), LOCAL_RANK=str(r))
-        log = open(tmp_path / f"log{r}.txt", "w")
-        procs.append((subprocess.Popen([sys.executable, str(WORKER), str(tmp_path), ",".join(scenarios)],
-                                       env=env, stdout=log, stderr=subprocess.STDOUT), log))
-    deadline = time.monotonic() + timeout_s
-    try:
-        for p, _ in procs:
-            p.wait(timeout=max(1.0, deadline - time.monotonic()))
-    except subprocess.TimeoutExpired:
-        for p, _ in procs:
-            p.kill()
-        pytest.fail(f"context-parallel workers did not finish in {timeout_s} s (a hang)")
-    finally:
-        for _, log in procs:
-            log.close()
-    reports = []
-    for r in range(world):
-        path = tmp_path / f"rank{r}.json"
-        log = (tmp_path / f"log{r}.txt").read_text()[-3000:]
-        assert path.exists(), f"rank {r} wrote no report; its log:\n{log}"
-        rep = json.loads(path.read_text())
-        assert "crash" not in rep, f"rank {r} crashed:\n{rep['crash']}"
-        reports.append(rep)
-    return reports
+def _launch(world: int, scenarios, tmp_path, timeout_s: float = 600, worker=WORKER, **env):
+    """``world`` ranks of ``worker`` running ``scenarios``; every rank's report (a failed rank
+    fails the test with its log)."""
+    return gloo_launch.reports(gloo_launch.launch(worker, world, tmp_path, [",".join(scenarios)], timeout_s=timeout_s,
+                                                  LONGCAT_CP_TIMEOUT_S="300", **env))
 
 
 def _check_cases(reports, expected_cases):
@@ -185,7 +153,7 @@ def test_cli_generate_with_cp_size_matches_one_process(tmp_path):
     one process with the same seed; only rank 0 writes and prints."""
     from safetensors.torch import load_file
 
-    port = str(_free_port())
+    port = str(gloo_launch.free_port())
     base = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=port, WORLD_SIZE="2", OMP_NUM_THREADS="1",
                 PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     cmd = [sys.executable, "-m", "longcat_native.cli", "generate", "--task", "vc", "--steps", "2", "--json",

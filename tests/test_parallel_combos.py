@@ -14,6 +14,7 @@ frame.
 """
 
 import json
+from pathlib import Path
 
 import pytest
 from helpers import MODEL_RTOL
@@ -28,13 +29,10 @@ EXPECTED = ["cfg2_ring2_sample_t2v_cfg", "cfg2_ring2_sample_i2v_cfg", "shard4_ri
             "cfg2_ulysses2_shard4_step_cache"]
 
 
-def test_four_ranks_combinations(tmp_path, monkeypatch):
-    import test_parallel
-
-    monkeypatch.setattr(test_parallel, "WORKER", test_parallel.WORKER.parent / "parallel_combos_worker.py")
+def test_four_ranks_combinations(tmp_path):
     (tmp_path / "cli").mkdir()
-    monkeypatch.setenv("CLI_OUT", str(tmp_path / "cli"))
-    reports = _launch_cp(4, SCENARIOS, tmp_path, timeout_s=180)  # a crashed rank fails the test with its trace
+    reports = _launch_cp(4, SCENARIOS, tmp_path, timeout_s=180, worker=Path(__file__).parent / "parallel_combos_worker.py",
+                         CLI_OUT=str(tmp_path / "cli"))  # a crashed rank fails the test with its trace
     for rep in reports:
         r = rep["rank"]
         assert set(EXPECTED) <= set(rep["cases"]), sorted(rep["cases"])

@@ -9,12 +9,9 @@ collective, and every rank must exit at once with an error.
 
 import json
 import os
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
+import gloo_launch
 import pytest
 import torch
 from helpers import MODEL_RTOL
@@ -27,43 +24,14 @@ REPO = Path(__file__).parent.parent
 SINGLE_RTOL = 1e-5  # float32, the parallel run against the single-process one
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(world: int, scenarios, tmp_path, timeout_s: float = 240):
+    """The ranks run ``scenarios``, the last of which ("crash") fails one rank on purpose: the
+    others get 60 s to fail on their own (what the test measures) before they are killed."""
     cli_out = tmp_path / "cli"
     cli_out.mkdir()
-    env_base = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE=str(world),
-                    LONGCAT_CP_TIMEOUT_S="60", OMP_NUM_THREADS="1", CLI_OUT=str(cli_out),
-                    PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-    procs = []
-    for r in range(world):
-        env = dict(env_base, RANK=str(r), LOCAL_RANK=str(r))
-        log = open(tmp_path / f"log{r}.txt", "w")
-        procs.append((subprocess.Popen([sys.executable, str(WORKER), str(tmp_path), ",".join(scenarios)],
-                                       env=env, stdout=log, stderr=subprocess.STDOUT), log))
-    deadline = time.monotonic() + timeout_s
-    codes, ended = [], []
-    try:
-        for p, _ in procs:
-            codes.append(p.wait(timeout=max(1.0, deadline - time.monotonic())))
-            ended.append(time.monotonic())
-    except subprocess.TimeoutExpired:
-        for p, _ in procs:
-            p.kill()
-        pytest.fail(f"parallel-mode workers did not finish in {timeout_s} s (a hang)")
-    finally:
-        for _, log in procs:
-            log.close()
-    reports = []
-    for r in range(world):
-        path = tmp_path / f"rank{r}.json"
-        assert path.exists(), f"rank {r} wrote no report; its log:\n{(tmp_path / f'log{r}.txt').read_text()[-3000:]}"
-        reports.append(json.loads(path.read_text()))
-    return reports, codes, cli_out
+    run = gloo_launch.launch(WORKER, world, tmp_path, [",".join(scenarios)], timeout_s=timeout_s, grace_s=60,
+                             LONGCAT_CP_TIMEOUT_S="60", CLI_OUT=str(cli_out))
+    return gloo_launch.reports(run, crash_ok=True), run.codes, cli_out
 
 
 def _check(reports, codes, world, expected_cases):

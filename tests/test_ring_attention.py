@@ -8,14 +8,10 @@ continuation and a step-cached denoise; BSA and unsplittable grids are refused w
 ValueError on every rank, before any collective. A rank that raises ends every rank at once.
 """
 
-import json
-import os
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
+import gloo_launch
 import pytest
 import torch
 from helpers import MODEL_RTOL, max_rel_err
@@ -123,56 +119,10 @@ def test_ring_split_hw_is_refused_before_any_process_group():
 
 # -- gloo, 2 and 4 processes ------------------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(world: int, tmp_path, timeout_s: float = 300, **env):
     """``world`` workers as torchrun would start them; the first one to fail (or the deadline)
     ends them all, so a rank that raises never leaves the others waiting in a collective."""
-    env_base = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE=str(world),
-                    LONGCAT_CP_TIMEOUT_S="120", OMP_NUM_THREADS="1",
-                    PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]), **env)
-    procs, logs = [], []
-    for r in range(world):
-        logs.append(open(tmp_path / f"log{r}.txt", "w"))
-        procs.append(subprocess.Popen([sys.executable, str(WORKER), str(tmp_path)],
-                                      env=dict(env_base, RANK=str(r), LOCAL_RANK=str(r)),
-                                      stdout=logs[-1], stderr=subprocess.STDOUT))
-    deadline = time.monotonic() + timeout_s
-    failed, timed_out = [], False
-    try:
-        while any(p.poll() is None for p in procs):
-            failed = [r for r, p in enumerate(procs) if p.returncode not in (None, 0)]
-            if failed:
-                break
-            if time.monotonic() > deadline:
-                timed_out = True
-                break
-            time.sleep(0.2)
-        else:
-            failed = [r for r, p in enumerate(procs) if p.returncode != 0]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-        for log in logs:
-            log.close()
-    text = lambda r: (tmp_path / f"log{r}.txt").read_text()[-4000:]
-    if timed_out:
-        pytest.fail(f"ring workers did not finish in {timeout_s} s (a hang); rank 0's log:\n{text(0)}")
-    if failed:
-        pytest.fail(f"rank(s) {failed} failed (the others were ended); their logs:\n"
-                    + "\n".join(f"--- rank {r}\n{text(r)}" for r in failed))
-    reports = []
-    for r in range(world):
-        rep = json.loads((tmp_path / f"rank{r}.json").read_text())
-        assert "crash" not in rep, rep["crash"]
-        reports.append(rep)
-    return reports
+    return gloo_launch.reports(gloo_launch.launch(WORKER, world, tmp_path, timeout_s=timeout_s, **env))
 
 
 CASES = ["t2v_nomask", "t2v_mask", "t2v_mask_varlen", "per_frame_timestep", "i2v_cond1", "skip_cross_attn",

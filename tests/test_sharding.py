@@ -9,7 +9,7 @@ ranks; each rank's parameter bytes 1/N of the blocks'; the order of FSDP2's all-
 i+1 gathered while block i runs, never more than two blocks); the refusals.
 """
 
-import socket
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,21 +18,13 @@ from test_parallel import _launch as _launch_cp
 
 from longcat_native.runtime import sharding
 
+WORKER = Path(__file__).parent / "sharding_worker.py"
+
 SINGLE_RTOL = 1e-5
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _launch(world, scenarios, tmp_path, monkeypatch, timeout_s=240):
-    import test_parallel
-
-    monkeypatch.setattr(test_parallel, "WORKER", test_parallel.WORKER.parent / "sharding_worker.py")
-    monkeypatch.setenv("SHARD_TMP", str(tmp_path / "save"))
-    return _launch_cp(world, scenarios, tmp_path, timeout_s=timeout_s)
+def _launch(world, scenarios, tmp_path, timeout_s=240):
+    return _launch_cp(world, scenarios, tmp_path, timeout_s=timeout_s, worker=WORKER, SHARD_TMP=str(tmp_path / "save"))
 
 
 def _check_cases(reports):
@@ -55,8 +47,8 @@ def _check_bytes(reports, world):
         assert b["on_device"] == b["total"] == b["sharded"] + b["replicated"]  # dit.weight_bytes_on_device()
 
 
-def test_sharding_two_ranks(tmp_path, monkeypatch):
-    reports = _launch(2, ["prefetch", "step_cache", "lora", "quant", "compile", "errors"], tmp_path, monkeypatch)
+def test_sharding_two_ranks(tmp_path):
+    reports = _launch(2, ["prefetch", "step_cache", "lora", "quant", "compile", "errors"], tmp_path)
     _check_cases(reports)
     _check_bytes(reports, 2)
     for rep in reports:
@@ -108,8 +100,8 @@ def _check_prefetch(events, depth, forwards):
         assert max(e[2] for e in ev if e[0] == "run") == 2
 
 
-def test_sharding_four_ranks_with_ulysses(tmp_path, monkeypatch):
-    reports = _launch(4, ["cp"], tmp_path, monkeypatch)
+def test_sharding_four_ranks_with_ulysses(tmp_path):
+    reports = _launch(4, ["cp"], tmp_path)
     _check_cases(reports)
     _check_bytes(reports, 4)
     assert "t2v_mask" in reports[0]["cases"]

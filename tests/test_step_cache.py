@@ -16,14 +16,13 @@ counts TaylorSeer's differences as cache-dit does (from a full step of index >= 
 """
 
 import math
-import os
-import socket
 import subprocess
 import sys
 import json
 import time
 from pathlib import Path
 
+import gloo_launch
 import pytest
 import torch
 from cases import FIXTURE_ROOT, load_case
@@ -661,28 +660,9 @@ def test_bench_script_tiny():
 
 # -- context parallelism ---------------------------------------------------------------------------
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_context_parallel_two_ranks(tmp_path):
-    worker = Path(__file__).parent / "step_cache_cp_worker.py"
-    repo = Path(__file__).parent.parent
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE="2",
-               LONGCAT_CP_TIMEOUT_S="300", OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([str(repo), str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]))
-    procs = [subprocess.Popen([sys.executable, str(worker), str(tmp_path)], env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
-    logs = [p.communicate(timeout=600)[0] for p in procs]
-    reps = []
-    for r in range(2):
-        path = tmp_path / f"rank{r}.json"
-        assert path.exists(), logs[r][-3000:]
-        rep = json.loads(path.read_text())
-        assert "crash" not in rep, rep["crash"]
-        reps.append(rep)
+    reps = gloo_launch.reports(gloo_launch.launch(Path(__file__).parent / "step_cache_cp_worker.py", 2, tmp_path,
+                                                  timeout_s=600, LONGCAT_CP_TIMEOUT_S="300"))
     for rep in reps:
         assert rep["thr0_bit_identical"]
         assert rep["cached_equals_reference"], rep
