@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-from helpers import CPU_DTYPES, DEVICE, KERNEL_RTOL, assert_close_rel, requires_cuda
-from hypothesis import given, settings
+from helpers import CPU_DTYPES, DEVICE, KERNEL_RTOL, assert_close_rel, max_rel_err, requires_cuda
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from longcat_native.kernels.swiglu import _collapse_leading, _swiglu_launch, swiglu, swiglu_reference
@@ -19,8 +19,14 @@ def _expected(ab):
 
 
 def _check(out, ab, what):
+    """The kernel's error within the dtype's bound, or within twice what rounding the exact result
+    to the output dtype costs: an output whose every value is below float16's smallest subnormal
+    (6e-8; e.g. one feature with a ~ -30, silu(a) * b ~ -4e-11) has no representable bits left,
+    so even the correctly rounded answer is 100% off relative to its own scale."""
     assert out.dtype == ab.dtype, what
-    assert_close_rel(out, _expected(ab), KERNEL_RTOL[ab.dtype], what)
+    expected = _expected(ab)
+    rounding = max_rel_err(expected.to(ab.dtype), expected)
+    assert_close_rel(out, expected, max(KERNEL_RTOL[ab.dtype], 2 * rounding), what)
 
 
 @pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
@@ -48,6 +54,7 @@ def test_matches_official_reference_dtype_semantics():
     scale=st.sampled_from([0.05, 1.0, 30.0]),
     seed=st.integers(0, 2**16),
 )
+@example(lead=[], n_feat=1, dtype=torch.float16, scale=30.0, seed=983)  # an all-underflow output (CI, 2026-12-08)
 def test_hypothesis(lead, n_feat, dtype, scale, seed):
     g = torch.Generator().manual_seed(seed)
     ab = (torch.randn(*lead, 2 * n_feat, generator=g) * scale).to(device=DEVICE, dtype=dtype)
